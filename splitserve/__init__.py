@@ -1,0 +1,26 @@
+"""splitserve: Kubernetes-native disaggregated LLM inference.
+
+The offline API mirrors vLLM's: ``from splitserve import LLM, SamplingParams``. Both names are
+imported lazily so that light entry points (the operator, the router) never pay for torch.
+"""
+
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+__all__ = ["LLM", "SamplingParams", "__version__"]
+
+if TYPE_CHECKING:
+    from splitserve.services.engine.llm import LLM
+    from splitserve.services.engine.sampling_params import SamplingParams
+
+
+def __getattr__(name: str) -> Any:
+    if name == "LLM":
+        from splitserve.services.engine.llm import LLM
+
+        return LLM
+    if name == "SamplingParams":
+        from splitserve.services.engine.sampling_params import SamplingParams
+
+        return SamplingParams
+    raise AttributeError(f"module 'splitserve' has no attribute {name!r}")
