@@ -42,9 +42,14 @@ serve: install
 	$(BIN)/splitserve serve --port $(PORT) $(SERVE_ARGS)
 
 # Regenerate the committed protobuf / gRPC code (a test fails if it is stale).
+# Generated under a temp root with the import path splitserve/proto, so the code imports
+# `splitserve.proto.splitserve_pb2`; tests/kvtransfer/test_proto_fresh.py runs the same command.
 proto: $(STAMP)
-	$(BIN)/python -m grpc_tools.protoc -Iproto=proto --python_out=. --pyi_out=. \
-		--grpc_python_out=. proto/splitserve.proto
+	tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && \
+	$(BIN)/python -m grpc_tools.protoc -Isplitserve/proto=proto --python_out=$$tmp \
+		--pyi_out=$$tmp --grpc_python_out=$$tmp proto/splitserve.proto && \
+	cp $$tmp/splitserve/proto/splitserve_pb2.py $$tmp/splitserve/proto/splitserve_pb2.pyi \
+		$$tmp/splitserve/proto/splitserve_pb2_grpc.py proto/
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
