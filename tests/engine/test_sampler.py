@@ -1,0 +1,374 @@
+"""Sampler: each transform against a slow per-row reference, plus the public behaviour."""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+
+import pytest
+import torch
+from splitserve.services.engine.sampler import (
+    Sampler,
+    SamplerOutput,
+    SamplingRow,
+    _draw,
+    _filter,
+)
+from splitserve.services.engine.sampling_params import SamplingParams
+
+V = 64
+EOS = 2
+
+
+def make_rows(params_list, prompt=(5, 6, 7), outputs=None, seeds=None):
+    rows = []
+    for i, p in enumerate(params_list):
+        out = outputs[i] if outputs is not None else ()
+        gen = None
+        if p.seed is not None:
+            gen = torch.Generator().manual_seed(p.seed)
+        elif seeds is not None and seeds[i] is not None:
+            gen = torch.Generator().manual_seed(seeds[i])
+        rows.append(
+            SamplingRow(
+                params=p, prompt_token_ids=list(prompt), output_token_ids=out, generator=gen
+            )
+        )
+    return rows
+
+
+# -- slow references -----------------------------------------------------------------------------
+
+
+def ref_penalties(logits: torch.Tensor, row: SamplingRow, eos: int | None) -> torch.Tensor:
+    x = logits.clone()
+    p = row.params
+    if len(row.output_token_ids) < p.min_tokens:
+        for t in {*p.stop_token_ids, *([eos] if eos is not None else [])}:
+            x[t] = -math.inf
+    if p.repetition_penalty != 1.0:
+        for t in set(row.prompt_token_ids) | set(row.output_token_ids):
+            v = float(x[t])
+            x[t] = v / p.repetition_penalty if v > 0 else v * p.repetition_penalty
+    for t, c in Counter(row.output_token_ids).items():
+        x[t] -= p.frequency_penalty * c + p.presence_penalty
+    return x
+
+
+def ref_allowed(logits: torch.Tensor, p: SamplingParams) -> set[int]:
+    """The tokens temperature + top-k + top-p + min-p leave, computed one token at a time."""
+    x = [float(v) / p.temperature for v in logits]
+    allowed = set(range(len(x)))
+    if p.top_k > 0:
+        kth = sorted(x, reverse=True)[p.top_k - 1]
+        allowed = {t for t in allowed if x[t] >= kth}
+    if p.top_p < 1.0:
+        m = max(x[t] for t in allowed)
+        z = sum(math.exp(x[t] - m) for t in allowed)
+        mass, kept = 0.0, set()
+        for t in sorted(allowed, key=lambda t: -x[t]):
+            if mass >= p.top_p:
+                break
+            kept.add(t)
+            mass += math.exp(x[t] - m) / z
+        allowed = kept
+    if p.min_p > 0.0:
+        m = max(x[t] for t in allowed)
+        allowed = {t for t in allowed if math.exp(x[t] - m) >= p.min_p}
+    return allowed
+
+
+# -- transforms vs references ----------------------------------------------------------------------
+
+
+def test_penalties_and_min_tokens_match_reference():
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+    params = [
+        SamplingParams(repetition_penalty=1.3),
+        SamplingParams(presence_penalty=0.7, frequency_penalty=0.4),
+        SamplingParams(repetition_penalty=0.8, presence_penalty=-0.5, frequency_penalty=1.5),
+        SamplingParams(min_tokens=4, stop_token_ids=(9, 11), max_tokens=20),
+        SamplingParams(min_tokens=2, repetition_penalty=1.5, max_tokens=20),  # reached: EOS allowed
+        SamplingParams(),
+    ]
+    outputs = [
+        [1, 3, 3, 40],
+        [1, 3, 3, 3, 40, 7],
+        [5, 5, 12, 63],
+        [1, 2],
+        [8, 8, 9],
+        [3, 4],
+    ]
+    rows = [
+        SamplingRow(p, torch.randint(0, V, (10,), generator=g).tolist(), o, None)
+        for p, o in zip(params, outputs, strict=True)
+    ]
+    logits = torch.randn(len(rows), V, generator=g) * 3
+    before = logits.clone()
+    got = Sampler(V, EOS)._apply_penalties(logits, rows)
+    assert torch.equal(logits, before), "input logits must not be modified"
+    for i, row in enumerate(rows):
+        torch.testing.assert_close(got[i], ref_penalties(logits[i], row, EOS))
+    # The penalties touched exactly the expected entries, nothing else.
+    changed = (got != logits).nonzero().tolist()
+    assert [0, 5] in changed and [3, EOS] in changed and [3, 9] in changed and [3, 11] in changed
+    assert not any(r == 5 for r, _ in changed)
+    assert got[4, EOS] == logits[4, EOS] or EOS in rows[4].prompt_token_ids
+
+
+def test_no_penalties_returns_input_without_copy():
+    logits = torch.randn(3, V)
+    rows = make_rows([SamplingParams(temperature=0.0)] * 3)
+    assert Sampler(V, EOS)._apply_penalties(logits, rows) is logits
+
+
+@pytest.mark.parametrize(
+    "p",
+    [
+        SamplingParams(temperature=0.7, top_k=5),
+        SamplingParams(temperature=1.3, top_p=0.6),
+        SamplingParams(top_k=10, top_p=0.8),
+        SamplingParams(temperature=0.5, min_p=0.2),
+        SamplingParams(top_k=20, top_p=0.9, min_p=0.05, temperature=2.0),
+        SamplingParams(top_p=0.05),
+        SamplingParams(),
+    ],
+    ids=lambda p: f"t{p.temperature}-k{p.top_k}-p{p.top_p}-m{p.min_p}",
+)
+def test_filter_matches_reference(p):
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(6, V, generator=g) * 2
+    # Mixed batch: the row under test sits between rows with other settings.
+    others = [SamplingParams(top_k=3), SamplingParams(top_p=0.5, temperature=0.9)]
+    params = [others[0], p, others[1], p, p, others[0]]
+    x = _filter(logits.clone(), params)
+    for i, pi in enumerate(params):
+        allowed = {t for t in range(V) if math.isfinite(float(x[i, t]))}
+        assert allowed == ref_allowed(logits[i], pi), i
+        idx = sorted(allowed)
+        torch.testing.assert_close(x[i, idx], logits[i, idx] / pi.temperature)
+
+
+def test_top_k_keeps_ties_and_top_p_keeps_the_top_token():
+    logits = torch.tensor([[1.0, 3.0, 2.0, 2.0, 0.0], [0.0, 10.0, 0.0, 0.0, 0.0]])
+    x = _filter(logits.clone(), [SamplingParams(top_k=2), SamplingParams(top_p=0.01)])
+    assert torch.isfinite(x[0]).tolist() == [False, True, True, True, False]
+    assert torch.isfinite(x[1]).tolist() == [False, True, False, False, False]
+
+
+# -- public behaviour ------------------------------------------------------------------------------
+
+
+def _sample(logits, params, **kw):
+    return Sampler(V, EOS)(logits, make_rows(params, **kw))
+
+
+def test_greedy_is_argmax_and_degenerate_filters_are_greedy():
+    g = torch.Generator().manual_seed(4)
+    logits = torch.randn(8, V, generator=g)
+    expected = logits.argmax(-1).tolist()
+    torch.manual_seed(0)
+    for p in (
+        SamplingParams(temperature=0.0),
+        SamplingParams(temperature=1e-6, top_k=7, top_p=0.3),
+        SamplingParams(top_k=1, temperature=1.5),
+        SamplingParams(top_p=1e-6, temperature=2.0),
+        SamplingParams(min_p=1.0, temperature=3.0),
+    ):
+        for _ in range(3):
+            out = _sample(logits, [p] * 8)
+            assert out.token_ids == expected, p
+            assert out.logprobs == [None] * 8
+
+
+def test_mixed_greedy_and_random_batch():
+    logits = torch.randn(4, V)
+    logits[:, 17] += 50.0  # random rows are all but certain to pick 17 too
+    out = _sample(
+        logits,
+        [
+            SamplingParams(temperature=0),
+            SamplingParams(),
+            SamplingParams(temperature=0),
+            SamplingParams(top_k=3),
+        ],
+    )
+    assert out.token_ids == [17, 17, 17, 17]
+
+
+def test_padded_vocab_columns_are_never_sampled():
+    logits = torch.zeros(3, V + 16)
+    logits[:, V:] = 100.0
+    out = Sampler(V, EOS)(
+        logits,
+        make_rows([SamplingParams(temperature=0), SamplingParams(), SamplingParams(logprobs=2)]),
+    )
+    assert all(t < V for t in out.token_ids)
+    assert all(t.token_id < V for t in out.logprobs[2].top)
+    assert out.logprobs[2].logprob == pytest.approx(-math.log(V), abs=1e-5)
+
+
+def test_input_logits_are_not_modified():
+    logits = torch.randn(4, V)
+    before = logits.clone()
+    params = [
+        SamplingParams(temperature=0.5, top_k=3, top_p=0.5, min_p=0.1, repetition_penalty=1.2),
+        SamplingParams(min_tokens=3, max_tokens=9, presence_penalty=1.0),
+        SamplingParams(),
+        SamplingParams(temperature=0.0),
+    ]
+    _sample(logits, params, outputs=[[1], [1, 2], [], [4]])
+    assert torch.equal(logits, before)
+
+
+def test_min_tokens_blocks_eos_and_stop_token_ids():
+    logits = torch.zeros(3, V)
+    logits[:, EOS] = 30.0
+    logits[:, 40] = 25.0
+    logits[:, 50] = 20.0
+    p = SamplingParams(temperature=0.0, min_tokens=3, stop_token_ids=(40,), max_tokens=8)
+    out = _sample(logits, [p, p, p], outputs=[[1], [1, 1], [1, 1, 1]])
+    assert out.token_ids == [50, 50, EOS]
+    # Random rows are constrained the same way.
+    pr = SamplingParams(min_tokens=3, stop_token_ids=(40,), max_tokens=8)
+    for _ in range(5):
+        assert _sample(logits[:1], [pr], outputs=[[1]]).token_ids == [50]
+
+
+def test_repetition_penalty_changes_greedy_choice():
+    logits = torch.zeros(1, V)
+    logits[0, 10] = 2.0  # in the prompt
+    logits[0, 11] = 1.5
+    plain = _sample(logits, [SamplingParams(temperature=0)], prompt=[10, 3])
+    assert plain.token_ids == [10]
+    pen = _sample(logits, [SamplingParams(temperature=0, repetition_penalty=1.5)], prompt=[10])
+    assert pen.token_ids == [11]
+    # Presence / frequency penalties look at output tokens only, not the prompt.
+    pres = SamplingParams(temperature=0, presence_penalty=2.0)
+    assert _sample(logits, [pres], prompt=[10]).token_ids == [10]
+    assert _sample(logits, [pres], prompt=[3], outputs=[[10]]).token_ids == [11]
+
+
+def test_logprobs_match_log_softmax_of_raw_logits_and_ranks():
+    g = torch.Generator().manual_seed(5)
+    logits = torch.randn(4, V, generator=g) * 2
+    params = [
+        SamplingParams(logprobs=5, temperature=0.3, repetition_penalty=1.7),
+        SamplingParams(logprobs=0),
+        SamplingParams(),
+        SamplingParams(logprobs=20, temperature=0.0, presence_penalty=2.0),
+    ]
+    out = _sample(logits, params, outputs=[[1, 2], [3], [], [4, 4]])
+    ref = torch.log_softmax(logits, dim=-1)
+    assert out.logprobs[2] is None
+    for i in (0, 1, 3):
+        lp = out.logprobs[i]
+        tok = out.token_ids[i]
+        assert lp.token_id == tok
+        assert lp.logprob == pytest.approx(float(ref[i, tok]), abs=1e-5)
+        order = sorted(range(V), key=lambda t: -float(ref[i, t]))
+        assert lp.rank == order.index(tok) + 1
+        k = params[i].logprobs
+        assert [t.token_id for t in lp.top] == order[:k]
+        assert [t.rank for t in lp.top] == list(range(1, k + 1))
+        for t in lp.top:
+            assert t.logprob == pytest.approx(float(ref[i, t.token_id]), abs=1e-5)
+    assert out.logprobs[1].top == ()
+
+
+def test_seeded_rows_are_reproducible_whatever_the_batch():
+    g = torch.Generator().manual_seed(6)
+    steps = [torch.randn(5, V, generator=g) for _ in range(6)]
+    seeded = SamplingParams(seed=1234, temperature=1.5, top_p=0.95, top_k=40)
+
+    def run(batch_params, position):
+        rows = make_rows(batch_params)
+        sampler = Sampler(V, EOS)
+        got = []
+        for logits in steps:
+            batch = logits[: len(rows)].clone()
+            batch[position] = logits[0]  # the seeded row always sees the same logits
+            out = sampler(batch, rows)
+            got.append(out.token_ids[position])
+            for r, t in zip(rows, out.token_ids, strict=True):
+                r.output_token_ids = [*r.output_token_ids, t]
+        return got
+
+    alone = run([seeded], 0)
+    crowded = run(
+        [
+            SamplingParams(),
+            SamplingParams(temperature=0),
+            seeded,
+            SamplingParams(top_p=0.3),
+            SamplingParams(seed=99, min_p=0.1),
+        ],
+        2,
+    )
+    torch.manual_seed(42)  # the global generator's state must not matter either
+    again = run([SamplingParams(seed=7), seeded], 1)
+    assert alone == crowded == again
+    other = run([SamplingParams(seed=4321, temperature=1.5, top_p=0.95, top_k=40)], 0)
+    assert other != alone  # different seed, different draws (6 steps over ~40 tokens)
+
+
+def test_unseeded_rows_follow_the_global_generator():
+    logits = torch.zeros(16, V)
+    torch.manual_seed(3)
+    a = _sample(logits, [SamplingParams()] * 16).token_ids
+    torch.manual_seed(3)
+    b = _sample(logits, [SamplingParams()] * 16).token_ids
+    c = _sample(logits, [SamplingParams()] * 16).token_ids
+    assert a == b != c
+
+
+def _frequencies(tokens: list[int], n: int) -> torch.Tensor:
+    return torch.bincount(torch.tensor(tokens), minlength=n).double() / len(tokens)
+
+
+def test_sampling_frequencies_follow_softmax():
+    n, draws = 8, 40_000
+    logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -0.5, -1.0, 1.5, -3.0])
+    sampler = Sampler(n, None)
+    torch.manual_seed(0)
+    out = sampler(logits.expand(draws, n), make_rows([SamplingParams()] * draws, prompt=[0]))
+    freq = _frequencies(out.token_ids, n)
+    expected = torch.softmax(logits.double(), -1)
+    # 40k draws: standard error <= 0.0025 per token; 0.012 is > 4.5 sigma.
+    assert (freq - expected).abs().max() < 0.012
+
+    # Temperature + top-k: renormalised over the surviving tokens.
+    p = SamplingParams(temperature=0.5, top_k=3)
+    out = sampler(logits.expand(draws, n), make_rows([p] * draws, prompt=[0]))
+    freq = _frequencies(out.token_ids, n)
+    kept = torch.tensor([0, 1, 6])
+    expected = torch.zeros(n, dtype=torch.double)
+    expected[kept] = torch.softmax(logits[kept].double() / 0.5, -1)
+    assert (freq - expected).abs().max() < 0.012
+
+
+def test_seeded_sampling_frequencies_follow_softmax():
+    n, draws = 6, 6000
+    logits = torch.tensor([[1.0, 0.0, -1.0, 0.5, 2.0, -2.0]])
+    sampler = Sampler(n, None)
+    rows = make_rows([SamplingParams(seed=11)], prompt=[0])
+    tokens = [sampler(logits, rows).token_ids[0] for _ in range(draws)]
+    freq = _frequencies(tokens, n)
+    assert (freq - torch.softmax(logits[0].double(), -1)).abs().max() < 0.03
+
+
+def test_draw_never_picks_masked_tokens_even_with_zero_noise():
+    x = torch.full((2, V), -math.inf)
+    x[:, 7] = 0.0
+    g = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        assert _draw(x.clone(), [None, g]).tolist() == [7, 7]
+
+
+def test_empty_batch_and_shape_errors():
+    assert Sampler(V, EOS)(torch.zeros(0, V), []) == SamplerOutput([], [])
+    with pytest.raises(ValueError, match="logits"):
+        Sampler(V, EOS)(torch.zeros(2, V), make_rows([SamplingParams()]))
+    with pytest.raises(ValueError, match="vocab"):
+        Sampler(V, EOS)(torch.zeros(1, V - 1), make_rows([SamplingParams()]))
