@@ -1,0 +1,136 @@
+"""Prefill and decode Deployments: the engine command line, probes and volumes.
+
+The command line is the contract with `splitserve prefill|decode` (see docs/operator.md). Both
+roles are built by one function so that their engine flags can never disagree.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from splitserve.operator import labels as L
+from splitserve.operator.builders import pod
+from splitserve.operator.builders.config import (
+    ENGINE_CONFIG_MOUNT,
+    config_checksum,
+    config_map_name,
+)
+from splitserve.operator.spec import InferenceService
+
+GRPC_PORT = 50051
+METRICS_PORT = 9090
+ENGINE_SERVICE_ACCOUNT_SUFFIX = "engine"
+
+
+def engine_args(isvc: InferenceService, role: str) -> list[str]:
+    """`splitserve prefill|decode ...` arguments (the image's entrypoint is `splitserve`)."""
+    s = isvc.spec
+    args = [role]
+    if role == L.DECODE and s.colocated:
+        args.append("--colocated")
+    args += ["--model", s.model.engine_argument]
+    if s.model.revision:
+        args += ["--revision", s.model.revision]
+    args += [
+        "--served-name", s.model.served_name,
+        "--dtype", s.engine.dtype,
+        "--block-size", str(s.engine.block_size),
+        "--max-model-len", str(s.engine.max_model_len),
+        "--max-num-seqs", str(s.engine.max_num_seqs),
+        "--host", "0.0.0.0",
+        "--port", str(GRPC_PORT),
+        "--metrics-port", str(METRICS_PORT),
+        "--kv-transport", s.kv_transfer.transport,
+        "--lease-seconds", str(s.kv_transfer.lease_seconds),
+    ]  # fmt: skip
+    if role == L.DECODE:
+        args += ["--kv-failure-policy", s.kv_transfer.failure_policy]
+    return args + list(s.engine.extra_args)
+
+
+def _grpc_probe(period: int, failures: int) -> dict[str, Any]:
+    return {
+        "grpc": {"port": GRPC_PORT},
+        "periodSeconds": period,
+        "timeoutSeconds": 5,
+        "failureThreshold": failures,
+    }
+
+
+def _model_volumes(isvc: InferenceService) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    claim = isvc.spec.model.pvc_claim
+    if claim is None:
+        return [], []
+    volume = {"name": "model", "persistentVolumeClaim": {"claimName": claim, "readOnly": True}}
+    mount = {"name": "model", "mountPath": f"/models/{claim}", "readOnly": True}
+    return [volume], [mount]
+
+
+def build_engine_deployment(isvc: InferenceService, role: str) -> dict[str, Any]:
+    """The Deployment of one engine role (`prefill`, or `decode` which may be colocated)."""
+    s = isvc.spec
+    pool = s.prefill if role == L.PREFILL else s.decode
+    labels = L.role_labels(isvc, role)
+    model_volumes, model_mounts = _model_volumes(isvc)
+    container = {
+        "name": "engine",
+        **pod.image_fields(isvc),
+        "args": engine_args(isvc, role),
+        "ports": [
+            {"name": "grpc", "containerPort": GRPC_PORT, "protocol": "TCP"},
+            {"name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP"},
+        ],
+        "env": pod.base_env()
+        + [
+            {"name": "SPLITSERVE_ROLE", "value": role},
+            {"name": "SPLITSERVE_COMPATIBILITY_HASH", "value": s.compatibility_hash},
+        ],
+        "resources": {k: dict(v) for k, v in pool.resources.items()},
+        # Model loading may take minutes: the startup probe holds liveness off until then.
+        "startupProbe": _grpc_probe(period=10, failures=180),
+        "readinessProbe": _grpc_probe(period=5, failures=2),
+        "livenessProbe": _grpc_probe(period=10, failures=3),
+        "securityContext": pod.container_security_context(),
+        "volumeMounts": pod.scratch_mounts()
+        + [
+            {"name": "shm", "mountPath": "/dev/shm"},
+            {"name": "engine-config", "mountPath": ENGINE_CONFIG_MOUNT, "readOnly": True},
+        ]
+        + model_mounts,
+    }
+    template = {
+        "metadata": {
+            "labels": labels,
+            "annotations": {L.CONFIG_CHECKSUM_ANNOTATION: config_checksum(isvc)},
+        },
+        "spec": {
+            "serviceAccountName": L.child_name(isvc, ENGINE_SERVICE_ACCOUNT_SUFFIX),
+            "automountServiceAccountToken": False,
+            "securityContext": pod.pod_security_context(),
+            "terminationGracePeriodSeconds": 60,
+            **pod.pull_secrets(isvc),
+            **pod.scheduling(pool, L.selector_labels(isvc, role)),
+            "containers": [container],
+            "volumes": pod.scratch_volumes()
+            + [
+                # Shared memory for the KV transport (UCX) between processes on a node.
+                {"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": "1Gi"}},
+                {"name": "engine-config", "configMap": {"name": config_map_name(isvc)}},
+            ]
+            + model_volumes,
+        },
+    }
+    meta = L.metadata(isvc, L.child_name(isvc, role), labels)
+    return pod.deployment(isvc, meta, pool.replicas, L.selector_labels(isvc, role), template)
+
+
+def build_engine_service_account(isvc: InferenceService) -> dict[str, Any]:
+    """Engines never call the Kubernetes API: their account mounts no token."""
+    return {
+        "apiVersion": "v1",
+        "kind": "ServiceAccount",
+        "metadata": L.metadata(
+            isvc, L.child_name(isvc, ENGINE_SERVICE_ACCOUNT_SUFFIX), L.ownership_labels(isvc)
+        ),
+        "automountServiceAccountToken": False,
+    }

@@ -1,0 +1,88 @@
+"""Engine discovery Services, NetworkPolicy and PodDisruptionBudgets."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from splitserve.operator import labels as L
+from splitserve.operator.builders.engine import GRPC_PORT, METRICS_PORT
+from splitserve.operator.spec import InferenceService
+
+
+def _role_object_labels(isvc: InferenceService, role: str) -> dict[str, str]:
+    # No model/hash labels here: EndpointSlices copy a Service's labels and the router selects
+    # them by instance and role, which never change during a rollout.
+    return L.ownership_labels(isvc) | {"app.kubernetes.io/component": role, L.ROLE_LABEL: role}
+
+
+def build_headless_service(isvc: InferenceService, role: str) -> dict[str, Any]:
+    """A headless Service per engine role: its EndpointSlices list the ready pods' addresses."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": L.metadata(isvc, L.child_name(isvc, role), _role_object_labels(isvc, role)),
+        "spec": {
+            "clusterIP": "None",
+            "selector": L.selector_labels(isvc, role),
+            "publishNotReadyAddresses": False,
+            "ports": [
+                {
+                    "name": "grpc",
+                    "port": GRPC_PORT,
+                    "targetPort": "grpc",
+                    "protocol": "TCP",
+                    "appProtocol": "grpc",
+                },
+                {
+                    "name": "metrics",
+                    "port": METRICS_PORT,
+                    "targetPort": "metrics",
+                    "protocol": "TCP",
+                },
+            ],
+        },
+    }
+
+
+def build_engine_network_policy(isvc: InferenceService) -> dict[str, Any]:
+    """Engine pods accept traffic only from this service's router and from each other.
+
+    Router -> engines on the gRPC port only. Engine <-> engine on any port: the NIXL (UCX)
+    transport opens its own ports. NetworkPolicies are additive, so scraping metrics needs a
+    separate policy that admits the Prometheus namespace (see docs/operator.md).
+    """
+    engines = {
+        "matchLabels": {L.INSTANCE_LABEL: isvc.name},
+        "matchExpressions": [
+            {"key": L.ROLE_LABEL, "operator": "In", "values": list(L.ENGINE_ROLES)}
+        ],
+    }
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": L.metadata(isvc, L.child_name(isvc, "engines"), L.ownership_labels(isvc)),
+        "spec": {
+            "podSelector": engines,
+            "policyTypes": ["Ingress"],
+            "ingress": [
+                {
+                    "from": [{"podSelector": {"matchLabels": L.selector_labels(isvc, L.ROUTER)}}],
+                    "ports": [{"protocol": "TCP", "port": GRPC_PORT}],
+                },
+                {"from": [{"podSelector": engines}]},
+            ],
+        },
+    }
+
+
+def build_pdb(isvc: InferenceService, role: str) -> dict[str, Any]:
+    """Voluntary disruptions (node drains) take at most one pod of a role at a time."""
+    return {
+        "apiVersion": "policy/v1",
+        "kind": "PodDisruptionBudget",
+        "metadata": L.metadata(isvc, L.child_name(isvc, role), _role_object_labels(isvc, role)),
+        "spec": {
+            "maxUnavailable": 1,
+            "selector": {"matchLabels": L.selector_labels(isvc, role)},
+        },
+    }

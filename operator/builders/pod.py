@@ -1,0 +1,114 @@
+"""Pieces every pod shares: secure defaults, writable scratch volumes, scheduling.
+
+The image runs as this non-root user (see the Dockerfile); the root filesystem is read-only, so
+anything that writes (/tmp, the HOME cache, the Hugging Face cache) gets an emptyDir.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from splitserve.operator.spec import InferenceService, PoolSpec
+
+RUN_AS_USER = 10001  # must match the Dockerfile's USER
+HOME = "/home/splitserve"
+CACHE_DIR = f"{HOME}/.cache"
+
+
+def pod_security_context() -> dict[str, Any]:
+    return {
+        "runAsNonRoot": True,
+        "runAsUser": RUN_AS_USER,
+        "runAsGroup": RUN_AS_USER,
+        "fsGroup": RUN_AS_USER,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def container_security_context() -> dict[str, Any]:
+    return {
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "runAsNonRoot": True,
+        "capabilities": {"drop": ["ALL"]},
+    }
+
+
+def scratch_volumes() -> list[dict[str, Any]]:
+    return [{"name": "tmp", "emptyDir": {}}, {"name": "cache", "emptyDir": {}}]
+
+
+def scratch_mounts() -> list[dict[str, Any]]:
+    return [{"name": "tmp", "mountPath": "/tmp"}, {"name": "cache", "mountPath": CACHE_DIR}]
+
+
+def base_env() -> list[dict[str, Any]]:
+    return [
+        {"name": "HOME", "value": HOME},
+        {"name": "HF_HOME", "value": f"{CACHE_DIR}/huggingface"},
+        {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+        {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
+    ]
+
+
+def scheduling(pool: PoolSpec, spread_labels: dict[str, str]) -> dict[str, Any]:
+    """nodeSelector, tolerations and affinity; by default, spread a role's pods across nodes."""
+    affinity = dict(pool.affinity) or {
+        "podAntiAffinity": {
+            "preferredDuringSchedulingIgnoredDuringExecution": [
+                {
+                    "weight": 100,
+                    "podAffinityTerm": {
+                        "topologyKey": "kubernetes.io/hostname",
+                        "labelSelector": {"matchLabels": dict(spread_labels)},
+                    },
+                }
+            ]
+        }
+    }
+    out: dict[str, Any] = {"affinity": affinity}
+    if pool.node_selector:
+        out["nodeSelector"] = dict(pool.node_selector)
+    if pool.tolerations:
+        out["tolerations"] = [dict(t) for t in pool.tolerations]
+    return out
+
+
+def image_fields(isvc: InferenceService) -> dict[str, Any]:
+    return {"image": isvc.spec.image, "imagePullPolicy": isvc.spec.image_pull_policy}
+
+
+def pull_secrets(isvc: InferenceService) -> dict[str, Any]:
+    secrets = isvc.spec.image_pull_secrets
+    return {"imagePullSecrets": [{"name": n} for n in secrets]} if secrets else {}
+
+
+def deployment(
+    isvc: InferenceService,
+    meta: dict[str, Any],
+    replicas: int,
+    selector: dict[str, str],
+    template: dict[str, Any],
+) -> dict[str, Any]:
+    """A Deployment rolling under the spec's limits (shared by every pool)."""
+    rollout = isvc.spec.rollout
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": meta,
+        "spec": {
+            "replicas": replicas,
+            "selector": {"matchLabels": dict(selector)},
+            "strategy": {
+                "type": "RollingUpdate",
+                "rollingUpdate": {
+                    "maxSurge": rollout.max_surge,
+                    "maxUnavailable": rollout.max_unavailable,
+                },
+            },
+            "revisionHistoryLimit": 5,
+            # Model loading can take a long while; only then is a rollout declared stuck.
+            "progressDeadlineSeconds": 1800,
+            "template": template,
+        },
+    }

@@ -1,0 +1,113 @@
+"""The kopf registration: wires events and a timer to `reconcile`, nothing else.
+
+Create, update and resume run a reconcile pass at once; a timer repeats it so drift is undone
+(level-based, not edge-based). Deletion removes the children promptly (owner references would
+collect them too) under our finalizer. Status is written through kopf's ``patch``; Events through
+``kopf.event``; retries through TemporaryError / PermanentError.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import kopf
+from splitserve.operator import crd
+from splitserve.operator.kube import Credentials, KubeApi
+from splitserve.operator.labels import PREFIX
+from splitserve.operator.reconcile import ReconcileResult, delete_children, reconcile
+
+RETRY_DELAY_S = 15.0
+
+
+def credentials_from(info: kopf.ConnectionInfo) -> Credentials:
+    ca_data = info.ca_data
+    return Credentials(
+        server=info.server,
+        token=info.token,
+        ca_path=info.ca_path,
+        ca_data=ca_data.encode() if isinstance(ca_data, str) else ca_data,
+        insecure=bool(info.insecure),
+        certificate_path=info.certificate_path,
+        private_key_path=info.private_key_path,
+    )
+
+
+def default_login() -> kopf.ConnectionInfo:
+    """In a pod: its service account; elsewhere: the kubeconfig."""
+    info = kopf.login_with_service_account() or kopf.login_with_kubeconfig()
+    if info is None:
+        raise kopf.LoginError("neither a service account nor a kubeconfig is available")
+    return info
+
+
+def configure(settings: kopf.OperatorSettings) -> None:
+    """Keep kopf's bookkeeping in our annotations and post only warnings as kopf Events."""
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=PREFIX)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=PREFIX, key="last-handled-configuration"
+    )
+    settings.persistence.finalizer = f"{PREFIX}/finalizer"
+    settings.posting.level = logging.WARNING
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _deliver(result: ReconcileResult, body: kopf.Body, patch: kopf.Patch) -> None:
+    patch["status"] = result.status
+    for event in result.events:
+        kopf.event(body, type=event.type, reason=event.reason, message=event.message)
+    if result.retry == "temporary":
+        raise kopf.TemporaryError(result.error, delay=RETRY_DELAY_S)
+
+
+def make_registry(
+    login: Callable[[], kopf.ConnectionInfo] = default_login,
+    *,
+    interval: float = 30.0,
+) -> kopf.OperatorRegistry:
+    """A registry with every handler; ``login`` serves kopf and our own client alike."""
+    registry = kopf.OperatorRegistry()
+    resource = (crd.GROUP, crd.VERSION, crd.PLURAL)
+
+    @kopf.on.login(registry=registry)
+    def _login(**_: Any) -> kopf.ConnectionInfo:
+        return login()
+
+    @kopf.on.startup(registry=registry)
+    async def _startup(memo: kopf.Memo, settings: kopf.OperatorSettings, **_: Any) -> None:
+        configure(settings)
+        memo.api = KubeApi(lambda: credentials_from(login()))
+
+    @kopf.on.cleanup(registry=registry)
+    async def _cleanup(memo: kopf.Memo, **_: Any) -> None:
+        await memo.api.close()
+
+    @kopf.on.resume(*resource, registry=registry)
+    @kopf.on.create(*resource, registry=registry)
+    @kopf.on.update(*resource, registry=registry)
+    async def on_change(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **_: Any) -> None:
+        result = await reconcile(memo.api, body, _now())
+        _deliver(result, body, patch)
+        if result.retry == "permanent":
+            # Nothing to retry until the spec changes; the timer keeps status current.
+            raise kopf.PermanentError(result.error)
+
+    @kopf.timer(*resource, interval=interval, initial_delay=interval, registry=registry)
+    async def on_timer(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **_: Any) -> None:
+        if body.get("metadata", {}).get("deletionTimestamp"):
+            return
+        _deliver(await reconcile(memo.api, body, _now()), body, patch)
+
+    @kopf.on.delete(*resource, registry=registry)
+    async def on_delete(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+        meta = body["metadata"]
+        deleted = await delete_children(memo.api, meta["namespace"], meta["name"], meta["uid"])
+        if deleted:
+            kopf.event(body, type="Normal", reason="Deleted", message=", ".join(deleted))
+
+    return registry

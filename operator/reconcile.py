@@ -1,0 +1,212 @@
+"""One level-based reconcile pass: parse, build, apply, prune, read back, compute status.
+
+The pass never looks at what changed, only at what is: it builds every desired object from the
+current spec, applies those that differ from the cluster, deletes owned objects no longer
+desired, and derives status from the children. Run on create, update, resume and on a timer, it
+also undoes drift (a deleted child, a hand-scaled Deployment).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from splitserve.operator import labels as L
+from splitserve.operator.builders import build_desired
+from splitserve.operator.kube import CHILD_KINDS, ApiError, KubeApi
+from splitserve.operator.spec import SpecError, parse
+from splitserve.operator.status import compute_status, invalid_spec_status
+
+
+@dataclass(frozen=True)
+class Event:
+    """A Kubernetes Event to post on the InferenceService."""
+
+    type: str  # Normal | Warning
+    reason: str
+    message: str
+
+
+@dataclass(frozen=True)
+class ReconcileResult:
+    """What one pass did; the kopf handler turns it into a status patch, Events and retries."""
+
+    status: dict[str, Any]
+    events: tuple[Event, ...] = ()
+    created: tuple[str, ...] = ()
+    updated: tuple[str, ...] = ()
+    pruned: tuple[str, ...] = ()
+    retry: str = ""  # "" | "temporary" (retry soon) | "permanent" (wait for a spec change)
+    error: str = ""
+
+
+@dataclass
+class _Plan:
+    created: list[str] = field(default_factory=list)
+    updated: list[str] = field(default_factory=list)
+    pruned: list[str] = field(default_factory=list)
+    deployments: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+def contains(desired: Any, actual: Any) -> bool:
+    """True when every field set in ``desired`` has the same value in ``actual``.
+
+    Fields the API server adds (defaults, status, metadata) are ignored; lists must match item by
+    item. Quantities compare as text, so ``1`` and ``"1"`` agree.
+    """
+    if isinstance(desired, dict):
+        return isinstance(actual, dict) and all(
+            k in actual and contains(v, actual[k]) for k, v in desired.items()
+        )
+    if isinstance(desired, list):
+        return (
+            isinstance(actual, list)
+            and len(desired) == len(actual)
+            and all(contains(d, a) for d, a in zip(desired, actual, strict=True))
+        )
+    if isinstance(desired, bool) or isinstance(actual, bool):
+        return desired == actual
+    return desired == actual or str(desired) == str(actual)
+
+
+def _ref(obj: Mapping[str, Any]) -> str:
+    return f"{obj['kind']}/{obj['metadata']['name']}"
+
+
+def owned_by(obj: Mapping[str, Any], name: str, uid: str) -> bool:
+    """A child of this InferenceService: our labels and (when known) its owner reference."""
+    meta = obj.get("metadata") or {}
+    if (meta.get("labels") or {}).get(L.INSTANCE_LABEL) != name:
+        return False
+    refs = meta.get("ownerReferences") or []
+    return any(ref.get("uid") == uid for ref in refs) or not refs
+
+
+async def list_children(api: KubeApi, namespace: str, name: str, uid: str) -> list[dict[str, Any]]:
+    """Every owned child, all kinds. Filters client-side too: selectors are not always honoured."""
+    selector = f"{L.INSTANCE_LABEL}={name},app.kubernetes.io/managed-by={L.MANAGED_BY}"
+    children: list[dict[str, Any]] = []
+    for info in CHILD_KINDS.values():
+        for obj in await api.list(info, namespace, selector):
+            if (obj.get("metadata") or {}).get("namespace", namespace) == namespace and owned_by(
+                obj, name, uid
+            ):
+                children.append(obj)
+    return children
+
+
+async def _apply_all(
+    api: KubeApi, desired: list[dict[str, Any]], existing: list[dict[str, Any]]
+) -> _Plan:
+    plan = _Plan()
+    current = {_ref(obj): obj for obj in existing}
+    for obj in desired:
+        ref = _ref(obj)
+        before = current.get(ref)
+        if before is not None and contains(obj, before):
+            stored = before
+        else:
+            stored = await api.apply(obj)
+            (plan.created if before is None else plan.updated).append(ref)
+        if obj["kind"] == "Deployment":
+            plan.deployments[obj["metadata"]["labels"][L.ROLE_LABEL]] = stored
+    wanted = {_ref(obj) for obj in desired}
+    for ref, obj in current.items():
+        if ref not in wanted:
+            meta = obj["metadata"]
+            await api.delete(CHILD_KINDS[obj["kind"]], meta["namespace"], meta["name"])
+            plan.pruned.append(ref)
+    return plan
+
+
+def _warning_once(previous: Mapping[str, Any], reason: str, message: str) -> tuple[Event, ...]:
+    """A Warning Event unless the last status already reported this very problem."""
+    for cond in previous.get("conditions") or []:
+        if cond.get("type") == "Degraded" and (cond.get("reason"), cond.get("message")) == (
+            reason,
+            message,
+        ):
+            return ()
+    return (Event("Warning", reason, message),)
+
+
+def _rollout_events(previous: Mapping[str, Any], status: Mapping[str, Any]) -> list[Event]:
+    events = []
+    old_target = previous.get("desiredCompatibilityHash")
+    if old_target and old_target != status["desiredCompatibilityHash"]:
+        events.append(
+            Event(
+                "Normal",
+                "RolloutStarted",
+                f"rolling prefill and decode to compatibility hash "
+                f"{status['desiredCompatibilityHash']} (from {old_target})",
+            )
+        )
+    served = status.get("compatibilityHash")
+    if served and served != previous.get("compatibilityHash"):
+        events.append(
+            Event("Normal", "RolloutComplete", f"all pods serve compatibility hash {served}")
+        )
+    return events
+
+
+async def reconcile(api: KubeApi, body: Mapping[str, Any], now: str) -> ReconcileResult:
+    """Make the cluster match one InferenceService ``body``; never raises for API errors."""
+    meta = body.get("metadata") or {}
+    previous = dict(body.get("status") or {})
+    generation = int(meta.get("generation") or 1)
+    try:
+        isvc = parse(body)
+        desired = build_desired(isvc)  # everything is built before anything is applied
+    except SpecError as exc:
+        message = str(exc)
+        return ReconcileResult(
+            status=invalid_spec_status(generation, message, previous, now),
+            events=_warning_once(previous, "InvalidSpec", message),
+            retry="permanent",
+            error=message,
+        )
+    try:
+        existing = await list_children(api, isvc.namespace, isvc.name, isvc.uid)
+        plan = await _apply_all(api, desired, existing)
+    except ApiError as exc:
+        message = f"applying children failed: {exc}"
+        deployments = {}
+        status = compute_status(isvc, deployments, previous, now, ("ApplyFailed", message))
+        return ReconcileResult(
+            status=status,
+            events=_warning_once(previous, "ApplyFailed", message),
+            retry="temporary" if exc.transient else "permanent",
+            error=message,
+        )
+    status = compute_status(isvc, plan.deployments, previous, now)
+    events: list[Event] = []
+    if plan.created or plan.updated or plan.pruned:
+        parts = [
+            f"{verb} {', '.join(refs)}"
+            for verb, refs in (
+                ("created", plan.created),
+                ("updated", plan.updated),
+                ("pruned", plan.pruned),
+            )
+            if refs
+        ]
+        events.append(Event("Normal", "Applied", "; ".join(parts)))
+    events += _rollout_events(previous, status)
+    return ReconcileResult(
+        status=status,
+        events=tuple(events),
+        created=tuple(plan.created),
+        updated=tuple(plan.updated),
+        pruned=tuple(plan.pruned),
+    )
+
+
+async def delete_children(api: KubeApi, namespace: str, name: str, uid: str) -> list[str]:
+    """Delete every owned child (garbage collection does it too; this makes it prompt)."""
+    deleted = []
+    for obj in await list_children(api, namespace, name, uid):
+        if await api.delete(CHILD_KINDS[obj["kind"]], namespace, obj["metadata"]["name"]):
+            deleted.append(_ref(obj))
+    return deleted

@@ -1,0 +1,292 @@
+"""The typed InferenceService spec: frozen dataclasses parsed from a custom resource.
+
+`parse()` is the only way in: it validates against the CRD schema, fills the schema's defaults,
+then checks what a schema cannot express (flags the operator owns, rollout limits, quantities).
+A spec that fails raises `SpecError` before any object is built, so a bad spec is never
+half-applied; the reconciler reports it in status instead.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from splitserve.operator import crd
+from splitserve.operator.crd import FieldError
+
+# Flags the operator sets on every engine/router pod; extraArgs must not fight over them.
+MANAGED_FLAGS = frozenset(
+    {
+        "--model", "--revision", "--served-name", "--dtype", "--block-size", "--max-model-len",
+        "--max-num-seqs", "--host", "--port", "--metrics-port", "--kv-transport",
+        "--lease-seconds", "--kv-failure-policy", "--colocated",
+    }
+)  # fmt: skip
+# Children are named <name>-<suffix>; the longest suffix plus a Deployment's pod hash must keep
+# Service names (DNS-1035 labels, 63 characters) valid.
+MAX_NAME_LENGTH = 40
+_DNS1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+_QUANTITY = re.compile(r"^([+-]?[0-9.]+)([eE][-+]?[0-9]+|[KMGTPE]i|[numkMGTPE])?$")
+DEFAULT_ENGINE_REQUESTS = {"cpu": "1", "memory": "4Gi"}
+DEFAULT_ROUTER_REQUESTS = {"cpu": "250m", "memory": "256Mi"}
+
+
+class SpecError(ValueError):
+    """The custom resource is invalid; ``errors`` name each offending field."""
+
+    def __init__(self, errors: list[FieldError]) -> None:
+        self.errors = errors
+        super().__init__("; ".join(str(e) for e in errors))
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where the weights come from and how a pod reaches them."""
+
+    uri: str
+    revision: str
+    served_name: str
+
+    @property
+    def scheme(self) -> str:
+        return self.uri.split("://", 1)[0]
+
+    @property
+    def pvc_claim(self) -> str | None:
+        """The PVC to mount read-only at /models/<claim>, for pvc:// models."""
+        return self.uri[len("pvc://") :].split("/", 1)[0] if self.scheme == "pvc" else None
+
+    @property
+    def engine_argument(self) -> str:
+        """The value of ``--model``: a local path, or ``org/name`` for the hub."""
+        rest = self.uri.split("://", 1)[1]
+        if self.scheme == "pvc":
+            claim, path = rest.split("/", 1)
+            return f"/models/{claim}/{path}"
+        return rest  # file:///models/x -> /models/x ; hf://org/name -> org/name
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    """Engine settings shared by prefill and decode; part of the config checksum."""
+
+    dtype: str
+    block_size: int
+    max_model_len: int
+    max_num_seqs: int
+    extra_args: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class PoolSpec:
+    """Placement and size of one Deployment (prefill, decode or router)."""
+
+    replicas: int
+    resources: Mapping[str, Any]
+    node_selector: Mapping[str, str]
+    tolerations: tuple[Mapping[str, Any], ...]
+    affinity: Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class SecretKeyRef:
+    name: str
+    key: str
+
+
+@dataclass(frozen=True)
+class RouterSpec:
+    pool: PoolSpec
+    policy: str
+    service_type: str
+    service_port: int
+    service_annotations: Mapping[str, str]
+    api_key_secret: SecretKeyRef | None
+
+
+@dataclass(frozen=True)
+class KvTransferSpec:
+    transport: str
+    failure_policy: str
+    lease_seconds: int
+
+
+@dataclass(frozen=True)
+class RolloutSpec:
+    """Deployment RollingUpdate limits, applied to every pool."""
+
+    max_surge: int | str
+    max_unavailable: int | str
+
+
+@dataclass(frozen=True)
+class InferenceServiceSpec:
+    model: ModelSource
+    image: str
+    image_pull_policy: str
+    image_pull_secrets: tuple[str, ...]
+    engine: EngineSpec
+    prefill: PoolSpec
+    decode: PoolSpec
+    router: RouterSpec
+    kv_transfer: KvTransferSpec
+    rollout: RolloutSpec
+
+    @property
+    def colocated(self) -> bool:
+        """No prefill pool: each decode pod runs prefill and decode in one engine."""
+        return self.prefill.replicas == 0
+
+    @property
+    def compatibility_hash(self) -> str:
+        """What must match for a prefill pod's KV blocks to be usable by a decode pod.
+
+        Model, revision, image (the engine code), dtype, block size and KV transport. Pods carry
+        it as a label; the router pairs only pods with equal hashes, so no request crosses
+        versions during a rollout.
+        """
+        key = {
+            "model": self.model.uri,
+            "revision": self.model.revision,
+            "image": self.image,
+            "dtype": self.engine.dtype,
+            "blockSize": self.engine.block_size,
+            "transport": self.kv_transfer.transport,
+        }
+        return short_hash(key)
+
+
+@dataclass(frozen=True)
+class InferenceService:
+    """An InferenceService's identity plus its parsed spec."""
+
+    name: str
+    namespace: str
+    uid: str
+    generation: int
+    spec: InferenceServiceSpec
+    labels: Mapping[str, str] = field(default_factory=dict)
+
+
+def short_hash(value: Any, length: int = 12) -> str:
+    """A stable short hex digest of a JSON-serialisable value (key order does not matter)."""
+    blob = json.dumps(value, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(blob).hexdigest()[:length]
+
+
+def parse(obj: Mapping[str, Any], *, default_namespace: str = "default") -> InferenceService:
+    """Validate, default and type an InferenceService object. Raises `SpecError`."""
+    errors = crd.validate(dict(obj))
+    if errors:
+        raise SpecError(errors)
+    body = crd.apply_defaults(dict(obj))
+    meta = body.get("metadata") or {}
+    errors = _semantic_errors(meta, body["spec"])
+    if errors:
+        raise SpecError(errors)
+    return InferenceService(
+        name=meta["name"],
+        namespace=meta.get("namespace") or default_namespace,
+        uid=meta.get("uid") or "00000000-0000-0000-0000-000000000000",
+        generation=int(meta.get("generation") or 1),
+        labels=dict(meta.get("labels") or {}),
+        spec=_spec(body["spec"]),
+    )
+
+
+def _spec(s: dict[str, Any]) -> InferenceServiceSpec:
+    model, engine, router, kv = s["model"], s["engine"], s["router"], s["kvTransfer"]
+    secret = router.get("apiKeySecret")
+    return InferenceServiceSpec(
+        model=ModelSource(
+            uri=model["uri"],
+            revision=model.get("revision", ""),
+            served_name=model.get("servedName") or model["uri"].rstrip("/").rsplit("/", 1)[-1],
+        ),
+        image=s["image"],
+        image_pull_policy=s["imagePullPolicy"],
+        image_pull_secrets=tuple(ref["name"] for ref in s.get("imagePullSecrets", [])),
+        engine=EngineSpec(
+            dtype=engine["dtype"],
+            block_size=engine["blockSize"],
+            max_model_len=engine["maxModelLen"],
+            max_num_seqs=engine["maxNumSeqs"],
+            extra_args=tuple(engine["extraArgs"]),
+        ),
+        prefill=_pool(s["prefill"], DEFAULT_ENGINE_REQUESTS),
+        decode=_pool(s["decode"], DEFAULT_ENGINE_REQUESTS),
+        router=RouterSpec(
+            pool=_pool(router, DEFAULT_ROUTER_REQUESTS),
+            policy=router["policy"],
+            service_type=router["service"]["type"],
+            service_port=router["service"]["port"],
+            service_annotations=dict(router["service"].get("annotations", {})),
+            api_key_secret=SecretKeyRef(secret["name"], secret["key"]) if secret else None,
+        ),
+        kv_transfer=KvTransferSpec(kv["transport"], kv["failurePolicy"], kv["leaseSeconds"]),
+        rollout=RolloutSpec(s["rollout"]["maxSurge"], s["rollout"]["maxUnavailable"]),
+    )
+
+
+def _pool(p: dict[str, Any], default_requests: dict[str, str]) -> PoolSpec:
+    resources = {k: dict(v) for k, v in (p.get("resources") or {}).items()}
+    # Every pod gets cpu/memory requests (the scheduler and PDBs depend on them).
+    resources["requests"] = default_requests | resources.get("requests", {})
+    return PoolSpec(
+        replicas=p["replicas"],
+        resources=resources,
+        node_selector=dict(p.get("nodeSelector", {})),
+        tolerations=tuple(dict(t) for t in p.get("tolerations", [])),
+        affinity=dict(p.get("affinity", {})),
+    )
+
+
+def _semantic_errors(meta: Mapping[str, Any], s: dict[str, Any]) -> list[FieldError]:
+    errors: list[FieldError] = []
+    name = str(meta.get("name") or "")
+    if not _DNS1035.match(name) or len(name) > MAX_NAME_LENGTH:
+        errors.append(
+            FieldError(
+                "metadata.name",
+                f"must be a DNS-1035 label of at most {MAX_NAME_LENGTH} characters, got {name!r}",
+            )
+        )
+    engine = s["engine"]
+    if engine["maxModelLen"] < engine["blockSize"]:
+        errors.append(FieldError("spec.engine.maxModelLen", "must be at least blockSize"))
+    for i, arg in enumerate(engine["extraArgs"]):
+        flag = arg.split("=", 1)[0]
+        if flag in MANAGED_FLAGS:
+            errors.append(
+                FieldError(f"spec.engine.extraArgs[{i}]", f"{flag} is set by the operator")
+            )
+    rollout = s["rollout"]
+    for key in ("maxSurge", "maxUnavailable"):
+        value = rollout[key]
+        if isinstance(value, int) and value < 0:
+            errors.append(FieldError(f"spec.rollout.{key}", "must not be negative"))
+        if isinstance(value, str) and int(value[:-1]) > 100:
+            errors.append(FieldError(f"spec.rollout.{key}", "must be at most 100%"))
+    if _is_zero(rollout["maxSurge"]) and _is_zero(rollout["maxUnavailable"]):
+        errors.append(
+            FieldError("spec.rollout", "maxSurge and maxUnavailable must not both be zero")
+        )
+    for role in ("prefill", "decode", "router"):
+        for kind, quantities in (s[role].get("resources") or {}).items():
+            for resource, quantity in quantities.items():
+                if not _QUANTITY.match(str(quantity)):
+                    errors.append(
+                        FieldError(
+                            f"spec.{role}.resources.{kind}.{resource}",
+                            f"{quantity!r} is not a Kubernetes quantity",
+                        )
+                    )
+    return errors
+
+
+def _is_zero(value: int | str) -> bool:
+    return value in (0, "0%")

@@ -1,0 +1,191 @@
+"""Pure status computation: child Deployment statuses -> InferenceService status.
+
+Conditions follow the Kubernetes convention (type, status, reason, message,
+observedGeneration, lastTransitionTime, which changes only when status flips), so GitOps
+health checks (Argo CD, Flux kstatus) can read them:
+
+- Ready: every role has all its replicas updated to the desired configuration and ready.
+- Progressing: a rollout is under way (some role has old pods, or not enough new ones).
+- Degraded: the spec is invalid, applying failed, or a rollout is stuck.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from splitserve.operator import labels as L
+from splitserve.operator.builders import endpoint_url, engine_roles
+from splitserve.operator.spec import InferenceService
+
+READY, PROGRESSING, DEGRADED = "Ready", "Progressing", "Degraded"
+ROLES = (L.PREFILL, L.DECODE, L.ROUTER)
+
+
+@dataclass(frozen=True)
+class RoleState:
+    """One role's rollout as its Deployment reports it."""
+
+    role: str
+    desired: int
+    ready: int = 0
+    updated: int = 0
+    total: int = 0
+    current: bool = False  # the Deployment controller has seen the latest template
+    stuck: str = ""  # why the controller gave up (ProgressDeadlineExceeded, ReplicaFailure)
+
+    @property
+    def rolled_out(self) -> bool:
+        """All pods run the desired template, are ready, and no old pod is left."""
+        return (
+            self.current
+            and self.updated >= self.desired
+            and self.ready >= self.desired
+            and self.total <= self.desired
+        )
+
+    def as_status(self) -> dict[str, Any]:
+        return {
+            "replicas": self.desired,
+            "readyReplicas": self.ready,
+            "updatedReplicas": self.updated,
+            "summary": f"{self.ready}/{self.desired}",
+        }
+
+
+def role_state(role: str, desired: int, deployment: Mapping[str, Any] | None) -> RoleState:
+    """Read a Deployment's status; a missing Deployment has nothing ready or updated."""
+    if deployment is None:
+        return RoleState(role, desired, current=desired == 0)
+    status = deployment.get("status") or {}
+    generation = (deployment.get("metadata") or {}).get("generation")
+    observed = status.get("observedGeneration")
+    # Without a generation (emulators) the status is taken as current.
+    current = generation is None or (observed is not None and observed >= generation)
+    stuck = ""
+    for cond in status.get("conditions") or []:
+        if cond.get("type") == "Progressing" and cond.get("reason") == "ProgressDeadlineExceeded":
+            stuck = f"{cond.get('reason')}: {cond.get('message', '')}".strip()
+        if cond.get("type") == "ReplicaFailure" and cond.get("status") == "True":
+            stuck = f"{cond.get('reason')}: {cond.get('message', '')}".strip()
+    return RoleState(
+        role=role,
+        desired=desired,
+        ready=int(status.get("readyReplicas") or 0),
+        updated=int(status.get("updatedReplicas") or 0),
+        total=int(status.get("replicas") or 0),
+        current=current,
+        stuck=stuck,
+    )
+
+
+def _condition(
+    kind: str,
+    value: bool,
+    reason: str,
+    message: str,
+    generation: int,
+    now: str,
+    previous: Sequence[Mapping[str, Any]],
+) -> dict[str, Any]:
+    status = "True" if value else "False"
+    since = now
+    for cond in previous:
+        if cond.get("type") == kind and cond.get("status") == status:
+            since = cond.get("lastTransitionTime") or now
+    return {
+        "type": kind,
+        "status": status,
+        "reason": reason,
+        "message": message,
+        "observedGeneration": generation,
+        "lastTransitionTime": since,
+    }
+
+
+def compute_status(
+    isvc: InferenceService,
+    deployments: Mapping[str, Mapping[str, Any] | None],
+    previous: Mapping[str, Any],
+    now: str,
+    problem: tuple[str, str] | None = None,
+) -> dict[str, Any]:
+    """The whole status from the role Deployments (by role) and the last status.
+
+    ``problem`` is (reason, message) when this pass could not apply the desired objects.
+    The served model, revision and compatibility hash move to the desired ones only when the
+    rollout completes, so status never claims a version that is not fully serving.
+    """
+    s = isvc.spec
+    desired = {L.PREFILL: s.prefill.replicas, L.DECODE: s.decode.replicas}
+    desired[L.ROUTER] = s.router.pool.replicas
+    if s.colocated:
+        desired[L.PREFILL] = 0
+    active = (*engine_roles(isvc), L.ROUTER)
+    states = {
+        role: role_state(role, desired[role], deployments.get(role) if role in active else None)
+        for role in ROLES
+    }
+    rolled_out = all(states[r].rolled_out for r in active)
+    progress = ", ".join(f"{r} {states[r].updated}/{states[r].desired} updated" for r in active)
+    ready_text = ", ".join(f"{r} {states[r].ready}/{states[r].desired} ready" for r in active)
+    stuck = "; ".join(f"{r}: {states[r].stuck}" for r in active if states[r].stuck)
+    unavailable = [r for r in active if states[r].ready < states[r].desired]
+    gen, prev = isvc.generation, previous.get("conditions") or []
+
+    if problem is not None:
+        ready = _condition(READY, False, problem[0], problem[1], gen, now, prev)
+    elif rolled_out:
+        ready = _condition(READY, True, "AllReplicasReady", ready_text, gen, now, prev)
+    else:
+        rolling = any(
+            not st.current or st.updated < st.desired or st.total > st.desired
+            for st in (states[r] for r in active)
+        )
+        reason = "RollingOut" if rolling else "ReplicasNotReady"
+        ready = _condition(READY, False, reason, f"{progress}; {ready_text}", gen, now, prev)
+    if rolled_out:
+        progressing = _condition(PROGRESSING, False, "RolloutComplete", progress, gen, now, prev)
+    else:
+        progressing = _condition(PROGRESSING, True, "RollingOut", progress, gen, now, prev)
+    if problem is not None:
+        degraded = _condition(DEGRADED, True, problem[0], problem[1], gen, now, prev)
+    elif stuck:
+        degraded = _condition(DEGRADED, True, "RolloutStuck", stuck, gen, now, prev)
+    elif rolled_out or not unavailable:
+        degraded = _condition(DEGRADED, False, "AsExpected", ready_text, gen, now, prev)
+    else:
+        degraded = _condition(DEGRADED, False, "RollingOut", ready_text, gen, now, prev)
+
+    status: dict[str, Any] = {
+        "observedGeneration": gen,
+        "url": endpoint_url(isvc),
+        "desiredCompatibilityHash": s.compatibility_hash,
+        "model": previous.get("model", ""),
+        "revision": previous.get("revision", ""),
+        "compatibilityHash": previous.get("compatibilityHash", ""),
+        "conditions": [ready, progressing, degraded],
+    }
+    if rolled_out and problem is None:
+        status["model"] = s.model.uri
+        status["revision"] = s.model.revision
+        status["compatibilityHash"] = s.compatibility_hash
+    for role in ROLES:
+        status[role] = states[role].as_status()
+    return status
+
+
+def invalid_spec_status(
+    generation: int, message: str, previous: Mapping[str, Any], now: str
+) -> dict[str, Any]:
+    """Status for a spec the operator refuses: nothing was applied, the old pods keep serving."""
+    prev = previous.get("conditions") or []
+    return dict(previous) | {
+        "observedGeneration": generation,
+        "conditions": [
+            _condition(READY, False, "InvalidSpec", message, generation, now, prev),
+            _condition(PROGRESSING, False, "InvalidSpec", message, generation, now, prev),
+            _condition(DEGRADED, True, "InvalidSpec", message, generation, now, prev),
+        ],
+    }
