@@ -1,0 +1,134 @@
+"""`reshape_and_cache`: scatter new K/V rows into their slots of the paged block pool.
+
+One program per token copies its [num_kv_heads, head_dim] rows of K and V to
+`block = slot // block_size`, `offset = slot % block_size`. A negative slot marks a padding
+token (e.g. a CUDA-graph batch padded to a fixed size) and is skipped. Pure data movement: values
+are stored bit-exactly, so bf16 needs no fp32 detour here.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._launch import check_kv_cache, check_tensor, launcher, next_pow2
+
+
+@triton.jit
+def _reshape_and_cache_kernel(
+    key_ptr,
+    value_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    slot_ptr,
+    stride_kt,
+    stride_kh,
+    stride_vt,
+    stride_vh,
+    stride_cb,
+    stride_cs,
+    stride_ch,
+    num_kv_heads,
+    head_dim,
+    block_size,
+    BLOCK_H: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    t = tl.program_id(0)
+    slot = tl.load(slot_ptr + t).to(tl.int64)
+    if slot >= 0:
+        block = slot // block_size
+        offset = slot % block_size
+        h = tl.arange(0, BLOCK_H)
+        d = tl.arange(0, BLOCK_D)
+        mask = (h[:, None] < num_kv_heads) & (d[None, :] < head_dim)
+        t64 = t.to(tl.int64)
+        k = tl.load(key_ptr + t64 * stride_kt + h[:, None] * stride_kh + d[None, :], mask=mask)
+        v = tl.load(value_ptr + t64 * stride_vt + h[:, None] * stride_vh + d[None, :], mask=mask)
+        dst = block * stride_cb + offset * stride_cs + h[:, None] * stride_ch + d[None, :]
+        tl.store(k_cache_ptr + dst, k, mask=mask)
+        tl.store(v_cache_ptr + dst, v, mask=mask)
+
+
+def _check(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    check_tensor("key", key, 3)
+    device, dtype = key.device, key.dtype
+    check_tensor("value", value, 3, device=device)
+    if value.shape != key.shape or value.dtype != dtype:
+        raise ValueError(
+            f"value {tuple(value.shape)}/{value.dtype} must match key {tuple(key.shape)}/{dtype}"
+        )
+    check_kv_cache(k_cache, v_cache, device, dtype)
+    if k_cache.shape[2:] != key.shape[1:]:
+        raise ValueError(
+            f"key rows [Hkv, D]={tuple(key.shape[1:])} do not match the cache's "
+            f"{tuple(k_cache.shape[2:])}"
+        )
+    check_tensor("slot_mapping", slot_mapping, 1, dtypes=(torch.int64, torch.int32), device=device)
+    if slot_mapping.shape[0] != key.shape[0]:
+        raise ValueError(
+            f"slot_mapping has {slot_mapping.shape[0]} entries for {key.shape[0]} tokens"
+        )
+
+
+def reshape_and_cache(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    """Write `key`/`value` [T, Hkv, D] into `k_cache`/`v_cache` [num_blocks, block_size, Hkv, D]
+    at `slot_mapping` [T] (int64; `slot = block * block_size + offset`, negative = skip).
+
+    Mutates only the addressed cache rows. Slots must be distinct among non-negative entries
+    (two tokens writing one slot race) and below num_blocks * block_size.
+    """
+    _check(key, value, k_cache, v_cache, slot_mapping)
+    num_tokens, num_kv_heads, head_dim = key.shape
+    if num_tokens == 0:
+        return
+    kernel = launcher(_reshape_and_cache_kernel, key.device)
+    kernel[(num_tokens,)](
+        key,
+        value,
+        k_cache,
+        v_cache,
+        slot_mapping,
+        key.stride(0),
+        key.stride(1),
+        value.stride(0),
+        value.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        num_kv_heads,
+        head_dim,
+        k_cache.shape[1],
+        BLOCK_H=next_pow2(num_kv_heads),
+        BLOCK_D=next_pow2(head_dim),
+    )
+
+
+def reshape_and_cache_ref(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    """Torch reference of `reshape_and_cache` (same contract, same checks)."""
+    _check(key, value, k_cache, v_cache, slot_mapping)
+    keep = slot_mapping >= 0
+    slots = slot_mapping[keep].long()
+    block_size = k_cache.shape[1]
+    blocks, offsets = slots // block_size, slots % block_size
+    k_cache[blocks, offsets] = key[keep]
+    v_cache[blocks, offsets] = value[keep]

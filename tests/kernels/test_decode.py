@@ -1,0 +1,146 @@
+"""paged_decode_attention against its torch reference and a dense float64 attention."""
+
+from __future__ import annotations
+
+import math
+import zlib
+
+import pytest
+import torch
+from splitserve.kernels import available, paged_decode_attention, paged_decode_attention_ref
+
+pytestmark = pytest.mark.skipif(not available(), reason="needs CUDA or TRITON_INTERPRET=1")
+
+NUM_KV_HEADS = 2
+
+
+def _run_case(paged, seq_lens, *, head_dim, group, block_size, dtype, seed, **kwargs):
+    gen = torch.Generator().manual_seed(seed)
+    batch = paged.build(
+        seq_lens,
+        num_kv_heads=NUM_KV_HEADS,
+        head_dim=head_dim,
+        block_size=block_size,
+        dtype=dtype,
+        gen=gen,
+    )
+    num_heads = NUM_KV_HEADS * group
+    q = torch.randn(len(seq_lens), num_heads, head_dim, generator=gen).to(dtype).to(paged.device)
+    scale = 1.0 / math.sqrt(head_dim)
+    out = torch.full_like(q, float("nan"))
+    got = paged_decode_attention(
+        q, batch.k_cache, batch.v_cache, batch.block_tables, batch.seq_lens, scale, out, **kwargs
+    )
+    assert got is out
+    assert torch.isfinite(out).all(), "unwritten or NaN-contaminated output elements"
+    ref = paged_decode_attention_ref(
+        q, batch.k_cache, batch.v_cache, batch.block_tables, batch.seq_lens, scale
+    )
+    dense = torch.stack(
+        [
+            paged.dense(q[b : b + 1], batch.keys[b], batch.values[b], scale)[0]
+            for b in range(len(seq_lens))
+        ]
+    )
+    tol = paged.tol[dtype]
+    assert paged.rel_err(out, ref) < tol
+    assert paged.rel_err(out, dense) < tol
+    assert paged.rel_err(ref, dense) < tol
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("block_size", [16, 32])
+@pytest.mark.parametrize("group", [1, 3, 8])
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_split_k_matches_references(paged, head_dim, group, block_size, dtype):
+    # A small partition forces split-K on short contexts: smaller than a block for
+    # block_size 32, larger than one for 16. Lengths avoid multiples of the block size.
+    partition = 16 if block_size == 32 else 32
+    seed = zlib.crc32(f"decode-{head_dim}-{group}-{block_size}-{dtype}".encode())
+    rng = torch.Generator().manual_seed(seed)
+    seq_lens = [
+        1,
+        block_size + 3,
+        int(torch.randint(3 * partition + 1, 5 * partition, (1,), generator=rng)),
+        int(torch.randint(2, 3 * block_size, (1,), generator=rng)) | 1,
+    ]
+    _run_case(
+        paged,
+        seq_lens,
+        head_dim=head_dim,
+        group=group,
+        block_size=block_size,
+        dtype=dtype,
+        seed=seed,
+        partition_size=partition,
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_single_partition_path_writes_output_directly(paged, dtype):
+    # Every context fits in one 512-token partition: no reduce pass runs.
+    _run_case(paged, [5, 77, 130], head_dim=64, group=3, block_size=16, dtype=dtype, seed=11)
+
+
+def test_default_partition_long_context(paged):
+    # Over 512 tokens with the default partition size: the reduce merges 2 and 3 partitions.
+    _run_case(
+        paged, [1100, 513, 9], head_dim=64, group=8, block_size=32, dtype=torch.float32, seed=5
+    )
+
+
+def test_float16(paged):
+    _run_case(paged, [40, 3], head_dim=64, group=3, block_size=16, dtype=torch.float16, seed=7)
+
+
+def test_strided_query_and_output_views(paged):
+    # q and out as head-sliced views of wider tensors (as when q is split off a fused qkv).
+    gen = torch.Generator().manual_seed(3)
+    batch = paged.build(
+        [29, 70], num_kv_heads=1, head_dim=64, block_size=16, dtype=torch.float32, gen=gen
+    )
+    qkv = torch.randn(2, 6, 64, generator=gen).to(paged.device)
+    q = qkv[:, :4]
+    wide_out = torch.full((2, 8, 64), float("nan"), device=paged.device)
+    out = wide_out[:, 2:6]
+    paged_decode_attention(
+        q,
+        batch.k_cache,
+        batch.v_cache,
+        batch.block_tables,
+        batch.seq_lens,
+        0.125,
+        out,
+        partition_size=32,
+    )
+    ref = paged_decode_attention_ref(
+        q, batch.k_cache, batch.v_cache, batch.block_tables, batch.seq_lens, 0.125
+    )
+    assert paged.rel_err(out, ref) < 1e-4
+    assert torch.isnan(wide_out[:, :2]).all() and torch.isnan(wide_out[:, 6:]).all()
+
+
+def test_rejects_bad_arguments(paged):
+    gen = torch.Generator().manual_seed(1)
+    batch = paged.build(
+        [10], num_kv_heads=2, head_dim=64, block_size=16, dtype=torch.float32, gen=gen
+    )
+    kc, vc, bt, sl = batch.k_cache, batch.v_cache, batch.block_tables, batch.seq_lens
+    q = torch.randn(1, 6, 64, device=paged.device)
+    with pytest.raises(ValueError, match="multiple of KV heads"):
+        paged_decode_attention(q[:, :5], kc, vc, bt, sl, 1.0)
+    with pytest.raises(TypeError, match="must match"):
+        paged_decode_attention(q.bfloat16(), kc, vc, bt, sl, 1.0)
+    with pytest.raises(TypeError, match="dtype"):
+        paged_decode_attention(q, kc, vc, bt.float(), sl, 1.0)
+    with pytest.raises(ValueError, match="stride 1"):
+        paged_decode_attention(q.transpose(1, 2).contiguous().transpose(1, 2), kc, vc, bt, sl, 1.0)
+    with pytest.raises(ValueError, match="head_dim"):
+        paged_decode_attention(torch.randn(1, 6, 32, device=paged.device), kc, vc, bt, sl, 1.0)
+    with pytest.raises(ValueError, match="out shape"):
+        paged_decode_attention(q, kc, vc, bt, sl, 1.0, torch.empty(1, 6, 32, device=paged.device))
+    with pytest.raises(ValueError, match="partition_size"):
+        paged_decode_attention(q, kc, vc, bt, sl, 1.0, partition_size=48)
+    with pytest.raises(ValueError, match="batch"):
+        paged_decode_attention(q, kc, vc, bt, torch.cat([sl, sl]), 1.0)
