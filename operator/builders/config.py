@@ -32,7 +32,6 @@ def engine_settings(isvc: InferenceService) -> dict[str, Any]:
         "kvFailurePolicy": s.kv_transfer.failure_policy,
         "leaseSeconds": s.kv_transfer.lease_seconds,
         "colocated": s.colocated,
-        "compatibilityHash": s.compatibility_hash,
     }
 
 

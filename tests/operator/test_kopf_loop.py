@@ -89,10 +89,10 @@ class Emulator(kmock.KubernetesEmulator):
             and resource.plural == "deployments"
             and "spec" in (data or {})
         ):
+            key = (request.namespace, request.name)
             for (res, ns, name), obj in self.objects.items():
-                if res.plural == "deployments" and (ns, name) == (request.namespace, request.name):
-                    if not obj.deleted:
-                        meta["generation"] = obj.raw["metadata"].get("generation", 1) + 1
+                if res.plural == "deployments" and (ns, name) == key and not obj.deleted:
+                    meta["generation"] = obj.raw["metadata"].get("generation", 1) + 1
         return await super()._handle(request)
 
 

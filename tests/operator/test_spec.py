@@ -1,0 +1,150 @@
+"""The CRD schema, defaulting and the typed spec: good specs parse, bad ones name their field."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from splitserve.operator import crd
+from splitserve.operator.cli import render
+from splitserve.operator.spec import SpecError, parse
+
+REPO = Path(__file__).resolve().parents[2]
+EXAMPLES = sorted((REPO / "manifests" / "examples").glob("*-*.yaml"))
+
+
+def test_crd_is_structural_enough_for_the_api_server() -> None:
+    doc = crd.load_crd()
+    assert doc["metadata"]["name"] == crd.CRD_NAME
+    assert doc["spec"]["names"]["shortNames"] == ["isvc"]
+    (version,) = doc["spec"]["versions"]
+    assert version["subresources"] == {"status": {}}
+    columns = [c["name"] for c in version["additionalPrinterColumns"]]
+    assert columns == ["Model", "Prefill", "Decode", "URL", "Ready", "Age"]
+    # Anchors/aliases would be expanded differently by other YAML tools: the file has none.
+    events = list(yaml.parse(crd.crd_text()))
+    assert not any(isinstance(e, yaml.AliasEvent) or getattr(e, "anchor", None) for e in events)
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+def test_examples_validate_against_the_crd_schema(path: Path) -> None:
+    doc = yaml.safe_load(path.read_text())
+    assert crd.validate(doc) == []
+    parse(doc)
+
+
+def test_defaults_come_from_the_crd(make_isvc) -> None:
+    isvc = parse(make_isvc())
+    s = isvc.spec
+    assert (s.engine.dtype, s.engine.block_size, s.engine.max_model_len) == ("bfloat16", 16, 4096)
+    assert s.engine.max_num_seqs == 128 and s.engine.extra_args == ()
+    assert (s.router.pool.replicas, s.router.policy, s.router.service_port) == (1, "prefix", 80)
+    assert (s.kv_transfer.transport, s.kv_transfer.failure_policy) == ("nixl", "recompute")
+    assert s.kv_transfer.lease_seconds == 30
+    assert (s.rollout.max_surge, s.rollout.max_unavailable) == (1, 0)
+    assert s.decode.resources["requests"] == {"cpu": "1", "memory": "4Gi"}
+    assert s.model.served_name == "smollm2"
+    assert (isvc.name, isvc.namespace, isvc.uid, isvc.generation) == ("chat", "ml", "1234-uid", 3)
+
+
+@pytest.mark.parametrize(
+    ("uri", "argument", "claim"),
+    [
+        ("pvc://weights/llama/8b", "/models/weights/llama/8b", "weights"),
+        ("file:///models/x", "/models/x", None),
+        ("hf://org/name", "org/name", None),
+    ],
+)
+def test_model_uri_becomes_the_engine_argument(make_isvc, uri, argument, claim) -> None:
+    model = parse(make_isvc({"model": {"uri": uri}})).spec.model
+    assert (model.engine_argument, model.pvc_claim) == (argument, claim)
+
+
+BROKEN = [
+    ({"model": {"uri": "s3://bucket/x"}}, "spec.model.uri"),
+    ({"model": {"revision": "bad rev"}}, "spec.model.revision"),
+    ({"engine": {"blockSize": 17}}, "spec.engine.blockSize"),
+    ({"engine": {"dtype": "int4"}}, "spec.engine.dtype"),
+    ({"engine": {"maxModelLen": 8}}, "spec.engine.maxModelLen"),
+    ({"engine": {"maxNumSeqs": 0}}, "spec.engine.maxNumSeqs"),
+    ({"engine": {"extraArgs": ["--enforce-eager", "--port=9"]}}, "spec.engine.extraArgs[1]"),
+    ({"engine": {"typo": 1}}, "spec.engine.typo"),
+    ({"prefill": {"replicas": -1}}, "spec.prefill.replicas"),
+    ({"decode": {"replicas": 0}}, "spec.decode.replicas"),
+    ({"decode": {"resources": {"limits": {"memory": "lots"}}}},
+     "spec.decode.resources.limits.memory"),
+    ({"router": {"policy": "random"}}, "spec.router.policy"),
+    ({"router": {"service": {"port": 70000}}}, "spec.router.service.port"),
+    ({"router": {"apiKeySecret": {"key": "k"}}}, "spec.router.apiKeySecret.name"),
+    ({"kvTransfer": {"transport": "tcp"}}, "spec.kvTransfer.transport"),
+    ({"kvTransfer": {"leaseSeconds": 0}}, "spec.kvTransfer.leaseSeconds"),
+    ({"rollout": {"maxSurge": 0, "maxUnavailable": 0}}, "spec.rollout"),
+    ({"rollout": {"maxSurge": "half"}}, "spec.rollout.maxSurge"),
+    ({"rollout": {"maxUnavailable": "150%"}}, "spec.rollout.maxUnavailable"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("change", "field"), BROKEN, ids=[f for _, f in BROKEN])
+def test_broken_specs_are_refused_naming_the_field(make_isvc, change, field) -> None:
+    with pytest.raises(SpecError) as info:
+        parse(make_isvc(change))
+    assert field in [e.path for e in info.value.errors]
+
+
+def test_missing_required_fields_are_named(make_isvc) -> None:
+    obj = make_isvc()
+    del obj["spec"]["image"]
+    del obj["spec"]["model"]["uri"]
+    with pytest.raises(SpecError) as info:
+        parse(obj)
+    assert {"spec.image", "spec.model.uri"} <= {e.path for e in info.value.errors}
+
+
+@pytest.mark.parametrize("name", ["Chat", "9chat", "a" * 41])
+def test_bad_names_are_refused(make_isvc, name) -> None:
+    with pytest.raises(SpecError) as info:
+        parse(make_isvc(metadata={"name": name}))
+    assert [e.path for e in info.value.errors] == ["metadata.name"]
+
+
+def test_wrong_kind_is_refused(make_isvc) -> None:
+    errors = crd.validate(make_isvc(kind="Deployment", apiVersion="apps/v1"))
+    assert {e.path for e in errors} == {"kind", "apiVersion"}
+
+
+def test_render_exits_nonzero_naming_the_field(tmp_path, make_isvc, capsys) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(make_isvc({"engine": {"blockSize": 12}})))
+    assert render(str(path)) == 1
+    captured = capsys.readouterr()
+    assert "spec.engine.blockSize" in captured.err and captured.out == ""
+
+
+def test_render_command_line_prints_valid_objects(tmp_path, make_isvc, validate_k8s) -> None:
+    path = tmp_path / "isvc.yaml"
+    path.write_text(yaml.safe_dump(make_isvc()))
+    splitserve = Path(sys.executable).with_name("splitserve")
+    done = subprocess.run(
+        [str(splitserve), "operator", "render", "-f", str(path)],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    objects = list(yaml.safe_load_all(done.stdout))
+    assert len(objects) == 15
+    assert validate_k8s(objects) == []
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(make_isvc({"kvTransfer": {"transport": "smoke"}})))
+    done = subprocess.run(
+        [str(splitserve), "operator", "render", "-f", str(bad)],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+    assert done.returncode == 1 and "spec.kvTransfer.transport" in done.stderr

@@ -1,0 +1,129 @@
+"""Status and conditions computed from child Deployment statuses (pure functions)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from splitserve.operator.spec import parse
+from splitserve.operator.status import compute_status, invalid_spec_status, role_state
+
+T0, T1 = "2026-01-01T00:00:00Z", "2026-01-01T00:05:00Z"
+
+
+def dep(replicas: int, ready: int, updated: int, total: int | None = None, **extra: Any) -> dict:
+    status = {"replicas": replicas if total is None else total, "readyReplicas": ready}
+    status |= {"updatedReplicas": updated, "observedGeneration": 4}
+    return {"metadata": {"generation": 4}, "status": status | extra}
+
+
+def conditions(status: dict) -> dict[str, tuple[str, str]]:
+    return {c["type"]: (c["status"], c["reason"]) for c in status["conditions"]}
+
+
+@pytest.fixture
+def isvc(make_isvc):
+    return parse(make_isvc())
+
+
+def test_all_ready_means_ready_and_serving_the_desired_hash(isvc) -> None:
+    deployments = {"prefill": dep(1, 1, 1), "decode": dep(2, 2, 2), "router": dep(1, 1, 1)}
+    status = compute_status(isvc, deployments, {}, T0)
+    assert conditions(status) == {
+        "Ready": ("True", "AllReplicasReady"),
+        "Progressing": ("False", "RolloutComplete"),
+        "Degraded": ("False", "AsExpected"),
+    }
+    assert status["compatibilityHash"] == isvc.spec.compatibility_hash
+    assert status["model"] == "pvc://weights/smollm2" and status["revision"] == "abc123"
+    assert status["observedGeneration"] == 3
+    assert status["decode"] == {
+        "replicas": 2, "readyReplicas": 2, "updatedReplicas": 2, "summary": "2/2"
+    }  # fmt: skip
+    assert status["url"] == "http://chat.ml.svc.cluster.local"
+    assert all(c["observedGeneration"] == 3 for c in status["conditions"])
+
+
+def test_rollout_in_progress_keeps_the_old_hash_as_served(isvc) -> None:
+    previous = {"compatibilityHash": "old", "model": "pvc://weights/old", "revision": "r1"}
+    # decode surged: 3 pods for 2 desired, 1 updated.
+    deployments = {"prefill": dep(1, 1, 1), "decode": dep(2, 2, 1, total=3), "router": dep(1, 1, 1)}
+    status = compute_status(isvc, deployments, previous, T0)
+    assert conditions(status)["Ready"] == ("False", "RollingOut")
+    assert conditions(status)["Progressing"] == ("True", "RollingOut")
+    assert conditions(status)["Degraded"][0] == "False"
+    assert status["compatibilityHash"] == "old" and status["revision"] == "r1"
+    assert status["desiredCompatibilityHash"] == isvc.spec.compatibility_hash
+    progressing = next(c for c in status["conditions"] if c["type"] == "Progressing")
+    assert "decode 1/2 updated" in progressing["message"]
+
+
+def test_controller_not_caught_up_is_progressing(isvc) -> None:
+    stale = dep(2, 2, 2)
+    stale["metadata"]["generation"] = 5  # a new template the controller has not seen yet
+    deployments = {"prefill": dep(1, 1, 1), "decode": stale, "router": dep(1, 1, 1)}
+    status = compute_status(isvc, deployments, {}, T0)
+    assert conditions(status)["Progressing"][0] == "True"
+    assert status["compatibilityHash"] == ""
+
+
+def test_stuck_rollout_is_degraded(isvc) -> None:
+    stuck = dep(2, 1, 1, conditions=[
+        {"type": "Progressing", "status": "False", "reason": "ProgressDeadlineExceeded",
+         "message": "ReplicaSet has timed out progressing."}
+    ])  # fmt: skip
+    deployments = {"prefill": dep(1, 1, 1), "decode": stuck, "router": dep(1, 1, 1)}
+    status = compute_status(isvc, deployments, {}, T0)
+    assert conditions(status)["Degraded"] == ("True", "RolloutStuck")
+    degraded = next(c for c in status["conditions"] if c["type"] == "Degraded")
+    assert "decode: ProgressDeadlineExceeded" in degraded["message"]
+
+
+def test_missing_deployments_are_not_ready(isvc) -> None:
+    status = compute_status(isvc, {}, {}, T0)
+    assert conditions(status)["Ready"][0] == "False"
+    assert status["prefill"]["summary"] == "0/1"
+
+
+def test_apply_problem_is_reported(isvc) -> None:
+    deployments = {"prefill": dep(1, 1, 1), "decode": dep(2, 2, 2), "router": dep(1, 1, 1)}
+    status = compute_status(isvc, deployments, {}, T0, ("ApplyFailed", "403 Forbidden"))
+    assert conditions(status)["Ready"] == ("False", "ApplyFailed")
+    assert conditions(status)["Degraded"] == ("True", "ApplyFailed")
+    assert status["compatibilityHash"] == ""
+
+
+def test_transition_time_moves_only_when_status_flips(isvc) -> None:
+    ready = {"prefill": dep(1, 1, 1), "decode": dep(2, 2, 2), "router": dep(1, 1, 1)}
+    first = compute_status(isvc, ready, {}, T0)
+    again = compute_status(isvc, ready, first, T1)
+    assert [c["lastTransitionTime"] for c in again["conditions"]] == [T0, T0, T0]
+    broken = dict(ready, decode=dep(2, 1, 2))
+    flipped = compute_status(isvc, broken, again, T1)
+    times = {c["type"]: c["lastTransitionTime"] for c in flipped["conditions"]}
+    assert times["Ready"] == T1 and times["Degraded"] == T0
+
+
+def test_colocated_reports_an_empty_prefill_pool(make_isvc) -> None:
+    isvc = parse(make_isvc({"prefill": {"replicas": 0}}))
+    status = compute_status(isvc, {"decode": dep(2, 2, 2), "router": dep(1, 1, 1)}, {}, T0)
+    assert conditions(status)["Ready"] == ("True", "AllReplicasReady")
+    assert status["prefill"]["summary"] == "0/0"
+
+
+def test_invalid_spec_keeps_what_is_served() -> None:
+    previous = {"compatibilityHash": "h1", "model": "hf://a/b", "url": "http://x"}
+    status = invalid_spec_status(7, "spec.engine.blockSize: bad", previous, T0)
+    assert status["compatibilityHash"] == "h1" and status["observedGeneration"] == 7
+    assert conditions(status) == {
+        "Ready": ("False", "InvalidSpec"),
+        "Progressing": ("False", "InvalidSpec"),
+        "Degraded": ("True", "InvalidSpec"),
+    }
+
+
+def test_role_state_without_generation_is_current() -> None:
+    state = role_state(
+        "decode", 2, {"status": {"replicas": 2, "readyReplicas": 2, "updatedReplicas": 2}}
+    )
+    assert state.rolled_out
