@@ -21,14 +21,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Register the sub-subcommands on the `splitserve operator` parser."""
     sub = parser.add_subparsers(dest="action", required=True)
     run_p = sub.add_parser("run", help="run the operator against the cluster")
-    scope = run_p.add_mutually_exclusive_group()
-    scope.add_argument(
+    run_p.add_argument(
         "--namespace",
         action="append",
         default=[],
-        help="watch only this namespace (repeatable); default: cluster-wide",
+        help="watch only this namespace (repeatable); default: every namespace",
     )
-    scope.add_argument("--all-namespaces", action="store_true", help="watch every namespace")
     run_p.add_argument(
         "--interval", type=float, default=30.0, help="seconds between drift-correcting passes"
     )

@@ -17,7 +17,6 @@ from typing import Any
 from urllib.parse import quote, urlencode
 
 import aiohttp
-from splitserve.operator import crd
 from splitserve.operator.labels import FIELD_MANAGER
 
 
@@ -47,7 +46,6 @@ _KIND_LIST = [
 ]
 # The kinds an InferenceService owns (listed for pruning and deletion), by kind name.
 CHILD_KINDS: dict[str, KindInfo] = {info.kind: info for info in _KIND_LIST}
-INFERENCE_SERVICE = KindInfo(crd.API_VERSION, crd.KIND, crd.PLURAL)
 
 
 class ApiError(Exception):

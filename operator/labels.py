@@ -18,6 +18,7 @@ ROLE_LABEL = f"{PREFIX}/role"
 MODEL_LABEL = f"{PREFIX}/model"
 COMPAT_LABEL = f"{PREFIX}/compatibility-hash"
 CONFIG_CHECKSUM_ANNOTATION = f"{PREFIX}/config-checksum"
+APPLIED_HASH_ANNOTATION = f"{PREFIX}/applied-hash"
 MANAGED_BY = "splitserve-operator"
 FIELD_MANAGER = "splitserve-operator"
 

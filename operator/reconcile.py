@@ -8,6 +8,7 @@ also undoes drift (a deleted child, a hand-scaled Deployment).
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,7 +16,7 @@ from typing import Any
 from splitserve.operator import labels as L
 from splitserve.operator.builders import build_desired
 from splitserve.operator.kube import CHILD_KINDS, ApiError, KubeApi
-from splitserve.operator.spec import SpecError, parse
+from splitserve.operator.spec import SpecError, parse, short_hash
 from splitserve.operator.status import compute_status, invalid_spec_status
 
 
@@ -70,6 +71,19 @@ def contains(desired: Any, actual: Any) -> bool:
     return desired == actual or str(desired) == str(actual)
 
 
+def stamp(obj: dict[str, Any]) -> dict[str, Any]:
+    """A copy of ``obj`` annotated with the hash of what we apply.
+
+    `contains` alone cannot see a field we stopped setting (a removed nodeSelector is still in
+    the cluster, so desired is still a subset); a changed hash triggers the apply, and server-side
+    apply then drops the fields we no longer own.
+    """
+    out = copy.deepcopy(obj)
+    annotations = out["metadata"].setdefault("annotations", {})
+    annotations[L.APPLIED_HASH_ANNOTATION] = short_hash(obj)
+    return out
+
+
 def _ref(obj: Mapping[str, Any]) -> str:
     return f"{obj['kind']}/{obj['metadata']['name']}"
 
@@ -101,7 +115,7 @@ async def _apply_all(
 ) -> _Plan:
     plan = _Plan()
     current = {_ref(obj): obj for obj in existing}
-    for obj in desired:
+    for obj in map(stamp, desired):
         ref = _ref(obj)
         before = current.get(ref)
         if before is not None and contains(obj, before):
@@ -167,12 +181,17 @@ async def reconcile(api: KubeApi, body: Mapping[str, Any], now: str) -> Reconcil
             retry="permanent",
             error=message,
         )
+    existing: list[dict[str, Any]] = []
     try:
         existing = await list_children(api, isvc.namespace, isvc.name, isvc.uid)
         plan = await _apply_all(api, desired, existing)
     except ApiError as exc:
         message = f"applying children failed: {exc}"
-        deployments = {}
+        deployments = {
+            obj["metadata"]["labels"][L.ROLE_LABEL]: obj
+            for obj in existing
+            if obj["kind"] == "Deployment" and L.ROLE_LABEL in obj["metadata"].get("labels", {})
+        }
         status = compute_status(isvc, deployments, previous, now, ("ApplyFailed", message))
         return ReconcileResult(
             status=status,

@@ -217,3 +217,23 @@ async def test_delete_removes_only_our_children(make_isvc) -> None:
     deleted = await delete_children(api, "ml", "chat", "1234-uid")
     assert len(deleted) == 15
     assert list(api.store) == [("ConfigMap", "ml", "mine")]
+
+
+async def test_removed_fields_are_reapplied(make_isvc) -> None:
+    api = FakeApi()
+    await converge(api, make_isvc({"decode": {"nodeSelector": {"gpu": "a100"}}}))
+    result = await reconcile(api, make_isvc(), T0)
+    assert "Deployment/chat-decode" in result.updated
+    pod = api.deployments()["chat-decode"]["spec"]["template"]["spec"]
+    assert "nodeSelector" not in pod
+
+
+async def test_apply_failure_still_reports_the_running_pools(make_isvc) -> None:
+    api = FakeApi()
+    body = await converge(api, make_isvc())
+    api.fail_with = ApiError(403, "Forbidden", "no rights")
+    changed = make_isvc({"model": {"revision": "v9"}}) | {"status": body["status"]}
+    result = await reconcile(api, changed, T0)
+    assert result.retry == "permanent" and "403" in result.error
+    assert result.status["decode"]["summary"] == "2/2"
+    assert conditions(result.status)["Ready"] == "False"

@@ -148,3 +148,26 @@ def test_render_command_line_prints_valid_objects(tmp_path, make_isvc, validate_
         timeout=60,
     )
     assert done.returncode == 1 and "spec.kvTransfer.transport" in done.stderr
+
+
+def test_cli_arguments() -> None:
+    import argparse
+
+    from splitserve.operator import cli
+
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser)
+    args = parser.parse_args(["run", "--namespace", "a", "--namespace", "b", "--interval", "5"])
+    assert (args.action, args.namespace, args.interval) == ("run", ["a", "b"], 5.0)
+    args = parser.parse_args(["render", "-f", "x.yaml", "-n", "team"])
+    assert (args.action, args.filename, args.namespace) == ("render", "x.yaml", "team")
+    assert parser.parse_args(["crd"]).action == "crd"
+
+
+def test_crd_subcommand_prints_the_crd(capsys) -> None:
+    import argparse
+
+    from splitserve.operator import cli
+
+    assert cli.run(argparse.Namespace(action="crd")) == 0
+    assert capsys.readouterr().out == crd.crd_text()
