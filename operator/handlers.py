@@ -36,8 +36,17 @@ def credentials_from(info: kopf.ConnectionInfo) -> Credentials:
 
 
 def default_login() -> kopf.ConnectionInfo:
-    """In a pod: its service account; elsewhere: the kubeconfig."""
-    info = kopf.login_with_service_account() or kopf.login_with_kubeconfig()
+    """In a pod: its service account; elsewhere: the kubeconfig (via the kubernetes client,
+    which also runs exec credential plugins, then kopf's own reader)."""
+    settings = kopf.OperatorSettings()
+    logger = logging.getLogger("splitserve.operator")
+    info = kopf.login_with_service_account(settings=settings)
+    if info is None:
+        try:
+            info = kopf.login_via_client(logger=logger, settings=settings)
+        except Exception:  # any failure: fall back to kopf's own kubeconfig reader
+            info = None
+    info = info or kopf.login_with_kubeconfig(settings=settings)
     if info is None:
         raise kopf.LoginError("neither a service account nor a kubeconfig is available")
     return info
@@ -87,9 +96,9 @@ def make_registry(
     async def _cleanup(memo: kopf.Memo, **_: Any) -> None:
         await memo.api.close()
 
-    @kopf.on.resume(*resource, registry=registry)
-    @kopf.on.create(*resource, registry=registry)
-    @kopf.on.update(*resource, registry=registry)
+    @kopf.on.resume(*resource, id="reconcile", registry=registry)
+    @kopf.on.create(*resource, id="reconcile", registry=registry)
+    @kopf.on.update(*resource, id="reconcile", registry=registry)
     async def on_change(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **_: Any) -> None:
         result = await reconcile(memo.api, body, _now())
         _deliver(result, body, patch)
@@ -97,13 +106,13 @@ def make_registry(
             # Nothing to retry until the spec changes; the timer keeps status current.
             raise kopf.PermanentError(result.error)
 
-    @kopf.timer(*resource, interval=interval, initial_delay=interval, registry=registry)
+    @kopf.timer(*resource, id="drift", interval=interval, initial_delay=interval, registry=registry)
     async def on_timer(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **_: Any) -> None:
         if body.get("metadata", {}).get("deletionTimestamp"):
             return
         _deliver(await reconcile(memo.api, body, _now()), body, patch)
 
-    @kopf.on.delete(*resource, registry=registry)
+    @kopf.on.delete(*resource, id="cleanup", registry=registry)
     async def on_delete(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
         meta = body["metadata"]
         deleted = await delete_children(memo.api, meta["namespace"], meta["name"], meta["uid"])

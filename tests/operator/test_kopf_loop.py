@@ -12,7 +12,10 @@ import asyncio
 import contextlib
 import copy
 import itertools
+import os
+import sys
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -164,13 +167,26 @@ def condition(isvc: dict[str, Any] | None, kind: str) -> str | None:
 
 
 @contextlib.asynccontextmanager
-async def running_operator() -> AsyncIterator[Cluster]:
+async def running_emulator() -> AsyncIterator[Cluster]:
+    """The emulator on a free port, its discovery complete, with the fake controller running."""
     async with Emulator() as emulator, kmock.Server(emulator) as server:
         for resource, (kind, namespaced) in RESOURCES.items():
             emulator.resources[resource] = kmock.ResourceInfo(
                 kind=kind, namespaced=namespaced, verbs=VERBS, subresources={"status"}
             )
         cluster = Cluster(emulator, str(server.url))
+        controller = asyncio.create_task(cluster.fake_deployment_controller())
+        try:
+            yield cluster
+        finally:
+            controller.cancel()
+            await cluster.session.close()
+
+
+@contextlib.asynccontextmanager
+async def running_operator() -> AsyncIterator[Cluster]:
+    """kopf.operator() in this event loop, logged in to the emulator, stopped by its flag."""
+    async with running_emulator() as cluster:
         url = cluster.url
         registry = make_registry(
             lambda: kopf.ConnectionInfo(server=url, insecure=True), interval=0.3
@@ -179,17 +195,16 @@ async def running_operator() -> AsyncIterator[Cluster]:
         operator = asyncio.create_task(
             kopf.operator(registry=registry, clusterwide=True, standalone=True, stop_flag=stop)
         )
-        controller = asyncio.create_task(cluster.fake_deployment_controller())
         try:
             yield cluster
         finally:
-            controller.cancel()
             stop.set()
+            # kopf lingers for seconds on kmock's never-ending watch streams: a short grace,
+            # then wait_for cancels it.
             with contextlib.suppress(asyncio.CancelledError, asyncio.TimeoutError):
-                await asyncio.wait_for(operator, timeout=10)
+                await asyncio.wait_for(operator, timeout=2)
             if not operator.done():
                 operator.cancel()
-            await cluster.session.close()
 
 
 async def test_operator_reconciles_rolls_out_restores_and_deletes() -> None:
@@ -286,3 +301,42 @@ async def test_operator_reconciles_rolls_out_restores_and_deletes() -> None:
         await eventually(
             lambda: cluster.get("inferenceservices", "chat") is None, "InferenceService gone"
         )
+
+
+async def test_cli_run_uses_the_kubeconfig(tmp_path) -> None:
+    """`splitserve operator run` as users start it: a child process reading KUBECONFIG."""
+    async with running_emulator() as cluster:
+        kubeconfig = tmp_path / "kubeconfig"
+        kubeconfig.write_text(
+            "apiVersion: v1\nkind: Config\ncurrent-context: test\n"
+            f"clusters: [{{name: kmock, cluster: {{server: '{cluster.url}'}}}}]\n"
+            "users: [{name: u, user: {token: secret}}]\n"
+            "contexts: [{name: test, context: {cluster: kmock, user: u}}]\n"
+        )
+        env = dict(os.environ, KUBECONFIG=str(kubeconfig))
+        env.pop("KUBERNETES_SERVICE_HOST", None)
+        splitserve = Path(sys.executable).with_name("splitserve")
+        command = [str(splitserve), "operator", "run", "--interval", "0.5", "--liveness", ""]
+        process = await asyncio.create_subprocess_exec(
+            *command,
+            env=env,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL,
+        )
+        try:
+            colocated = ISVC | {"spec": ISVC["spec"] | {"prefill": {"replicas": 0}}}
+            await cluster.call("POST", ISVC_PATH, colocated)
+            await eventually(
+                lambda: condition(cluster.get("inferenceservices", "chat"), "Ready") == "True",
+                "Ready=True from the CLI-run operator",
+                timeout=30,
+            )
+            names = {d["metadata"]["name"] for d in cluster.objects("deployments")}
+            assert names == {"chat-decode", "chat-router"}
+        finally:
+            process.terminate()
+            try:
+                await asyncio.wait_for(process.wait(), timeout=20)
+            except TimeoutError:
+                process.kill()
+                await process.wait()
