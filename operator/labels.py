@@ -19,6 +19,7 @@ MODEL_LABEL = f"{PREFIX}/model"
 COMPAT_LABEL = f"{PREFIX}/compatibility-hash"
 CONFIG_CHECKSUM_ANNOTATION = f"{PREFIX}/config-checksum"
 APPLIED_HASH_ANNOTATION = f"{PREFIX}/applied-hash"
+MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"
 MANAGED_BY = "splitserve-operator"
 FIELD_MANAGER = "splitserve-operator"
 
@@ -43,7 +44,7 @@ def ownership_labels(isvc: InferenceService) -> dict[str, str]:
     return {
         "app.kubernetes.io/name": "splitserve",
         "app.kubernetes.io/instance": isvc.name,
-        "app.kubernetes.io/managed-by": MANAGED_BY,
+        MANAGED_BY_LABEL: MANAGED_BY,
         "app.kubernetes.io/part-of": "splitserve",
         INSTANCE_LABEL: isvc.name,
     }

@@ -89,17 +89,21 @@ def _ref(obj: Mapping[str, Any]) -> str:
 
 
 def owned_by(obj: Mapping[str, Any], name: str, uid: str) -> bool:
-    """A child of this InferenceService: our labels and (when known) its owner reference."""
+    """A child of this InferenceService: our labels and an owner reference to its uid.
+
+    Pruning and deletion act only on such objects, so a look-alike someone else made (same
+    labels, no owner reference) is never touched.
+    """
     meta = obj.get("metadata") or {}
-    if (meta.get("labels") or {}).get(L.INSTANCE_LABEL) != name:
+    labels = meta.get("labels") or {}
+    if labels.get(L.INSTANCE_LABEL) != name or labels.get(L.MANAGED_BY_LABEL) != L.MANAGED_BY:
         return False
-    refs = meta.get("ownerReferences") or []
-    return any(ref.get("uid") == uid for ref in refs) or not refs
+    return any(ref.get("uid") == uid for ref in meta.get("ownerReferences") or [])
 
 
 async def list_children(api: KubeApi, namespace: str, name: str, uid: str) -> list[dict[str, Any]]:
     """Every owned child, all kinds. Filters client-side too: selectors are not always honoured."""
-    selector = f"{L.INSTANCE_LABEL}={name},app.kubernetes.io/managed-by={L.MANAGED_BY}"
+    selector = f"{L.INSTANCE_LABEL}={name},{L.MANAGED_BY_LABEL}={L.MANAGED_BY}"
     children: list[dict[str, Any]] = []
     for info in CHILD_KINDS.values():
         for obj in await api.list(info, namespace, selector):

@@ -165,13 +165,21 @@ async def test_foreign_objects_are_never_pruned(make_isvc) -> None:
         },
     }
     api.store[("ConfigMap", "ml", "other-engine")] = other
+    # Same labels as ours but no owner reference: made by someone else.
+    lookalike = {
+        "kind": "Service",
+        "metadata": {
+            "name": "chat-extra",
+            "namespace": "ml",
+            "labels": {L.INSTANCE_LABEL: "chat", L.MANAGED_BY_LABEL: L.MANAGED_BY},
+        },
+    }
+    api.store[("Service", "ml", "chat-extra")] = lookalike
     result = await reconcile(api, make_isvc(), T0)
     assert not result.pruned
-    assert ("ConfigMap", "ml", "mine") in api.store and (
-        "ConfigMap",
-        "ml",
-        "other-engine",
-    ) in api.store
+    for key in (("ConfigMap", "ml", "mine"), ("ConfigMap", "ml", "other-engine")):
+        assert key in api.store
+    assert ("Service", "ml", "chat-extra") in api.store
 
 
 async def test_invalid_spec_applies_nothing_and_warns_once(make_isvc) -> None:
