@@ -48,7 +48,7 @@ def hash_prompt_blocks(
     extra_keys: Sequence[str] = (),
     parent_hash: int | None = None,
 ) -> list[int]:
-    """Chained hashes of every full block of ``token_ids`` (the trailing partial block is skipped)."""
+    """Chained hashes of each full block in ``token_ids`` (a trailing partial block is skipped)."""
     if block_size <= 0:
         raise ValueError(f"block_size must be positive, got {block_size}")
     hashes: list[int] = []

@@ -1,0 +1,312 @@
+"""The engine: one step = schedule -> execute -> sample -> update. Single-threaded by design.
+
+``EngineCore`` owns the model, the KV pool, the scheduler and the sampler. Servers drive it from a
+dedicated thread (see ``async_engine``); the offline ``LLM`` drives it in a loop.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from transformers import AutoConfig, AutoTokenizer
+
+from splitserve.services.engine.attention import get_attention_backend
+from splitserve.services.engine.config import EngineConfig, ModelShape
+from splitserve.services.engine.detokenizer import IncrementalDetokenizer
+from splitserve.services.engine.kv_cache_manager import KVCacheManager
+from splitserve.services.engine.model.llama import LlamaArch, LlamaForCausalLM
+from splitserve.services.engine.model.loader import iter_safetensors, resolve_model
+from splitserve.services.engine.model_runner import ModelRunner
+from splitserve.services.engine.outputs import SequenceDelta
+from splitserve.services.engine.request import Request, RequestStatus
+from splitserve.services.engine.sampler import Sampler, SamplingRow, TokenLogprobs
+from splitserve.services.engine.sampling_params import SamplingParams
+from splitserve.services.engine.scheduler import Scheduler
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    kv_cache_usage: float
+    num_blocks: int
+    num_free_blocks: int
+    prefix_cache_queries: int  # prompt tokens looked up
+    prefix_cache_hits: int  # prompt tokens found
+    num_preemptions: int
+
+
+def load_model(config: EngineConfig):
+    """Resolve, read and build the model; returns (model dir, hf config, tokenizer, model)."""
+    model_dir = resolve_model(config.model)
+    hf_config = AutoConfig.from_pretrained(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    arch = LlamaArch.from_hf_config(hf_config)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(arch, hf_config)
+    # Built on meta (no random init of 100M+ parameters), then materialised and filled.
+    model = model.to_empty(device=config.device).to(config.torch_dtype)
+    model.load_weights(iter_safetensors(model_dir))
+    model.rotary.rebuild(config.device)  # fp32 tables; rows are cast to the model dtype per step
+    return model_dir, hf_config, tokenizer, model.eval()
+
+
+def eos_token_ids(hf_config, tokenizer) -> frozenset[int]:
+    ids: set[int] = set()
+    for source in (getattr(hf_config, "eos_token_id", None), tokenizer.eos_token_id):
+        if isinstance(source, int):
+            ids.add(source)
+        elif isinstance(source, (list, tuple)):
+            ids.update(int(i) for i in source)
+    return frozenset(ids)
+
+
+class EngineCore:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.model_dir, self.hf_config, self.tokenizer, self.model = load_model(config)
+        arch = self.model.arch
+        dtype = config.torch_dtype
+        bs = config.cache.block_size
+        bytes_per_block = arch.num_layers * 2 * bs * arch.num_kv_heads * arch.head_dim
+        bytes_per_block *= torch.finfo(dtype).bits // 8
+        num_blocks = config.cache.num_blocks or max(
+            config.cache.kv_cache_memory_bytes // bytes_per_block, 1
+        )
+        max_len = config.max_model_len or arch.max_position_embeddings
+        if max_len > arch.max_position_embeddings:
+            raise ValueError(
+                f"max_model_len {max_len} exceeds the model's {arch.max_position_embeddings}"
+            )
+        # One request alone must always fit in the pool, or preemption could never make room.
+        self.max_model_len = min(max_len, num_blocks * bs)
+        self.shape = ModelShape(
+            num_layers=arch.num_layers,
+            num_heads=arch.num_heads,
+            num_kv_heads=arch.num_kv_heads,
+            head_dim=arch.head_dim,
+            hidden_size=arch.hidden_size,
+            vocab_size=arch.vocab_size,
+            max_model_len=self.max_model_len,
+        )
+        self.kv_cache = torch.zeros(
+            num_blocks, arch.num_layers, 2, bs, arch.num_kv_heads, arch.head_dim,
+            dtype=dtype, device=config.device,
+        )  # fmt: skip
+        self.kv = KVCacheManager(num_blocks, bs, config.cache.enable_prefix_caching)
+        self.scheduler = Scheduler(config.scheduler, self.kv)
+        backend = get_attention_backend(config.resolved_attention_backend)
+        self.runner = ModelRunner(self.model, self.kv_cache, backend, bs)
+        self.eos_ids = eos_token_ids(self.hf_config, self.tokenizer)
+        self.sampler = Sampler(arch.vocab_size, min(self.eos_ids) if self.eos_ids else None)
+        self._requests: dict[str, Request] = {}  # sequence id -> request
+        self._groups: dict[str, list[str]] = {}  # client request id -> sequence ids
+        self._detok: dict[str, IncrementalDetokenizer] = {}
+        self._forked: set[str] = set()
+        log.info(
+            "engine ready: %s, %s, %d KV blocks x %d tokens, max_model_len %d, %s attention",
+            self.model_dir.name, dtype, num_blocks, bs, self.max_model_len, backend.name,
+        )  # fmt: skip
+
+    # --- requests ------------------------------------------------------------------------------
+    def tokenize(self, prompt: str | Sequence[int]) -> list[int]:
+        if isinstance(prompt, str):
+            return self.tokenizer.encode(prompt, add_special_tokens=True)
+        return list(prompt)
+
+    def validate(self, prompt_token_ids: Sequence[int], params: SamplingParams) -> None:
+        """Raise ValueError naming the field if the request can never be served."""
+        if not prompt_token_ids:
+            raise ValueError("prompt must not be empty")
+        vocab = self.shape.vocab_size
+        if any(not isinstance(t, int) or not 0 <= t < vocab for t in prompt_token_ids):
+            raise ValueError(f"prompt token ids must be integers in [0, {vocab})")
+        n_prompt = len(prompt_token_ids)
+        if n_prompt >= self.max_model_len:
+            raise ValueError(
+                f"prompt is {n_prompt} tokens, the model's maximum length is "
+                f"{self.max_model_len} (including at least one generated token)"
+            )
+        if params.max_tokens is not None and n_prompt + params.max_tokens > self.max_model_len:
+            raise ValueError(
+                f"max_tokens {params.max_tokens} + prompt {n_prompt} tokens exceeds the model's "
+                f"maximum length {self.max_model_len}"
+            )
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt: str | Sequence[int],
+        params: SamplingParams,
+        arrival_time: float | None = None,
+    ) -> list[int]:
+        """Queue a request; returns its prompt token ids. Raises ValueError on bad input."""
+        if request_id in self._groups:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        token_ids = self.tokenize(prompt)
+        self.validate(token_ids, params)
+        req = Request(
+            request_id,
+            token_ids,
+            params,
+            self.kv.block_size,
+            arrival_time=arrival_time,
+            prompt=prompt if isinstance(prompt, str) else None,
+        )
+        self._track(req)
+        self._groups[request_id] = [req.request_id]
+        self.scheduler.add(req)
+        return token_ids
+
+    def abort_request(self, request_id: str) -> bool:
+        """Stop every sample of a request now and free its blocks. False if unknown/finished."""
+        seq_ids = self._groups.pop(request_id, None)
+        if not seq_ids:
+            return False
+        for seq_id in seq_ids:
+            req = self._requests.pop(seq_id, None)
+            if req is not None:
+                self.scheduler.finish(req, RequestStatus.FINISHED_ABORTED)
+                self._detok.pop(seq_id, None)
+                self._forked.discard(seq_id)
+        return True
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.num_unfinished > 0
+
+    def stats(self) -> EngineStats:
+        return EngineStats(
+            num_running=len(self.scheduler.running),
+            num_waiting=len(self.scheduler.waiting),
+            kv_cache_usage=self.kv.pool.usage,
+            num_blocks=self.kv.pool.num_blocks,
+            num_free_blocks=self.kv.pool.num_free_blocks,
+            prefix_cache_queries=self.kv.prefix_queries,
+            prefix_cache_hits=self.kv.prefix_hits,
+            num_preemptions=self.scheduler.num_preemptions,
+        )
+
+    def _track(self, req: Request) -> None:
+        self._requests[req.request_id] = req
+        self._detok[req.request_id] = IncrementalDetokenizer(
+            self.tokenizer, req.prompt_token_ids, req.params
+        )
+
+    # --- the step ------------------------------------------------------------------------------
+    def step(self) -> list[SequenceDelta]:
+        sched = self.scheduler.schedule()
+        if sched.empty:
+            return []
+        tables = {
+            s.request.request_id: self.kv.block_ids(s.request.request_id) for s in sched.scheduled
+        }
+        result = self.runner.execute(sched, tables)
+        self.scheduler.update_after_step(sched)
+        if not result.sampled:
+            return []
+        # Expand rows for n > 1: the first sample of a prompt forks its siblings here, sharing
+        # the prompt's blocks, and all n draw from the same logits row.
+        row_index: list[int] = []
+        seqs: list[Request] = []
+        for i, item in enumerate(result.sampled):
+            req = item.request
+            seqs.append(req)
+            row_index.append(i)
+            if req.params.n > 1 and req.sample_index == 0 and req.request_id not in self._forked:
+                for child in self._fork(req):
+                    seqs.append(child)
+                    row_index.append(i)
+        logits = (
+            result.logits
+            if len(row_index) == len(result.sampled)
+            else result.logits[torch.tensor(row_index)]
+        )
+        rows = [
+            SamplingRow(r.params, r.prompt_token_ids, r.output_token_ids, r.generator) for r in seqs
+        ]
+        out = self.sampler(logits, rows)
+        return [
+            self._update(req, token, lp)
+            for req, token, lp in zip(seqs, out.token_ids, out.logprobs, strict=True)
+        ]
+
+    def _fork(self, parent: Request) -> list[Request]:
+        self._forked.add(parent.request_id)
+        children = []
+        for index in range(1, parent.params.n):
+            child = parent.fork(f"{parent.group_id}#{index}", index)
+            self.kv.fork(parent, child)
+            self._track(child)
+            self._groups[parent.group_id].append(child.request_id)
+            self.scheduler.add_running(child)
+            children.append(child)
+        return children
+
+    def _update(self, req: Request, token: int, lp: TokenLogprobs | None) -> SequenceDelta:
+        req.append_output_token(token)
+        params = req.params
+        detok = self._detok[req.request_id]
+        finish: RequestStatus | None = None
+        stop_reason: int | str | None = None
+        # (the sampler never draws EOS / stop tokens before min_tokens is reached)
+        is_stop_token = token in params.stop_token_ids or (
+            token in self.eos_ids and not params.ignore_eos
+        )
+        if is_stop_token and req.num_output_tokens > params.min_tokens:
+            finish = RequestStatus.FINISHED_STOPPED
+            stop_reason = token if token in params.stop_token_ids else None
+            text = detok.finish()
+        else:
+            delta = detok.update([token])
+            text = delta.text
+            if delta.stop_string is not None:
+                finish, stop_reason = RequestStatus.FINISHED_STOPPED, delta.stop_string
+        if finish is None and (
+            (params.max_tokens is not None and req.num_output_tokens >= params.max_tokens)
+            or req.num_tokens >= self.max_model_len
+        ):
+            finish = RequestStatus.FINISHED_LENGTH
+            text += detok.finish()
+        if finish is not None:
+            self.scheduler.finish(req, finish)
+            self._retire(req)
+        return SequenceDelta(
+            request_id=req.group_id,
+            index=req.sample_index,
+            token_ids=(token,),
+            text=text,
+            logprobs=None if lp is None else (lp,),
+            finish_reason=None if finish is None else finish.value,
+            stop_reason=stop_reason,
+            num_prompt_tokens=req.num_prompt_tokens,
+            num_cached_tokens=max(req.num_cached_tokens, 0),
+        )
+
+    def _retire(self, req: Request) -> None:
+        self._requests.pop(req.request_id, None)
+        self._detok.pop(req.request_id, None)
+        self._forked.discard(req.request_id)
+        group = self._groups.get(req.group_id)
+        if group is not None and all(seq_id not in self._requests for seq_id in group):
+            del self._groups[req.group_id]
+
+    def check_integrity(self) -> None:
+        """Assert the KV bookkeeping is consistent (tests call this after every scenario)."""
+        self.kv.check_integrity()
+        live = {r.request_id for r in self.scheduler.running}
+        assert set(self.kv.tables) <= live, "blocks held by a request that is not running"
+        if not self.has_unfinished():
+            assert self.kv.pool.num_free_blocks == self.kv.pool.num_blocks, "leaked KV blocks"
+
+
+_ids = itertools.count()
+
+
+def next_request_id() -> str:
+    return f"req-{next(_ids)}"

@@ -1,0 +1,106 @@
+"""Turns a SchedulerOutput into one forward pass and the logits of the rows to sample."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from splitserve.services.engine.attention import AttentionBackend, AttentionMetadata
+from splitserve.services.engine.model.llama import LlamaForCausalLM
+from splitserve.services.engine.scheduler import ScheduledRequest, SchedulerOutput
+
+
+@dataclass(frozen=True)
+class RunnerOutput:
+    logits: torch.Tensor  # [len(sampled), vocab] float32
+    sampled: list[ScheduledRequest]  # the requests that caught up this step, in logits order
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        model: LlamaForCausalLM,
+        kv_cache: torch.Tensor,
+        backend: AttentionBackend,
+        block_size: int,
+    ) -> None:
+        self.model = model
+        self.kv_cache = kv_cache
+        self.backend = backend
+        self.block_size = block_size
+        self.device = kv_cache.device
+
+    def execute(self, sched: SchedulerOutput, block_tables: dict[str, list[int]]) -> RunnerOutput:
+        """Run the step. ``block_tables`` maps request id -> block ids (after allocation)."""
+        with torch.inference_mode():
+            for src, dst in sched.block_copies:  # copy-on-write before anything writes
+                self.kv_cache[dst].copy_(self.kv_cache[src])
+            # Decodes (one new token) first, then prefills: the layout backends expect.
+            decodes = [s for s in sched.scheduled if s.num_new_tokens == 1]
+            prefills = [s for s in sched.scheduled if s.num_new_tokens > 1]
+            batch = decodes + prefills
+            input_ids, positions, meta = self._prepare(batch, len(decodes), block_tables)
+            attn = self.backend.prepare(self.kv_cache, meta)
+            hidden = self.model(input_ids, positions, attn)
+            ends = torch.tensor([s.num_new_tokens for s in batch]).cumsum(0) - 1
+            sampled_idx = [i for i, s in enumerate(batch) if s.completes]
+            sampled = [batch[i] for i in sampled_idx]
+            if not sampled:
+                return RunnerOutput(hidden.new_empty(0, self.model.arch.vocab_size).float(), [])
+            rows = ends[torch.tensor(sampled_idx)].to(self.device)
+            logits = self.model.compute_logits(hidden[rows])
+        return RunnerOutput(logits, sampled)
+
+    def _prepare(self, batch: list[ScheduledRequest], num_decodes: int, block_tables):
+        bs = self.block_size
+        tokens: list[int] = []
+        starts: list[int] = []
+        q_lens: list[int] = []
+        seq_lens: list[int] = []
+        tables: list[list[int]] = []
+        for item in batch:
+            req = item.request
+            start = req.num_computed_tokens
+            end = start + item.num_new_tokens
+            tokens.extend(req.all_token_ids[start:end])
+            starts.append(start)
+            q_lens.append(item.num_new_tokens)
+            seq_lens.append(end)
+            tables.append(block_tables[req.request_id])
+        max_blocks = max(len(t) for t in tables)
+        table = torch.zeros(len(batch), max_blocks, dtype=torch.int32)
+        for i, row in enumerate(tables):
+            table[i, : len(row)] = torch.tensor(row, dtype=torch.int32)
+        q_len_t = torch.tensor(q_lens)
+        seq_of_token = torch.repeat_interleave(torch.arange(len(batch)), q_len_t)
+        offsets = torch.cumsum(q_len_t, 0) - q_len_t
+        positions = torch.tensor(starts)[seq_of_token] + (
+            torch.arange(len(tokens)) - offsets[seq_of_token]
+        )
+        slots = table[seq_of_token, positions // bs].long() * bs + positions % bs
+
+        seq_len_t = torch.tensor(seq_lens, dtype=torch.int32)
+        nd = num_decodes
+        num_decode_tokens = nd  # one token each
+        prefill_q = q_len_t[nd:]
+        qsl = torch.zeros(len(prefill_q) + 1, dtype=torch.int32)
+        qsl[1:] = torch.cumsum(prefill_q, 0)
+        dev = self.device
+        meta = AttentionMetadata(
+            block_size=bs,
+            slot_mapping=slots.to(dev),
+            num_decode_tokens=num_decode_tokens,
+            decode_seq_lens=seq_len_t[:nd].to(dev),
+            decode_block_tables=table[:nd].to(dev),
+            num_prefill_tokens=len(tokens) - num_decode_tokens,
+            prefill_query_start_loc=qsl.to(dev),
+            prefill_seq_lens=seq_len_t[nd:].to(dev),
+            prefill_block_tables=table[nd:].to(dev),
+            decode_max_seq_len=max(seq_lens[:nd], default=0),
+            prefill_max_seq_len=max(seq_lens[nd:], default=0),
+            prefill_max_query_len=max(q_lens[nd:], default=0),
+            prefill_has_context=any(s > 0 for s in starts[nd:]),
+        )
+        input_ids = torch.tensor(tokens, dtype=torch.long, device=dev)
+        return input_ids, positions.to(dev), meta
