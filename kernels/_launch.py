@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import os
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -69,6 +70,21 @@ def launcher(kernel: Any, device: torch.device) -> Any:
     if isinstance(kernel, InterpretedFunction):
         return kernel
     return _interpreted(kernel.fn)
+
+
+@dataclass(frozen=True)
+class Launch:
+    """One kernel launch, fully planned: the wrappers run it, and a test compiles the very same
+    argument list ahead of time for a real GPU target (no device needed)."""
+
+    kernel: Any
+    grid: tuple[int, ...]
+    args: tuple[Any, ...]
+    constexprs: dict[str, Any] = field(default_factory=dict)
+    options: dict[str, Any] = field(default_factory=dict)  # num_warps, num_stages
+
+    def run(self, device: torch.device) -> None:
+        launcher(self.kernel, device)[self.grid](*self.args, **self.constexprs, **self.options)
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -129,3 +145,38 @@ def check_kv_cache(
         )
     if k_cache.dtype != dtype or v_cache.dtype != dtype:
         raise TypeError(f"KV cache dtype {k_cache.dtype}/{v_cache.dtype} must match {dtype}")
+
+
+def check_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    out: torch.Tensor | None,
+) -> None:
+    """Checks shared by decode and prefill: q [N, Hq, D] against the pool, GQA divisibility,
+    int32/int64 block tables and lengths with one row/entry per sequence, `out` like q."""
+    check_tensor("q", q, 3)
+    device = q.device
+    check_kv_cache(k_cache, v_cache, device, q.dtype)
+    num_heads, head_dim = q.shape[1], q.shape[2]
+    num_kv_heads = k_cache.shape[2]
+    if k_cache.shape[3] != head_dim:
+        raise ValueError(f"q head_dim {head_dim} != cache head_dim {k_cache.shape[3]}")
+    if num_heads % num_kv_heads:
+        raise ValueError(
+            f"query heads ({num_heads}) must be a multiple of KV heads ({num_kv_heads})"
+        )
+    index_dtypes = (torch.int32, torch.int64)
+    check_tensor("block_tables", block_tables, 2, dtypes=index_dtypes, device=device)
+    check_tensor("seq_lens", seq_lens, 1, dtypes=index_dtypes, device=device)
+    if block_tables.shape[0] != seq_lens.shape[0]:
+        raise ValueError(
+            f"batch mismatch: block_tables has {block_tables.shape[0]} rows, "
+            f"seq_lens {seq_lens.shape[0]} entries"
+        )
+    if out is not None:
+        check_tensor("out", out, 3, dtypes=(q.dtype,), device=device)
+        if out.shape != q.shape:
+            raise ValueError(f"out shape {tuple(out.shape)} must equal q's {tuple(q.shape)}")

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import check_kv_cache, check_tensor, launcher, next_pow2
+from ._launch import Launch, check_kv_cache, check_tensor, next_pow2
 
 
 @triton.jit
@@ -92,28 +92,41 @@ def reshape_and_cache(
     (two tokens writing one slot race) and below num_blocks * block_size.
     """
     _check(key, value, k_cache, v_cache, slot_mapping)
-    num_tokens, num_kv_heads, head_dim = key.shape
-    if num_tokens == 0:
+    if key.shape[0] == 0:
         return
-    kernel = launcher(_reshape_and_cache_kernel, key.device)
-    kernel[(num_tokens,)](
-        key,
-        value,
-        k_cache,
-        v_cache,
-        slot_mapping,
-        key.stride(0),
-        key.stride(1),
-        value.stride(0),
-        value.stride(1),
-        k_cache.stride(0),
-        k_cache.stride(1),
-        k_cache.stride(2),
-        num_kv_heads,
-        head_dim,
-        k_cache.shape[1],
-        BLOCK_H=next_pow2(num_kv_heads),
-        BLOCK_D=next_pow2(head_dim),
+    plan_reshape_and_cache(key, value, k_cache, v_cache, slot_mapping).run(key.device)
+
+
+def plan_reshape_and_cache(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> Launch:
+    """The launch of one (checked) `reshape_and_cache` call: one program per token."""
+    num_tokens, num_kv_heads, head_dim = key.shape
+    return Launch(
+        _reshape_and_cache_kernel,
+        (num_tokens,),
+        (
+            key,
+            value,
+            k_cache,
+            v_cache,
+            slot_mapping,
+            key.stride(0),
+            key.stride(1),
+            value.stride(0),
+            value.stride(1),
+            k_cache.stride(0),
+            k_cache.stride(1),
+            k_cache.stride(2),
+            num_kv_heads,
+            head_dim,
+            k_cache.shape[1],
+        ),
+        dict(BLOCK_H=next_pow2(num_kv_heads), BLOCK_D=next_pow2(head_dim)),
     )
 
 

@@ -22,10 +22,11 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import check_kv_cache, check_tensor, dot_precision, launcher, next_pow2
+from ._launch import Launch, check_attention, dot_precision, next_pow2
 
 DEFAULT_PARTITION_SIZE = 512
-_BLOCK_N = 64  # tokens per tile inside a partition
+_BLOCK_N = 32  # tokens per tile: 64 spills registers on sm_90 at head_dim 128 (ptxas -v)
+_NUM_WARPS = 4
 _MIN_DOT_ROWS = 16  # tl.dot needs M >= 16
 
 
@@ -172,29 +173,9 @@ def _check(
     seq_lens: torch.Tensor,
     out: torch.Tensor | None,
 ) -> None:
-    check_tensor("q", q, 3)
-    device = q.device
-    check_kv_cache(k_cache, v_cache, device, q.dtype)
-    batch, num_heads, head_dim = q.shape
-    num_kv_heads = k_cache.shape[2]
-    if k_cache.shape[3] != head_dim:
-        raise ValueError(f"q head_dim {head_dim} != cache head_dim {k_cache.shape[3]}")
-    if num_heads % num_kv_heads:
-        raise ValueError(
-            f"query heads ({num_heads}) must be a multiple of KV heads ({num_kv_heads})"
-        )
-    index_dtypes = (torch.int32, torch.int64)
-    check_tensor("block_tables", block_tables, 2, dtypes=index_dtypes, device=device)
-    check_tensor("seq_lens", seq_lens, 1, dtypes=index_dtypes, device=device)
-    if block_tables.shape[0] != batch or seq_lens.shape[0] != batch:
-        raise ValueError(
-            f"batch {batch}: block_tables has {block_tables.shape[0]} rows, "
-            f"seq_lens {seq_lens.shape[0]} entries"
-        )
-    if out is not None:
-        check_tensor("out", out, 3, dtypes=(q.dtype,), device=device)
-        if out.shape != q.shape:
-            raise ValueError(f"out shape {tuple(out.shape)} must equal q's {tuple(q.shape)}")
+    check_attention(q, k_cache, v_cache, block_tables, seq_lens, out)
+    if seq_lens.shape[0] != q.shape[0]:
+        raise ValueError(f"batch {q.shape[0]} (q) but seq_lens has {seq_lens.shape[0]} entries")
 
 
 def paged_decode_attention(
@@ -221,9 +202,28 @@ def paged_decode_attention(
         raise ValueError(f"partition_size must be a power of two >= 16, got {partition_size}")
     if out is None:
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    for launch in plan_decode(
+        q, k_cache, v_cache, block_tables, seq_lens, scale, out, partition_size
+    ):
+        launch.run(q.device)
+    return out
+
+
+def plan_decode(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    out: torch.Tensor,
+    partition_size: int,
+) -> list[Launch]:
+    """The launches of one (checked) decode call: the partition pass and, when any context may
+    span more than one partition, the reduce pass; allocates the fp32 partial buffers."""
     batch, num_heads, head_dim = q.shape
     if batch == 0:
-        return out
+        return []
     _, block_size, num_kv_heads, _ = k_cache.shape
     group = num_heads // num_kv_heads
     max_parts = max(1, triton.cdiv(block_tables.shape[1] * block_size, partition_size))
@@ -237,54 +237,71 @@ def paged_decode_attention(
     else:  # never touched: SPLIT is a compile-time False
         part_out = part_max = part_sum = out
     block_d = next_pow2(head_dim)
-    launcher(_decode_partition_kernel, q.device)[(batch, num_kv_heads, max_parts)](
-        q,
-        k_cache,
-        v_cache,
-        block_tables,
-        seq_lens,
-        out,
-        part_out,
-        part_max,
-        part_sum,
-        q.stride(0),
-        q.stride(1),
-        out.stride(0),
-        out.stride(1),
-        k_cache.stride(0),
-        k_cache.stride(1),
-        k_cache.stride(2),
-        block_tables.stride(0),
-        float(scale) * math.log2(math.e),
-        num_heads,
-        head_dim,
-        block_size,
-        max_parts,
-        QUERY_GROUP=group,
-        G_PAD=max(_MIN_DOT_ROWS, next_pow2(group)),
-        BLOCK_D=block_d,
-        BLOCK_N=min(_BLOCK_N, partition_size),
-        PARTITION_SIZE=partition_size,
-        SPLIT=split,
-        DOT_PRECISION=dot_precision(q.dtype),
-    )
-    if split:
-        launcher(_decode_reduce_kernel, q.device)[(batch, num_heads)](
-            out,
-            part_out,
-            part_max,
-            part_sum,
-            seq_lens,
-            out.stride(0),
-            out.stride(1),
-            num_heads,
-            head_dim,
-            max_parts,
-            BLOCK_D=block_d,
-            BLOCK_P=min(32, next_pow2(max_parts)),
-            PARTITION_SIZE=partition_size,
+    launches = [
+        Launch(
+            _decode_partition_kernel,
+            (batch, num_kv_heads, max_parts),
+            (
+                q,
+                k_cache,
+                v_cache,
+                block_tables,
+                seq_lens,
+                out,
+                part_out,
+                part_max,
+                part_sum,
+                q.stride(0),
+                q.stride(1),
+                out.stride(0),
+                out.stride(1),
+                k_cache.stride(0),
+                k_cache.stride(1),
+                k_cache.stride(2),
+                block_tables.stride(0),
+                float(scale) * math.log2(math.e),
+                num_heads,
+                head_dim,
+                block_size,
+                max_parts,
+            ),
+            dict(
+                QUERY_GROUP=group,
+                G_PAD=max(_MIN_DOT_ROWS, next_pow2(group)),
+                BLOCK_D=block_d,
+                BLOCK_N=min(_BLOCK_N, partition_size),
+                PARTITION_SIZE=partition_size,
+                SPLIT=split,
+                DOT_PRECISION=dot_precision(q.dtype),
+            ),
+            dict(num_warps=_NUM_WARPS),
         )
-    return out
+    ]
+    if split:
+        launches.append(
+            Launch(
+                _decode_reduce_kernel,
+                (batch, num_heads),
+                (
+                    out,
+                    part_out,
+                    part_max,
+                    part_sum,
+                    seq_lens,
+                    out.stride(0),
+                    out.stride(1),
+                    num_heads,
+                    head_dim,
+                    max_parts,
+                ),
+                dict(
+                    BLOCK_D=block_d,
+                    BLOCK_P=min(32, next_pow2(max_parts)),
+                    PARTITION_SIZE=partition_size,
+                ),
+            )
+        )
+    return launches
 
 
 def gather_context(

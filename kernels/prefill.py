@@ -20,11 +20,12 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import check_kv_cache, check_tensor, dot_precision, launcher, next_pow2
+from ._launch import Launch, check_attention, check_tensor, dot_precision, next_pow2
 from .decode import gather_context
 
 _BLOCK_M = 64  # packed (token, head) rows per program
 _BLOCK_N = 32  # keys per tile
+_NUM_WARPS = 8  # 4 spills registers on sm_90 at head_dim 128 in fp32 (ptxas -v)
 
 
 @triton.jit
@@ -120,31 +121,16 @@ def _check(
     seq_lens: torch.Tensor,
     out: torch.Tensor | None,
 ) -> None:
-    check_tensor("q", q, 3)
-    device = q.device
-    check_kv_cache(k_cache, v_cache, device, q.dtype)
-    _, num_heads, head_dim = q.shape
-    num_kv_heads = k_cache.shape[2]
-    if k_cache.shape[3] != head_dim:
-        raise ValueError(f"q head_dim {head_dim} != cache head_dim {k_cache.shape[3]}")
-    if num_heads % num_kv_heads:
-        raise ValueError(
-            f"query heads ({num_heads}) must be a multiple of KV heads ({num_kv_heads})"
-        )
-    index_dtypes = (torch.int32, torch.int64)
-    check_tensor("block_tables", block_tables, 2, dtypes=index_dtypes, device=device)
-    check_tensor("query_start_loc", query_start_loc, 1, dtypes=index_dtypes, device=device)
-    check_tensor("seq_lens", seq_lens, 1, dtypes=index_dtypes, device=device)
+    check_attention(q, k_cache, v_cache, block_tables, seq_lens, out)
+    check_tensor(
+        "query_start_loc", query_start_loc, 1, dtypes=(torch.int32, torch.int64), device=q.device
+    )
     batch = seq_lens.shape[0]
-    if block_tables.shape[0] != batch or query_start_loc.shape[0] != batch + 1:
+    if query_start_loc.shape[0] != batch + 1:
         raise ValueError(
-            f"batch {batch} (seq_lens): block_tables has {block_tables.shape[0]} rows, "
-            f"query_start_loc {query_start_loc.shape[0]} entries (expected {batch + 1})"
+            f"query_start_loc has {query_start_loc.shape[0]} entries, expected {batch + 1} "
+            f"(batch {batch} from seq_lens)"
         )
-    if out is not None:
-        check_tensor("out", out, 3, dtypes=(q.dtype,), device=device)
-        if out.shape != q.shape:
-            raise ValueError(f"out shape {tuple(out.shape)} must equal q's {tuple(q.shape)}")
 
 
 def paged_prefill_attention(
@@ -178,39 +164,62 @@ def paged_prefill_attention(
         max_query_len = int((query_start_loc[1:] - query_start_loc[:-1]).max().item())
     if max_query_len <= 0:
         return out
+    plan_prefill(
+        q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale, out, max_query_len
+    ).run(q.device)
+    return out
+
+
+def plan_prefill(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    out: torch.Tensor,
+    max_query_len: int,
+) -> Launch:
+    """The launch of one (checked) prefill call with a positive `max_query_len`."""
     num_heads, head_dim = q.shape[1], q.shape[2]
     _, block_size, num_kv_heads, _ = k_cache.shape
     group = num_heads // num_kv_heads
     g_pad = next_pow2(group)
     block_q = max(1, _BLOCK_M // g_pad)
-    grid = (batch, triton.cdiv(max_query_len, block_q), num_kv_heads)
-    launcher(_prefill_kernel, q.device)[grid](
-        q,
-        k_cache,
-        v_cache,
-        block_tables,
-        query_start_loc,
-        seq_lens,
-        out,
-        q.stride(0),
-        q.stride(1),
-        out.stride(0),
-        out.stride(1),
-        k_cache.stride(0),
-        k_cache.stride(1),
-        k_cache.stride(2),
-        block_tables.stride(0),
-        float(scale) * math.log2(math.e),
-        head_dim,
-        block_size,
-        QUERY_GROUP=group,
-        G_PAD=g_pad,
-        BLOCK_Q=block_q,
-        BLOCK_D=next_pow2(head_dim),
-        BLOCK_N=_BLOCK_N,
-        DOT_PRECISION=dot_precision(q.dtype),
+    return Launch(
+        _prefill_kernel,
+        (seq_lens.shape[0], triton.cdiv(max_query_len, block_q), num_kv_heads),
+        (
+            q,
+            k_cache,
+            v_cache,
+            block_tables,
+            query_start_loc,
+            seq_lens,
+            out,
+            q.stride(0),
+            q.stride(1),
+            out.stride(0),
+            out.stride(1),
+            k_cache.stride(0),
+            k_cache.stride(1),
+            k_cache.stride(2),
+            block_tables.stride(0),
+            float(scale) * math.log2(math.e),
+            head_dim,
+            block_size,
+        ),
+        dict(
+            QUERY_GROUP=group,
+            G_PAD=g_pad,
+            BLOCK_Q=block_q,
+            BLOCK_D=next_pow2(head_dim),
+            BLOCK_N=_BLOCK_N,
+            DOT_PRECISION=dot_precision(q.dtype),
+        ),
+        dict(num_warps=_NUM_WARPS),
     )
-    return out
 
 
 def paged_prefill_attention_ref(
