@@ -14,6 +14,7 @@ import sys
 from typing import Any
 
 import yaml
+
 from splitserve.operator import crd
 
 
@@ -116,6 +117,7 @@ def _run_operator(args: argparse.Namespace) -> int:
     import asyncio
 
     import kopf
+
     from splitserve.operator.handlers import make_registry
 
     kopf.configure(log_format=kopf.LogFormat.PLAIN)

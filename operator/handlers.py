@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 import kopf
+
 from splitserve.operator import crd
 from splitserve.operator.kube import Credentials, KubeApi
 from splitserve.operator.labels import PREFIX

@@ -17,6 +17,7 @@ from typing import Any
 from urllib.parse import quote, urlencode
 
 import aiohttp
+
 from splitserve.operator.labels import FIELD_MANAGER
 
 

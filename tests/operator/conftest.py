@@ -10,6 +10,7 @@ from typing import Any
 
 import kubernetes_validate
 import pytest
+
 from splitserve.operator import crd
 
 REPO = Path(__file__).resolve().parents[2]

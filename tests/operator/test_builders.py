@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+
 from splitserve.operator import labels as L
 from splitserve.operator.builders import build_desired, config_checksum
 from splitserve.operator.spec import parse

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 import yaml
+
 from splitserve.operator import crd
 from splitserve.operator.builders import build_desired
 from splitserve.operator.spec import parse

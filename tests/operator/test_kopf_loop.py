@@ -22,6 +22,7 @@ import aiohttp
 import kmock
 import kopf
 import pytest
+
 from splitserve.operator import labels as L
 from splitserve.operator.handlers import make_registry
 

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 import yaml
+
 from splitserve.operator import crd
 from splitserve.operator.builders import build_desired, pod
 from splitserve.operator.spec import parse
@@ -118,3 +119,52 @@ def test_docs_give_an_argocd_health_check_on_our_conditions() -> None:
     for needle in ("observedGeneration", '"Ready"', '"Degraded"', '"Progressing"', "hs.status"):
         assert needle in lua.group(1)
     assert "serving.splitserve.io_InferenceService" in text
+
+
+def _argocd_health(obj: dict[str, Any]) -> dict[str, str]:
+    """Run the docs' Lua health check the way Argo CD does (``obj`` in, ``hs`` out)."""
+    lupa = pytest.importorskip("lupa")
+    lua_runtime = lupa.LuaRuntime(unpack_returned_tuples=True)
+    script = re.search(r"```lua\n(.*?)```", (REPO / "docs" / "operator.md").read_text(), re.S)
+    assert script is not None
+    check = lua_runtime.eval(f"function(obj)\n{script.group(1)}\nend")
+
+    def to_lua(value: Any) -> Any:
+        if isinstance(value, dict):
+            return lua_runtime.table_from({k: to_lua(v) for k, v in value.items()})
+        if isinstance(value, list):
+            return lua_runtime.table_from([to_lua(v) for v in value])
+        return value
+
+    result = check(to_lua(obj))
+    return {"status": result["status"], "message": result["message"]}
+
+
+def test_argocd_health_check_follows_the_status(make_isvc) -> None:
+    from splitserve.operator.status import compute_status, invalid_spec_status
+
+    body = make_isvc()
+    isvc = parse(body)
+    assert _argocd_health(body)["status"] == "Progressing"  # no status yet
+
+    def dep(ready: int, updated: int) -> dict[str, Any]:
+        status = {"replicas": 2, "readyReplicas": ready, "updatedReplicas": updated}
+        return {"status": status}
+
+    ready = {"prefill": dep(1, 1), "decode": dep(2, 2), "router": dep(1, 1)}
+    ready["prefill"]["status"]["replicas"] = 1
+    ready["router"]["status"]["replicas"] = 1
+    healthy = body | {"status": compute_status(isvc, ready, {}, "t")}
+    assert _argocd_health(healthy)["status"] == "Healthy"
+
+    rolling = dict(ready, decode=dep(2, 1))
+    progressing = body | {"status": compute_status(isvc, rolling, {}, "t")}
+    health = _argocd_health(progressing)
+    assert health["status"] == "Progressing" and "decode 1/2 updated" in health["message"]
+
+    stale = body | {"metadata": body["metadata"] | {"generation": 9}, "status": healthy["status"]}
+    assert _argocd_health(stale)["status"] == "Progressing"  # operator has not seen gen 9
+
+    broken = invalid_spec_status(3, "spec.engine.blockSize: bad", healthy["status"], "t")
+    health = _argocd_health(body | {"status": broken})
+    assert health["status"] == "Degraded" and "InvalidSpec" in health["message"]

@@ -6,8 +6,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jsonschema
 import pytest
 import yaml
+
 from splitserve.operator import crd
 from splitserve.operator.cli import render
 from splitserve.operator.spec import SpecError, parse
@@ -27,6 +29,36 @@ def test_crd_is_structural_enough_for_the_api_server() -> None:
     # Anchors/aliases would be expanded differently by other YAML tools: the file has none.
     events = list(yaml.parse(crd.crd_text()))
     assert not any(isinstance(e, yaml.AliasEvent) or getattr(e, "anchor", None) for e in events)
+
+
+def _structural_problems(node: dict, path: str) -> list[str]:
+    """The API server's structural-schema rules that matter for this CRD."""
+    problems = []
+    if node.get("x-kubernetes-int-or-string"):
+        branches = node.get("anyOf")
+        if "type" in node or branches not in (None, [{"type": "integer"}, {"type": "string"}]):
+            problems.append(f"{path}: int-or-string must be anyOf [integer, string] without type")
+        return problems
+    if "type" not in node:
+        problems.append(f"{path}: no type")
+    for keyword in ("anyOf", "oneOf", "allOf", "not"):
+        if keyword in node:
+            problems.append(f"{path}: {keyword} outside int-or-string")
+    if "default" in node:
+        validator = jsonschema.Draft7Validator(node)
+        problems += [
+            f"{path}: default: {e.message}" for e in validator.iter_errors(node["default"])
+        ]
+    for name, sub in node.get("properties", {}).items():
+        problems += _structural_problems(sub, f"{path}.{name}")
+    for key in ("items", "additionalProperties"):
+        if isinstance(node.get(key), dict):
+            problems += _structural_problems(node[key], f"{path}[{key}]")
+    return problems
+
+
+def test_schema_is_structural_and_defaults_are_valid() -> None:
+    assert _structural_problems(crd.openapi_schema(), "") == []
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+
 from splitserve.operator.spec import parse
 from splitserve.operator.status import compute_status, invalid_spec_status, role_state
 
