@@ -8,8 +8,9 @@ import sys
 import textwrap
 
 import pytest
-import splitserve.kernels as kernels
 import torch
+
+import splitserve.kernels as kernels
 from splitserve.kernels._launch import next_pow2
 
 CPU_ONLY = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU interpreter path")

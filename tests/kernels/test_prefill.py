@@ -7,6 +7,7 @@ import zlib
 
 import pytest
 import torch
+
 from splitserve.kernels import available, paged_prefill_attention, paged_prefill_attention_ref
 
 pytestmark = pytest.mark.skipif(not available(), reason="needs CUDA or TRITON_INTERPRET=1")
