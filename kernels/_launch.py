@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
 
 
 def interpret_mode() -> bool:
@@ -164,6 +165,9 @@ def check_attention(
     num_kv_heads = k_cache.shape[2]
     if k_cache.shape[3] != head_dim:
         raise ValueError(f"q head_dim {head_dim} != cache head_dim {k_cache.shape[3]}")
+    if not MIN_HEAD_DIM <= head_dim <= MAX_HEAD_DIM:
+        # tl.dot needs K >= 16; past 256 the fp32 tiles no longer fit in registers.
+        raise ValueError(f"head_dim must be in [{MIN_HEAD_DIM}, {MAX_HEAD_DIM}], got {head_dim}")
     if num_heads % num_kv_heads:
         raise ValueError(
             f"query heads ({num_heads}) must be a multiple of KV heads ({num_kv_heads})"

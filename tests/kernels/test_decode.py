@@ -91,6 +91,28 @@ def test_default_partition_long_context(paged):
     )
 
 
+@pytest.mark.parametrize(
+    ("head_dim", "group", "block_size", "seq_lens"),
+    [
+        (80, 2, 1, [9, 40]),  # head_dim not a power of two, one token per block
+        (96, 5, 8, [3, 61, 17]),
+        (32, 4, 64, [130, 1]),
+        (256, 1, 128, [200]),
+    ],
+)
+def test_other_shapes(paged, head_dim, group, block_size, seq_lens):
+    _run_case(
+        paged,
+        seq_lens,
+        head_dim=head_dim,
+        group=group,
+        block_size=block_size,
+        dtype=torch.float32,
+        seed=head_dim,
+        partition_size=32,
+    )
+
+
 def test_float16(paged):
     _run_case(paged, [40, 3], head_dim=64, group=3, block_size=16, dtype=torch.float16, seed=7)
 
@@ -141,6 +163,9 @@ def test_rejects_bad_arguments(paged):
         paged_decode_attention(torch.randn(1, 6, 32, device=paged.device), kc, vc, bt, sl, 1.0)
     with pytest.raises(ValueError, match="out shape"):
         paged_decode_attention(q, kc, vc, bt, sl, 1.0, torch.empty(1, 6, 32, device=paged.device))
+    with pytest.raises(ValueError, match="head_dim must be in"):
+        small = torch.zeros(4, 16, 2, 8, device=paged.device)
+        paged_decode_attention(torch.zeros(1, 2, 8, device=paged.device), small, small, bt, sl, 1.0)
     with pytest.raises(ValueError, match="partition_size"):
         paged_decode_attention(q, kc, vc, bt, sl, 1.0, partition_size=48)
     with pytest.raises(ValueError, match="batch"):

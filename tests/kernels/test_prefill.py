@@ -76,6 +76,27 @@ def test_mixed_batch_matches_references(paged, head_dim, group, block_size, dtyp
     )
 
 
+@pytest.mark.parametrize(
+    ("head_dim", "group", "block_size", "layout"),
+    [
+        (80, 2, 1, [(3, 9), (0, 40)]),  # head_dim not a power of two, one token per block
+        (96, 5, 8, [(50, 11), (0, 1), (7, 30)]),
+        (32, 4, 64, [(100, 70)]),
+        (256, 1, 128, [(130, 20), (0, 5)]),
+    ],
+)
+def test_other_shapes(paged, head_dim, group, block_size, layout):
+    _run_case(
+        paged,
+        layout,
+        head_dim=head_dim,
+        group=group,
+        block_size=block_size,
+        dtype=torch.float32,
+        seed=head_dim,
+    )
+
+
 def test_sequence_without_new_tokens_is_skipped(paged):
     _run_case(
         paged,
