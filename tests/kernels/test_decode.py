@@ -113,6 +113,22 @@ def test_other_shapes(paged, head_dim, group, block_size, seq_lens):
     )
 
 
+def test_int64_index_tensors(paged):
+    gen = torch.Generator().manual_seed(21)
+    batch = paged.build(
+        [45, 7], num_kv_heads=2, head_dim=64, block_size=16, dtype=torch.float32, gen=gen
+    )
+    q = torch.randn(2, 4, 64, generator=gen).to(paged.device)
+    tables, lens = batch.block_tables.long(), batch.seq_lens.long()
+    out = paged_decode_attention(
+        q, batch.k_cache, batch.v_cache, tables, lens, 0.2, partition_size=16
+    )
+    ref = paged_decode_attention_ref(
+        q, batch.k_cache, batch.v_cache, batch.block_tables, batch.seq_lens, 0.2
+    )
+    assert paged.rel_err(out, ref) < 1e-4
+
+
 def test_float16(paged):
     _run_case(paged, [40, 3], head_dim=64, group=3, block_size=16, dtype=torch.float16, seed=7)
 

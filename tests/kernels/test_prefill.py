@@ -97,6 +97,21 @@ def test_other_shapes(paged, head_dim, group, block_size, layout):
     )
 
 
+def test_int64_index_tensors(paged):
+    gen = torch.Generator().manual_seed(22)
+    batch = paged.build(
+        [45, 7], num_kv_heads=2, head_dim=64, block_size=16, dtype=torch.float32, gen=gen
+    )
+    q = torch.randn(12, 4, 64, generator=gen).to(paged.device)
+    qsl = torch.tensor([0, 5, 12], device=paged.device)
+    kv = (batch.k_cache, batch.v_cache)
+    out = paged_prefill_attention(
+        q, *kv, batch.block_tables.long(), qsl, batch.seq_lens.long(), 0.2
+    )
+    ref = paged_prefill_attention_ref(q, *kv, batch.block_tables, qsl.int(), batch.seq_lens, 0.2)
+    assert paged.rel_err(out, ref) < 1e-4
+
+
 def test_sequence_without_new_tokens_is_skipped(paged):
     _run_case(
         paged,
