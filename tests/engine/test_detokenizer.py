@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
 from splitserve.services.engine.detokenizer import DetokenizerDelta, IncrementalDetokenizer
 from splitserve.services.engine.sampling_params import SamplingParams
 

@@ -7,6 +7,7 @@ from collections import Counter
 
 import pytest
 import torch
+
 from splitserve.services.engine.sampler import (
     Sampler,
     SamplerOutput,
@@ -88,7 +89,7 @@ def test_penalties_and_min_tokens_match_reference():
         SamplingParams(repetition_penalty=1.3),
         SamplingParams(presence_penalty=0.7, frequency_penalty=0.4),
         SamplingParams(repetition_penalty=0.8, presence_penalty=-0.5, frequency_penalty=1.5),
-        SamplingParams(min_tokens=4, stop_token_ids=(9, 11), max_tokens=20),
+        SamplingParams(min_tokens=4, stop_token_ids=(9, 11), max_tokens=20, repetition_penalty=0.5),
         SamplingParams(min_tokens=2, repetition_penalty=1.5, max_tokens=20),  # reached: EOS allowed
         SamplingParams(),
     ]
@@ -142,7 +143,7 @@ def test_filter_matches_reference(p):
     # Mixed batch: the row under test sits between rows with other settings.
     others = [SamplingParams(top_k=3), SamplingParams(top_p=0.5, temperature=0.9)]
     params = [others[0], p, others[1], p, p, others[0]]
-    x = _filter(logits.clone(), params)
+    x = _filter(logits.clone(), params, owned=True)
     for i, pi in enumerate(params):
         allowed = {t for t in range(V) if math.isfinite(float(x[i, t]))}
         assert allowed == ref_allowed(logits[i], pi), i
@@ -150,9 +151,36 @@ def test_filter_matches_reference(p):
         torch.testing.assert_close(x[i, idx], logits[i, idx] / pi.temperature)
 
 
+def test_filter_on_a_large_vocabulary_matches_reference():
+    """Flat rows keep thousands of tokens, peaked ones a handful; all in one batch."""
+    n = 3000
+    g = torch.Generator().manual_seed(8)
+    flat = torch.randn(n, generator=g) * 0.1  # top-p 0.9 keeps ~2700 tokens
+    peaked = torch.randn(n, generator=g) * 0.1
+    peaked[:5] += 12.0  # top-p 0.9 stops within the 5 boosted tokens
+    logits = torch.stack([flat, peaked, flat, peaked, flat, flat, peaked])
+    logits[4, 17] = -math.inf  # as min_tokens leaves it
+    params = [
+        SamplingParams(top_p=0.9),
+        SamplingParams(top_p=0.9),
+        SamplingParams(top_k=12, top_p=0.95),
+        SamplingParams(top_k=2000, top_p=0.99),
+        SamplingParams(top_k=2000),
+        SamplingParams(top_k=7, temperature=0.5),
+        SamplingParams(top_p=0.5, min_p=0.3, temperature=1.7),
+    ]
+    before = logits.clone()
+    x = _filter(logits, params, owned=False)
+    assert torch.equal(logits, before)
+    for i, p in enumerate(params):
+        allowed = {t for t in range(n) if math.isfinite(float(x[i, t]))}
+        assert allowed == ref_allowed(logits[i], p), i
+    assert not math.isfinite(float(x[4, 17]))
+
+
 def test_top_k_keeps_ties_and_top_p_keeps_the_top_token():
     logits = torch.tensor([[1.0, 3.0, 2.0, 2.0, 0.0], [0.0, 10.0, 0.0, 0.0, 0.0]])
-    x = _filter(logits.clone(), [SamplingParams(top_k=2), SamplingParams(top_p=0.01)])
+    x = _filter(logits, [SamplingParams(top_k=2), SamplingParams(top_p=0.01)], owned=False)
     assert torch.isfinite(x[0]).tolist() == [False, True, True, True, False]
     assert torch.isfinite(x[1]).tolist() == [False, True, False, False, False]
 
@@ -234,6 +262,17 @@ def test_min_tokens_blocks_eos_and_stop_token_ids():
     pr = SamplingParams(min_tokens=3, stop_token_ids=(40,), max_tokens=8)
     for _ in range(5):
         assert _sample(logits[:1], [pr], outputs=[[1]]).token_ids == [50]
+
+
+def test_min_tokens_blocks_every_eos_id():
+    logits = torch.zeros(2, V)
+    logits[:, 3] = 30.0
+    logits[:, 4] = 25.0
+    logits[:, 5] = 20.0
+    p = SamplingParams(temperature=0.0, min_tokens=2, max_tokens=8)
+    rows = make_rows([p, p], outputs=[[1], [1, 1]])
+    assert Sampler(V, [3, 4])(logits, rows).token_ids == [5, 3]
+    assert Sampler(V, None)(logits, rows).token_ids == [3, 3]
 
 
 def test_repetition_penalty_changes_greedy_choice():
