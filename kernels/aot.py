@@ -79,7 +79,9 @@ def sample_launches() -> Iterator[tuple[str, Launch]]:
         lens = torch.tensor([100, 3], dtype=torch.int32)
         q = torch.zeros(2, 6, 128, dtype=dtype)
         for partition in (32, 512):  # 32: split + reduce; 512: one partition, direct write
-            for launch in plan_decode(q, k, v, tables, lens, 0.1, torch.empty_like(q), partition):
+            for launch in plan_decode(
+                q, k, v, tables, lens, 0.1, torch.empty_like(q), partition, 128
+            ):
                 yield f"decode[{name},partition={partition}] {launch.kernel.__name__}", launch
         for heads in (2, 6, 16):  # GQA 1, 3, 8
             qp = torch.zeros(10, heads, 128, dtype=dtype)

@@ -10,8 +10,9 @@ When every sequence fits in one partition phase 1 writes the final output direct
 
 All math is fp32 (Triton's interpreter computes bf16 wrongly, and it is more accurate anyway);
 scores are kept in the log2 domain (`scale * log2(e)` folded into q.k) so exp2 is used.
-The number of partitions comes from the block table's width, not from max(seq_lens): no host
-sync, and partitions past a sequence's end exit at once.
+The number of partitions comes from a host-side `max_seq_len` when the caller knows it, else from
+the block table's width, never from max(seq_lens): no host sync; partitions past a sequence's end
+exit at once.
 """
 
 from __future__ import annotations
@@ -188,6 +189,7 @@ def paged_decode_attention(
     out: torch.Tensor | None = None,
     *,
     partition_size: int = DEFAULT_PARTITION_SIZE,
+    max_seq_len: int | None = None,
 ) -> torch.Tensor:
     """Attention of one new token per sequence over its paged context.
 
@@ -196,14 +198,25 @@ def paged_decode_attention(
     max_blocks * block_size, counting the current token, whose K/V is already in the cache.
     Returns `out` (allocated if None) [B, Hq, D] in q's dtype. `partition_size` (a power of two
     >= 16) is the split-K chunk; contexts longer than it are split and reduced.
+    `max_seq_len` (>= every seq_lens[b], known on the host) sizes the partition grid; without
+    it the block table's width does, which may launch empty partitions and the reduce pass
+    where one partition would do.
     """
     _check(q, k_cache, v_cache, block_tables, seq_lens, out)
     if partition_size < 16 or partition_size & (partition_size - 1):
         raise ValueError(f"partition_size must be a power of two >= 16, got {partition_size}")
+    capacity = block_tables.shape[1] * k_cache.shape[1]
+    if max_seq_len is None:
+        max_seq_len = capacity
+    elif not 0 < max_seq_len <= capacity:
+        raise ValueError(
+            f"max_seq_len must be in [1, {capacity}] (block table width x block size), "
+            f"got {max_seq_len}"
+        )
     if out is None:
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
     for launch in plan_decode(
-        q, k_cache, v_cache, block_tables, seq_lens, scale, out, partition_size
+        q, k_cache, v_cache, block_tables, seq_lens, scale, out, partition_size, max_seq_len
     ):
         launch.run(q.device)
     return out
@@ -218,15 +231,16 @@ def plan_decode(
     scale: float,
     out: torch.Tensor,
     partition_size: int,
+    max_seq_len: int,
 ) -> list[Launch]:
-    """The launches of one (checked) decode call: the partition pass and, when any context may
-    span more than one partition, the reduce pass; allocates the fp32 partial buffers."""
+    """The launches of one (checked) decode call: the partition pass and, when a context of
+    `max_seq_len` spans more than one partition, the reduce pass; allocates the fp32 partials."""
     batch, num_heads, head_dim = q.shape
     if batch == 0:
         return []
     _, block_size, num_kv_heads, _ = k_cache.shape
     group = num_heads // num_kv_heads
-    max_parts = max(1, triton.cdiv(block_tables.shape[1] * block_size, partition_size))
+    max_parts = max(1, triton.cdiv(max_seq_len, partition_size))
     split = max_parts > 1
     if split:
         part_out = torch.empty(

@@ -129,6 +129,43 @@ def test_int64_index_tensors(paged):
     assert paged.rel_err(out, ref) < 1e-4
 
 
+def test_max_seq_len_sizes_the_grid(paged):
+    # A wide block table but short contexts: with max_seq_len the single-partition path runs.
+    from splitserve.kernels.decode import plan_decode
+
+    gen = torch.Generator().manual_seed(17)
+    batch = paged.build(
+        [100, 33], num_kv_heads=1, head_dim=64, block_size=16, dtype=torch.float32, gen=gen
+    )
+    tables = torch.cat([batch.block_tables, batch.block_tables, batch.block_tables], dim=1)
+    q = torch.randn(2, 3, 64, generator=gen).to(paged.device)
+    kv = (batch.k_cache, batch.v_cache)
+    plans = [
+        plan_decode(q, *kv, tables, batch.seq_lens, 0.2, torch.empty_like(q), 64, n)
+        for n in (100, tables.shape[1] * 16)
+    ]
+    assert [len(p) for p in plans] == [2, 2]
+    assert plans[0][0].grid == (2, 1, 2) and plans[1][0].grid[2] > 2
+    single = plan_decode(q, *kv, tables, batch.seq_lens, 0.2, torch.empty_like(q), 128, 100)
+    assert len(single) == 1 and single[0].constexprs["SPLIT"] is False
+    ref = paged_decode_attention_ref(q, *kv, tables, batch.seq_lens, 0.2)
+    for max_seq_len, partition in ((100, 64), (100, 128), (None, 64)):
+        out = torch.full_like(q, float("nan"))
+        paged_decode_attention(
+            q,
+            *kv,
+            tables,
+            batch.seq_lens,
+            0.2,
+            out,
+            partition_size=partition,
+            max_seq_len=max_seq_len,
+        )
+        assert paged.rel_err(out, ref) < 1e-4
+    with pytest.raises(ValueError, match="max_seq_len"):
+        paged_decode_attention(q, *kv, tables, batch.seq_lens, 0.2, max_seq_len=0)
+
+
 def test_float16(paged):
     _run_case(paged, [40, 3], head_dim=64, group=3, block_size=16, dtype=torch.float16, seed=7)
 
