@@ -37,6 +37,8 @@ _REPLACEMENT = "\ufffd"
 # when those few start in the middle of a character.
 _MIN_CONTEXT = 5
 _MAX_CONTEXT = 24
+# Drop ids that left the decode window once this many have piled up.
+_TRIM_AFTER = 64
 
 
 @dataclass(frozen=True)
@@ -85,8 +87,9 @@ class IncrementalDetokenizer:
         self._ids: list[int] = list(context)
         self._prefix_offset = 0
         self._read_offset = len(context)
-        self._text = ""  # all text decoded so far; [:_emitted] has been handed out
-        self._emitted = 0
+        # Decoded text not handed out yet: at most a possible start of a stop string (short).
+        self._pending = ""
+        self._out: list[str] = []  # handed-out text, joined lazily (no quadratic +=)
         self._stop_string: str | None = None
         self._done = False
 
@@ -104,7 +107,9 @@ class IncrementalDetokenizer:
     @property
     def output_text(self) -> str:
         """Everything emitted so far (final once a stop string matched or after ``finish``)."""
-        return self._text[: self._emitted]
+        if len(self._out) > 1:
+            self._out[:] = ["".join(self._out)]
+        return self._out[0] if self._out else ""
 
     @property
     def stop_string(self) -> str | None:
@@ -115,10 +120,12 @@ class IncrementalDetokenizer:
         """Append generated tokens; return the text now safe to emit and any stop string hit."""
         if self._done:
             return DetokenizerDelta("")
-        start = len(self._text)
+        start = len(self._pending)
+        pieces = [self._pending]
         for token_id in new_token_ids:
             self._ids.append(token_id)
-            self._text += self._step()
+            pieces.append(self._step())
+        self._pending = "".join(pieces)
         return self._emit(start, final=False)
 
     def finish(self) -> str:
@@ -129,11 +136,11 @@ class IncrementalDetokenizer:
         """
         if self._done:
             return ""
-        start = len(self._text)
+        start = len(self._pending)
         prefix_text = self._decode(self._ids[self._prefix_offset : self._read_offset])
         new_text = self._decode(self._ids[self._prefix_offset :])
         if len(new_text) > len(prefix_text):
-            self._text += new_text[len(prefix_text) :]
+            self._pending += new_text[len(prefix_text) :]
         delta = self._emit(start, final=True)
         self._done = True
         return delta.text
@@ -145,26 +152,33 @@ class IncrementalDetokenizer:
         if len(new_text) > len(prefix_text) and not new_text.endswith(_REPLACEMENT):
             self._prefix_offset = self._read_offset
             self._read_offset = len(self._ids)
+            if self._prefix_offset > _TRIM_AFTER:  # keep the id list short; offsets move along
+                del self._ids[: self._prefix_offset]
+                self._read_offset -= self._prefix_offset
+                self._prefix_offset = 0
             return new_text[len(prefix_text) :]
         return ""
 
     def _emit(self, start: int, final: bool) -> DetokenizerDelta:
-        """Hand out decoded text from ``_emitted`` on, given that ``_text[start:]`` is new."""
-        text = self._text
+        """Hand out pending text, given that ``_pending[start:]`` is new.
+
+        A stop string always begins inside the pending text: everything before it was emitted
+        only because no suffix of it could begin a stop string.
+        """
+        text = self._pending
         match = self._find_stop(text, start) if len(text) > start else None
         if match is not None:
             begin, stop = match
-            cut = begin + len(stop) if self._include_stop else begin
-            delta = text[self._emitted : cut]
-            self._text = text[:cut]
-            self._emitted = max(self._emitted, cut)
+            delta = text[: begin + len(stop) if self._include_stop else begin]
+            self._pending = ""
             self._stop_string = stop
             self._done = True
-            return DetokenizerDelta(delta, stop)
-        safe = len(text) if final else len(text) - self._held_back(text)
-        delta = text[self._emitted : safe]
-        self._emitted = max(self._emitted, safe)
-        return DetokenizerDelta(delta)
+        else:
+            safe = len(text) if final else len(text) - self._held_back(text)
+            delta, self._pending = text[:safe], text[safe:]
+        if delta:
+            self._out.append(delta)
+        return DetokenizerDelta(delta, None if match is None else match[1])
 
     def _find_stop(self, text: str, start: int) -> tuple[int, str] | None:
         """The stop string that completes first in ``text``, among matches ending after start.
@@ -182,11 +196,10 @@ class IncrementalDetokenizer:
         return None if best is None else (best[1], best[2])
 
     def _held_back(self, text: str) -> int:
-        """Length of the longest suffix of the unemitted text that begins some stop string."""
-        room = len(text) - self._emitted
+        """Length of the longest suffix of ``text`` that begins some stop string."""
         best = 0
         for stop in self._stops:
-            for k in range(min(len(stop) - 1, room), best, -1):
+            for k in range(min(len(stop) - 1, len(text)), best, -1):
                 if text.endswith(stop[:k]):
                     best = k
                     break

@@ -233,3 +233,54 @@ def test_property_random_unicode(tok, text, data):
     assert det.stop_string == stop
     if "\ufffd" not in full:
         assert all("\ufffd" not in d.text for d in deltas)
+
+
+@pytest.fixture(scope="module")
+def sp_tok():
+    """A Llama-2-style tokenizer built in code: Metaspace words, byte-fallback for the rest."""
+    import json
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(unk_token=None, byte_fallback=True))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    tok.decoder = decoders.Sequence(
+        [
+            decoders.Replace("▁", " "),
+            decoders.ByteFallback(),
+            decoders.Fuse(),
+            decoders.Strip(" ", 1, 0),  # the first token's leading space is dropped
+        ]
+    )
+    corpus = ["hello world, this is a small corpus.", "the quick brown fox jumps over a dog"]
+    tok.train_from_iterator(
+        corpus * 20, trainers.BpeTrainer(vocab_size=120, special_tokens=["</s>"])
+    )
+    spec = json.loads(tok.to_str())
+    for i in range(256):  # byte tokens, as sentencepiece's byte_fallback vocabularies have
+        spec["model"]["vocab"].setdefault(f"<0x{i:02X}>", len(spec["model"]["vocab"]))
+    return Tokenizer.from_str(json.dumps(spec))
+
+
+@pytest.mark.parametrize("wrap", [False, True], ids=["tokenizers.Tokenizer", "transformers"])
+def test_sentencepiece_style_tokenizer_keeps_spaces_and_bytes(sp_tok, wrap):
+    from transformers import PreTrainedTokenizerFast
+
+    tok = PreTrainedTokenizerFast(tokenizer_object=sp_tok, eos_token="</s>") if wrap else sp_tok
+    ids = sp_tok.encode("hello world 日本 😀 café, the fox").ids
+    assert any(sp_tok.id_to_token(i).startswith("<0x") for i in ids)  # bytes are exercised
+    rng = random.Random(0)
+    for cut in range(1, len(ids)):
+        prompt, out = ids[:cut], ids[cut:]
+        # A continuation of the prompt, leading space included, which decode(out) alone drops.
+        want = sp_tok.decode(ids)[len(sp_tok.decode(prompt)) :]
+        chunks = []
+        while sum(chunks) < len(out):
+            chunks.append(rng.randint(1, 3))
+        deltas, tail, det = run(tok, prompt, out, SamplingParams(), chunks=chunks)
+        if "\ufffd" in sp_tok.decode(prompt):
+            continue  # the prompt ends inside a character: no clean continuation exists
+        assert det.output_text == want, cut
+        assert all("\ufffd" not in d.text for d in deltas)
+    deltas, _, det = run(tok, ids[:1], ids[1:], SamplingParams(stop=("本 😀",)))
+    assert det.output_text == " world 日" and deltas[-1].stop_string == "本 😀"
