@@ -53,7 +53,9 @@ def test_generated_code_imports_under_namespace() -> None:
     assert back.events[0].stored.block_hashes[0] == 2**64 - 2
 
 
-@pytest.mark.parametrize("service", ["PrefillService", "DecodeService", "KVService", "EngineService"])
+@pytest.mark.parametrize(
+    "service", ["PrefillService", "DecodeService", "KVService", "EngineService"]
+)
 def test_services_are_declared(service: str) -> None:
     from splitserve.proto import splitserve_pb2 as pb
 

@@ -1,0 +1,236 @@
+"""The reading side's one entry point: pull a hand-off's KV blocks into the local pool.
+
+``KVPuller.pull`` does, in order: check the hand-off against the local pool (protocol, compat hash,
+layout, block counts) before touching the network; handshake with the source once per address and
+incarnation (compatibility is checked there, with every differing field named); refuse a hand-off
+whose epoch is not the source's current one; move the bytes with the best transport both sides
+offer; verify every block's checksum; release the lease. Every step runs under one deadline.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Sequence
+
+import grpc
+
+from splitserve.proto import splitserve_pb2 as pb
+from splitserve.proto import splitserve_pb2_grpc as pb_grpc
+from splitserve.services.kvtransfer.compat import (
+    PROTOCOL_VERSION,
+    CompatInfo,
+    compat_hash,
+)
+from splitserve.services.kvtransfer.errors import (
+    EpochMismatchError,
+    IncompatiblePeerError,
+    InvalidHandoffError,
+    KVTransferError,
+    PeerError,
+    TransferTimeoutError,
+    TransportUnavailableError,
+)
+from splitserve.services.kvtransfer.grpc_transport import GrpcBlockSink
+from splitserve.services.kvtransfer.metrics import TransferMetrics
+from splitserve.services.kvtransfer.pool import KVPool, layout_matches
+from splitserve.services.kvtransfer.servicer import GRPC_OPTIONS
+from splitserve.services.kvtransfer.source import TRANSPORTS
+from splitserve.services.kvtransfer.status import error_of
+from splitserve.services.kvtransfer.transport import KVBlockSink, TransferResult
+
+log = logging.getLogger(__name__)
+
+
+class KVPuller:
+    """Pulls KV blocks for one local pool from any number of sources. Thread-safe."""
+
+    def __init__(
+        self,
+        kv_cache,
+        compat: CompatInfo,
+        engine_id: str,
+        transports: Sequence[str] = TRANSPORTS,
+        metrics: TransferMetrics | None = None,
+        grpc_chunk_bytes: int = 4 << 20,
+    ) -> None:
+        self.pool = KVPool(kv_cache)
+        self.compat = compat
+        self.compat_hash = compat_hash(compat)
+        self.engine_id = engine_id
+        self.metrics = metrics or TransferMetrics()
+        if not transports or set(transports) - set(TRANSPORTS):
+            raise ValueError(f"transports must be a non-empty subset of {TRANSPORTS}")
+        self.transports = tuple(transports)
+        self._sinks: dict[str, KVBlockSink] = {"grpc": GrpcBlockSink(self.pool, grpc_chunk_bytes)}
+        if "nixl" in self.transports:
+            from splitserve.services.kvtransfer.nixl_transport import NixlBlockSink
+
+            self._sinks["nixl"] = NixlBlockSink(self.pool, agent_name=f"{engine_id}-reader")
+        self._lock = threading.Lock()
+        self._channels: dict[str, grpc.Channel] = {}
+        self._handshakes: dict[str, pb.HandshakeResponse] = {}
+
+    # -- public ----------------------------------------------------------------------------
+    def pull(
+        self,
+        handoff: pb.KVHandoff,
+        dst_block_ids: Sequence[int],
+        timeout: float = 10.0,
+        release: bool = True,
+    ) -> TransferResult:
+        """Copy the hand-off's blocks into ``dst_block_ids`` (same order) and verify them.
+
+        Raises a ``KVTransferError`` subclass on any failure, within ``timeout`` seconds. With
+        ``release`` the source's lease is released afterwards, on success and on failure alike
+        (best effort: an unreachable source lets the lease expire instead).
+        """
+        deadline = time.monotonic() + timeout
+        transport = "none"
+        try:
+            self._check_handoff(handoff, dst_block_ids)
+            address = handoff.endpoints.grpc_address
+            hs = self._handshake_for(handoff, deadline)
+            transport = self._choose(hs)
+            stub = self._stub(address)
+            if transport != "grpc":
+                self._extend(stub, handoff, deadline)  # one-sided reads: check the lease first
+            start = time.monotonic()
+            sink = self._sinks[transport]
+            sink.read(stub, handoff, hs.endpoints, dst_block_ids, deadline)
+            sink.verify(handoff, dst_block_ids)
+            seconds = time.monotonic() - start
+        except KVTransferError as error:
+            self.metrics.record_failure(transport, error.reason)
+            if release:
+                self.release(handoff, timeout=min(1.0, max(0.05, deadline - time.monotonic())))
+            raise
+        except Exception as error:  # a transport bug must not escape as a non-transfer error
+            self.metrics.record_failure(transport, PeerError.reason)
+            raise PeerError(f"KV pull failed: {type(error).__name__}: {error}") from error
+        nbytes = len(dst_block_ids) * self.pool.block_nbytes
+        self.metrics.record_transfer(transport, "received", nbytes, len(dst_block_ids))
+        self.metrics.seconds.labels(transport).observe(seconds)
+        if release:
+            self.release(handoff, timeout=max(0.5, deadline - time.monotonic()))
+        return TransferResult(transport, len(dst_block_ids), nbytes, seconds)
+
+    def release(self, handoff: pb.KVHandoff, timeout: float = 2.0) -> bool:
+        """Tell the source to free the hand-off's blocks now; False if it could not be told."""
+        try:
+            reply = self._stub(handoff.endpoints.grpc_address).Release(
+                pb.ReleaseRequest(lease=_lease_ref(handoff)), timeout=timeout
+            )
+        except grpc.RpcError as error:
+            log.info("KV release of %s failed: %s", handoff.lease_id, error_of(error, "Release"))
+            return False
+        return reply.released
+
+    def handshake(self, address: str, timeout: float = 5.0) -> pb.HandshakeResponse:
+        """Check compatibility with the source at ``address``; cache and return its answer."""
+        request = pb.HandshakeRequest(
+            protocol_version=PROTOCOL_VERSION,
+            compat=self.compat.to_proto(),
+            compat_hash=self.compat_hash,
+            engine_id=self.engine_id,
+            transports=list(self.transports),
+        )
+        try:
+            reply = self._stub(address).Handshake(request, timeout=timeout)
+        except grpc.RpcError as error:
+            raise error_of(error, f"Handshake with {address}") from None
+        if not layout_matches(reply.layout, self.pool):
+            raise IncompatiblePeerError(
+                f"block layout of {address} ({reply.layout}) differs from ours "
+                f"({self.pool.layout()})",
+                differences=("layout",),
+            )
+        with self._lock:
+            self._handshakes[address] = reply
+        return reply
+
+    def close(self) -> None:
+        for sink in self._sinks.values():
+            sink.close()
+        with self._lock:
+            for channel in self._channels.values():
+                channel.close()
+            self._channels.clear()
+
+    # -- steps -----------------------------------------------------------------------------
+    def _check_handoff(self, handoff: pb.KVHandoff, dst_block_ids: Sequence[int]) -> None:
+        if handoff.protocol_version != PROTOCOL_VERSION:
+            raise IncompatiblePeerError(
+                f"hand-off protocol_version {handoff.protocol_version}, ours {PROTOCOL_VERSION}",
+                differences=("protocol_version",),
+            )
+        n = len(handoff.block_ids)
+        if len(dst_block_ids) != n or len(handoff.block_checksums) != n:
+            raise InvalidHandoffError(
+                f"hand-off has {n} blocks and {len(handoff.block_checksums)} checksums, "
+                f"{len(dst_block_ids)} destination blocks given"
+            )
+        if len(set(dst_block_ids)) != n:
+            raise InvalidHandoffError("destination block ids repeat")
+        try:
+            self.pool.check_block_ids(dst_block_ids, "destination block ids")
+        except ValueError as error:
+            raise InvalidHandoffError(str(error)) from None
+        if not handoff.endpoints.grpc_address:
+            raise InvalidHandoffError("hand-off has no KVService address")
+
+    def _handshake_for(self, handoff: pb.KVHandoff, deadline: float) -> pb.HandshakeResponse:
+        address = handoff.endpoints.grpc_address
+        with self._lock:
+            hs = self._handshakes.get(address)
+        if hs is None or hs.epoch != handoff.epoch or hs.engine_id != handoff.engine_id:
+            hs = self.handshake(address, timeout=self._remaining(deadline, "Handshake"))
+        if hs.engine_id != handoff.engine_id or hs.epoch != handoff.epoch:
+            raise EpochMismatchError(
+                f"hand-off from {handoff.engine_id} epoch {handoff.epoch:#x}, but {address} now "
+                f"serves {hs.engine_id} epoch {hs.epoch:#x} (the source restarted)"
+            )
+        if handoff.compat_hash != self.compat_hash:  # handshake passed: the hand-off is odd
+            raise IncompatiblePeerError(
+                f"hand-off compat hash {handoff.compat_hash} is not ours ({self.compat_hash})",
+                differences=("compat_hash",),
+            )
+        return hs
+
+    def _choose(self, hs: pb.HandshakeResponse) -> str:
+        offered = set(hs.endpoints.transports)
+        for transport in self.transports:
+            if transport in offered and transport in self._sinks:
+                return transport
+        raise TransportUnavailableError(
+            f"no common KV transport: ours {self.transports}, theirs {sorted(offered)}"
+        )
+
+    def _extend(self, stub: pb_grpc.KVServiceStub, handoff: pb.KVHandoff, deadline: float):
+        try:
+            stub.ExtendLease(
+                pb.ExtendLeaseRequest(lease=_lease_ref(handoff)),
+                timeout=self._remaining(deadline, "ExtendLease"),
+            )
+        except grpc.RpcError as error:
+            raise error_of(error, "ExtendLease") from None
+
+    def _stub(self, address: str) -> pb_grpc.KVServiceStub:
+        with self._lock:
+            channel = self._channels.get(address)
+            if channel is None:
+                channel = grpc.insecure_channel(address, options=GRPC_OPTIONS)
+                self._channels[address] = channel
+        return pb_grpc.KVServiceStub(channel)
+
+    @staticmethod
+    def _remaining(deadline: float, what: str) -> float:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TransferTimeoutError(f"{what}: the pull's deadline passed")
+        return remaining
+
+
+def _lease_ref(handoff: pb.KVHandoff) -> pb.LeaseRef:
+    return pb.LeaseRef(lease_id=handoff.lease_id, engine_id=handoff.engine_id, epoch=handoff.epoch)
