@@ -1,6 +1,7 @@
 """`reshape_and_cache`: scatter new K/V rows into their slots of the paged block pool.
 
-One program per token copies its [num_kv_heads, head_dim] rows of K and V to
+Each program copies the [num_kv_heads, head_dim] rows of K and V of a few tokens (about 4K
+elements per program; fewer, larger programs also keep Triton's interpreter fast) to
 `block = slot // block_size`, `offset = slot % block_size`. A negative slot marks a padding
 token (e.g. a CUDA-graph batch padded to a fixed size) and is skipped. Pure data movement: values
 are stored bit-exactly, so bf16 needs no fp32 detour here.
@@ -14,6 +15,8 @@ import triton.language as tl
 
 from ._launch import Launch, check_kv_cache, check_tensor, next_pow2
 
+_ROW_ELEMENTS = 4096  # elements of K (and as many of V) copied per program
+
 
 @triton.jit
 def _reshape_and_cache_kernel(
@@ -22,6 +25,7 @@ def _reshape_and_cache_kernel(
     k_cache_ptr,
     v_cache_ptr,
     slot_ptr,
+    num_tokens,
     stride_kt,
     stride_kh,
     stride_vt,
@@ -32,23 +36,24 @@ def _reshape_and_cache_kernel(
     num_kv_heads,
     head_dim,
     block_size,
+    BLOCK_T: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    t = tl.program_id(0)
-    slot = tl.load(slot_ptr + t).to(tl.int64)
-    if slot >= 0:
-        block = slot // block_size
-        offset = slot % block_size
-        h = tl.arange(0, BLOCK_H)
-        d = tl.arange(0, BLOCK_D)
-        mask = (h[:, None] < num_kv_heads) & (d[None, :] < head_dim)
-        t64 = t.to(tl.int64)
-        k = tl.load(key_ptr + t64 * stride_kt + h[:, None] * stride_kh + d[None, :], mask=mask)
-        v = tl.load(value_ptr + t64 * stride_vt + h[:, None] * stride_vh + d[None, :], mask=mask)
-        dst = block * stride_cb + offset * stride_cs + h[:, None] * stride_ch + d[None, :]
-        tl.store(k_cache_ptr + dst, k, mask=mask)
-        tl.store(v_cache_ptr + dst, v, mask=mask)
+    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    slot = tl.load(slot_ptr + t, mask=t < num_tokens, other=-1).to(tl.int64)
+    # One token's [Hkv, D] rows flattened into a single vector axis.
+    hd = tl.arange(0, BLOCK_H * BLOCK_D)
+    h = hd // BLOCK_D
+    d = hd % BLOCK_D
+    mask = (slot >= 0)[:, None] & ((h < num_kv_heads) & (d < head_dim))[None, :]
+    t64 = t.to(tl.int64)[:, None]
+    k = tl.load(key_ptr + t64 * stride_kt + (h * stride_kh + d)[None, :], mask=mask)
+    v = tl.load(value_ptr + t64 * stride_vt + (h * stride_vh + d)[None, :], mask=mask)
+    row = (slot // block_size) * stride_cb + (slot % block_size) * stride_cs
+    dst = row[:, None] + (h * stride_ch + d)[None, :]
+    tl.store(k_cache_ptr + dst, k, mask=mask)
+    tl.store(v_cache_ptr + dst, v, mask=mask)
 
 
 def _check(
@@ -104,17 +109,20 @@ def plan_reshape_and_cache(
     v_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
 ) -> Launch:
-    """The launch of one (checked) `reshape_and_cache` call: one program per token."""
+    """The launch of one (checked) `reshape_and_cache` call: BLOCK_T tokens per program."""
     num_tokens, num_kv_heads, head_dim = key.shape
+    block_h, block_d = next_pow2(num_kv_heads), next_pow2(head_dim)
+    block_t = max(1, min(_ROW_ELEMENTS // (block_h * block_d), next_pow2(num_tokens)))
     return Launch(
         _reshape_and_cache_kernel,
-        (num_tokens,),
+        (triton.cdiv(num_tokens, block_t),),
         (
             key,
             value,
             k_cache,
             v_cache,
             slot_mapping,
+            num_tokens,
             key.stride(0),
             key.stride(1),
             value.stride(0),
@@ -126,7 +134,7 @@ def plan_reshape_and_cache(
             head_dim,
             k_cache.shape[1],
         ),
-        dict(BLOCK_H=next_pow2(num_kv_heads), BLOCK_D=next_pow2(head_dim)),
+        dict(BLOCK_T=block_t, BLOCK_H=block_h, BLOCK_D=block_d),
     )
 
 

@@ -137,6 +137,23 @@ def test_float16_and_single_kv_head(paged):
     )
 
 
+def test_strided_query_and_output_views(paged):
+    # q split off a fused qkv output and out a head slice of a wider buffer (offset storage).
+    gen = torch.Generator().manual_seed(6)
+    batch = paged.build(
+        [30, 12], num_kv_heads=2, head_dim=64, block_size=16, dtype=torch.float32, gen=gen
+    )
+    qkv = torch.randn(14, 10, 64, generator=gen).to(paged.device)
+    q = qkv[:, 2:8]
+    wide = torch.full((14, 9, 64), float("nan"), device=paged.device)
+    out = wide[:, 3:9]
+    qsl = torch.tensor([0, 9, 14], dtype=torch.int32, device=paged.device)
+    args = (q, batch.k_cache, batch.v_cache, batch.block_tables, qsl, batch.seq_lens, 0.125)
+    paged_prefill_attention(*args, out)
+    assert paged.rel_err(out, paged_prefill_attention_ref(*args)) < 1e-4
+    assert torch.isnan(wide[:, :3]).all()
+
+
 def test_rows_outside_query_ranges_are_untouched(paged):
     # query_start_loc need not cover all of q: rows past its end are left as they were.
     gen = torch.Generator().manual_seed(2)

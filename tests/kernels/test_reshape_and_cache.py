@@ -55,11 +55,13 @@ def test_matches_reference_and_skips_padding(paged, dtype, block_size, heads, he
 
 
 def test_strided_key_value_views(paged):
-    # key/value as slices of a fused qkv projection output: strided along tokens and heads.
+    # key as a slice of a fused qkv projection output (strided along tokens, offset storage),
+    # value with other strides again: each must be addressed with its own.
     gen = torch.Generator().manual_seed(8)
     kv = _pool(4, 16, 2, 64, torch.float32, paged.device, gen)
     qkv = torch.randn(10, 8, 64, generator=gen).to(paged.device)
-    key, value = qkv[:, 4:6], qkv[:, 6:8]
+    key = qkv[:, 4:6]
+    value = torch.randn(2, 10, 64, generator=gen).to(paged.device).transpose(0, 1)
     slots = torch.arange(10, device=paged.device) * 5
     expected = kv.clone()
     reshape_and_cache(key, value, kv[:, 0, 0], kv[:, 0, 1], slots)
