@@ -5,8 +5,8 @@ dtype mixes, control flow). This module compiles each wrapper's *planned* launch
 argument list and constexprs the wrapper would launch with) down to a cubin: Triton bundles LLVM
 and ptxas, so no device or driver is needed.
 
-Run it in a process where TRITON_INTERPRET is unset: the interpreter patches `triton.language`
-in place once it has run a kernel, after which the compiler fails.
+Run it in a process where TRITON_INTERPRET is unset and no kernel has been interpreted: after
+the interpreter has run these kernels, compiling them in the same process fails.
 
     python -P -m splitserve.kernels.aot --arch 90
 """
