@@ -411,3 +411,41 @@ def test_empty_batch_and_shape_errors():
         Sampler(V, EOS)(torch.zeros(2, V), make_rows([SamplingParams()]))
     with pytest.raises(ValueError, match="vocab"):
         Sampler(V, EOS)(torch.zeros(1, V - 1), make_rows([SamplingParams()]))
+
+
+def test_seeded_rows_reproducible_at_full_vocabulary_size():
+    """The real vocabulary size, LM-shaped logits, a busy batch (other filter paths are taken)."""
+    n = 49152
+    g = torch.Generator().manual_seed(0)
+    ranks = torch.arange(1, n + 1, dtype=torch.float32)
+    steps = [
+        torch.stack([(-1.2 * ranks.log())[torch.randperm(n, generator=g)] for _ in range(6)])
+        for _ in range(5)
+    ]
+    others = [
+        SamplingParams(),
+        SamplingParams(temperature=0),
+        SamplingParams(top_p=0.5),
+        SamplingParams(top_k=3000, top_p=0.99),
+        SamplingParams(logprobs=3, repetition_penalty=1.3, temperature=0.6),
+    ]
+
+    def run(params, at):
+        rows = make_rows(params)
+        sampler = Sampler(n, EOS)
+        got = []
+        for logits in steps:
+            batch = logits[: len(rows)].clone()
+            batch[at] = logits[0]
+            out = sampler(batch, rows)
+            got.append(out.token_ids[at])
+            for r, t in zip(rows, out.token_ids, strict=True):
+                r.output_token_ids = [*r.output_token_ids, t]
+        return got
+
+    for target in (
+        SamplingParams(seed=5, temperature=0.9, top_p=0.92),
+        SamplingParams(seed=7, top_k=40, min_p=0.05, presence_penalty=1.0),
+    ):
+        crowd = others[:3] + [target] + others[3:]
+        assert run([target], 0) == run(crowd, 3), target
