@@ -1,0 +1,280 @@
+"""The FastAPI application: OpenAI routes, auth, body limits, errors, health and metrics.
+
+Bodies are read and validated here rather than by FastAPI's parameter injection so that every
+failure (bad JSON, wrong types, oversize) comes back in the OpenAI error shape with the right code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel, ValidationError
+
+from splitserve.services.router.dispatch import Dispatcher, backend_error_to_api
+from splitserve.services.router.errors import APIError, BackendError, NoBackendError, error_body
+from splitserve.services.router.metrics import RouterMetrics
+from splitserve.services.router.pool import DECODE, PREFILL
+from splitserve.services.router.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
+)
+from splitserve.services.router.serving import OpenAIServing, Prepared
+
+log = logging.getLogger(__name__)
+
+M = TypeVar("M", bound=BaseModel)
+OPEN_PATHS = frozenset({"/health", "/metrics", "/ping"})
+
+
+@dataclass(frozen=True)
+class AppConfig:
+    served_names: tuple[str, ...]
+    api_keys: frozenset[str] = frozenset()
+    max_body_bytes: int = 8 << 20
+    session_header: str = "x-session-id"
+
+
+def _error_response(err: APIError) -> JSONResponse:
+    return JSONResponse(err.body(), status_code=err.status, headers=err.headers or None)
+
+
+def _validation_error(err: ValidationError) -> APIError:
+    first = err.errors()[0] if err.errors() else {}
+    loc = ".".join(str(x) for x in first.get("loc", ()) if not isinstance(x, int) or True)
+    message = "; ".join(
+        f"{'.'.join(str(x) for x in e.get('loc', ()))}: {e.get('msg')}" for e in err.errors()[:5]
+    )
+    return APIError(400, message or "invalid request", param=loc or None, code="invalid_value")
+
+
+def build_app(
+    config: AppConfig, serving: OpenAIServing, dispatcher: Dispatcher, metrics: RouterMetrics
+) -> FastAPI:
+    app = FastAPI(title="splitserve router", docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next: Callable[[Request], Awaitable[Response]]):
+        path = request.url.path
+        t0 = time.perf_counter()
+        if path not in OPEN_PATHS:
+            if config.api_keys and not _authorized(request, config.api_keys):
+                err = APIError(401, "invalid or missing API key", code="invalid_api_key")
+                return _record(metrics, path, t0, _error_response(err))
+            length = request.headers.get("content-length")
+            if length is not None and length.isdigit() and int(length) > config.max_body_bytes:
+                return _record(metrics, path, t0, _error_response(_too_large(config)))
+        try:
+            response = await call_next(request)
+        except APIError as err:
+            response = _error_response(err)
+        return _record(metrics, path, t0, response)
+
+    @app.exception_handler(APIError)
+    async def api_error(_: Request, err: APIError) -> JSONResponse:
+        return _error_response(err)
+
+    @app.exception_handler(404)
+    async def not_found(_: Request, __: Exception) -> JSONResponse:
+        return JSONResponse(error_body("not found", "not_found_error"), status_code=404)
+
+    @app.exception_handler(405)
+    async def not_allowed(_: Request, __: Exception) -> JSONResponse:
+        return JSONResponse(
+            error_body("method not allowed", "invalid_request_error"), status_code=405
+        )
+
+    async def parse(request: Request, model: type[M]) -> M:
+        body = await request.body()
+        if len(body) > config.max_body_bytes:
+            raise _too_large(config)
+        try:
+            data = json.loads(body)
+        except (ValueError, UnicodeDecodeError) as err:
+            raise APIError(400, f"invalid JSON body: {err}", code="invalid_json") from err
+        if not isinstance(data, dict):
+            raise APIError(400, "the request body must be a JSON object", code="invalid_json")
+        try:
+            return model.model_validate(data)
+        except ValidationError as err:
+            raise _validation_error(err) from err
+
+    def check_model(name: str | None) -> None:
+        if name is not None and name not in config.served_names:
+            raise APIError(
+                404,
+                f"The model `{name}` does not exist. Served: {', '.join(config.served_names)}",
+                param="model",
+                code="model_not_found",
+            )
+
+    def check_ready() -> None:
+        prefill, decode = dispatcher.pool.ready(PREFILL), dispatcher.pool.ready(DECODE)
+        metrics.ready_pods.labels(PREFILL).set(len(prefill))
+        metrics.ready_pods.labels(DECODE).set(len(decode))
+        if not prefill or not decode:
+            raise NoBackendError("no ready backend pod: the engines are starting or down")
+
+    async def run(request: Request, prepared: Prepared, stream: bool) -> Response:
+        t0 = time.perf_counter()
+        if stream:
+            return StreamingResponse(
+                _counted(metrics, serving.stream(prepared, t0)),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache", "X-Request-Id": prepared.rid},
+            )
+        metrics.inflight.inc()
+        try:
+            body = await _cancel_on_disconnect(request, serving.complete(prepared), metrics)
+        except BackendError as err:
+            raise backend_error_to_api(err) from err
+        finally:
+            metrics.inflight.dec()
+        return JSONResponse(body, headers={"X-Request-Id": prepared.rid})
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        req = await parse(request, CompletionRequest)
+        check_model(req.model)
+        prepared = serving.prepare_completion(req, request.headers.get(config.session_header))
+        check_ready()
+        return await run(request, prepared, req.stream)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        req = await parse(request, ChatCompletionRequest)
+        check_model(req.model)
+        prepared = serving.prepare_chat(req, request.headers.get(config.session_header))
+        check_ready()
+        return await run(request, prepared, req.stream)
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        created = int(time.time())
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": name,
+                    "object": "model",
+                    "created": created,
+                    "owned_by": "splitserve",
+                    "max_model_len": serving.max_model_len,
+                }
+                for name in config.served_names
+            ],
+        }
+
+    @app.get("/v1/models/{name:path}")
+    async def model(name: str) -> dict[str, Any]:
+        check_model(name)
+        return {
+            "id": name,
+            "object": "model",
+            "created": int(time.time()),
+            "owned_by": "splitserve",
+        }
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request) -> dict[str, Any]:
+        req = await parse(request, TokenizeRequest)
+        check_model(req.model)
+        if (req.prompt is None) == (req.messages is None):
+            raise APIError(400, "give exactly one of `prompt` and `messages`", param="prompt")
+        if req.messages is not None:
+            msgs = [{"role": m.role, "content": m.text()} for m in req.messages]
+            ids = serving.tok.apply_chat_template(msgs, req.add_generation_prompt)
+        else:
+            ids = serving.tok.encode(req.prompt or "", req.add_special_tokens)
+        return {"tokens": ids, "count": len(ids), "max_model_len": serving.max_model_len}
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request) -> dict[str, Any]:
+        req = await parse(request, DetokenizeRequest)
+        check_model(req.model)
+        if any(t < 0 or t >= serving.tok.vocab_size for t in req.tokens):
+            raise APIError(400, "token ids out of the vocabulary", param="tokens")
+        return {"prompt": serving.tok.decode(req.tokens, skip_special_tokens=False)}
+
+    @app.get("/health")
+    async def health() -> Response:
+        prefill, decode = dispatcher.pool.ready(PREFILL), dispatcher.pool.ready(DECODE)
+        body = {
+            "status": "ok" if prefill and decode else "unavailable",
+            "prefill_pods": len(prefill),
+            "decode_pods": len(decode),
+        }
+        return JSONResponse(body, status_code=200 if prefill and decode else 503)
+
+    @app.get("/metrics")
+    async def prom() -> Response:
+        metrics.ready_pods.labels(PREFILL).set(len(dispatcher.pool.ready(PREFILL)))
+        metrics.ready_pods.labels(DECODE).set(len(dispatcher.pool.ready(DECODE)))
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+def _too_large(config: AppConfig) -> APIError:
+    return APIError(
+        413, f"request body exceeds {config.max_body_bytes} bytes", code="request_too_large"
+    )
+
+
+def _authorized(request: Request, keys: frozenset[str]) -> bool:
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token:
+        return False
+    # Constant-time comparison against every key: no early exit that leaks which prefix matched.
+    ok = False
+    for key in keys:
+        ok |= hmac.compare_digest(token.strip().encode(), key.encode())
+    return ok
+
+
+def _record(metrics: RouterMetrics, path: str, t0: float, response: Response) -> Response:
+    endpoint = path if path.startswith("/v1/") or path in OPEN_PATHS else "other"
+    if endpoint.startswith("/v1/models/"):
+        endpoint = "/v1/models/{name}"
+    metrics.requests.labels(endpoint, str(response.status_code)).inc()
+    metrics.latency.labels(endpoint).observe(time.perf_counter() - t0)
+    return response
+
+
+async def _counted(metrics: RouterMetrics, agen):
+    metrics.inflight.inc()
+    try:
+        async for item in agen:
+            yield item
+    except (asyncio.CancelledError, GeneratorExit):
+        metrics.aborts.inc()
+        raise
+    finally:
+        metrics.inflight.dec()
+        await agen.aclose()
+
+
+async def _cancel_on_disconnect(request: Request, coro: Awaitable[Any], metrics: RouterMetrics):
+    """Run ``coro``; if the client disconnects first, cancel it (which aborts on the pods)."""
+    task = asyncio.ensure_future(coro)
+    while True:
+        done, _ = await asyncio.wait({task}, timeout=0.5)
+        if done:
+            return task.result()
+        if await request.is_disconnected():
+            metrics.aborts.inc()
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            raise APIError(499, "client closed the request")

@@ -1,0 +1,266 @@
+"""Finding engine pods: a static list (local mode) or Kubernetes EndpointSlices (in cluster).
+
+Kubernetes: the operator gives each engine role a headless Service; its EndpointSlices list the
+pods' addresses and readiness. The router lists and watches the slices matching the role's label
+selector, keeps only ready, non-terminating endpoints, and reads each endpoint's Pod (via
+``targetRef``) for its ``compatibility-hash`` label so that prefill and decode pods are paired only
+when their KV caches mean the same thing. When both selectors are equal, the pods are colocated.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import ssl
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from splitserve.services.router.pool import DECODE, PREFILL, Endpoint
+
+log = logging.getLogger(__name__)
+
+COMPAT_LABEL = "serving.splitserve.io/compatibility-hash"
+GRPC_PORT_NAME = "grpc"
+_SA_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
+
+
+def parse_addresses(text: str | None) -> list[str]:
+    """``host:port,host:port`` -> list (empty entries dropped, ports checked)."""
+    out = []
+    for item in (text or "").split(","):
+        item = item.strip()
+        if not item:
+            continue
+        host, sep, port = item.rpartition(":")
+        if not sep or not host or not port.isdigit():
+            raise ValueError(f"endpoint {item!r} is not host:port")
+        out.append(item)
+    return out
+
+
+def static_endpoints(
+    prefill: Iterable[str], decode: Iterable[str], colocated: Iterable[str]
+) -> list[Endpoint]:
+    """Endpoints of local mode. An address in both lists is a colocated pod."""
+    roles: dict[str, set[str]] = {}
+    for addr in prefill:
+        roles.setdefault(addr, set()).add(PREFILL)
+    for addr in decode:
+        roles.setdefault(addr, set()).add(DECODE)
+    for addr in colocated:
+        roles.setdefault(addr, set()).update((PREFILL, DECODE))
+    return [Endpoint(addr, frozenset(r)) for addr, r in roles.items()]
+
+
+# ---- Kubernetes: the pure part ------------------------------------------------------------------
+
+
+def _ready(endpoint: Mapping[str, Any]) -> bool:
+    cond = endpoint.get("conditions") or {}
+    # `ready` unset means unknown, which consumers should treat as ready (API docs);
+    # terminating endpoints are never routed to.
+    return cond.get("ready", True) is not False and not cond.get("terminating", False)
+
+
+def slice_endpoints(
+    slices: Iterable[Mapping[str, Any]],
+    pods: Mapping[str, Mapping[str, Any]],
+    roles: frozenset[str],
+    port_name: str = GRPC_PORT_NAME,
+) -> list[Endpoint]:
+    """Ready endpoints of ``slices`` as ``Endpoint`` s with ``roles``.
+
+    ``pods`` maps pod name -> Pod object (for the compatibility-hash label). An endpoint whose
+    pod is unknown is skipped: without its hash it can not be paired safely (it appears once
+    read).
+    """
+    out: dict[str, Endpoint] = {}
+    for s in slices:
+        if s.get("addressType", "IPv4") not in ("IPv4", "IPv6"):
+            continue
+        port = next(
+            (p.get("port") for p in s.get("ports") or [] if p.get("name") == port_name), None
+        )
+        if port is None:
+            continue
+        for ep in s.get("endpoints") or []:
+            if not _ready(ep) or not ep.get("addresses"):
+                continue
+            ref = ep.get("targetRef") or {}
+            pod = pods.get(ref.get("name", "")) if ref.get("kind", "Pod") == "Pod" else None
+            if pod is None:
+                continue
+            labels = (pod.get("metadata") or {}).get("labels") or {}
+            host = ep["addresses"][0]
+            address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+            out[address] = Endpoint(
+                address, roles, labels.get(COMPAT_LABEL, ""), ref.get("name", "")
+            )
+    return list(out.values())
+
+
+def merge_roles(prefill: list[Endpoint], decode: list[Endpoint]) -> list[Endpoint]:
+    """One Endpoint per address; an address in both lists serves both roles."""
+    merged: dict[str, Endpoint] = {}
+    for e in [*prefill, *decode]:
+        old = merged.get(e.address)
+        merged[e.address] = (
+            e if old is None else Endpoint(e.address, old.roles | e.roles, e.compat_hash, e.name)
+        )
+    return list(merged.values())
+
+
+# ---- Kubernetes: the API client ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class KubeAccess:
+    """Where the API server is and how to authenticate."""
+
+    server: str
+    token: str | None = None
+    ca_file: str | None = None
+    verify: bool = True
+
+    @classmethod
+    def detect(cls, server: str | None = None) -> KubeAccess:
+        if server:
+            return cls(server.rstrip("/"), verify=False)
+        host, port = (
+            os.environ.get("KUBERNETES_SERVICE_HOST"),
+            os.environ.get("KUBERNETES_SERVICE_PORT", "443"),
+        )
+        if host and (_SA_DIR / "token").exists():
+            h = f"[{host}]" if ":" in host else host
+            return cls(
+                f"https://{h}:{port}",
+                token=(_SA_DIR / "token").read_text().strip(),
+                ca_file=str(_SA_DIR / "ca.crt"),
+            )
+        from kubernetes import client, config  # kubeconfig (development outside a cluster)
+
+        config.load_kube_config()
+        c = client.Configuration.get_default_copy()
+        token = (c.api_key or {}).get("authorization", "").removeprefix("Bearer ") or None
+        return cls(c.host.rstrip("/"), token=token, ca_file=c.ssl_ca_cert, verify=c.verify_ssl)
+
+    def client(self) -> httpx.AsyncClient:
+        verify: bool | ssl.SSLContext = self.verify
+        if self.verify and self.ca_file:
+            verify = ssl.create_default_context(cafile=self.ca_file)
+        headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
+        return httpx.AsyncClient(
+            base_url=self.server,
+            headers=headers,
+            verify=verify,
+            timeout=httpx.Timeout(30, read=None),
+        )
+
+
+class KubernetesDiscovery:
+    """Watches the role selectors' EndpointSlices and reports the endpoint set on every change."""
+
+    def __init__(
+        self,
+        access: KubeAccess,
+        namespace: str,
+        prefill_selector: str,
+        decode_selector: str,
+        on_change: Callable[[list[Endpoint]], None],
+        *,
+        port_name: str = GRPC_PORT_NAME,
+    ) -> None:
+        self.access = access
+        self.namespace = namespace
+        self.on_change = on_change
+        self.port_name = port_name
+        if prefill_selector == decode_selector:
+            self._selectors = {prefill_selector: frozenset((PREFILL, DECODE))}
+        else:
+            self._selectors = {
+                prefill_selector: frozenset((PREFILL,)),
+                decode_selector: frozenset((DECODE,)),
+            }
+        self._slices: dict[str, dict[str, dict[str, Any]]] = {s: {} for s in self._selectors}
+        self._pods: dict[str, dict[str, Any]] = {}
+        self._last: list[Endpoint] | None = None
+
+    @property
+    def _slices_path(self) -> str:
+        return f"/apis/discovery.k8s.io/v1/namespaces/{self.namespace}/endpointslices"
+
+    async def run(self) -> None:
+        async with self.access.client() as http:
+            await asyncio.gather(*(self._watch(http, sel) for sel in self._selectors))
+
+    async def _watch(self, http: httpx.AsyncClient, selector: str) -> None:
+        """List, then watch from the list's resourceVersion; relist after any break."""
+        while True:
+            try:
+                r = await http.get(self._slices_path, params={"labelSelector": selector})
+                r.raise_for_status()
+                body = r.json()
+                self._slices[selector] = {_key(s): s for s in body.get("items", [])}
+                await self._publish(http)
+                params = {
+                    "labelSelector": selector,
+                    "watch": "1",
+                    "allowWatchBookmarks": "true",
+                    "resourceVersion": (body.get("metadata") or {}).get("resourceVersion", ""),
+                }
+                async with http.stream("GET", self._slices_path, params=params) as resp:
+                    resp.raise_for_status()
+                    async for line in resp.aiter_lines():
+                        if not line.strip():
+                            continue
+                        event = json.loads(line)
+                        kind, obj = event.get("type"), event.get("object") or {}
+                        if kind == "ERROR":
+                            break  # e.g. 410 Gone: relist
+                        if kind == "BOOKMARK":
+                            continue
+                        if kind == "DELETED":
+                            self._slices[selector].pop(_key(obj), None)
+                        else:
+                            self._slices[selector][_key(obj)] = obj
+                        await self._publish(http)
+            except asyncio.CancelledError:
+                raise
+            except Exception as err:  # noqa: BLE001 - any API hiccup: back off and relist
+                log.warning("EndpointSlice watch (%s) failed: %s", selector, err)
+            await asyncio.sleep(1.0)
+
+    async def _publish(self, http: httpx.AsyncClient) -> None:
+        names = {
+            (ep.get("targetRef") or {}).get("name")
+            for slices in self._slices.values()
+            for s in slices.values()
+            for ep in s.get("endpoints") or []
+            if (ep.get("targetRef") or {}).get("kind", "Pod") == "Pod"
+        }
+        for name in sorted(n for n in names if n and n not in self._pods):
+            r = await http.get(f"/api/v1/namespaces/{self.namespace}/pods/{name}")
+            if r.status_code == 200:
+                self._pods[name] = r.json()
+        for name in [n for n in self._pods if n not in names]:
+            del self._pods[name]  # gone pods: a new pod with the same name is re-read
+        per_role = [
+            slice_endpoints(self._slices[sel].values(), self._pods, roles, self.port_name)
+            for sel, roles in self._selectors.items()
+        ]
+        endpoints = merge_roles(per_role[0], per_role[1] if len(per_role) > 1 else [])
+        endpoints.sort(key=lambda e: e.address)
+        if endpoints != self._last:
+            self._last = endpoints
+            self.on_change(endpoints)
+
+
+def _key(obj: Mapping[str, Any]) -> str:
+    meta = obj.get("metadata") or {}
+    return meta.get("uid") or meta.get("name", "")

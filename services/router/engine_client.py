@@ -1,0 +1,100 @@
+"""gRPC client of one engine pod: prefill, decode streams, abort, stats and KV events.
+
+One ``grpc.aio`` channel per pod carries every service (the pods serve them all on one port).
+Failures are translated into ``BackendError`` with ``retryable`` set when another pod could
+succeed (the pod is down, overloaded or restarting), and unset when the request itself was bad.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import grpc
+
+from splitserve.proto import splitserve_pb2 as pb
+from splitserve.proto import splitserve_pb2_grpc as pb_grpc
+from splitserve.services.router.errors import BackendError
+
+# Status codes that say "this pod could not do it", not "the request is wrong".
+_RETRYABLE = {
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.ABORTED,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.INTERNAL,
+    grpc.StatusCode.UNKNOWN,
+    grpc.StatusCode.CANCELLED,
+    grpc.StatusCode.FAILED_PRECONDITION,  # e.g. an expired lease / incompatible pods
+}
+
+_CHANNEL_OPTIONS = [
+    ("grpc.max_receive_message_length", 64 << 20),
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.http2.max_pings_without_data", 0),
+    ("grpc.keepalive_permit_without_calls", 1),
+]
+
+
+def to_backend_error(err: grpc.RpcError, address: str) -> BackendError:
+    code = err.code() if hasattr(err, "code") else grpc.StatusCode.UNKNOWN
+    details = err.details() if hasattr(err, "details") else str(err)
+    if code == grpc.StatusCode.INVALID_ARGUMENT:
+        # The pod rejected the request itself: the client's fault, same answer on any pod.
+        return BackendError(
+            details or "invalid request", retryable=False, pod=address, http_status=400
+        )
+    return BackendError(
+        f"{address}: {code.name if code else 'UNKNOWN'}: {details}",
+        retryable=code in _RETRYABLE,
+        pod=address,
+    )
+
+
+class EngineClient:
+    """Async stubs of one pod, sharing one channel."""
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self.channel = grpc.aio.insecure_channel(address, options=_CHANNEL_OPTIONS)
+        self._prefill = pb_grpc.PrefillServiceStub(self.channel)
+        self._decode = pb_grpc.DecodeServiceStub(self.channel)
+        self._engine = pb_grpc.EngineServiceStub(self.channel)
+
+    async def prefill(self, request: pb.PrefillRequest, timeout: float) -> pb.PrefillResponse:
+        try:
+            return await self._prefill.Prefill(request, timeout=timeout)
+        except grpc.RpcError as err:
+            raise to_backend_error(err, self.address) from err
+
+    def generate(self, request: pb.GenerateRequest) -> grpc.aio.UnaryStreamCall:
+        """The raw stream call: the caller iterates it and may ``cancel()`` it (client gone)."""
+        return self._decode.Generate(request)
+
+    async def iterate(self, call: grpc.aio.UnaryStreamCall) -> AsyncIterator[pb.GenerateResponse]:
+        try:
+            async for message in call:
+                yield message
+        except grpc.RpcError as err:
+            raise to_backend_error(err, self.address) from err
+
+    async def abort(self, request_ids: list[str], timeout: float = 2.0) -> int:
+        try:
+            reply = await self._decode.Abort(
+                pb.AbortRequest(request_ids=request_ids), timeout=timeout
+            )
+        except grpc.RpcError:
+            return 0  # best effort: the cancelled stream already told the pod
+        return reply.num_aborted
+
+    async def stats(self, timeout: float = 2.0) -> pb.EngineStats:
+        try:
+            return await self._engine.GetStats(pb.StatsRequest(), timeout=timeout)
+        except grpc.RpcError as err:
+            raise to_backend_error(err, self.address) from err
+
+    def subscribe_kv_events(self, snapshot: bool = True) -> grpc.aio.UnaryStreamCall:
+        return self._engine.SubscribeKVEvents(pb.SubscribeKVEventsRequest(snapshot=snapshot))
+
+    async def close(self) -> None:
+        await self.channel.close(grace=None)

@@ -1,0 +1,244 @@
+"""`splitserve router`: the OpenAI-compatible front door over prefill and decode pools.
+
+Local mode: ``--prefill-endpoints``, ``--decode-endpoints`` and/or ``--colocated-endpoints``.
+In a cluster (as the operator runs it): ``--discovery kubernetes --namespace NS
+--prefill-selector SEL --decode-selector SEL``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from fastapi import FastAPI
+
+from splitserve.services.router.app import AppConfig, build_app
+from splitserve.services.router.discovery import (
+    KubeAccess,
+    KubernetesDiscovery,
+    parse_addresses,
+    static_endpoints,
+)
+from splitserve.services.router.dispatch import Dispatcher
+from splitserve.services.router.metrics import RouterMetrics
+from splitserve.services.router.policy import POLICIES, Weights
+from splitserve.services.router.pool import Pool
+from splitserve.services.router.prefix_index import PrefixIndex
+from splitserve.services.router.retry import RetryBudget, RetryConfig
+from splitserve.services.router.serving import OpenAIServing
+from splitserve.services.router.tokenizer import RouterTokenizer, load_tokenizer
+
+log = logging.getLogger("splitserve.router")
+
+API_KEYS_ENV = "SPLITSERVE_API_KEYS"  # comma- or newline-separated
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument(
+        "--model", default=None, help="model dir or .gguf for the tokenizer (default: SmolLM2)"
+    )
+    p.add_argument(
+        "--served-name",
+        action="append",
+        default=None,
+        help="model name clients send (repeatable; default: the model's name)",
+    )
+    p.add_argument(
+        "--max-model-len", type=int, default=None, help="context length (default: config)"
+    )
+    g = p.add_argument_group("discovery")
+    g.add_argument("--discovery", choices=("static", "kubernetes"), default="static")
+    g.add_argument("--prefill-endpoints", default="", help="host:port,... of prefill pods")
+    g.add_argument("--decode-endpoints", default="", help="host:port,... of decode pods")
+    g.add_argument("--colocated-endpoints", default="", help="host:port,... of pods doing both")
+    g.add_argument("--namespace", default=os.environ.get("POD_NAMESPACE", "default"))
+    g.add_argument("--prefill-selector", default="")
+    g.add_argument("--decode-selector", default="")
+    g.add_argument("--kube-api-server", default=None, help="API server URL (default: in-cluster)")
+    r = p.add_argument_group("routing")
+    r.add_argument("--policy", choices=POLICIES, default="prefix")
+    r.add_argument("--prefix-weight", type=float, default=Weights.prefix)
+    r.add_argument("--load-weight", type=float, default=Weights.load)
+    r.add_argument("--load-capacity", type=float, default=Weights.capacity,
+                   help="queue depth at which a pod counts as fully loaded")  # fmt: skip
+    r.add_argument("--session-header", default="x-session-id")
+    r.add_argument("--no-kv-events", action="store_true", help="approximate prefix index only")
+    r.add_argument("--speculative-ttl", type=float, default=10.0,
+                   help="seconds a routed (not yet reported) prefix counts as cached")  # fmt: skip
+    r.add_argument("--stats-interval", type=float, default=0.5)
+    r.add_argument("--retry-max-attempts", type=int, default=RetryConfig.max_attempts)
+    r.add_argument("--retry-ratio", type=float, default=RetryConfig.ratio)
+    r.add_argument("--prefill-timeout", type=float, default=120.0)
+    a = p.add_argument_group("API")
+    a.add_argument("--api-key", action="append", default=[], help="accepted key (repeatable)")
+    a.add_argument("--api-key-file", default=None, help="file with keys, one per line")
+    a.add_argument("--max-body-bytes", type=int, default=8 << 20)
+    p.add_argument("--log-level", default="info")
+
+
+@dataclass(frozen=True)
+class RouterSettings:
+    """Everything `build_router` needs, independent of argparse (tests build it directly)."""
+
+    served_names: tuple[str, ...]
+    policy: str = "prefix"
+    weights: Weights = Weights()
+    retry: RetryConfig = RetryConfig()
+    api_keys: frozenset[str] = frozenset()
+    max_body_bytes: int = 8 << 20
+    max_model_len: int | None = None
+    session_header: str = "x-session-id"
+    use_kv_events: bool = True
+    speculative_ttl_s: float = 10.0
+    stats_interval_s: float = 0.5
+    prefill_timeout_s: float = 120.0
+
+
+def read_api_keys(keys: list[str], key_file: str | None, env: str | None) -> frozenset[str]:
+    found = [k.strip() for k in keys]
+    if key_file:
+        found += Path(key_file).read_text().splitlines()
+    if env:
+        found += env.replace(",", "\n").splitlines()
+    return frozenset(k.strip() for k in found if k.strip())
+
+
+def build_router(
+    settings: RouterSettings,
+    tokenizer: RouterTokenizer,
+    start_discovery: Callable[[Pool], Awaitable[None]],
+) -> FastAPI:
+    """The app with its pool, dispatcher and metrics; discovery starts with the app's lifespan."""
+    metrics = RouterMetrics()
+    index = PrefixIndex(speculative_ttl_s=settings.speculative_ttl_s)
+    max_len = settings.max_model_len or tokenizer.max_model_len
+    holder: dict[str, object] = {}
+
+    # Pool and dispatcher need the running loop (asyncio.Event, tasks): built in the lifespan.
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        pool = Pool(index, stats_interval_s=settings.stats_interval_s,
+                    use_kv_events=settings.use_kv_events)  # fmt: skip
+        dispatcher.pool = pool
+        task = asyncio.create_task(start_discovery(pool))
+        holder["pool"] = pool
+        try:
+            yield
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            await pool.close()
+
+    dispatcher = Dispatcher(
+        _PlaceholderPool(index),  # replaced in the lifespan
+        policy=settings.policy,
+        weights=settings.weights,
+        budget=RetryBudget(settings.retry),
+        prefill_timeout_s=settings.prefill_timeout_s,
+    )
+    serving = OpenAIServing(tokenizer, dispatcher, metrics, max_model_len=max_len)
+    config = AppConfig(
+        served_names=settings.served_names,
+        api_keys=settings.api_keys,
+        max_body_bytes=settings.max_body_bytes,
+        session_header=settings.session_header,
+    )
+    app = build_app(config, serving, dispatcher, metrics)
+    app.router.lifespan_context = lifespan
+    app.state.dispatcher = dispatcher
+    app.state.metrics = metrics
+    return app
+
+
+class _PlaceholderPool:
+    """Stands in until the lifespan builds the real pool: no pods, so requests get 503."""
+
+    def __init__(self, index: PrefixIndex) -> None:
+        self.index = index
+        self.pods: dict = {}
+
+    def ready(self, role: str) -> list:
+        return []
+
+
+def static_discovery(prefill: list[str], decode: list[str], colocated: list[str]):
+    endpoints = static_endpoints(prefill, decode, colocated)
+
+    async def start(pool: Pool) -> None:
+        pool.set_endpoints(endpoints)
+        await asyncio.Event().wait()
+
+    return start
+
+
+def kubernetes_discovery(args: argparse.Namespace):
+    async def start(pool: Pool) -> None:
+        access = KubeAccess.detect(args.kube_api_server)
+        disco = KubernetesDiscovery(
+            access, args.namespace, args.prefill_selector, args.decode_selector, pool.set_endpoints
+        )
+        await disco.run()
+
+    return start
+
+
+def run(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    if args.discovery == "static":
+        prefill = parse_addresses(args.prefill_endpoints)
+        decode = parse_addresses(args.decode_endpoints)
+        colocated = parse_addresses(args.colocated_endpoints)
+        if not colocated and not (prefill and decode):
+            raise SystemExit(
+                "router: give --colocated-endpoints, or both --prefill-endpoints and "
+                "--decode-endpoints (or --discovery kubernetes)"
+            )
+        start = static_discovery(prefill, decode, colocated)
+    else:
+        if not args.prefill_selector or not args.decode_selector:
+            raise SystemExit("router: --discovery kubernetes needs both selectors")
+        start = kubernetes_discovery(args)
+    tokenizer = load_tokenizer(args.model)
+    names = tuple(args.served_name or [_default_name(args.model)])
+    settings = RouterSettings(
+        served_names=names,
+        policy=args.policy,
+        weights=Weights(
+            prefix=args.prefix_weight, load=args.load_weight, capacity=args.load_capacity
+        ),
+        retry=RetryConfig(max_attempts=args.retry_max_attempts, ratio=args.retry_ratio),
+        api_keys=read_api_keys(args.api_key, args.api_key_file, os.environ.get(API_KEYS_ENV)),
+        max_body_bytes=args.max_body_bytes,
+        max_model_len=args.max_model_len,
+        session_header=args.session_header.lower(),
+        use_kv_events=not args.no_kv_events,
+        speculative_ttl_s=args.speculative_ttl,
+        stats_interval_s=args.stats_interval,
+        prefill_timeout_s=args.prefill_timeout,
+    )
+    app = build_router(settings, tokenizer, start)
+    log.info(
+        "router on http://%s:%d serving %s (policy %s)", args.host, args.port, names, args.policy
+    )
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
+    return 0
+
+
+def _default_name(model: str | None) -> str:
+    from splitserve.services.engine.model.loader import DEFAULT_MODEL_NAME
+
+    if model is None or model in ("", "default"):
+        return DEFAULT_MODEL_NAME
+    return Path(model).stem if model.endswith(".gguf") else Path(model).name

@@ -1,0 +1,66 @@
+"""The router's Prometheus metrics, in a registry of its own (no process-global state)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+
+class RouterMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "splitserve_router_requests",
+            "HTTP requests by endpoint and status code",
+            ["endpoint", "status"],
+            registry=r,
+        )
+        self.latency = Histogram(
+            "splitserve_router_request_seconds",
+            "End-to-end request latency",
+            ["endpoint"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.ttft = Histogram(
+            "splitserve_router_time_to_first_token_seconds",
+            "Time from request arrival to the first streamed token",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.inflight = Gauge(
+            "splitserve_router_inflight_requests", "Requests in progress", registry=r
+        )
+        self.routed = Counter(
+            "splitserve_router_routed",
+            "Samples routed, by pod and role",
+            ["pod", "role"],
+            registry=r,
+        )
+        self.matched_tokens = Counter(
+            "splitserve_router_prefix_matched_tokens",
+            "Prompt tokens the chosen pod was expected to hold in its prefix cache",
+            registry=r,
+        )
+        self.prompt_tokens = Counter(
+            "splitserve_router_prompt_tokens", "Prompt tokens routed", registry=r
+        )
+        self.cached_tokens = Counter(
+            "splitserve_router_cached_tokens",
+            "Prompt tokens the engines reported served from a prefix cache",
+            registry=r,
+        )
+        self.generation_tokens = Counter(
+            "splitserve_router_generation_tokens", "Generated tokens", registry=r
+        )
+        self.retries = Counter(
+            "splitserve_router_retries", "Samples retried on another pod", registry=r
+        )
+        self.aborts = Counter(
+            "splitserve_router_client_aborts", "Requests whose client went away", registry=r
+        )
+        self.ready_pods = Gauge(
+            "splitserve_router_ready_pods", "Ready pods by role", ["role"], registry=r
+        )

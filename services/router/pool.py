@@ -1,0 +1,181 @@
+"""The set of engine pods the router can use, their load and their cache contents.
+
+Discovery (static list or Kubernetes) calls ``set_endpoints``; the pool then keeps, per pod, a gRPC
+client, a stats poller (``GetStats``: queues, KV usage, block size) and a KV-event subscriber that
+feeds the precise prefix index. A pod is routable while it is listed by discovery AND its last
+stats poll succeeded; a failed call marks it unhealthy until the next successful poll.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass, field
+
+import grpc
+
+from splitserve.proto import splitserve_pb2 as pb
+from splitserve.services.router.engine_client import EngineClient
+from splitserve.services.router.errors import BackendError
+from splitserve.services.router.kv_events import ResyncNeeded, StreamCursor, apply_batch
+from splitserve.services.router.policy import Candidate
+from splitserve.services.router.prefix_index import PrefixIndex
+
+log = logging.getLogger(__name__)
+
+PREFILL, DECODE = "prefill", "decode"
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """One engine pod as discovery sees it."""
+
+    address: str  # host:port of its gRPC server
+    roles: frozenset[str]  # {"prefill"}, {"decode"} or both (colocated)
+    compat_hash: str = ""  # the pod's compatibility-hash label ("" when unknown: local mode)
+    name: str = ""  # pod name, for logs
+
+    @property
+    def pod_id(self) -> str:
+        return self.address
+
+    @property
+    def colocated(self) -> bool:
+        return PREFILL in self.roles and DECODE in self.roles
+
+
+@dataclass
+class PodState:
+    endpoint: Endpoint
+    client: EngineClient
+    stats: pb.EngineStats | None = None
+    healthy: bool = False
+    inflight: int = 0
+    events_live: bool = False
+    tasks: list[asyncio.Task] = field(default_factory=list)
+
+    @property
+    def block_size(self) -> int:
+        return self.stats.block_size if self.stats and self.stats.block_size else 16
+
+    def candidate(self, matched_blocks: int) -> Candidate:
+        s = self.stats
+        return Candidate(
+            pod_id=self.endpoint.pod_id,
+            matched_blocks=matched_blocks,
+            running=s.num_requests_running if s else 0,
+            waiting=s.num_requests_waiting if s else 0,
+            kv_usage=s.kv_cache_usage if s else 0.0,
+            inflight=self.inflight,
+        )
+
+
+class Pool:
+    """Pods by id, with their background pollers. Runs on one asyncio loop."""
+
+    def __init__(
+        self,
+        index: PrefixIndex,
+        *,
+        stats_interval_s: float = 0.5,
+        use_kv_events: bool = True,
+    ) -> None:
+        self.index = index
+        self.stats_interval_s = stats_interval_s
+        self.use_kv_events = use_kv_events
+        self.pods: dict[str, PodState] = {}
+        self.changed = asyncio.Event()
+
+    def set_endpoints(self, endpoints: list[Endpoint]) -> None:
+        """Make the pod set equal ``endpoints``: start new pods' pollers, stop removed ones."""
+        wanted = {e.pod_id: e for e in endpoints}
+        for pod_id in list(self.pods):
+            if pod_id not in wanted or wanted[pod_id] != self.pods[pod_id].endpoint:
+                self._remove(pod_id)
+        for pod_id, endpoint in wanted.items():
+            if pod_id not in self.pods:
+                self._add(endpoint)
+        self.changed.set()
+
+    def _add(self, endpoint: Endpoint) -> None:
+        state = PodState(endpoint, EngineClient(endpoint.address))
+        self.pods[endpoint.pod_id] = state
+        state.tasks.append(asyncio.create_task(self._poll_stats(state)))
+        if self.use_kv_events:
+            state.tasks.append(asyncio.create_task(self._follow_kv_events(state)))
+
+    def _remove(self, pod_id: str) -> None:
+        state = self.pods.pop(pod_id)
+        for task in state.tasks:
+            task.cancel()
+        self.index.drop_pod(pod_id)
+        asyncio.get_running_loop().create_task(state.client.close())
+
+    async def close(self) -> None:
+        for pod_id in list(self.pods):
+            self._remove(pod_id)
+        await asyncio.sleep(0)
+
+    def ready(self, role: str) -> list[PodState]:
+        return [p for p in self.pods.values() if p.healthy and role in p.endpoint.roles]
+
+    def mark_failed(self, pod_id: str) -> None:
+        """A call failed for a pod-level reason: stop routing there until a poll succeeds."""
+        state = self.pods.get(pod_id)
+        if state is not None:
+            state.healthy = False
+
+    async def refresh(self, state: PodState) -> None:
+        try:
+            state.stats = await state.client.stats()
+            state.healthy = True
+        except BackendError:
+            state.healthy = False
+
+    async def _poll_stats(self, state: PodState) -> None:
+        while True:
+            was = state.healthy
+            await self.refresh(state)
+            if was != state.healthy:
+                log.info(
+                    "pod %s is %s", state.endpoint.address, "ready" if state.healthy else "down"
+                )
+                self.changed.set()
+            await asyncio.sleep(self.stats_interval_s)
+
+    async def _follow_kv_events(self, state: PodState) -> None:
+        """Mirror the pod's prefix cache; reconnect (with a snapshot) after any break."""
+        blocks = self.index.pod(state.endpoint.pod_id)
+        delay = 0.2
+        while True:
+            cursor = StreamCursor()
+            call = state.client.subscribe_kv_events(snapshot=True)
+            try:
+                async for batch in call:
+                    apply_batch(blocks, cursor, batch)
+                    blocks.live = state.events_live = True
+                    delay = 0.2
+            except ResyncNeeded as why:
+                log.info("pod %s KV events resync: %s", state.endpoint.address, why)
+            except grpc.RpcError as err:
+                if err.code() == grpc.StatusCode.UNIMPLEMENTED:
+                    log.info("pod %s has no KV events: approximate index", state.endpoint.address)
+                    blocks.live = state.events_live = False
+                    return
+            finally:
+                call.cancel()
+            blocks.live = state.events_live = False
+            blocks.clear()
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+
+@contextlib.contextmanager
+def track_inflight(state: PodState):
+    """Count a request against a pod while it runs (fresher than polled stats)."""
+    state.inflight += 1
+    try:
+        yield state
+    finally:
+        state.inflight -= 1

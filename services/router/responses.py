@@ -1,0 +1,176 @@
+"""OpenAI response bodies and stream chunks, built from the decode pods' messages.
+
+Plain dicts (JSON-ready) in exactly the shapes the official SDK parses: completions, chat
+completions, their ``chunk`` variants, usage with ``prompt_tokens_details.cached_tokens`` and both
+logprobs formats (the legacy completions one and the chat ``content`` list).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from splitserve.proto import splitserve_pb2 as pb
+from splitserve.services.router.tokenizer import RouterTokenizer
+
+FINISH_REASONS = {
+    pb.FINISH_REASON_UNSPECIFIED: None,
+    pb.FINISH_REASON_STOP: "stop",
+    pb.FINISH_REASON_LENGTH: "length",
+    pb.FINISH_REASON_ABORT: "abort",
+    pb.FINISH_REASON_ERROR: "error",
+}
+
+
+@dataclass
+class SampleResult:
+    """One choice accumulated from its stream."""
+
+    index: int
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[pb.TokenLogprobs] = field(default_factory=list)
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+
+    def add(self, msg: pb.GenerateResponse) -> None:
+        self.text += msg.text
+        self.token_ids.extend(msg.token_ids)
+        self.logprobs.extend(msg.logprobs)
+        if msg.finish_reason:
+            self.finish_reason = FINISH_REASONS[msg.finish_reason]
+        if msg.HasField("usage"):
+            self.prompt_tokens = msg.usage.prompt_tokens
+            self.completion_tokens = msg.usage.completion_tokens
+            self.cached_tokens = msg.usage.cached_tokens
+
+
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict[str, Any]:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": cached_tokens},
+    }
+
+
+def total_usage(results: list[SampleResult], prompt_lens: list[int]) -> dict[str, Any]:
+    """Usage of a request: each prompt counted once (n samples share it), every sample's output.
+
+    Cached tokens: the best cache hit of each prompt's samples (the prompt was served once from
+    the client's point of view).
+    """
+    per_prompt_cached: dict[int, int] = {}
+    n = max(1, len(results) // max(1, len(prompt_lens)))
+    for r in results:
+        p = r.index // n
+        per_prompt_cached[p] = max(per_prompt_cached.get(p, 0), r.cached_tokens)
+    return usage(
+        sum(prompt_lens),
+        sum(r.completion_tokens or len(r.token_ids) for r in results),
+        sum(per_prompt_cached.values()),
+    )
+
+
+# ---- logprobs ----------------------------------------------------------------------------------
+
+
+def completion_logprobs(
+    tok: RouterTokenizer, entries: list[pb.TokenLogprobs], text_offset: int
+) -> dict[str, Any]:
+    """The legacy completions format: parallel lists plus per-position top dicts."""
+    tokens, lps, tops, offsets = [], [], [], []
+    offset = text_offset
+    for e in entries:
+        text = tok.token_text(e.token_id)
+        tokens.append(text)
+        lps.append(e.logprob)
+        tops.append({tok.token_text(t.token_id): t.logprob for t in e.top} if e.top else None)
+        offsets.append(offset)
+        offset += len(text)
+    return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
+
+
+def chat_logprobs(tok: RouterTokenizer, entries: list[pb.TokenLogprobs]) -> dict[str, Any]:
+    def item(token_id: int, logprob: float) -> dict[str, Any]:
+        text = tok.token_text(token_id)
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+    return {
+        "content": [
+            item(e.token_id, e.logprob)
+            | {"top_logprobs": [item(t.token_id, t.logprob) for t in e.top]}
+            for e in entries
+        ]
+    }
+
+
+# ---- whole responses ---------------------------------------------------------------------------
+
+
+def completion_response(
+    rid: str, created: int, model: str, choices: list[dict[str, Any]], usage_: dict[str, Any]
+) -> dict[str, Any]:
+    return {
+        "id": rid,
+        "object": "text_completion",
+        "created": created,
+        "model": model,
+        "choices": choices,
+        "usage": usage_,
+    }
+
+
+def chat_response(
+    rid: str, created: int, model: str, choices: list[dict[str, Any]], usage_: dict[str, Any]
+) -> dict[str, Any]:
+    return {
+        "id": rid,
+        "object": "chat.completion",
+        "created": created,
+        "model": model,
+        "choices": choices,
+        "usage": usage_,
+    }
+
+
+def completion_chunk(
+    rid: str, created: int, model: str, choices: list[dict[str, Any]], usage_: Any = None
+) -> dict[str, Any]:
+    chunk = {
+        "id": rid,
+        "object": "text_completion",
+        "created": created,
+        "model": model,
+        "choices": choices,
+    }
+    if usage_ is not None:
+        chunk["usage"] = usage_
+    return chunk
+
+
+def chat_chunk(
+    rid: str, created: int, model: str, choices: list[dict[str, Any]], usage_: Any = None
+) -> dict[str, Any]:
+    chunk = {
+        "id": rid,
+        "object": "chat.completion.chunk",
+        "created": created,
+        "model": model,
+        "choices": choices,
+    }
+    if usage_ is not None:
+        chunk["usage"] = usage_
+    return chunk
+
+
+def sse(payload: dict[str, Any] | str) -> bytes:
+    """One server-sent event (``data: ...`` and a blank line)."""
+    data = payload if isinstance(payload, str) else json.dumps(payload, separators=(",", ":"))
+    return f"data: {data}\n\n".encode()
+
+
+SSE_DONE = sse("[DONE]")

@@ -1,0 +1,74 @@
+"""The router's tokenizer: the same HF tokenizer and chat template the engines use.
+
+The router tokenizes every prompt itself, because routing needs the token ids (to hash prompt blocks
+exactly as the engines do) and because the prefill pod takes token ids, not text. The engine
+encodes string prompts with ``add_special_tokens=True`` and chats with the model's chat template;
+this mirrors both, so greedy output through the router equals the offline engine.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+
+class RouterTokenizer:
+    """Prompt encoding, chat templating and per-token strings for logprobs."""
+
+    def __init__(self, model_dir: Path) -> None:
+        from transformers import AutoTokenizer
+
+        self._tok = AutoTokenizer.from_pretrained(str(model_dir))
+        self.max_model_len = _max_model_len(model_dir)
+        self.eos_token_id = self._tok.eos_token_id
+        self._token_text = functools.lru_cache(maxsize=65536)(self._decode_one)
+
+    def encode(self, prompt: str, add_special_tokens: bool = True) -> list[int]:
+        return list(self._tok.encode(prompt, add_special_tokens=add_special_tokens))
+
+    def apply_chat_template(
+        self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True
+    ) -> list[int]:
+        encoded = self._tok.apply_chat_template(
+            list(messages),
+            add_generation_prompt=add_generation_prompt,
+            tokenize=True,
+            return_dict=True,
+        )
+        return list(encoded["input_ids"])
+
+    def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        return self._tok.decode(list(token_ids), skip_special_tokens=skip_special_tokens)
+
+    def token_text(self, token_id: int) -> str:
+        """One token's text as a logprobs entry shows it (cached: the vocabulary is small)."""
+        return self._token_text(int(token_id))
+
+    def _decode_one(self, token_id: int) -> str:
+        return self._tok.decode([token_id], skip_special_tokens=False)
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self._tok)
+
+
+def _max_model_len(model_dir: Path) -> int:
+    """The model's context length from config.json (the engine's default max_model_len)."""
+    try:
+        config = json.loads((model_dir / "config.json").read_text())
+    except (OSError, ValueError):
+        return 2048
+    for key in ("max_position_embeddings", "n_positions", "max_seq_len"):
+        if isinstance(config.get(key), int):
+            return int(config[key])
+    return 2048
+
+
+def load_tokenizer(model: str | None) -> RouterTokenizer:
+    """Resolve ``model`` as the engines do (default: the embedded SmolLM2); load its tokenizer."""
+    from splitserve.services.engine.model.loader import resolve_model
+
+    return RouterTokenizer(resolve_model(model))

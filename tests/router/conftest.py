@@ -1,0 +1,339 @@
+"""Fixtures for the router tests: a fake engine pod (gRPC, no model) and a router in a thread.
+
+The fake pod speaks the real proto (Prefill / Generate / Abort / GetStats / SubscribeKVEvents),
+stores prompt blocks with the engine's own block hash and publishes them as KV events, and can be
+told to fail, so routing, retries, aborts and the HTTP layer are tested in seconds. Tests against
+real engine processes live in test_e2e_*.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import grpc
+import httpx
+import pytest
+import uvicorn
+
+from splitserve.proto import splitserve_pb2 as pb
+from splitserve.proto import splitserve_pb2_grpc as pb_grpc
+from splitserve.services.engine.block_hash import hash_prompt_blocks
+from splitserve.services.router.main import RouterSettings, build_router, static_discovery
+from splitserve.services.router.tokenizer import load_tokenizer
+
+BLOCK_SIZE = 16
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LoopThread:
+    """An asyncio loop in a daemon thread, for servers the (sync) tests talk to."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+    def call(self, coro, timeout: float = 30.0):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def stop(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+
+
+@dataclass
+class FakeEngine:
+    """A scripted pod. Output token i of a request is ``100 + (sum(prompt) + i) % 500``."""
+
+    role: str  # "prefill" | "decode" | "colocated"
+    token_delay_s: float = 0.0
+    fail_after_tokens: int | None = None  # Generate dies (UNAVAILABLE) after this many tokens
+    fail_prefill: bool = False
+    stats_fail: bool = False
+    blocks: set[int] = field(default_factory=set)
+    prefills: list[str] = field(default_factory=list)
+    seeds: list[int | None] = field(default_factory=list)
+    generates: list[str] = field(default_factory=list)
+    aborted: list[str] = field(default_factory=list)
+    cancelled: list[str] = field(default_factory=list)
+    running: int = 0
+    queries: int = 0
+    hits: int = 0
+    _subscribers: list[asyncio.Queue] = field(default_factory=list)
+    _seq: int = 0
+
+    # -- behaviour --
+
+    def _cache(self, prompt: list[int], extra: list[str]) -> int:
+        """Store the prompt's full blocks; returns the prompt tokens that were already cached."""
+        hashes = hash_prompt_blocks(prompt, BLOCK_SIZE, extra)
+        hit = 0
+        for h in hashes:
+            if h not in self.blocks:
+                break
+            hit += 1
+        new = [h for h in hashes if h not in self.blocks]
+        self.blocks.update(new)
+        self.queries += len(prompt)
+        self.hits += hit * BLOCK_SIZE
+        if new:
+            self._publish(
+                pb.KVEvent(stored=pb.BlockStored(block_hashes=new, block_size=BLOCK_SIZE))
+            )
+        return hit * BLOCK_SIZE
+
+    def _publish(self, event: pb.KVEvent) -> None:
+        self._seq += 1
+        batch = pb.KVEventBatch(engine_id=self.role, epoch=7, sequence=self._seq, events=[event])
+        for q in self._subscribers:
+            q.put_nowait(batch)
+
+    def evict_all(self) -> None:
+        self._publish(pb.KVEvent(removed=pb.BlockRemoved(block_hashes=list(self.blocks))))
+        self.blocks.clear()
+
+    @staticmethod
+    def token(prompt: list[int], i: int) -> int:
+        return 100 + (sum(prompt) + i) % 500
+
+
+class FakeServicer(
+    pb_grpc.PrefillServiceServicer, pb_grpc.DecodeServiceServicer, pb_grpc.EngineServiceServicer
+):
+    def __init__(self, engine: FakeEngine) -> None:
+        self.e = engine
+
+    async def Prefill(self, request, context):
+        e = self.e
+        e.prefills.append(request.request_id)
+        sp = request.sampling_params
+        e.seeds.append(sp.seed if sp.HasField("seed") else None)
+        if e.fail_prefill:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "fake prefill failure")
+        prompt = list(request.prompt_token_ids)
+        cached = e._cache(prompt, list(request.extra_keys))
+        return pb.PrefillResponse(
+            first_token_id=FakeEngine.token(prompt, 0),
+            num_cached_tokens=cached,
+            num_prompt_tokens=len(prompt),
+            handoff=pb.KVHandoff(request_id=request.request_id, engine_id=e.role),
+        )
+
+    async def Generate(self, request, context):
+        e = self.e
+        req = request.request
+        rid = req.request_id
+        e.generates.append(rid)
+        prompt = list(req.prompt_token_ids)
+        sp = req.sampling_params
+        if sp.HasField("temperature") and sp.temperature < 0:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "temperature must be >= 0")
+        if request.HasField("prefill"):
+            cached = request.prefill.num_cached_tokens
+        else:
+            cached = e._cache(prompt, list(req.extra_keys))
+        max_tokens = sp.max_tokens if sp.HasField("max_tokens") else 16
+        if sp.max_tokens_unbounded:
+            max_tokens = 20
+        e.running += 1
+        try:
+            for i in range(max_tokens):
+                if e.fail_after_tokens is not None and i >= e.fail_after_tokens:
+                    await context.abort(grpc.StatusCode.UNAVAILABLE, "fake pod died")
+                if e.token_delay_s:
+                    await asyncio.sleep(e.token_delay_s)
+                tok = FakeEngine.token(prompt, i)
+                text = f" w{tok}"
+                finish = pb.FINISH_REASON_UNSPECIFIED
+                stop_hit = next((s for s in sp.stop if s in text), None)
+                if stop_hit is not None:
+                    text = text[: text.index(stop_hit)]
+                    finish = pb.FINISH_REASON_STOP
+                elif i == max_tokens - 1:
+                    finish = pb.FINISH_REASON_LENGTH
+                msg = pb.GenerateResponse(
+                    request_id=rid, token_ids=[tok], text=text, finish_reason=finish
+                )
+                if sp.HasField("logprobs"):
+                    msg.logprobs.append(
+                        pb.TokenLogprobs(
+                            token_id=tok,
+                            logprob=-0.5,
+                            rank=1,
+                            top=[pb.TopLogprob(token_id=tok, logprob=-0.5, rank=1)][: sp.logprobs],
+                        )
+                    )
+                if finish:
+                    msg.usage.CopyFrom(
+                        pb.Usage(
+                            prompt_tokens=len(prompt), completion_tokens=i + 1, cached_tokens=cached
+                        )
+                    )
+                yield msg
+                if finish:
+                    return
+        except asyncio.CancelledError:
+            e.cancelled.append(rid)
+            raise
+        finally:
+            e.running -= 1
+
+    async def Abort(self, request, context):
+        self.e.aborted.extend(request.request_ids)
+        return pb.AbortResponse(num_aborted=len(request.request_ids))
+
+    async def GetStats(self, request, context):
+        e = self.e
+        if e.stats_fail:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "down")
+        return pb.EngineStats(
+            engine_id=e.role,
+            epoch=7,
+            role=e.role,
+            num_requests_running=e.running,
+            block_size=BLOCK_SIZE,
+            prefix_cache_queries=e.queries,
+            prefix_cache_hits=e.hits,
+        )
+
+    async def SubscribeKVEvents(self, request, context):
+        e = self.e
+        q: asyncio.Queue = asyncio.Queue()
+        e._subscribers.append(q)
+        try:
+            if request.snapshot:
+                e._seq += 1
+                yield pb.KVEventBatch(
+                    engine_id=e.role,
+                    epoch=7,
+                    sequence=e._seq,
+                    snapshot=True,
+                    events=[
+                        pb.KVEvent(cleared=pb.AllCleared()),
+                        pb.KVEvent(stored=pb.BlockStored(block_hashes=list(e.blocks))),
+                    ],
+                )
+            while True:
+                yield await q.get()
+        finally:
+            e._subscribers.remove(q)
+
+
+@dataclass
+class FakePod:
+    engine: FakeEngine
+    address: str
+    server: grpc.aio.Server
+
+
+async def start_fake(role: str, **kw) -> FakePod:
+    engine = FakeEngine(role, **kw)
+    server = grpc.aio.server()
+    servicer = FakeServicer(engine)
+    pb_grpc.add_PrefillServiceServicer_to_server(servicer, server)
+    pb_grpc.add_DecodeServiceServicer_to_server(servicer, server)
+    pb_grpc.add_EngineServiceServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    return FakePod(engine, f"127.0.0.1:{port}", server)
+
+
+class RouterThread:
+    """A router (uvicorn) on a free port in a background thread."""
+
+    def __init__(self, app) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = uvicorn.Config(
+            app, host="127.0.0.1", port=self.port, log_level="warning", access_log=False
+        )
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 20
+        while not self.server.started:
+            if time.monotonic() > deadline:
+                raise RuntimeError("router did not start")
+            time.sleep(0.02)
+
+    def wait_ready(self, timeout: float = 20.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                    return
+            time.sleep(0.05)
+        raise RuntimeError("router never became ready")
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return load_tokenizer(None)
+
+
+@pytest.fixture(scope="session")
+def grpc_loop() -> Iterator[LoopThread]:
+    lt = LoopThread()
+    yield lt
+    lt.stop()
+
+
+@contextlib.contextmanager
+def fake_stack(
+    loop: LoopThread,
+    tokenizer,
+    roles: list[str],
+    settings: RouterSettings | None = None,
+    **engine_kw,
+) -> Iterator[tuple[RouterThread, list[FakePod]]]:
+    """Fake pods of the given roles and a router over them."""
+    pods = [loop.call(start_fake(role, **engine_kw)) for role in roles]
+    by_role: dict[str, list[str]] = {"prefill": [], "decode": [], "colocated": []}
+    for pod in pods:
+        by_role[pod.engine.role].append(pod.address)
+    settings = settings or RouterSettings(served_names=("m",), stats_interval_s=0.1)
+    app = build_router(
+        settings,
+        tokenizer,
+        static_discovery(by_role["prefill"], by_role["decode"], by_role["colocated"]),
+    )
+    router = RouterThread(app)
+    try:
+        router.wait_ready()
+        yield router, pods
+    finally:
+        router.stop()
+        for pod in pods:
+            loop.call(pod.server.stop(None))
+
+
+@pytest.fixture(scope="session")
+def stack_factory(grpc_loop, tokenizer):
+    """``with stack_factory(["prefill", "decode"]) as (router, pods): ...``"""
+
+    def make(roles: list[str], settings: RouterSettings | None = None, **engine_kw):
+        return fake_stack(grpc_loop, tokenizer, roles, settings, **engine_kw)
+
+    return make
+
+
+@pytest.fixture(scope="module")
+def disagg(stack_factory):
+    """One fake prefill pod and one fake decode pod behind a router (shared by a module)."""
+    with stack_factory(["prefill", "decode"]) as (router, pods):
+        yield router, pods
