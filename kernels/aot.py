@@ -2,8 +2,8 @@
 
 Triton's interpreter proves the math but accepts things the GPU compiler rejects (tl.dot shapes,
 dtype mixes, control flow). This module compiles each wrapper's *planned* launch (the same
-argument list and constexprs the wrapper would launch with) down to a cubin: Triton bundles LLVM
-and ptxas, so no device or driver is needed.
+argument list and constexprs the wrapper would launch with) down to a cubin, and reports register
+use and spills from `ptxas -v`: Triton bundles LLVM and ptxas, so no device or driver is needed.
 
 Run it in a process where TRITON_INTERPRET is unset and no kernel has been interpreted: after
 the interpreter has run these kernels, compiling them in the same process fails.
@@ -14,9 +14,15 @@ the interpreter has run these kernels, compiling them in the same process fails.
 from __future__ import annotations
 
 import argparse
+import os
+import re
+import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -46,8 +52,23 @@ def _signature_type(value: object) -> str:
     raise TypeError(f"no Triton signature type for {type(value).__name__}")
 
 
-def compile_launch(launch: Launch, arch: int) -> bytes:
-    """Compile `launch` for CUDA compute capability `arch` (e.g. 90); returns the cubin."""
+@dataclass(frozen=True)
+class Compiled:
+    cubin: bytes
+    ptx: str
+
+
+@dataclass(frozen=True)
+class RegisterReport:
+    """What `ptxas -v` says about one kernel: register pressure decides the tile sizes."""
+
+    registers: int
+    spill_store_bytes: int
+    spill_load_bytes: int
+
+
+def compile_launch(launch: Launch, arch: int) -> Compiled:
+    """Compile `launch` for CUDA compute capability `arch` (e.g. 90) down to a cubin."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -65,7 +86,36 @@ def compile_launch(launch: Launch, arch: int) -> bytes:
         target=GPUTarget("cuda", arch, 32),
         options=dict(launch.options),
     )
-    return compiled.asm["cubin"]
+    return Compiled(cubin=compiled.asm["cubin"], ptx=compiled.asm["ptx"])
+
+
+def register_report(ptx: str, arch: int) -> RegisterReport:
+    """Assemble `ptx` again with Triton's bundled ptxas in verbose mode and parse its summary."""
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    suffix = "a" if arch >= 90 else ""  # Triton targets sm_90a on Hopper
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "kernel.ptx"
+        src.write_text(ptx)
+        proc = subprocess.run(
+            [get_ptxas(arch).path, f"-arch=sm_{arch}{suffix}", "-v", str(src), "-o", os.devnull],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+    text = proc.stderr + proc.stdout
+
+    def number(pattern: str) -> int:
+        match = re.search(pattern, text)
+        if match is None:
+            raise RuntimeError(f"ptxas -v output lacks {pattern!r}:\n{text}")
+        return int(match.group(1))
+
+    return RegisterReport(
+        registers=number(r"Used (\d+) registers"),
+        spill_store_bytes=number(r"(\d+) bytes spill stores"),
+        spill_load_bytes=number(r"(\d+) bytes spill loads"),
+    )
 
 
 def sample_launches() -> Iterator[tuple[str, Launch]]:
@@ -101,9 +151,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.only not in label:
             continue
         start = time.perf_counter()
-        cubin = compile_launch(launch, args.arch)
+        compiled = compile_launch(launch, args.arch)
         ms = (time.perf_counter() - start) * 1e3
-        print(f"sm_{args.arch} {label}: cubin {len(cubin)} bytes ({ms:.0f} ms)")
+        regs = register_report(compiled.ptx, args.arch)
+        print(
+            f"sm_{args.arch} {label}: cubin {len(compiled.cubin)} bytes ({ms:.0f} ms), "
+            f"{regs.registers} registers, spill {regs.spill_store_bytes}/"
+            f"{regs.spill_load_bytes} bytes stored/loaded"
+        )
     return 0
 
 
