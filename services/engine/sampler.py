@@ -108,7 +108,7 @@ class Sampler:
         if not rand:
             tokens = _argmax(x)
         else:
-            tokens = torch.empty(len(rows), dtype=torch.long)
+            tokens = torch.empty(len(rows), dtype=torch.long, device=x.device)
             greedy = [i for i, r in enumerate(rows) if r.params.greedy]
             if greedy:
                 tokens[greedy] = _argmax(x[greedy])
@@ -163,12 +163,12 @@ class Sampler:
         if rep:
             x = own()
             r, t = _flatten(
+                x.device,
                 rep,
                 [itertools.chain(rows[i].prompt_token_ids, rows[i].output_token_ids) for i in rep],
             )
             if r.numel():
-                pen = torch.ones(len(rows))
-                pen[rep] = torch.tensor([rows[i].params.repetition_penalty for i in rep])
+                pen = _row_values(rows, rep, "repetition_penalty", 1.0, x.device)
                 pen = pen[r]
                 cur = x[r, t]
                 x[r, t] = torch.where(cur > 0, cur / pen, cur * pen)
@@ -182,19 +182,27 @@ class Sampler:
         ]
         if pf:
             x = own()
-            r, t = _flatten(pf, [rows[i].output_token_ids for i in pf])
+            r, t = _flatten(x.device, pf, [rows[i].output_token_ids for i in pf])
             keys, counts = torch.unique(r * V + t, return_counts=True)
             r, t = keys // V, keys % V
-            pres = torch.zeros(len(rows))
-            freq = torch.zeros(len(rows))
-            pres[pf] = torch.tensor([rows[i].params.presence_penalty for i in pf])
-            freq[pf] = torch.tensor([rows[i].params.frequency_penalty for i in pf])
+            pres = _row_values(rows, pf, "presence_penalty", 0.0, x.device)
+            freq = _row_values(rows, pf, "frequency_penalty", 0.0, x.device)
             x[r, t] -= freq[r] * counts + pres[r]
         return x
 
 
+def _row_values(
+    rows: Sequence[SamplingRow], which: list[int], name: str, default: float, device: torch.device
+) -> torch.Tensor:
+    """[B] float32: ``params.<name>`` of the rows in ``which``, ``default`` elsewhere."""
+    values = [default] * len(rows)
+    for i in which:
+        values[i] = getattr(rows[i].params, name)
+    return torch.tensor(values, device=device)
+
+
 def _flatten(
-    batch_rows: Sequence[int], token_lists: Sequence[Iterable[int]]
+    device: torch.device, batch_rows: Sequence[int], token_lists: Sequence[Iterable[int]]
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(batch row, token id) index tensors of ragged token lists, one entry per token."""
     # array('q') + frombuffer is ~5x faster than torch.tensor(list) for prompt-sized lists.
@@ -205,9 +213,8 @@ def _flatten(
         ids.extend(toks)
         lengths.append(len(ids) - before)
     rows = torch.repeat_interleave(torch.tensor(batch_rows), torch.tensor(lengths))
-    if not ids:
-        return rows, torch.empty(0, dtype=torch.long)
-    return rows, torch.frombuffer(ids, dtype=torch.int64)
+    tokens = torch.frombuffer(ids, dtype=torch.int64) if ids else torch.empty(0, dtype=torch.long)
+    return rows.to(device), tokens.to(device)
 
 
 def _filter(x: torch.Tensor, params: Sequence[SamplingParams], owned: bool) -> torch.Tensor:
@@ -226,7 +233,7 @@ def _filter(x: torch.Tensor, params: Sequence[SamplingParams], owned: bool) -> t
     if not owned:
         x = x.clone()
     if not uniform_temp:
-        x.div_(torch.tensor(temps).unsqueeze(1))
+        x.div_(torch.tensor(temps, device=x.device).unsqueeze(1))
     elif temps[0] != 1.0:
         x.div_(temps[0])
     if kp:
@@ -239,7 +246,7 @@ def _filter(x: torch.Tensor, params: Sequence[SamplingParams], owned: bool) -> t
     if mp:
         # prob >= min_p * max_prob  <=>  logit >= max_logit + log(min_p)
         sub = x if len(mp) == len(params) else x[mp]
-        log_min_p = torch.tensor([math.log(params[j].min_p) for j in mp])
+        log_min_p = torch.tensor([math.log(params[j].min_p) for j in mp], device=x.device)
         _mask_below(x, mp, _row_max(sub) + log_min_p)
     return x
 
@@ -255,16 +262,21 @@ def _top_k_top_p_cut(x: torch.Tensor, ks: Sequence[int], ps: Sequence[float]) ->
     if all(math.isinf(p) for p in ps):
         # top-k only: the k-th largest value needs just the max(k) largest, unordered.
         top = _largest_descending(x, max(ks))
-        return top.gather(1, torch.tensor(ks).sub_(1).unsqueeze(1)).squeeze(1)
+        return top.gather(1, _column(ks, x.device).sub_(1)).squeeze(1)
     vals = _sorted_descending(x)
-    kth = vals.gather(1, torch.tensor(ks).sub_(1).unsqueeze(1))  # [R, 1]
+    kth = vals.gather(1, _column(ks, x.device).sub_(1))  # [R, 1]
     vals.masked_fill_(vals < kth, _NEG_INF)
     probs = vals.softmax(dim=-1)
     # Mass strictly before each position: a shifted cumsum is monotone, so "keep" is a prefix.
     before = torch.zeros_like(probs)
     torch.cumsum(probs[:, :-1], dim=-1, out=before[:, 1:])
-    n_keep = (before < torch.tensor(ps).unsqueeze(1)).sum(dim=-1, keepdim=True)
+    n_keep = (before < _column(ps, x.device)).sum(dim=-1, keepdim=True)
     return torch.maximum(vals.gather(1, n_keep.sub_(1)), kth).squeeze(1)
+
+
+def _column(values: Sequence[float] | Sequence[int], device: torch.device) -> torch.Tensor:
+    """Per-row parameters as an [R, 1] column (int64 for ints, float32 for floats)."""
+    return torch.tensor(values, device=device).unsqueeze(1)
 
 
 def _mask_below(x: torch.Tensor, rows: list[int], cut: torch.Tensor) -> None:

@@ -8,6 +8,7 @@ from collections import Counter
 import pytest
 import torch
 
+import splitserve.services.engine.sampler as sampler_mod
 from splitserve.services.engine.sampler import (
     Sampler,
     SamplerOutput,
@@ -449,3 +450,28 @@ def test_seeded_rows_reproducible_at_full_vocabulary_size():
     ):
         crowd = others[:3] + [target] + others[3:]
         assert run([target], 0) == run(crowd, 3), target
+
+
+def test_torch_fallbacks_match_numpy_fast_paths(monkeypatch):
+    """Off the CPU the whole-row primitives use torch: same masks, same seeded tokens."""
+    g = torch.Generator().manual_seed(9)
+    logits = torch.randn(6, 3000, generator=g) * 2
+    params = [
+        SamplingParams(top_p=0.8, seed=1),
+        SamplingParams(top_k=5, seed=2),
+        SamplingParams(top_k=900, seed=3),  # >= V/4: the sort path of top-k
+        SamplingParams(min_p=0.2, temperature=0.7, seed=4),
+        SamplingParams(top_k=50, top_p=0.9, seed=5),
+        SamplingParams(temperature=0.0, repetition_penalty=1.4),
+    ]
+
+    def once():
+        x = _filter(logits[:5].clone(), params[:5], owned=True)
+        rows = make_rows(params, outputs=[[1, 2]] * 6)
+        return x, Sampler(3000, EOS)(logits, rows).token_ids
+
+    fast_x, fast_tokens = once()
+    monkeypatch.setattr(sampler_mod, "_cpu", lambda t: False)
+    slow_x, slow_tokens = once()
+    assert torch.equal(torch.isfinite(fast_x), torch.isfinite(slow_x))
+    assert fast_tokens == slow_tokens
