@@ -53,18 +53,26 @@ def compat_hash(info: CompatInfo) -> str:
     return hashlib.blake2b(encoded, digest_size=16).hexdigest()
 
 
-def differences(local: CompatInfo, remote: CompatInfo) -> tuple[str, ...]:
+def differences(
+    local: CompatInfo, remote: CompatInfo, names: tuple[str, str] = ("local", "remote")
+) -> tuple[str, ...]:
     """``"field: local=... remote=..."`` for every field that differs (empty when compatible)."""
+    a, b = names
     return tuple(
-        f"{f.name}: local={getattr(local, f.name)!r} remote={getattr(remote, f.name)!r}"
+        f"{f.name}: {a}={getattr(local, f.name)!r} {b}={getattr(remote, f.name)!r}"
         for f in fields(CompatInfo)
         if getattr(local, f.name) != getattr(remote, f.name)
     )
 
 
-def check_compatible(local: CompatInfo, remote: CompatInfo) -> None:
-    """Raise ``IncompatiblePeerError`` naming each differing field; return if compatible."""
-    diff = differences(local, remote)
+def check_compatible(
+    local: CompatInfo, remote: CompatInfo, names: tuple[str, str] = ("local", "remote")
+) -> None:
+    """Raise ``IncompatiblePeerError`` naming each differing field; return if compatible.
+
+    ``names`` label the two sides in the message (e.g. ``("source", "reader")``).
+    """
+    diff = differences(local, remote, names)
     if diff:
         raise IncompatiblePeerError(
             "incompatible KV peers: " + "; ".join(diff),

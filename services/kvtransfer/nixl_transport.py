@@ -27,6 +27,7 @@ from typing import Any
 from splitserve.proto import splitserve_pb2 as pb
 from splitserve.proto import splitserve_pb2_grpc as pb_grpc
 from splitserve.services.kvtransfer.errors import (
+    KVTransferError,
     PeerUnreachableError,
     TransferTimeoutError,
     TransportUnavailableError,
@@ -124,6 +125,23 @@ class NixlBlockSink(KVBlockSink):
         deadline: float,
     ) -> None:
         nixl = endpoint.nixl
+        try:
+            self._read(nixl, handoff, dst_block_ids, deadline)
+        except KVTransferError:
+            raise
+        except Exception as error:  # NIXL raises e.g. nixlRemoteDisconnectError for a dead peer
+            self._forget(nixl.agent_name)
+            raise PeerUnreachableError(
+                f"NIXL read from {nixl.agent_name} failed: {type(error).__name__}: {error}"
+            ) from error
+
+    def _read(
+        self,
+        nixl: pb.NixlEndpoint,
+        handoff: pb.KVHandoff,
+        dst_block_ids: Sequence[int],
+        deadline: float,
+    ) -> None:
         remote = self._peer(nixl)
         handle = self.agent.make_prepped_xfer(
             "READ", self._local, list(dst_block_ids), remote, list(handoff.block_ids)

@@ -210,10 +210,12 @@ class KVBlockSource:
         """Check a reader's compatibility; answer with the transports both sides support."""
         if request.protocol_version != PROTOCOL_VERSION:
             raise IncompatiblePeerError(
-                f"protocol_version: local={PROTOCOL_VERSION} remote={request.protocol_version}",
+                f"protocol_version: source={PROTOCOL_VERSION} reader={request.protocol_version}",
                 differences=("protocol_version",),
             )
-        check_compatible(self.config.compat, CompatInfo.from_proto(request.compat))
+        check_compatible(
+            self.config.compat, CompatInfo.from_proto(request.compat), ("source", "reader")
+        )
         offered = [t for t in request.transports if t in self.config.transports]
         if not offered:
             raise TransportUnavailableError(

@@ -3,8 +3,10 @@
 It plays a prefill pod without a model: it fills a pool with seeded random bytes, leases the block
 lists given by ``--grant`` and writes the hand-offs, its port and epoch to ``--ready-file`` (JSON,
 written atomically) once it serves. ``EngineService.GetStats`` reports free blocks and live
-leases, so a test can see expired leases return their blocks. ``--die-after-chunks N`` kills the
-process (``os._exit``) in the middle of a ReadBlocks stream, like a pod lost mid-transfer.
+leases, so a test can see expired leases return their blocks. Fault injection:
+``--die-after-chunks N`` kills the process (``os._exit``) in the middle of a ReadBlocks stream,
+like a pod lost mid-transfer; ``--corrupt-block B`` flips a byte of block B after its checksum was
+taken, like a leased block overwritten by mistake.
 
     python -P -m splitserve.services.kvtransfer.standalone --ready-file /tmp/r.json --grant 0,3,9
 """
@@ -16,8 +18,10 @@ import base64
 import json
 import os
 import signal
+import subprocess
 import sys
 import threading
+import time
 from concurrent import futures
 from pathlib import Path
 
@@ -137,6 +141,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--hugepages", action="store_true", help="back the pool with THP")
     parser.add_argument("--die-after-chunks", type=int, default=-1)
     parser.add_argument("--max-chunk-bytes", type=int, default=4 << 20)
+    parser.add_argument(
+        "--corrupt-block",
+        type=int,
+        default=-1,
+        help="flip one byte of this block after the grants (a block overwritten under a lease)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -185,6 +195,8 @@ def run(args: argparse.Namespace) -> int:
         blocks.take(ids)
         handoff = source.grant(f"req-{i}", ids, num_tokens=len(ids) * args.block_size)
         handoffs.append(base64.b64encode(handoff.SerializeToString()).decode())
+    if args.corrupt_block >= 0:
+        pool[args.corrupt_block].view(-1).view(torch.uint8)[12345 % pool[0].nbytes] ^= 0x40
     source.start_reaper(0.05)
     server.start()
     ready = {"port": port, "epoch": source.epoch, "pid": os.getpid(), "handoffs": handoffs}
@@ -206,6 +218,53 @@ def run(args: argparse.Namespace) -> int:
 def load_handoff(encoded: str) -> pb.KVHandoff:
     """Decode a hand-off written to the ready file."""
     return pb.KVHandoff.FromString(base64.b64decode(encoded))
+
+
+class SourceProcess:
+    """A running stand-alone source (a child process), as tests and benchmarks drive it."""
+
+    def __init__(self, args: list[str], workdir: Path, timeout: float = 60.0) -> None:
+        self.ready_file = workdir / f"kv-source-{time.monotonic_ns()}.json"
+        cmd = [sys.executable, "-P", "-m", __name__, "--ready-file", str(self.ready_file), *args]
+        self.proc = subprocess.Popen(cmd)
+        deadline = time.monotonic() + timeout
+        while not self.ready_file.exists():
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"KV source exited with {self.proc.returncode}: {cmd}")
+            if time.monotonic() > deadline:
+                self.kill()
+                raise TimeoutError(f"KV source not ready after {timeout} s: {cmd}")
+            time.sleep(0.02)
+        ready = json.loads(self.ready_file.read_text())
+        self.port: int = ready["port"]
+        self.epoch: int = ready["epoch"]
+        self.address = f"127.0.0.1:{self.port}"
+        self.handoffs = [load_handoff(h) for h in ready["handoffs"]]
+
+    def stats(self, timeout: float = 5.0) -> pb.EngineStats:
+        with grpc.insecure_channel(self.address) as channel:
+            return pb_grpc.EngineServiceStub(channel).GetStats(pb.StatsRequest(), timeout=timeout)
+
+    def kill(self) -> None:
+        """SIGKILL: the process gets no chance to release anything."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(timeout=10)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        self.ready_file.unlink(missing_ok=True)
+
+    def __enter__(self) -> SourceProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
 
 
 def main(argv: list[str] | None = None) -> int:

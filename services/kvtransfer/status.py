@@ -6,6 +6,8 @@ error class (and the operator reads the same words in both pods' logs).
 
 from __future__ import annotations
 
+import re
+
 import grpc
 
 from splitserve.services.kvtransfer import errors as e
@@ -20,6 +22,7 @@ _CODES: dict[type[e.KVTransferError], grpc.StatusCode] = {
     e.TransferTimeoutError: grpc.StatusCode.DEADLINE_EXCEEDED,
     e.PeerUnreachableError: grpc.StatusCode.UNAVAILABLE,
 }
+_FIELD = re.compile(r"(\w+): \w+=")
 _BY_REASON: dict[str, type[e.KVTransferError]] = {cls.reason: cls for cls in _CODES}
 
 
@@ -38,6 +41,8 @@ def error_of(rpc_error: grpc.RpcError, what: str) -> e.KVTransferError:
     details = (rpc_error.details() if hasattr(rpc_error, "details") else "") or ""
     reason, _, message = details.partition(": ")
     cls = _BY_REASON.get(reason)
+    if cls is e.IncompatiblePeerError:  # keep the names of the differing fields
+        return cls(f"{what}: {message}", differences=tuple(_FIELD.findall(message)))
     if cls is not None:
         return cls(f"{what}: {message}")
     if code == grpc.StatusCode.UNAVAILABLE:
