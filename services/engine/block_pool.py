@@ -191,6 +191,12 @@ class BlockPool:
             self._evict(block)
         return True
 
+    def cached_blocks(self) -> list[BlockStored]:
+        """Every block currently in the prefix cache, as BlockStored events (for snapshots)."""
+        return [
+            BlockStored(h, None, b.token_ids or (), b.block_id) for h, b in self._cached.items()
+        ]
+
     def take_events(self) -> list[KVEvent]:
         events, self._events = self._events, []
         return events

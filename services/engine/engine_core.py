@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import itertools
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -21,7 +21,7 @@ from splitserve.services.engine.kv_cache_manager import KVCacheManager
 from splitserve.services.engine.model.llama import LlamaArch, LlamaForCausalLM
 from splitserve.services.engine.model.loader import iter_safetensors, resolve_model
 from splitserve.services.engine.model_runner import ModelRunner
-from splitserve.services.engine.outputs import SequenceDelta
+from splitserve.services.engine.outputs import ImportReservation, SequenceDelta
 from splitserve.services.engine.request import Request, RequestStatus
 from splitserve.services.engine.sampler import Sampler, SamplingRow, TokenLogprobs
 from splitserve.services.engine.sampling_params import SamplingParams
@@ -67,8 +67,13 @@ def eos_token_ids(hf_config, tokenizer) -> frozenset[int]:
     return frozenset(ids)
 
 
+KVAllocator = Callable[[tuple[int, ...], torch.dtype], torch.Tensor]
+
+
 class EngineCore:
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, allocate_kv: KVAllocator | None = None) -> None:
+        """``allocate_kv(shape, dtype)`` may supply the KV pool's memory (e.g. huge pages that a
+        transfer library registers); by default it is a plain zeroed tensor."""
         self.config = config
         self.model_dir, self.hf_config, self.tokenizer, self.model = load_model(config)
         arch = self.model.arch
@@ -95,10 +100,11 @@ class EngineCore:
             vocab_size=arch.vocab_size,
             max_model_len=self.max_model_len,
         )
-        self.kv_cache = torch.zeros(
-            num_blocks, arch.num_layers, 2, bs, arch.num_kv_heads, arch.head_dim,
-            dtype=dtype, device=config.device,
-        )  # fmt: skip
+        shape = (num_blocks, arch.num_layers, 2, bs, arch.num_kv_heads, arch.head_dim)
+        if allocate_kv is None:
+            self.kv_cache = torch.zeros(shape, dtype=dtype, device=config.device)
+        else:
+            self.kv_cache = allocate_kv(shape, dtype)
         self.kv = KVCacheManager(num_blocks, bs, config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.kv)
         backend = get_attention_backend(config.resolved_attention_backend)
@@ -109,6 +115,8 @@ class EngineCore:
         self._groups: dict[str, list[str]] = {}  # client request id -> sequence ids
         self._detok: dict[str, IncrementalDetokenizer] = {}
         self._forked: set[str] = set()
+        self._hold: set[str] = set()  # requests whose blocks outlive them (hand-off)
+        self._reserved: dict[str, Request] = {}  # awaiting imported KV
         log.info(
             "engine ready: %s, %s, %d KV blocks x %d tokens, max_model_len %d, %s attention",
             self.model_dir.name, dtype, num_blocks, bs, self.max_model_len, backend.name,
@@ -145,8 +153,22 @@ class EngineCore:
         prompt: str | Sequence[int],
         params: SamplingParams,
         arrival_time: float | None = None,
+        hold_kv: bool = False,
     ) -> list[int]:
-        """Queue a request; returns its prompt token ids. Raises ValueError on bad input."""
+        """Queue a request; returns its prompt token ids. Raises ValueError on bad input.
+
+        ``hold_kv``: when the request ends, keep its blocks (held under ``request_id``) instead
+        of freeing them, until ``release_kv``; a prefill server leases them to a decode pod.
+        """
+        req = self._new_request(request_id, prompt, params, arrival_time)
+        if hold_kv:
+            if params.n != 1:
+                raise ValueError("n must be 1 for a request whose KV is handed off")
+            self._hold.add(request_id)
+        self.scheduler.add(req)
+        return req.prompt_token_ids
+
+    def _new_request(self, request_id, prompt, params, arrival_time=None) -> Request:
         if request_id in self._groups:
             raise ValueError(f"request id {request_id!r} is already in use")
         token_ids = self.tokenize(prompt)
@@ -161,11 +183,83 @@ class EngineCore:
         )
         self._track(req)
         self._groups[request_id] = [req.request_id]
-        self.scheduler.add(req)
-        return token_ids
+        return req
+
+    def release_kv(self, request_id: str) -> int:
+        """Free blocks held for a finished ``hold_kv`` request; returns how many."""
+        return self.kv.release_held(request_id)
+
+    # --- KV imported from another engine (the decode side of a hand-off) -------------------------
+    def reserve_import(
+        self, request_id: str, prompt_token_ids: Sequence[int], params: SamplingParams
+    ) -> ImportReservation | None:
+        """Allocate local blocks for a prompt whose KV will be copied in from elsewhere.
+
+        Blocks this engine already has cached (same prefix hash and tokens) are reused, so only
+        the rest must be transferred. Returns None when the pool can't hold the prompt now
+        (back-pressure: the caller may retry or recompute). Raises ValueError on bad input.
+        """
+        if params.n != 1:
+            raise ValueError("n must be 1 for a request with imported KV")
+        req = self._new_request(request_id, prompt_token_ids, params)
+        hit = self.kv.find_cached_prefix(req)
+        if not self.kv.allocate(req, req.num_tokens - hit.num_tokens(self.kv.block_size), hit):
+            self._forget(req)
+            return None
+        # allocate() set num_computed_tokens to the local hit; the rest arrives by transfer.
+        ids = self.kv.block_ids(request_id)
+        self._reserved[request_id] = req
+        return ImportReservation(
+            request_id, tuple(ids[len(hit.blocks) :]), len(hit.blocks), req.num_computed_tokens
+        )
+
+    def commit_import(
+        self, request_id: str, first_token: int, logprobs: TokenLogprobs | None = None
+    ) -> SequenceDelta:
+        """The reserved blocks now hold the prompt's KV: join the batch with the first token."""
+        req = self._reserved.pop(request_id)
+        req.num_computed_tokens = req.num_prompt_tokens
+        self.kv.cache_computed_blocks(req)
+        self.scheduler.add_running(req)
+        return self._update(req, first_token, logprobs)
+
+    def recompute_import(
+        self,
+        request_id: str,
+        prompt_token_ids: Sequence[int],
+        params: SamplingParams,
+        first_token: int,
+        logprobs: TokenLogprobs | None = None,
+    ) -> SequenceDelta:
+        """Compute the prompt here after all, keeping the first token sampled elsewhere.
+
+        Used when a transfer failed or no blocks could be reserved. The first token was already
+        decided (and maybe streamed), so the engine recomputes the prompt's KV and continues after
+        it, which gives the same greedy output as the hand-off would have.
+        """
+        req = self._reserved.pop(request_id, None)
+        if req is not None:
+            self.kv.free(req)
+            req.num_computed_tokens = 0
+        else:
+            req = self._new_request(request_id, prompt_token_ids, params)
+        delta = self._update(req, first_token, logprobs)
+        if not req.is_finished:
+            self.scheduler.add(req)
+        return delta
+
+    def cancel_import(self, request_id: str) -> None:
+        req = self._reserved.pop(request_id, None)
+        if req is not None:
+            self.kv.free(req)
+            self._forget(req)
 
     def abort_request(self, request_id: str) -> bool:
         """Stop every sample of a request now and free its blocks. False if unknown/finished."""
+        if request_id in self._reserved:
+            self.cancel_import(request_id)
+            return True
+        self._hold.discard(request_id)
         seq_ids = self._groups.pop(request_id, None)
         if not seq_ids:
             return False
@@ -273,7 +367,11 @@ class EngineCore:
         ):
             finish = RequestStatus.FINISHED_LENGTH
             text += detok.finish()
+        held = None
         if finish is not None:
+            if req.request_id in self._hold:
+                self._hold.discard(req.request_id)
+                held = tuple(self.kv.hold(req, req.request_id))
             self.scheduler.finish(req, finish)
             self._retire(req)
         return SequenceDelta(
@@ -286,7 +384,13 @@ class EngineCore:
             stop_reason=stop_reason,
             num_prompt_tokens=req.num_prompt_tokens,
             num_cached_tokens=max(req.num_cached_tokens, 0),
+            held_block_ids=held,
         )
+
+    def _forget(self, req: Request) -> None:
+        self._requests.pop(req.request_id, None)
+        self._detok.pop(req.request_id, None)
+        self._groups.pop(req.group_id, None)
 
     def _retire(self, req: Request) -> None:
         self._requests.pop(req.request_id, None)
@@ -299,9 +403,9 @@ class EngineCore:
     def check_integrity(self) -> None:
         """Assert the KV bookkeeping is consistent (tests call this after every scenario)."""
         self.kv.check_integrity()
-        live = {r.request_id for r in self.scheduler.running}
+        live = {r.request_id for r in self.scheduler.running} | set(self._reserved)
         assert set(self.kv.tables) <= live, "blocks held by a request that is not running"
-        if not self.has_unfinished():
+        if not self.has_unfinished() and not self.kv.held and not self._reserved:
             assert self.kv.pool.num_free_blocks == self.kv.pool.num_blocks, "leaked KV blocks"
 
 

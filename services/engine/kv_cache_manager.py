@@ -32,6 +32,9 @@ class KVCacheManager:
         self.enable_prefix_caching = enable_prefix_caching
         self.pool = BlockPool(num_blocks, enable_caching=enable_prefix_caching)
         self.tables: dict[str, list[KVBlock]] = {}
+        # Blocks kept alive after their request ended, e.g. a prefill's prompt KV held under a
+        # lease until a decode pod has read it. Keyed by the holder's id.
+        self.held: dict[str, list[KVBlock]] = {}
         # Copy-on-write copies (src block id, dst block id) the runner must do before the next
         # forward pass. Drained by the scheduler into each step's output.
         self.pending_copies: list[tuple[int, int]] = []
@@ -145,12 +148,28 @@ class KVCacheManager:
         if table:
             self.pool.free(reversed(table))
 
+    def hold(self, request: Request, key: str) -> list[int]:
+        """Detach the request's blocks into ``held[key]`` (refs kept) and return their ids."""
+        table = self.tables.pop(request.request_id, [])
+        if key in self.held:
+            raise ValueError(f"blocks are already held under {key!r}")
+        self.held[key] = table
+        return [b.block_id for b in table]
+
+    def release_held(self, key: str) -> int:
+        """Free blocks held under ``key``; returns how many (0 if unknown: safe to repeat)."""
+        table = self.held.pop(key, None)
+        if not table:
+            return 0
+        self.pool.free(reversed(table))
+        return len(table)
+
     def block_ids(self, request_id: str) -> list[int]:
         return [b.block_id for b in self.tables.get(request_id, ())]
 
     def check_integrity(self) -> None:
         refs: dict[int, int] = {}
-        for table in self.tables.values():
+        for table in [*self.tables.values(), *self.held.values()]:
             for block in table:
                 refs[block.block_id] = refs.get(block.block_id, 0) + 1
         self.pool.check_integrity(refs)

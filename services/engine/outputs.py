@@ -20,10 +20,26 @@ class SequenceDelta:
     stop_reason: int | str | None = None  # the stop string or stop token id that ended it
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0
+    # For requests added with hold_kv=True: the prompt's blocks, now held under the request id.
+    held_block_ids: tuple[int, ...] | None = None
 
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+
+@dataclass(frozen=True)
+class ImportReservation:
+    """Local blocks reserved for a prompt whose KV comes from another engine.
+
+    ``block_ids[i]`` receives the prompt's block ``first_block + i``; blocks before
+    ``first_block`` already hit this engine's own prefix cache and need no transfer.
+    """
+
+    request_id: str
+    block_ids: tuple[int, ...]
+    first_block: int
+    num_local_cached_tokens: int
 
 
 @dataclass

@@ -1,0 +1,62 @@
+"""Command-line flags shared by the prefill and decode servers, mapped onto EngineConfig."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+
+from splitserve.services.engine.config import CacheConfig, EngineConfig, SchedulerConfig
+
+
+def add_engine_arguments(parser: argparse.ArgumentParser, default_port: int) -> None:
+    parser.add_argument("--model", default=None, help="HF directory or .gguf (default: SmolLM2)")
+    parser.add_argument("--revision", default="", help="weights revision (compatibility hash)")
+    parser.add_argument("--served-name", default=None, help="model name reported to clients")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--block-size", type=int, default=16)
+    parser.add_argument("--num-kv-blocks", type=int, default=None)
+    parser.add_argument("--kv-cache-memory-gb", type=float, default=2.0)
+    parser.add_argument("--max-model-len", type=int, default=None)
+    parser.add_argument("--max-num-seqs", type=int, default=128)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    parser.add_argument("--no-prefix-caching", action="store_true")
+    parser.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "triton"])
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=default_port, help="gRPC port")
+    parser.add_argument(
+        "--advertise-host",
+        default=os.environ.get("POD_IP"),
+        help="address peers dial for KV reads (default: $POD_IP, else --host)",
+    )
+    parser.add_argument("--metrics-port", type=int, default=0, help="Prometheus /metrics (0: off)")
+    parser.add_argument("--engine-id", default=os.environ.get("POD_NAME") or socket.gethostname())
+    parser.add_argument("--kv-transport", default="grpc", choices=["nixl", "grpc"])
+    parser.add_argument("--log-level", default="INFO")
+
+
+def engine_config(args: argparse.Namespace) -> EngineConfig:
+    return EngineConfig(
+        model=args.model,
+        dtype=args.dtype,
+        device=args.device,
+        attention_backend=args.attention_backend,
+        max_model_len=args.max_model_len,
+        cache=CacheConfig(
+            block_size=args.block_size,
+            num_blocks=args.num_kv_blocks,
+            kv_cache_memory_bytes=int(args.kv_cache_memory_gb * (1 << 30)),
+            enable_prefix_caching=not args.no_prefix_caching,
+        ),
+        scheduler=SchedulerConfig(
+            max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens
+        ),
+    )
+
+
+def advertised_address(args: argparse.Namespace, port: int) -> str:
+    host = args.advertise_host or args.host
+    if host in ("0.0.0.0", "::", ""):
+        host = socket.gethostbyname(socket.gethostname())
+    return f"{host}:{port}"

@@ -1,0 +1,69 @@
+"""What both engine servers build the same way: the engine, its identity and its KV facts."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import secrets
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry
+
+from splitserve.services.common.engine_args import engine_config
+from splitserve.services.common.metrics import EngineMetrics
+from splitserve.services.engine.async_engine import AsyncEngine
+from splitserve.services.engine.engine_core import EngineCore
+from splitserve.services.kvtransfer.compat import CompatInfo
+from splitserve.services.kvtransfer.pool import allocate_kv_pool
+
+
+@dataclass
+class EngineRuntime:
+    engine: AsyncEngine
+    compat: CompatInfo
+    engine_id: str
+    epoch: int
+    model_name: str
+    registry: CollectorRegistry
+    metrics: EngineMetrics
+
+
+def build_runtime(args: argparse.Namespace, role: str) -> EngineRuntime:
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    config = engine_config(args)
+
+    def allocate(shape, dtype):
+        # Huge-page backed CPU pool: NIXL/UCX reads of it run several times faster.
+        if config.device != "cpu":
+            import torch
+
+            return torch.zeros(shape, dtype=dtype, device=config.device)
+        num_blocks, num_layers, _, block_size, num_kv_heads, head_dim = shape
+        return allocate_kv_pool(num_blocks, num_layers, block_size, num_kv_heads, head_dim, dtype)
+
+    core = EngineCore(config, allocate_kv=allocate)
+    shape = core.shape
+    model_name = args.served_name or (args.model or core.model_dir.name)
+    compat = CompatInfo(
+        model=str(args.model or core.model_dir.name),
+        revision=args.revision,
+        dtype=str(core.kv_cache.dtype).removeprefix("torch."),
+        block_size=core.kv.block_size,
+        num_layers=shape.num_layers,
+        num_kv_heads=shape.num_kv_heads,
+        head_dim=shape.head_dim,
+    )
+    registry = CollectorRegistry()
+    metrics = EngineMetrics(registry, core.stats, model_name, role)
+    engine = AsyncEngine(core).start()
+    return EngineRuntime(
+        engine=engine,
+        compat=compat,
+        engine_id=args.engine_id,
+        epoch=secrets.randbits(64),
+        model_name=model_name,
+        registry=registry,
+        metrics=metrics,
+    )
