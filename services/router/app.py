@@ -11,7 +11,7 @@ import hmac
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -19,6 +19,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ValidationError
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from splitserve.services.router.dispatch import Dispatcher, backend_error_to_api
 from splitserve.services.router.errors import APIError, BackendError, NoBackendError, error_body
@@ -64,22 +65,7 @@ def build_app(
 ) -> FastAPI:
     app = FastAPI(title="splitserve router", docs_url=None, redoc_url=None, openapi_url=None)
 
-    @app.middleware("http")
-    async def guard(request: Request, call_next: Callable[[Request], Awaitable[Response]]):
-        path = request.url.path
-        t0 = time.perf_counter()
-        if path not in OPEN_PATHS:
-            if config.api_keys and not _authorized(request, config.api_keys):
-                err = APIError(401, "invalid or missing API key", code="invalid_api_key")
-                return _record(metrics, path, t0, _error_response(err))
-            length = request.headers.get("content-length")
-            if length is not None and length.isdigit() and int(length) > config.max_body_bytes:
-                return _record(metrics, path, t0, _error_response(_too_large(config)))
-        try:
-            response = await call_next(request)
-        except APIError as err:
-            response = _error_response(err)
-        return _record(metrics, path, t0, response)
+    app.add_middleware(GuardMiddleware, config=config, metrics=metrics)
 
     @app.exception_handler(APIError)
     async def api_error(_: Request, err: APIError) -> JSONResponse:
@@ -232,25 +218,61 @@ def _too_large(config: AppConfig) -> APIError:
     )
 
 
-def _authorized(request: Request, keys: frozenset[str]) -> bool:
-    header = request.headers.get("authorization", "")
-    scheme, _, token = header.partition(" ")
+class GuardMiddleware:
+    """Auth, the body-size limit and request metrics as plain ASGI.
+
+    Plain ASGI rather than ``@app.middleware("http")``: Starlette's BaseHTTPMiddleware hides client
+    disconnects from the handlers (which must abort on the pods) and costs latency per request.
+    """
+
+    def __init__(self, app: ASGIApp, config: AppConfig, metrics: RouterMetrics) -> None:
+        self.app = app
+        self.config = config
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path: str = scope["path"]
+        t0 = time.perf_counter()
+        status = [500]
+
+        async def send_wrapper(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        error: APIError | None = None
+        if path not in OPEN_PATHS:
+            headers = {
+                k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]
+            }
+            if self.config.api_keys and not _authorized(headers, self.config.api_keys):
+                error = APIError(401, "invalid or missing API key", code="invalid_api_key")
+            length = headers.get("content-length", "")
+            if error is None and length.isdigit() and int(length) > self.config.max_body_bytes:
+                error = _too_large(self.config)
+        if error is not None:
+            await _error_response(error)(scope, receive, send_wrapper)
+        else:
+            await self.app(scope, receive, send_wrapper)
+        endpoint = path if path.startswith("/v1/") or path in OPEN_PATHS else "other"
+        if endpoint.startswith("/v1/models/"):
+            endpoint = "/v1/models/{name}"
+        self.metrics.requests.labels(endpoint, str(status[0])).inc()
+        self.metrics.latency.labels(endpoint).observe(time.perf_counter() - t0)
+
+
+def _authorized(headers: dict[str, str], keys: frozenset[str]) -> bool:
+    scheme, _, token = headers.get("authorization", "").partition(" ")
     if scheme.lower() != "bearer" or not token:
         return False
-    # Constant-time comparison against every key: no early exit that leaks which prefix matched.
+    # Compare against every key in constant time: no early exit that leaks which one matched.
     ok = False
     for key in keys:
         ok |= hmac.compare_digest(token.strip().encode(), key.encode())
     return ok
-
-
-def _record(metrics: RouterMetrics, path: str, t0: float, response: Response) -> Response:
-    endpoint = path if path.startswith("/v1/") or path in OPEN_PATHS else "other"
-    if endpoint.startswith("/v1/models/"):
-        endpoint = "/v1/models/{name}"
-    metrics.requests.labels(endpoint, str(response.status_code)).inc()
-    metrics.latency.labels(endpoint).observe(time.perf_counter() - t0)
-    return response
 
 
 async def _counted(metrics: RouterMetrics, agen):

@@ -61,6 +61,31 @@ def static_endpoints(
 # ---- Kubernetes: the pure part ------------------------------------------------------------------
 
 
+def selector_matches(selector: str, labels: Mapping[str, str]) -> bool:
+    """Equality-based label selector (``k=v``, ``k==v``, ``k!=v``, ``k``, ``!k``), comma = AND.
+
+    The API server filters by ``labelSelector`` already; matching again here keeps a lenient
+    server (or an emulator) from leaking another service's pods into the pool.
+    """
+    for term in (t.strip() for t in selector.split(",")):
+        if not term:
+            continue
+        if "!=" in term:
+            key, value = (x.strip() for x in term.split("!=", 1))
+            if labels.get(key) == value:
+                return False
+        elif "=" in term:
+            key, value = (x.strip() for x in term.replace("==", "=").split("=", 1))
+            if labels.get(key) != value:
+                return False
+        elif term.startswith("!"):
+            if term[1:].strip() in labels:
+                return False
+        elif term not in labels:
+            return False
+    return True
+
+
 def _ready(endpoint: Mapping[str, Any]) -> bool:
     cond = endpoint.get("conditions") or {}
     # `ready` unset means unknown, which consumers should treat as ready (API docs);
@@ -206,7 +231,9 @@ class KubernetesDiscovery:
                 r = await http.get(self._slices_path, params={"labelSelector": selector})
                 r.raise_for_status()
                 body = r.json()
-                self._slices[selector] = {_key(s): s for s in body.get("items", [])}
+                self._slices[selector] = {
+                    _key(s): s for s in body.get("items", []) if _matches(selector, s)
+                }
                 await self._publish(http)
                 params = {
                     "labelSelector": selector,
@@ -225,7 +252,7 @@ class KubernetesDiscovery:
                             break  # e.g. 410 Gone: relist
                         if kind == "BOOKMARK":
                             continue
-                        if kind == "DELETED":
+                        if kind == "DELETED" or not _matches(selector, obj):
                             self._slices[selector].pop(_key(obj), None)
                         else:
                             self._slices[selector][_key(obj)] = obj
@@ -259,6 +286,10 @@ class KubernetesDiscovery:
         if endpoints != self._last:
             self._last = endpoints
             self.on_change(endpoints)
+
+
+def _matches(selector: str, obj: Mapping[str, Any]) -> bool:
+    return selector_matches(selector, (obj.get("metadata") or {}).get("labels") or {})
 
 
 def _key(obj: Mapping[str, Any]) -> str:

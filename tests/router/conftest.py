@@ -64,6 +64,7 @@ class FakeEngine:
     blocks: set[int] = field(default_factory=set)
     prefills: list[str] = field(default_factory=list)
     seeds: list[int | None] = field(default_factory=list)
+    heads: list[tuple[int, ...]] = field(default_factory=list)  # first 32 tokens of each prompt
     generates: list[str] = field(default_factory=list)
     aborted: list[str] = field(default_factory=list)
     cancelled: list[str] = field(default_factory=list)
@@ -122,6 +123,7 @@ class FakeServicer(
         if e.fail_prefill:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "fake prefill failure")
         prompt = list(request.prompt_token_ids)
+        e.heads.append(tuple(prompt[:32]))
         cached = e._cache(prompt, list(request.extra_keys))
         return pb.PrefillResponse(
             first_token_id=FakeEngine.token(prompt, 0),
@@ -142,6 +144,7 @@ class FakeServicer(
         if request.HasField("prefill"):
             cached = request.prefill.num_cached_tokens
         else:
+            e.heads.append(tuple(prompt[:32]))
             cached = e._cache(prompt, list(req.extra_keys))
         max_tokens = sp.max_tokens if sp.HasField("max_tokens") else 16
         if sp.max_tokens_unbounded:
