@@ -7,7 +7,7 @@ import random
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from splitserve.services.engine.detokenizer import DetokenizerDelta, IncrementalDetokenizer
@@ -213,6 +213,7 @@ def test_finish_releases_an_uncompleted_stop_candidate(tok):
 )
 def test_property_random_unicode(tok, text, data):
     ids = tok.encode(text)
+    assume(ids)  # a few control characters encode to nothing
     rng = random.Random(data.draw(st.integers(0, 2**32)))
     cut = data.draw(st.integers(0, len(ids) - 1))
     prompt, out = ids[:cut], ids[cut:]
