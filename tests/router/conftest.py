@@ -10,11 +10,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import grpc
 import httpx
@@ -340,3 +345,71 @@ def disagg(stack_factory):
     """One fake prefill pod and one fake decode pod behind a router (shared by a module)."""
     with stack_factory(["prefill", "decode"]) as (router, pods):
         yield router, pods
+
+
+# ---- real processes -----------------------------------------------------------------------------
+
+
+@dataclass
+class ServeStack:
+    """A running `splitserve serve` (router + engine processes)."""
+
+    url: str
+    proc: subprocess.Popen
+    engines: dict[str, tuple[int, int]]  # name -> (grpc port, metrics port)
+    log: Path
+
+    def engine_metrics(self, name: str) -> dict[str, float]:
+        """The engine's Prometheus samples (name{labels} -> value)."""
+        text = httpx.get(f"http://127.0.0.1:{self.engines[name][1]}/metrics", timeout=10).text
+        out: dict[str, float] = {}
+        for line in text.splitlines():
+            if line and not line.startswith("#"):
+                key, _, value = line.rpartition(" ")
+                out[key] = float(value)
+        return out
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+ENGINE_TEST_FLAGS = ["--kv-cache-memory-gb", "0.25"]
+
+
+def start_serve(args: list[str], log: Path, timeout: float = 420.0) -> ServeStack:
+    """`splitserve serve ARGS` on a free port; waits for its "ready at" line."""
+    port = free_port()
+    cmd = [sys.executable, "-P", "-m", "splitserve", "serve", "--port", str(port), *args]
+    out = log.open("w")
+    proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + timeout
+    engines: dict[str, tuple[int, int]] = {}
+    while True:
+        text = log.read_text()
+        if "ready at" in text:
+            break
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError(f"splitserve serve failed to start:\n{text[-4000:]}")
+        time.sleep(0.25)
+    for m in re.finditer(r"(\w+-\d+) grpc:(\d+) metrics:(\d+)", text):
+        engines[m.group(1)] = (int(m.group(2)), int(m.group(3)))
+    return ServeStack(f"http://127.0.0.1:{port}", proc, engines, log)
+
+
+@pytest.fixture(scope="session")
+def real_stack(tmp_path_factory) -> Iterator[ServeStack]:
+    """One prefill and one decode engine process behind a router (shared by the session)."""
+    log = tmp_path_factory.mktemp("serve") / "serve.log"
+    stack = start_serve(
+        ["--prefill-replicas", "1", "--decode-replicas", "1", *ENGINE_TEST_FLAGS], log
+    )
+    yield stack
+    assert stack.stop() == 0, log.read_text()[-3000:]

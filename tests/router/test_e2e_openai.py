@@ -1,0 +1,163 @@
+"""The official `openai` SDK against a real local stack (router + prefill + decode processes).
+
+The offline engine is the oracle: greedy output through the disaggregated stack must equal
+``LLM().generate`` token for token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import openai
+import pytest
+
+from splitserve import LLM, SamplingParams
+
+pytestmark = pytest.mark.model
+
+MODEL = "SmolLM2-135M-Instruct"
+PROMPTS = ["The capital of France is", "def fibonacci(n):"]
+CHAT = [{"role": "user", "content": "Name three colors."}]
+
+
+@pytest.fixture(scope="module")
+def oracle() -> LLM:
+    return LLM(kv_cache_memory_bytes=64 << 20, max_num_seqs=8)
+
+
+@pytest.fixture(scope="module")
+def sdk(real_stack) -> openai.OpenAI:
+    return openai.OpenAI(base_url=real_stack.url + "/v1", api_key="unused", max_retries=0)
+
+
+def test_greedy_completion_and_chat_equal_the_offline_engine(sdk, oracle):
+    params = SamplingParams(temperature=0.0, max_tokens=12)
+    want = [o.outputs[0].text for o in oracle.generate(PROMPTS, params)]
+    got = [
+        sdk.completions.create(model=MODEL, prompt=p, max_tokens=12, temperature=0).choices[0].text
+        for p in PROMPTS
+    ]
+    assert got == want
+    # A batch of prompts in one request gives one choice per prompt, in order.
+    batch = sdk.completions.create(model=MODEL, prompt=PROMPTS, max_tokens=12, temperature=0)
+    assert [c.text for c in sorted(batch.choices, key=lambda c: c.index)] == want
+
+    chat_want = oracle.chat(CHAT, params)[0].outputs[0].text
+    chat = sdk.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=12, temperature=0)
+    assert chat.choices[0].message.content == chat_want
+    assert chat.choices[0].message.role == "assistant"
+
+
+def test_streaming_equals_non_streaming(sdk):
+    full = sdk.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=10, temperature=0)
+    stream = sdk.chat.completions.create(
+        model=MODEL, messages=CHAT, max_tokens=10, temperature=0, stream=True,
+        stream_options={"include_usage": True},
+    )  # fmt: skip
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == full.choices[0].message.content
+    assert chunks[-1].usage.completion_tokens == full.usage.completion_tokens
+    assert chunks[-1].usage.prompt_tokens == full.usage.prompt_tokens
+    comp = list(
+        sdk.completions.create(
+            model=MODEL, prompt=PROMPTS[0], max_tokens=6, temperature=0, stream=True
+        )
+    )
+    assert comp[-1].choices[0].finish_reason in ("length", "stop")
+
+
+def test_n2_and_seed_reproducibility(sdk):
+    kw = dict(model=MODEL, prompt="Once upon a time", max_tokens=10, temperature=1.0, n=2)
+    a = sdk.completions.create(seed=1234, **kw)
+    b = sdk.completions.create(seed=1234, **kw)
+    c = sdk.completions.create(seed=999, **kw)
+    texts = lambda r: [x.text for x in sorted(r.choices, key=lambda x: x.index)]  # noqa: E731
+    assert len(a.choices) == 2 and [x.index for x in a.choices] == [0, 1]
+    assert texts(a) == texts(b)  # same seed, same samples
+    assert texts(a) != texts(c)  # another seed, other samples
+    assert texts(a)[0] != texts(a)[1]  # the two samples differ (seed + i)
+    d = sdk.completions.create(seed=7, extra_body={"ignore_eos": True}, **kw)
+    assert d.usage.completion_tokens == 20  # both samples' tokens are counted
+
+
+def test_stop_strings(sdk, oracle):
+    full = oracle.generate(PROMPTS[0], SamplingParams(temperature=0, max_tokens=12))[0]
+    text = full.outputs[0].text
+    assert "." in text, "pick a prompt whose greedy output has a period"
+    r = sdk.completions.create(
+        model=MODEL, prompt=PROMPTS[0], max_tokens=12, temperature=0, stop=["."]
+    )
+    assert r.choices[0].text == text[: text.index(".")]
+    assert r.choices[0].finish_reason == "stop"
+
+
+def test_logprobs_match_the_offline_engine(sdk, oracle):
+    params = SamplingParams(temperature=0.0, max_tokens=5, logprobs=2)
+    want = oracle.generate(PROMPTS[0], params)[0].outputs[0]
+    r = sdk.completions.create(
+        model=MODEL, prompt=PROMPTS[0], max_tokens=5, temperature=0, logprobs=2
+    )
+    lp = r.choices[0].logprobs
+    assert "".join(lp.tokens) == r.choices[0].text
+    assert len(lp.top_logprobs) == 5 and all(len(t) == 2 for t in lp.top_logprobs)
+    for got, ref in zip(lp.token_logprobs, want.logprobs, strict=True):
+        assert got == pytest.approx(ref.logprob, abs=0.05)
+    chat = sdk.chat.completions.create(
+        model=MODEL, messages=CHAT, max_tokens=3, temperature=0, logprobs=True, top_logprobs=3
+    )
+    content = chat.choices[0].logprobs.content
+    assert len(content) == 3 and all(len(c.top_logprobs) == 3 for c in content)
+    assert "".join(c.token for c in content) == chat.choices[0].message.content
+    assert all(c.logprob <= 0 for c in content)
+
+
+def test_cached_tokens_count_prefix_hits(sdk):
+    prompt = "A long shared context. " * 40
+    sdk.completions.create(model=MODEL, prompt=prompt, max_tokens=1)
+    r = sdk.completions.create(model=MODEL, prompt=prompt, max_tokens=1)
+    assert r.usage.prompt_tokens_details.cached_tokens >= r.usage.prompt_tokens - 16
+    assert r.usage.prompt_tokens_details.cached_tokens % 16 == 0
+
+
+def test_64_concurrent_streaming_clients(real_stack, tokenizer):
+    client = openai.AsyncOpenAI(base_url=real_stack.url + "/v1", api_key="x", max_retries=0)
+    prompts = [f"Request number {i}: write a word." for i in range(64)]
+
+    async def one(prompt: str) -> tuple[int, int, str, object]:
+        stream = await client.completions.create(
+            model=MODEL, prompt=prompt, max_tokens=8, temperature=0.7, seed=1, stream=True,
+            stream_options={"include_usage": True}, extra_body={"ignore_eos": True},
+        )  # fmt: skip
+        text, usage, deltas = "", None, 0
+        async for chunk in stream:
+            if chunk.choices:
+                text += chunk.choices[0].text
+                deltas += 1
+            if chunk.usage is not None:
+                usage = chunk.usage
+        return len(tokenizer.encode(prompt)), deltas, text, usage
+
+    async def main():
+        try:
+            return await asyncio.gather(*(one(p) for p in prompts))
+        finally:
+            await client.close()
+
+    results = asyncio.run(main())
+    assert len(results) == 64
+    for n_prompt, deltas, text, usage in results:
+        assert usage is not None
+        assert usage.prompt_tokens == n_prompt
+        assert usage.completion_tokens == 8
+        assert usage.total_tokens == n_prompt + 8
+        assert 1 <= deltas <= 8 and text
+
+
+def test_bad_input_then_serves(sdk):
+    with pytest.raises(openai.BadRequestError):
+        sdk.completions.create(model=MODEL, prompt="word " * 9000, max_tokens=4)
+    with pytest.raises(openai.NotFoundError):
+        sdk.completions.create(model="gpt-4", prompt="x")
+    r = sdk.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=2, temperature=0)
+    assert r.usage.completion_tokens == 2
