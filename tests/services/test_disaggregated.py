@@ -1,0 +1,230 @@
+"""Prefill on one process, decode on another: exact outputs over both KV transports, safe
+hand-offs under faults, and full pools after every scenario."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import grpc
+import pytest
+
+from splitserve import LLM, SamplingParams
+from splitserve.proto import splitserve_pb2 as pb
+from splitserve.proto import splitserve_pb2_grpc as pb_grpc
+from splitserve.services.common.convert import params_to_proto
+
+pytestmark = pytest.mark.model
+
+PROMPTS = [
+    "The capital of France is",
+    "def fibonacci(n):",
+    "Once upon a time, in a land far away, there lived a",
+    " ".join(["Paged attention keeps the KV cache in fixed-size blocks."] * 6),
+    "1, 2, 3, 4,",
+    "Q: What is 12 times 12?\nA:",
+]
+MAX_TOKENS = 10
+
+
+@pytest.fixture(scope="module")
+def reference():
+    llm = LLM(dtype="float32", num_kv_blocks=160)
+    params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, min_tokens=MAX_TOKENS)
+    outs = llm.generate(PROMPTS, params)
+    return llm, {
+        o.prompt: (o.prompt_token_ids, o.outputs[0].token_ids, o.outputs[0].text) for o in outs
+    }
+
+
+def request(rid: str, token_ids: list[int]) -> pb.PrefillRequest:
+    params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, min_tokens=MAX_TOKENS)
+    return pb.PrefillRequest(
+        request_id=rid, prompt_token_ids=token_ids, sampling_params=params_to_proto(params)
+    )
+
+
+async def run_one(prefill_addr, decode_addr, req, prefill_resp=None):
+    async with (
+        grpc.aio.insecure_channel(prefill_addr) as pch,
+        grpc.aio.insecure_channel(decode_addr) as dch,
+    ):
+        if prefill_resp is None:
+            prefill_resp = await pb_grpc.PrefillServiceStub(pch).Prefill(req, timeout=60)
+        messages = [
+            m
+            async for m in pb_grpc.DecodeServiceStub(dch).Generate(
+                pb.GenerateRequest(request=req, prefill=prefill_resp), timeout=120
+            )
+        ]
+    return prefill_resp, messages
+
+
+def collect(messages):
+    tokens = [t for m in messages for t in m.token_ids]
+    return tokens, "".join(m.text for m in messages), messages[0].kv_transfer, messages[-1]
+
+
+@pytest.mark.parametrize("decode", ["decode_nixl", "decode_grpc"])
+def test_disaggregated_output_equals_single_engine(servers, reference, decode):
+    _, ref = reference
+    prefill, dec = servers["prefill"], servers[decode]
+    for i, prompt in enumerate(PROMPTS):
+        ids, expected_tokens, expected_text = ref[prompt]
+        resp, messages = asyncio.run(
+            run_one(prefill.address, dec.address, request(f"{decode}-{i}", ids))
+        )
+        tokens, text, transfer, last = collect(messages)
+        assert tokens == expected_tokens, prompt
+        assert text == expected_text
+        assert not transfer.recomputed, transfer.failure_reason
+        if transfer.num_blocks:  # blocks the decode pod had cached locally are not moved
+            assert transfer.transport == ("nixl" if decode == "decode_nixl" else "grpc")
+            assert transfer.num_bytes > 0
+        assert last.finish_reason == pb.FINISH_REASON_LENGTH
+        assert last.usage.prompt_tokens == len(ids)
+        assert last.usage.completion_tokens == MAX_TOKENS
+    for server in servers.values():
+        server.wait_pool_full()
+
+
+def test_32_concurrent_requests(servers, reference):
+    _, ref = reference
+    prefill = servers["prefill"]
+    decodes = [servers["decode_nixl"], servers["decode_grpc"]]
+
+    async def main():
+        jobs = []
+        for i in range(32):
+            prompt = PROMPTS[i % len(PROMPTS)]
+            req = request(f"conc-{i}", ref[prompt][0])
+            jobs.append(run_one(prefill.address, decodes[i % 2].address, req))
+        return await asyncio.gather(*jobs)
+
+    results = asyncio.run(main())
+    for i, (_, messages) in enumerate(results):
+        tokens, _, transfer, _ = collect(messages)
+        assert tokens == ref[PROMPTS[i % len(PROMPTS)]][1]
+        assert not transfer.recomputed
+    # the shared prompts hit the prefill pod's prefix cache
+    assert prefill.stats().prefix_cache_hits > 0
+    for server in servers.values():
+        server.wait_pool_full()
+
+
+def test_colocated_pod_runs_the_prompt_itself(servers, reference):
+    _, ref = reference
+    ids, expected, _ = ref[PROMPTS[2]]
+
+    async def main():
+        async with grpc.aio.insecure_channel(servers["decode_grpc"].address) as ch:
+            req = pb.GenerateRequest(request=request("colo", ids))
+            return [m async for m in pb_grpc.DecodeServiceStub(ch).Generate(req, timeout=60)]
+
+    tokens, _, transfer, _ = collect(asyncio.run(main()))
+    assert tokens == expected and transfer.transport == ""
+
+
+def test_unreleased_lease_expires_and_blocks_return(servers, reference):
+    _, ref = reference
+    prefill = servers["prefill"]
+    with grpc.insecure_channel(prefill.address) as ch:
+        resp = pb_grpc.PrefillServiceStub(ch).Prefill(request("orphan", ref[PROMPTS[3]][0]))
+    assert resp.handoff.block_ids
+    held = prefill.stats()
+    assert held.num_active_leases == 1 and held.num_blocks_free < held.num_blocks_total
+    time.sleep(5.5)  # the module's prefill pod leases for 5 s
+    prefill.wait_pool_full(timeout=3)
+    # a decode pod handed the expired lease recomputes and still answers correctly
+    _, messages = asyncio.run(
+        run_one(
+            prefill.address,
+            servers["decode_grpc"].address,
+            request("orphan", ref[PROMPTS[3]][0]),
+            resp,
+        )
+    )
+    tokens, _, transfer, _ = collect(messages)
+    assert tokens == ref[PROMPTS[3]][1]
+    assert transfer.recomputed and "lease" in transfer.failure_reason
+
+
+def test_decode_abort_releases_everything(servers, reference):
+    _, ref = reference
+    prefill, dec = servers["prefill"], servers["decode_nixl"]
+    ids = ref[PROMPTS[0]][0]
+
+    async def main():
+        async with (
+            grpc.aio.insecure_channel(prefill.address) as pch,
+            grpc.aio.insecure_channel(dec.address) as dch,
+        ):
+            req = pb.PrefillRequest(
+                request_id="abort-me",
+                prompt_token_ids=ids,
+                sampling_params=params_to_proto(SamplingParams(max_tokens=500, ignore_eos=True)),
+            )
+            resp = await pb_grpc.PrefillServiceStub(pch).Prefill(req)
+            call = pb_grpc.DecodeServiceStub(dch).Generate(
+                pb.GenerateRequest(request=req, prefill=resp)
+            )
+            got = 0
+            async for _ in call:
+                got += 1
+                if got == 3:
+                    call.cancel()
+                    break
+            return got
+
+    assert asyncio.run(main()) == 3
+    dec.wait_pool_full(timeout=5)
+    prefill.wait_pool_full(timeout=5)
+
+
+def test_incompatible_peer_is_refused_at_handshake(servers):
+    from splitserve.services.kvtransfer.compat import CompatInfo as Compat
+    from splitserve.services.kvtransfer.errors import IncompatiblePeerError
+    from splitserve.services.kvtransfer.pool import allocate_kv_pool
+    from splitserve.services.kvtransfer.puller import KVPuller
+
+    stats = servers["prefill"].stats()
+    kv = allocate_kv_pool(4, 30, 32, 3, 64, __import__("torch").float32)
+    compat = Compat(
+        model=stats.model, revision="", dtype="float32", block_size=32, num_layers=30,
+        num_kv_heads=3, head_dim=64,
+    )  # fmt: skip
+    puller = KVPuller(kv, compat, "stranger", transports=("grpc",))
+    try:
+        with pytest.raises(IncompatiblePeerError, match="block_size"):
+            puller.handshake(servers["prefill"].address)
+    finally:
+        puller.close()
+
+
+def test_prefill_killed_or_restarted_requests_still_complete(servers, reference, tmp_path):
+    _, ref = reference
+    dec = servers["decode_grpc"]
+    ids, expected, _ = ref[PROMPTS[3]]
+    victim = type(servers["prefill"])("prefill", ["--kv-transport", "grpc"], tmp_path / "v.log")
+    victim.start()
+    try:
+        with grpc.insecure_channel(victim.address) as ch:
+            stub = pb_grpc.PrefillServiceStub(ch)
+            req1 = request("victim-1", ids)
+            handoff1 = stub.Prefill(req1)
+        victim.kill()  # the source dies before the decode pod reads
+        _, messages = asyncio.run(run_one(victim.address, dec.address, req1, handoff1))
+        tokens, _, transfer, _ = collect(messages)
+        assert tokens == expected
+        assert transfer.recomputed
+        # restarted on the same port: a new epoch, so the old hand-off must be refused
+        victim.start()
+        req2 = request("victim-2", ids)
+        _, messages = asyncio.run(run_one(victim.address, dec.address, req2, handoff1))
+        tokens, _, transfer, _ = collect(messages)
+        assert tokens == expected
+        assert transfer.recomputed and "epoch" in transfer.failure_reason
+        victim.wait_pool_full()
+    finally:
+        victim.stop()
+    dec.wait_pool_full()
