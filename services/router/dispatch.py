@@ -24,6 +24,7 @@ from splitserve.proto import splitserve_pb2 as pb
 from splitserve.services.engine.block_hash import hash_prompt_blocks
 from splitserve.services.engine.sampling_params import SamplingParams
 from splitserve.services.router.errors import APIError, BackendError, NoBackendError
+from splitserve.services.router.metrics import RouterMetrics
 from splitserve.services.router.policy import Weights, choose
 from splitserve.services.router.pool import DECODE, PREFILL, PodState, Pool, track_inflight
 from splitserve.services.router.retry import RetryBudget
@@ -111,8 +112,10 @@ class Dispatcher:
         budget: RetryBudget,
         prefill_timeout_s: float = 120.0,
         stream_idle_timeout_s: float = 120.0,
+        metrics: RouterMetrics | None = None,
     ) -> None:
         self.pool = pool
+        self.metrics = metrics
         self.policy = policy
         self.weights = weights or Weights()
         self.budget = budget
@@ -174,6 +177,12 @@ class Dispatcher:
         self.pool.index.record_routed(
             first_pod.endpoint.pod_id, req.block_hashes(first_pod.block_size)
         )
+        if self.metrics is not None:
+            m = self.metrics
+            m.matched_tokens.inc(route.matched_blocks * first_pod.block_size)
+            if route.prefill is not None:
+                m.routed.labels(route.prefill.endpoint.address, PREFILL).inc()
+            m.routed.labels(route.decode.endpoint.address, DECODE).inc()
         gen = pb.GenerateRequest(request=req.proto, protocol_version=PROTOCOL_VERSION)
         if route.prefill is not None:
             with track_inflight(route.prefill):
@@ -243,6 +252,8 @@ class Dispatcher:
                 if sent or not err.retryable or not self.budget.try_retry(attempt):
                     raise
                 self.retries_total += 1
+                if self.metrics is not None:
+                    self.metrics.retries.inc()
                 log.warning("retrying %s after: %s", req.request_id, err)
 
     async def complete(self, req: EngineRequest) -> list[pb.GenerateResponse]:
@@ -262,6 +273,8 @@ class Dispatcher:
                 if not err.retryable or not self.budget.try_retry(attempt):
                     raise
                 self.retries_total += 1
+                if self.metrics is not None:
+                    self.metrics.retries.inc()
                 log.warning("retrying %s after: %s", req.request_id, err)
 
 

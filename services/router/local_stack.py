@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -137,12 +138,14 @@ class Stack:
                 proc.wait()
 
 
-def _healthy(url: str) -> bool:
+def _all_ready(url: str, prefill: int, decode: int) -> bool:
+    """The router is healthy AND sees every engine: "ready" means the whole stack is."""
     try:
         with urllib.request.urlopen(url + "/health", timeout=2) as r:
-            return r.status == 200
-    except (urllib.error.URLError, OSError):
+            body = json.loads(r.read())
+    except (urllib.error.URLError, OSError, ValueError):
         return False
+    return body.get("prefill_pods", 0) >= prefill and body.get("decode_pods", 0) >= decode
 
 
 def child_env(num_engines: int, threads: int | None) -> dict[str, str]:
@@ -178,7 +181,9 @@ def run(args: argparse.Namespace) -> int:
         stack.start(router, dict(os.environ, PYTHONSAFEPATH="1", OMP_NUM_THREADS="1"))
         print(f"splitserve: starting {len(engines)} engine(s) and the router ...", flush=True)
         deadline = time.monotonic() + args.ready_timeout
-        while not _healthy(url):
+        n_prefill = len(engines) if args.colocated else args.prefill_replicas
+        n_decode = len(engines) if args.colocated else args.decode_replicas
+        while not _all_ready(url, n_prefill, n_decode):
             if stopping:
                 return 130
             if (dead := stack.dead()) is not None:

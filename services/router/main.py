@@ -143,6 +143,7 @@ def build_router(
         weights=settings.weights,
         budget=RetryBudget(settings.retry),
         prefill_timeout_s=settings.prefill_timeout_s,
+        metrics=metrics,
     )
     serving = OpenAIServing(tokenizer, dispatcher, metrics, max_model_len=max_len)
     config = AppConfig(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import re
 import signal
 import socket
@@ -413,3 +414,82 @@ def real_stack(tmp_path_factory) -> Iterator[ServeStack]:
     )
     yield stack
     assert stack.stop() == 0, log.read_text()[-3000:]
+
+
+@pytest.fixture(scope="session")
+def serve_factory(tmp_path_factory):
+    """``serve_factory(args) -> ServeStack``; the caller stops it (module fixtures do)."""
+
+    def make(args: list[str]) -> ServeStack:
+        log = tmp_path_factory.mktemp("serve") / "serve.log"
+        return start_serve([*args, *ENGINE_TEST_FLAGS], log)
+
+    return make
+
+
+@dataclass
+class Proc:
+    url: str
+    proc: subprocess.Popen
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def wait_health(url: str, timeout: float = 300.0, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode}")
+        time.sleep(0.2)
+    raise RuntimeError(f"{url} never became healthy")
+
+
+@pytest.fixture(scope="session")
+def router_factory(tmp_path_factory):
+    """``router_factory(args) -> Proc``: a `splitserve router` process on a free port, healthy."""
+    started: list[Proc] = []
+
+    def make(args: list[str]) -> Proc:
+        port = free_port()
+        log = (tmp_path_factory.mktemp("router") / "router.log").open("w")
+        cmd = [sys.executable, "-P", "-m", "splitserve", "router", "--port", str(port), *args]
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        p = Proc(f"http://127.0.0.1:{port}", proc)
+        started.append(p)
+        wait_health(p.url, proc=proc)
+        return p
+
+    yield make
+    for p in started:
+        p.stop()
+
+
+@pytest.fixture(scope="module")
+def engine_factory(tmp_path_factory):
+    """``engine_factory(role, *flags) -> (Proc, grpc address, metrics port)``; stopped after."""
+    started: list[Proc] = []
+
+    def make(role: str, *flags: str) -> tuple[Proc, str, int]:
+        port, mport = free_port(), free_port()
+        log = (tmp_path_factory.mktemp(role) / "engine.log").open("w")
+        cmd = [sys.executable, "-P", "-m", "splitserve", role, "--host", "127.0.0.1"]
+        cmd += ["--port", str(port), "--metrics-port", str(mport), *ENGINE_TEST_FLAGS, *flags]
+        env = dict(os.environ, OMP_NUM_THREADS="1")
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        p = Proc(f"http://127.0.0.1:{mport}", proc)
+        started.append(p)
+        return p, f"127.0.0.1:{port}", mport
+
+    yield make
+    for p in started:
+        p.stop()
