@@ -405,9 +405,9 @@ def start_serve(args: list[str], log: Path, timeout: float = 420.0) -> ServeStac
     return ServeStack(f"http://127.0.0.1:{port}", proc, engines, log)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def real_stack(tmp_path_factory) -> Iterator[ServeStack]:
-    """One prefill and one decode engine process behind a router (shared by the session)."""
+    """One prefill and one decode engine process behind a router (shared by a module)."""
     log = tmp_path_factory.mktemp("serve") / "serve.log"
     stack = start_serve(
         ["--prefill-replicas", "1", "--decode-replicas", "1", *ENGINE_TEST_FLAGS], log
