@@ -33,6 +33,12 @@ def add_engine_arguments(parser: argparse.ArgumentParser, default_port: int) -> 
     parser.add_argument("--metrics-port", type=int, default=0, help="Prometheus /metrics (0: off)")
     parser.add_argument("--engine-id", default=os.environ.get("POD_NAME") or socket.gethostname())
     parser.add_argument("--kv-transport", default="grpc", choices=["nixl", "grpc"])
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=int(os.environ.get("SPLITSERVE_THREADS", "0")),
+        help="torch CPU threads (0: torch's default). Pods sharing few cores should split them.",
+    )
     parser.add_argument("--log-level", default="INFO")
 
 

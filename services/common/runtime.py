@@ -33,6 +33,10 @@ def build_runtime(args: argparse.Namespace, role: str) -> EngineRuntime:
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     config = engine_config(args)
+    if args.threads > 0:
+        import torch
+
+        torch.set_num_threads(args.threads)
 
     def allocate(shape, dtype):
         # Huge-page backed CPU pool: NIXL/UCX reads of it run several times faster.

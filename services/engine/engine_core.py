@@ -110,7 +110,7 @@ class EngineCore:
         backend = get_attention_backend(config.resolved_attention_backend)
         self.runner = ModelRunner(self.model, self.kv_cache, backend, bs)
         self.eos_ids = eos_token_ids(self.hf_config, self.tokenizer)
-        self.sampler = Sampler(arch.vocab_size, min(self.eos_ids) if self.eos_ids else None)
+        self.sampler = Sampler(arch.vocab_size, self.eos_ids or None)
         self._requests: dict[str, Request] = {}  # sequence id -> request
         self._groups: dict[str, list[str]] = {}  # client request id -> sequence ids
         self._detok: dict[str, IncrementalDetokenizer] = {}
