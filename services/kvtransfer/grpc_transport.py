@@ -28,6 +28,46 @@ from splitserve.services.kvtransfer.pool import KVPool
 from splitserve.services.kvtransfer.status import error_of
 from splitserve.services.kvtransfer.transport import KVBlockSink
 
+_DATA_TAG = b"\x12"  # field 2 (ReadBlocksResponse.data), wire type 2 (length-delimited)
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+class WireChunk:
+    """A ``ReadBlocksResponse`` whose ``data`` is still a list of views into the pool.
+
+    ``serialize`` writes the protobuf wire format with ONE copy of the block bytes (the header
+    fields, then field 2 as a length-delimited run built by ``bytes.join``), instead of the
+    three copies of gather + assign + ``SerializeToString``. Protobuf parsers accept fields in
+    any order, so readers decode it as an ordinary ``ReadBlocksResponse``.
+    """
+
+    __slots__ = ("header", "nbytes", "parts")
+
+    def __init__(self, header: pb.ReadBlocksResponse, parts: list, nbytes: int) -> None:
+        self.header, self.parts, self.nbytes = header, parts, nbytes
+
+    def serialize(self) -> bytes:
+        prefix = self.header.SerializeToString() + _DATA_TAG + _varint(self.nbytes)
+        return b"".join([prefix, *self.parts])
+
+    def to_message(self) -> pb.ReadBlocksResponse:
+        return pb.ReadBlocksResponse.FromString(self.serialize())
+
+
+def serialize_read_response(message: WireChunk | pb.ReadBlocksResponse) -> bytes:
+    """The ``ReadBlocks`` response serializer of ``KVServicer``."""
+    if isinstance(message, WireChunk):
+        return message.serialize()
+    return message.SerializeToString()
+
 
 class GrpcBlockSink(KVBlockSink):
     """Pulls blocks with the ``ReadBlocks`` server stream."""

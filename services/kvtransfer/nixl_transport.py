@@ -37,6 +37,10 @@ from splitserve.services.kvtransfer.transport import KVBlockSink
 
 log = logging.getLogger(__name__)
 
+# Poll without sleeping for this long first: a few-block read takes tens of microseconds, less
+# than one sleep's wake-up latency.
+_SPIN_SECONDS = 0.0005
+
 
 def nixl_available() -> tuple[bool, str]:
     """``(True, "")`` if NIXL can be imported, else ``(False, why)``."""
@@ -53,7 +57,10 @@ def _new_agent(name: str) -> Any:
     except Exception as error:
         raise TransportUnavailableError(f"nixl unavailable: {error}") from error
     try:
-        return nixl_agent(name, nixl_agent_config(backends=["UCX"]))
+        # No NIXL progress thread: it busy-polls (pthrDelay=0), burning ~half a core per process
+        # on this 2-core host and halving transfer speed. Readers progress while they poll their
+        # transfer; sources run a slow progress loop of their own (NixlSource).
+        return nixl_agent(name, nixl_agent_config(backends=["UCX"], enable_prog_thread=False))
     except Exception as error:
         raise TransportUnavailableError(f"nixl unavailable: UCX backend failed: {error}") from error
 
@@ -71,14 +78,31 @@ def _block_descs(base: int, num_blocks: int, block_nbytes: int, dev: int) -> lis
 
 
 class NixlSource:
-    """Registers a source pool with NIXL and describes it for readers."""
+    """Registers a source pool with NIXL and describes it for readers.
 
-    def __init__(self, pool: KVPool, agent_name: str) -> None:
+    Reads are one-sided, but a new reader's connection set-up (UCX wire-up) needs the source's
+    worker to make progress: a daemon thread does that every ``progress_interval`` seconds,
+    which costs ~nothing when idle (unlike NIXL's own busy-polling progress thread).
+    """
+
+    def __init__(self, pool: KVPool, agent_name: str, progress_interval: float = 0.002) -> None:
         self.pool = pool
         self.agent_name = agent_name
         self.agent = _new_agent(agent_name)
         self._reg = self.agent.register_memory(pool.kv_cache, _mem_type(pool))
         self._metadata: bytes = self.agent.get_agent_metadata()
+        self._stop = threading.Event()
+        self._progress = threading.Thread(
+            target=self._progress_loop, args=(progress_interval,), name="nixl-progress", daemon=True
+        )
+        self._progress.start()
+
+    def _progress_loop(self, interval: float) -> None:
+        while not self._stop.wait(interval):
+            try:
+                self.agent.get_new_notifs()  # drives the UCX worker's progress
+            except Exception:
+                log.debug("nixl progress failed", exc_info=True)
 
     def endpoint(self) -> pb.NixlEndpoint:
         return pb.NixlEndpoint(
@@ -91,6 +115,8 @@ class NixlSource:
         )
 
     def close(self) -> None:
+        self._stop.set()
+        self._progress.join(timeout=5)
         try:
             self.agent.deregister_memory(self._reg)
         except Exception:  # shutting down: nothing useful to do
@@ -113,7 +139,9 @@ class NixlBlockSink(KVBlockSink):
         local = _block_descs(pool.base_addr, pool.num_blocks, pool.block_nbytes, _device_id(pool))
         self._local = self.agent.prep_xfer_dlist("", local, _mem_type(pool))
         self._peers: dict[str, Any] = {}  # remote agent name -> prepped remote dlist handle
-        self._lock = threading.Lock()
+        # The agent is not thread-safe without a progress thread (sync mode NONE): every call
+        # on it holds this lock; concurrent pulls interleave their polls.
+        self._lock = threading.RLock()
         self._poll_interval = poll_interval
 
     def read(
@@ -143,25 +171,32 @@ class NixlBlockSink(KVBlockSink):
         deadline: float,
     ) -> None:
         remote = self._peer(nixl)
-        handle = self.agent.make_prepped_xfer(
-            "READ", self._local, list(dst_block_ids), remote, list(handoff.block_ids)
-        )
+        with self._lock:
+            handle = self.agent.make_prepped_xfer(
+                "READ", self._local, list(dst_block_ids), remote, list(handoff.block_ids)
+            )
         try:
-            state = self.agent.transfer(handle)
+            with self._lock:
+                state = self.agent.transfer(handle)
+            spin_until = time.monotonic() + _SPIN_SECONDS
             while state not in ("DONE", "ERR"):
-                if time.monotonic() > deadline:
+                now = time.monotonic()
+                if now > deadline:
                     raise TransferTimeoutError(
                         f"NIXL read of {len(dst_block_ids)} blocks from {nixl.agent_name} "
                         "passed its deadline"
                     )
-                time.sleep(self._poll_interval)
-                state = self.agent.check_xfer_state(handle)
+                if now > spin_until:  # small reads finish while spinning; long ones yield CPU
+                    time.sleep(self._poll_interval)
+                with self._lock:
+                    state = self.agent.check_xfer_state(handle)  # also progresses the worker
             if state == "ERR":
                 self._forget(nixl.agent_name)
                 raise PeerUnreachableError(f"NIXL read from {nixl.agent_name} failed")
         finally:
             try:
-                self.agent.release_xfer_handle(handle)  # aborts the transfer if still running
+                with self._lock:
+                    self.agent.release_xfer_handle(handle)  # aborts the transfer if running
             except Exception:
                 log.debug("nixl release_xfer_handle failed", exc_info=True)
 
@@ -182,19 +217,20 @@ class NixlBlockSink(KVBlockSink):
     def _forget(self, agent_name: str) -> None:
         with self._lock:
             handle = self._peers.pop(agent_name, None)
-        if handle is None:
-            return
-        try:
-            self.agent.release_dlist_handle(handle)
-            self.agent.remove_remote_agent(agent_name)
-        except Exception:
-            log.debug("nixl forget %s failed", agent_name, exc_info=True)
+            if handle is None:
+                return
+            try:
+                self.agent.release_dlist_handle(handle)
+                self.agent.remove_remote_agent(agent_name)
+            except Exception:
+                log.debug("nixl forget %s failed", agent_name, exc_info=True)
 
     def close(self) -> None:
         for name in list(self._peers):
             self._forget(name)
-        try:
-            self.agent.release_dlist_handle(self._local)
-            self.agent.deregister_memory(self._reg)
-        except Exception:
-            log.debug("nixl sink close failed", exc_info=True)
+        with self._lock:
+            try:
+                self.agent.release_dlist_handle(self._local)
+                self.agent.deregister_memory(self._reg)
+            except Exception:
+                log.debug("nixl sink close failed", exc_info=True)

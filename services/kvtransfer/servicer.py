@@ -13,6 +13,7 @@ import grpc
 
 from splitserve.proto import splitserve_pb2 as pb
 from splitserve.proto import splitserve_pb2_grpc as pb_grpc
+from splitserve.services.kvtransfer.grpc_transport import WireChunk, serialize_read_response
 from splitserve.services.kvtransfer.source import KVBlockSource
 from splitserve.services.kvtransfer.status import status_of
 
@@ -30,7 +31,33 @@ class KVServicer(pb_grpc.KVServiceServicer):
         self.source = source
 
     def add_to_server(self, server: grpc.Server) -> None:
-        pb_grpc.add_KVServiceServicer_to_server(self, server)
+        """Mount on ``server``; like the generated ``add_KVServiceServicer_to_server`` except
+        that ReadBlocks serializes ``WireChunk``s without extra copies."""
+        unary = grpc.unary_unary_rpc_method_handler
+        handlers = {
+            "Handshake": unary(
+                self.Handshake,
+                request_deserializer=pb.HandshakeRequest.FromString,
+                response_serializer=pb.HandshakeResponse.SerializeToString,
+            ),
+            "ReadBlocks": grpc.unary_stream_rpc_method_handler(
+                self.ReadBlocks,
+                request_deserializer=pb.ReadBlocksRequest.FromString,
+                response_serializer=serialize_read_response,
+            ),
+            "Release": unary(
+                self.Release,
+                request_deserializer=pb.ReleaseRequest.FromString,
+                response_serializer=pb.ReleaseResponse.SerializeToString,
+            ),
+            "ExtendLease": unary(
+                self.ExtendLease,
+                request_deserializer=pb.ExtendLeaseRequest.FromString,
+                response_serializer=pb.ExtendLeaseResponse.SerializeToString,
+            ),
+        }
+        service = pb.DESCRIPTOR.services_by_name["KVService"].full_name
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))
 
     def Handshake(self, request: pb.HandshakeRequest, context) -> pb.HandshakeResponse:
         try:
@@ -38,7 +65,7 @@ class KVServicer(pb_grpc.KVServiceServicer):
         except Exception as error:
             context.abort(*status_of(error))
 
-    def ReadBlocks(self, request: pb.ReadBlocksRequest, context) -> Iterator[pb.ReadBlocksResponse]:
+    def ReadBlocks(self, request: pb.ReadBlocksRequest, context) -> Iterator[WireChunk]:
         try:
             chunks = self.source.read_blocks(request)
         except Exception as error:

@@ -16,8 +16,6 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
-import numpy as np
-
 from splitserve.proto import splitserve_pb2 as pb
 from splitserve.services.kvtransfer.checksum import block_checksums, byte_view
 from splitserve.services.kvtransfer.compat import (
@@ -31,6 +29,7 @@ from splitserve.services.kvtransfer.errors import (
     InvalidHandoffError,
     TransportUnavailableError,
 )
+from splitserve.services.kvtransfer.grpc_transport import WireChunk
 from splitserve.services.kvtransfer.leases import Lease, LeaseTable
 from splitserve.services.kvtransfer.metrics import TransferMetrics
 from splitserve.services.kvtransfer.pool import KVPool
@@ -235,10 +234,12 @@ class KVBlockSource:
             layout=self.pool.layout(),
         )
 
-    def read_blocks(self, request: pb.ReadBlocksRequest) -> Iterator[pb.ReadBlocksResponse]:
+    def read_blocks(self, request: pb.ReadBlocksRequest) -> Iterator[WireChunk]:
         """Validate a read (epoch, compat, lease, ids), extend the lease, then yield the bytes.
 
         Validation happens before the first message, so a refused read fails with no data sent.
+        The chunks are ``WireChunk``s: ``ReadBlocksResponse`` messages that serialize straight
+        from the pool's memory (see ``KVServicer``).
         """
         ref = request.lease
         if request.compat_hash != self.compat_hash:
@@ -258,7 +259,7 @@ class KVBlockSource:
         chunk = max(64 << 10, min(chunk, self.config.max_chunk_bytes))
         return self._chunks(block_ids, chunk)
 
-    def _chunks(self, block_ids: list[int], chunk: int) -> Iterator[pb.ReadBlocksResponse]:
+    def _chunks(self, block_ids: list[int], chunk: int) -> Iterator[WireChunk]:
         bn = self.pool.block_nbytes
         total = bn * len(block_ids)
         rows = self._blocks_u8
@@ -278,11 +279,9 @@ class KVBlockSource:
                 take = min(bn - within, end - pos)
                 parts.append(rows[block_ids[j], within : within + take])
                 pos += take
-            data = parts[0].tobytes() if len(parts) == 1 else np.concatenate(parts).tobytes()
-            msg = first if offset == 0 else pb.ReadBlocksResponse()
-            msg.offset = offset
-            msg.data = data
-            yield msg
+            header = first if offset == 0 else pb.ReadBlocksResponse()
+            header.offset = offset
+            yield WireChunk(header, parts, end - offset)
             offset = end
         self.metrics.record_transfer("grpc", "sent", total, len(block_ids))
 
