@@ -1,0 +1,111 @@
+"""`splitserve serve` planning and `splitserve router` flags (pure: no processes)."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from splitserve.services.router import local_stack
+from splitserve.services.router import main as router_main
+
+
+def parse(module, argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    module.add_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def _router_flag(argv: list[str], flag: str) -> str:
+    return argv[argv.index(flag) + 1]
+
+
+def test_disaggregated_plan_wires_every_engine_into_the_router():
+    args = parse(local_stack, ["--prefill-replicas", "2", "--decode-replicas", "3", "--port", "9"])
+    engines, router = local_stack.plan(args)
+    roles = [c.argv[0] for c in engines]
+    assert roles == ["prefill", "prefill", "decode", "decode", "decode"]
+    assert len({c.port for c in engines} | {c.metrics_port for c in engines}) == 10
+    prefill = _router_flag(router.argv, "--prefill-endpoints").split(",")
+    decode = _router_flag(router.argv, "--decode-endpoints").split(",")
+    assert prefill == [f"127.0.0.1:{c.port}" for c in engines[:2]]
+    assert decode == [f"127.0.0.1:{c.port}" for c in engines[2:]]
+    assert _router_flag(router.argv, "--port") == "9"
+    for c in engines:
+        assert _router_flag(c.argv, "--kv-transport") == "grpc"
+        assert _router_flag(c.argv, "--metrics-port") == str(c.metrics_port)
+
+
+def test_colocated_plan_and_engine_flags():
+    args = parse(
+        local_stack,
+        ["--colocated", "--decode-replicas", "2", "--kv-transport", "nixl", "--model", "/m",
+         "--max-model-len", "512", "--api-key", "k", "--policy", "least_load"],
+    )  # fmt: skip
+    engines, router = local_stack.plan(args)
+    assert all(c.argv[0] == "decode" and "--colocated" in c.argv for c in engines)
+    assert len(engines) == 2
+    assert "--prefill-endpoints" not in router.argv
+    assert len(_router_flag(router.argv, "--colocated-endpoints").split(",")) == 2
+    assert _router_flag(router.argv, "--model") == "/m"
+    assert _router_flag(router.argv, "--max-model-len") == "512"
+    assert _router_flag(router.argv, "--api-key") == "k"
+    assert _router_flag(router.argv, "--policy") == "least_load"
+    assert _router_flag(engines[0].argv, "--kv-transport") == "nixl"
+    assert _router_flag(engines[0].argv, "--model") == "/m"
+
+
+def test_child_env_splits_cores(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(local_stack.os, "cpu_count", lambda: 8)
+    assert local_stack.child_env(3, None)["OMP_NUM_THREADS"] == "2"
+    assert local_stack.child_env(16, None)["OMP_NUM_THREADS"] == "1"
+    assert local_stack.child_env(2, 3)["OMP_NUM_THREADS"] == "3"
+    assert local_stack.child_env(1, None)["PYTHONSAFEPATH"] == "1"
+
+
+@pytest.mark.parametrize("colocated", [False, True])
+def test_router_parses_the_argv_the_operator_builds(colocated):
+    """The operator's router Deployment args parse, with the selectors and port it expects."""
+    from splitserve.operator import spec
+    from splitserve.operator.builders import router as router_builder
+
+    obj = {
+        "apiVersion": "serving.splitserve.io/v1alpha1",
+        "kind": "InferenceService",
+        "metadata": {"name": "chat", "namespace": "ml", "uid": "u"},
+        "spec": {
+            "model": {"uri": "pvc://weights/smollm2", "revision": "abc"},
+            "image": "registry.example/splitserve:0.1.0",
+            "prefill": {"replicas": 0 if colocated else 1},  # no prefill pool: colocated
+            "decode": {"replicas": 1},
+        },
+    }
+    isvc = spec.parse(obj)
+    argv = router_builder.router_args(isvc)
+    assert argv[0] == "router"
+    args = parse(router_main, argv[1:])
+    assert args.discovery == "kubernetes" and args.namespace == "ml"
+    assert args.port == router_builder.HTTP_PORT
+    assert (args.prefill_selector == args.decode_selector) is colocated
+    assert "serving.splitserve.io/role=decode" in args.decode_selector
+
+
+def test_api_keys_from_flag_file_and_env(tmp_path):
+    f = tmp_path / "keys"
+    f.write_text("k2\n\n  k3 \n")
+    keys = router_main.read_api_keys(["k1"], str(f), "k4,k5\nk6")
+    assert keys == frozenset({"k1", "k2", "k3", "k4", "k5", "k6"})
+    assert router_main.read_api_keys([], None, None) == frozenset()
+
+
+def test_static_mode_needs_endpoints():
+    args = parse(router_main, ["--prefill-endpoints", "a:1"])
+    with pytest.raises(SystemExit):
+        router_main.run(args)
+
+
+def test_serve_rejects_zero_replicas(capsys):
+    args = parse(local_stack, ["--prefill-replicas", "0"])
+    assert local_stack.run(args) == 2
+    assert "must be >= 1" in capsys.readouterr().err
