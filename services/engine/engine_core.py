@@ -89,6 +89,12 @@ class EngineCore:
             raise ValueError(
                 f"max_model_len {max_len} exceeds the model's {arch.max_position_embeddings}"
             )
+        if arch.sliding_window and max_len > arch.sliding_window:
+            # Attention here is full-context; within the window that is exactly the model's.
+            log.warning(
+                "capping max_model_len %d to the sliding window %d", max_len, arch.sliding_window
+            )
+            max_len = arch.sliding_window
         # One request alone must always fit in the pool, or preemption could never make room.
         self.max_model_len = min(max_len, num_blocks * bs)
         self.shape = ModelShape(

@@ -50,9 +50,19 @@ def _save_tiny(kind: str, root: Path, default_model_dir: Path) -> Path:
         bos_token_id=1,
         tie_word_embeddings=kind == "qwen2",
     )
-    torch.manual_seed(0 if kind == "llama" else 1)
+    torch.manual_seed({"llama": 0, "qwen2": 1, "llama3": 2}[kind])
     if kind == "llama":
         model = LlamaForCausalLM(LlamaConfig(rms_norm_eps=1e-5, rope_theta=10000.0, **common))
+    elif kind == "llama3":  # Llama 3.1-style scaled RoPE
+        rope = {
+            "rope_type": "llama3",
+            "rope_theta": 500000.0,
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 128,
+        }
+        model = LlamaForCausalLM(LlamaConfig(rms_norm_eps=1e-5, rope_parameters=rope, **common))
     else:
         model = Qwen2ForCausalLM(Qwen2Config(rms_norm_eps=1e-6, rope_theta=1e6, **common))
     out = root / kind
@@ -66,6 +76,11 @@ def _save_tiny(kind: str, root: Path, default_model_dir: Path) -> Path:
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory, default_model_dir) -> Path:
     return _save_tiny("llama", tmp_path_factory.mktemp("tiny"), default_model_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama3_dir(tmp_path_factory, default_model_dir) -> Path:
+    return _save_tiny("llama3", tmp_path_factory.mktemp("tiny"), default_model_dir)
 
 
 @pytest.fixture(scope="session")

@@ -34,14 +34,15 @@ def test_default_model_matches_hf_in_one_concurrent_batch(default_llm, hf_defaul
     default_llm.engine.check_integrity()
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+@pytest.mark.parametrize("kind", ["llama", "llama3", "qwen2"])
 def test_tiny_random_models_match_hf(kind, request, hf_greedy):
     from transformers import AutoModelForCausalLM
 
     model_dir = request.getfixturevalue(f"tiny_{kind}_dir")
     llm = LLM(model=str(model_dir), dtype="float32", num_kv_blocks=64, block_size=8)
     hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    prompts = [[5, 17, 300, 9000, 44], list(range(100, 137)), [7] * 19, [1, 2]]
+    # one prompt runs past llama3's original_max_position_embeddings (128): scaled RoPE matters
+    prompts = [[5, 17, 300, 9000, 44], list(range(100, 137)), [7] * 19, [1, 2], list(range(3, 203))]
     params = SamplingParams(temperature=0.0, max_tokens=12, min_tokens=12)
     outputs = llm.generate(prompts, params)
     for prompt, out in zip(prompts, outputs, strict=True):

@@ -34,6 +34,7 @@ class LlamaArch:
     qkv_bias: bool
     tie_word_embeddings: bool
     model_type: str
+    sliding_window: int | None = None  # None: full attention at every layer
 
     @classmethod
     def from_hf_config(cls, config: Any) -> LlamaArch:
@@ -47,6 +48,9 @@ class LlamaArch:
         if getattr(config, "mlp_bias", False):
             raise ValueError("mlp_bias=True is not supported")
         qkv_bias = model_type == "qwen2" or bool(getattr(config, "attention_bias", False))
+        window = getattr(config, "sliding_window", None)
+        if model_type == "qwen2" and not getattr(config, "use_sliding_window", False):
+            window = None
         return cls(
             vocab_size=config.vocab_size,
             hidden_size=config.hidden_size,
@@ -60,6 +64,7 @@ class LlamaArch:
             qkv_bias=qkv_bias,
             tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
             model_type=model_type,
+            sliding_window=window,
         )
 
 
@@ -74,7 +79,8 @@ def rope_inv_freq(config: Any, head_dim: int) -> tuple[torch.Tensor, float]:
         return 1.0 / (theta**exponents), 1.0
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-    inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](config, "cpu")
+    with torch.device("cpu"):  # real numbers even while the model is built on "meta"
+        inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](config, "cpu")
     return inv_freq.float(), float(scaling)
 
 
