@@ -4,11 +4,13 @@
 layout, block counts) before touching the network; handshake with the source once per address and
 incarnation (compatibility is checked there, with every differing field named); refuse a hand-off
 whose epoch is not the source's current one; move the bytes with the best transport both sides
-offer; verify every block's checksum; release the lease. Every step runs under one deadline.
+offer; verify every block's checksum; release the lease (asynchronously, off the critical path).
+Every step that the caller waits for runs under one deadline.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -28,6 +30,7 @@ from splitserve.services.kvtransfer.errors import (
     IncompatiblePeerError,
     InvalidHandoffError,
     KVTransferError,
+    LeaseExpiredError,
     PeerError,
     TransferTimeoutError,
     TransportUnavailableError,
@@ -71,6 +74,7 @@ class KVPuller:
         self._lock = threading.Lock()
         self._channels: dict[str, grpc.Channel] = {}
         self._handshakes: dict[str, pb.HandshakeResponse] = {}
+        self._pending: set = set()  # in-flight asynchronous Release calls
 
     # -- public ----------------------------------------------------------------------------
     def pull(
@@ -83,8 +87,8 @@ class KVPuller:
         """Copy the hand-off's blocks into ``dst_block_ids`` (same order) and verify them.
 
         Raises a ``KVTransferError`` subclass on any failure, within ``timeout`` seconds. With
-        ``release`` the source's lease is released afterwards, on success and on failure alike
-        (best effort: an unreachable source lets the lease expire instead).
+        ``release`` the source's lease is released afterwards, on success and on failure alike,
+        asynchronously (``flush`` waits for it; an unreachable source lets the lease expire).
         """
         deadline = time.monotonic() + timeout
         transport = "none"
@@ -94,17 +98,32 @@ class KVPuller:
             hs = self._handshake_for(handoff, deadline)
             transport = self._choose(hs)
             stub = self._stub(address)
+            lease_check = None
             if transport != "grpc":
-                self._extend(stub, handoff, deadline)  # one-sided reads: check the lease first
+                # A one-sided read cannot be refused by the source, so the lease is checked (and
+                # extended) by an RPC that runs alongside the read. Its answer is awaited either
+                # way: a lease the source no longer honours fails the pull even if the bytes
+                # happened to be intact, and it names the cause when they were not.
+                lease_check = stub.ExtendLease.future(
+                    pb.ExtendLeaseRequest(lease=_lease_ref(handoff)),
+                    timeout=self._remaining(deadline, "ExtendLease"),
+                )
             start = time.monotonic()
             sink = self._sinks[transport]
-            sink.read(stub, handoff, hs.endpoints, dst_block_ids, deadline)
-            sink.verify(handoff, dst_block_ids)
+            try:
+                sink.read(stub, handoff, hs.endpoints, dst_block_ids, deadline)
+                sink.verify(handoff, dst_block_ids)
+            except KVTransferError:
+                if lease_check is not None:
+                    self._raise_lease_error(lease_check, deadline, strict=False)
+                raise
+            if lease_check is not None:
+                self._raise_lease_error(lease_check, deadline, strict=True)
             seconds = time.monotonic() - start
         except KVTransferError as error:
             self.metrics.record_failure(transport, error.reason)
             if release:
-                self.release(handoff, timeout=min(1.0, max(0.05, deadline - time.monotonic())))
+                self._release_async(handoff)
             raise
         except Exception as error:  # a transport bug must not escape as a non-transfer error
             self.metrics.record_failure(transport, PeerError.reason)
@@ -113,7 +132,7 @@ class KVPuller:
         self.metrics.record_transfer(transport, "received", nbytes, len(dst_block_ids))
         self.metrics.seconds.labels(transport).observe(seconds)
         if release:
-            self.release(handoff, timeout=max(0.5, deadline - time.monotonic()))
+            self._release_async(handoff)
         return TransferResult(transport, len(dst_block_ids), nbytes, seconds)
 
     def release(self, handoff: pb.KVHandoff, timeout: float = 2.0) -> bool:
@@ -126,6 +145,30 @@ class KVPuller:
             log.info("KV release of %s failed: %s", handoff.lease_id, error_of(error, "Release"))
             return False
         return reply.released
+
+    def flush(self, timeout: float = 5.0) -> None:
+        """Wait until the releases sent by earlier pulls have been answered (or failed)."""
+        end = time.monotonic() + timeout
+        with self._lock:
+            pending = list(self._pending)
+        for future in pending:
+            with contextlib.suppress(Exception):  # logged by the callback; flushing only waits
+                future.result(timeout=max(0.0, end - time.monotonic()))
+
+    def _release_async(self, handoff: pb.KVHandoff, timeout: float = 2.0) -> None:
+        future = self._stub(handoff.endpoints.grpc_address).Release.future(
+            pb.ReleaseRequest(lease=_lease_ref(handoff)), timeout=timeout
+        )
+        with self._lock:
+            self._pending.add(future)
+
+        def done(f) -> None:
+            with self._lock:
+                self._pending.discard(f)
+            if f.exception() is not None:
+                log.info("KV release of %s failed: %s", handoff.lease_id, f.exception())
+
+        future.add_done_callback(done)
 
     def handshake(self, address: str, timeout: float = 5.0) -> pb.HandshakeResponse:
         """Check compatibility with the source at ``address``; cache and return its answer."""
@@ -151,6 +194,7 @@ class KVPuller:
         return reply
 
     def close(self) -> None:
+        self.flush(timeout=2.0)
         for sink in self._sinks.values():
             sink.close()
         with self._lock:
@@ -207,14 +251,21 @@ class KVPuller:
             f"no common KV transport: ours {self.transports}, theirs {sorted(offered)}"
         )
 
-    def _extend(self, stub: pb_grpc.KVServiceStub, handoff: pb.KVHandoff, deadline: float):
+    def _raise_lease_error(self, lease_check, deadline: float, strict: bool) -> None:
+        """Raise the lease's own error (expired, restarted source) if the source gave one.
+
+        ``strict``: also raise when the answer did not come in time (after a successful read);
+        otherwise (after a failed read) the transport's own error stands.
+        """
         try:
-            stub.ExtendLease(
-                pb.ExtendLeaseRequest(lease=_lease_ref(handoff)),
-                timeout=self._remaining(deadline, "ExtendLease"),
-            )
+            lease_check.result(timeout=max(0.0, deadline - time.monotonic()))
         except grpc.RpcError as error:
-            raise error_of(error, "ExtendLease") from None
+            reason = error_of(error, "ExtendLease")
+            if strict or isinstance(reason, LeaseExpiredError | EpochMismatchError):
+                raise reason from None
+        except Exception:
+            if strict:
+                raise TransferTimeoutError("ExtendLease: no answer before the deadline") from None
 
     def _stub(self, address: str) -> pb_grpc.KVServiceStub:
         with self._lock:

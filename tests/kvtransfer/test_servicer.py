@@ -164,6 +164,7 @@ def test_puller_in_process_round_trip_and_typed_errors(served) -> None:
         result = puller.pull(handoff, [0, 1, 2])
         assert torch.equal(dst[:3], pool[[2, 8, 15]])
         assert result.num_bytes == 3 * pool[0].nbytes and result.transport == "grpc"
+        puller.flush()
         assert freed == [(2, 8, 15)]  # released after the pull
         assert (
             registry.get_sample_value(
@@ -183,6 +184,7 @@ def test_puller_in_process_round_trip_and_typed_errors(served) -> None:
         bad.block_checksums[0] ^= 1
         with pytest.raises(ChecksumMismatchError):
             puller.pull(bad, [5])
+        puller.flush()
         with pytest.raises(LeaseExpiredError):  # the failed pull released the lease
             puller.pull(handoff, [5])
         assert (

@@ -110,6 +110,7 @@ def test_blocks_arrive_byte_identical(source, puller_for, transport) -> None:
         )
     untouched = sorted(set(range(96)) - set(dst_ids))
     assert not got[untouched].view(torch.uint8).any()
+    puller.flush()  # the release is sent asynchronously
     assert proc.stats().num_active_leases == leases_before - 1  # released after the pull
 
 
