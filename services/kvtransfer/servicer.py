@@ -70,8 +70,11 @@ class KVServicer(pb_grpc.KVServiceServicer):
             chunks = self.source.read_blocks(request)
         except Exception as error:
             context.abort(*status_of(error))
+        # grpc.aio's context for sync handlers has no is_active(); gRPC stops pulling from the
+        # generator itself once the call is cancelled, this only stops it a chunk earlier.
+        is_active = getattr(context, "is_active", lambda: True)
         for message in chunks:
-            if not context.is_active():  # the reader gave up: stop copying
+            if not is_active():  # the reader gave up: stop copying
                 return
             yield message
 

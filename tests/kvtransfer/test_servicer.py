@@ -209,3 +209,39 @@ def test_two_sources_in_one_process_have_separate_metrics() -> None:
     a, b = TransferMetrics(), TransferMetrics()
     a.leases_expired.inc()
     assert b.registry.get_sample_value("splitserve:kv_leases_expired_total") == 0
+
+
+async def test_mounts_on_a_grpc_aio_server() -> None:
+    """The servicer is synchronous; an aio server runs it on its migration thread pool."""
+    import asyncio
+
+    pool = torch.randn(SHAPE)
+    server = grpc.aio.server(
+        migration_thread_pool=futures.ThreadPoolExecutor(max_workers=2), options=GRPC_OPTIONS
+    )
+    port = server.add_insecure_port("127.0.0.1:0")
+    config = SourceConfig("prefill-aio", COMPAT, f"127.0.0.1:{port}", transports=("grpc",))
+    source = KVBlockSource(pool, config, lambda blocks: None)
+    KVServicer(source).add_to_server(server)
+    await server.start()
+    dst = torch.zeros(SHAPE)
+    puller = KVPuller(dst, COMPAT, "decode-aio", transports=("grpc",))
+    try:
+        handoff = source.grant("r", [3, 4, 9], num_tokens=12)
+        await asyncio.to_thread(puller.pull, handoff, [0, 1, 2])
+        assert torch.equal(dst[:3], pool[[3, 4, 9]])
+        stale = source.grant("r2", [1], num_tokens=4)
+        stale.epoch ^= 1
+        with pytest.raises(EpochMismatchError):
+            await asyncio.to_thread(puller.pull, stale, [5])
+        channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+        request = pb.ReadBlocksRequest(lease=ref(stale), compat_hash=stale.compat_hash)
+        with pytest.raises(grpc.RpcError) as info:
+            async for _ in pb_grpc.KVServiceStub(channel).ReadBlocks(request, timeout=5):
+                pass
+        assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        await channel.close()
+    finally:
+        await asyncio.to_thread(puller.close)
+        await server.stop(0)
+        source.close()
