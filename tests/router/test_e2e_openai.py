@@ -101,8 +101,10 @@ def test_logprobs_match_the_offline_engine(sdk, oracle):
     lp = r.choices[0].logprobs
     assert "".join(lp.tokens) == r.choices[0].text
     assert len(lp.top_logprobs) == 5 and all(len(t) == 2 for t in lp.top_logprobs)
+    assert r.choices[0].text == want.text  # the same greedy tokens ...
     for got, ref in zip(lp.token_logprobs, want.logprobs, strict=True):
-        assert got == pytest.approx(ref.logprob, abs=0.05)
+        # ... with bf16 logprobs that differ by batch shape and prefix-cache reuse, not more.
+        assert got == pytest.approx(ref.logprob, abs=0.2)
     chat = sdk.chat.completions.create(
         model=MODEL, messages=CHAT, max_tokens=3, temperature=0, logprobs=True, top_logprobs=3
     )
