@@ -128,12 +128,21 @@ class Dispatcher:
     # ---- choosing pods -------------------------------------------------------------------------
 
     def route(self, req: EngineRequest, exclude: Sequence[str] = ()) -> Route:
-        """Choose the prefill-capable pod by policy, then a compatible decode pod by load."""
-        first = [p for p in self.pool.ready(PREFILL) if p.endpoint.pod_id not in exclude]
+        """Choose the prefill-capable pod by policy, then a compatible decode pod by load.
+
+        Pods that failed this request (``exclude``) are skipped while others remain. A prefill pod
+        with no ready decode pod of its compatibility hash is not a candidate (mid-rollout, old
+        and new pods coexist; a request never crosses versions).
+        """
+        decodes = _prefer_others(self.pool.ready(DECODE), exclude)
+        first = [
+            p
+            for p in _prefer_others(self.pool.ready(PREFILL), exclude)
+            if p.endpoint.colocated
+            or any(_compatible(p.endpoint.compat_hash, d.endpoint.compat_hash) for d in decodes)
+        ]
         if not first:
-            first = [p for p in self.pool.ready(PREFILL)]  # every pod failed once: try again
-        if not first:
-            raise NoBackendError("no ready prefill pod")
+            raise NoBackendError("no ready prefill pod with a compatible decode pod")
         block_size = first[0].block_size
         hashes = req.block_hashes(block_size)
         ids = [p.endpoint.pod_id for p in first]
@@ -151,13 +160,8 @@ class Dispatcher:
         if pre.endpoint.colocated:
             return Route(None, pre, choice.matched_blocks)
         decodes = [
-            p
-            for p in self.pool.ready(DECODE)
-            if p.endpoint.pod_id not in exclude
-            and _compatible(pre.endpoint.compat_hash, p.endpoint.compat_hash)
+            p for p in decodes if _compatible(pre.endpoint.compat_hash, p.endpoint.compat_hash)
         ]
-        if not decodes:
-            raise NoBackendError("no ready decode pod compatible with the chosen prefill pod")
         policy = "round_robin" if self.policy == "round_robin" else "least_load"
         d = choose(
             policy,
@@ -276,6 +280,12 @@ class Dispatcher:
                 if self.metrics is not None:
                     self.metrics.retries.inc()
                 log.warning("retrying %s after: %s", req.request_id, err)
+
+
+def _prefer_others(pods: list[PodState], exclude: Sequence[str]) -> list[PodState]:
+    """Pods not in ``exclude``; all of them when every one has failed once (try again)."""
+    others = [p for p in pods if p.endpoint.pod_id not in exclude]
+    return others or pods
 
 
 def _compatible(a: str, b: str) -> bool:

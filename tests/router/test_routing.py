@@ -8,6 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import openai
+import pytest
 
 from splitserve.services.router.main import RouterSettings
 
@@ -99,6 +100,7 @@ def test_incompatible_pods_are_never_paired():
     """Compatibility hashes: a decode pod with another hash is not a candidate."""
     from splitserve.services.engine.sampling_params import SamplingParams
     from splitserve.services.router.dispatch import Dispatcher, EngineRequest
+    from splitserve.services.router.errors import NoBackendError
     from splitserve.services.router.pool import DECODE, PREFILL, Endpoint, PodState
     from splitserve.services.router.prefix_index import PrefixIndex
     from splitserve.services.router.retry import RetryBudget, RetryConfig
@@ -132,3 +134,11 @@ def test_incompatible_pods_are_never_paired():
     for _ in range(6):
         route = d.route(req)
         assert route.prefill.endpoint.address == "p1" and route.decode.endpoint.address == "d2"
+    # Mid-rollout: a new prefill pod (hash C) with no decode partner yet is never chosen.
+    pool.pods["p2"] = state("p2", {PREFILL}, "C")
+    for _ in range(6):
+        assert d.route(req).prefill.endpoint.address == "p1"
+    # Nothing compatible at all: 503, not a mismatched pair.
+    del pool.pods["d2"]
+    with pytest.raises(NoBackendError):
+        d.route(req)
