@@ -21,12 +21,19 @@ def run(args: argparse.Namespace) -> int:
     from splitserve.services.common.runtime import build_runtime
     from splitserve.services.common.serving import run_grpc_server
     from splitserve.services.decode.server import DecodeServicer
+    from splitserve.services.kvtransfer.metrics import TransferMetrics
     from splitserve.services.kvtransfer.puller import KVPuller
 
     rt = build_runtime(args, "decode")
     core = rt.engine.core
     transports = ("nixl", "grpc") if args.kv_transport == "nixl" else ("grpc",)
-    puller = KVPuller(core.kv_cache, rt.compat, args.engine_id, transports=transports)
+    puller = KVPuller(
+        core.kv_cache,
+        rt.compat,
+        args.engine_id,
+        transports=transports,
+        metrics=TransferMetrics(rt.registry),
+    )
     decode = DecodeServicer(
         rt.engine,
         puller,

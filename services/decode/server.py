@@ -197,6 +197,7 @@ class DecodeServicer(pb_grpc.DecodeServiceServicer):
     ) -> AsyncIterator[pb.GenerateResponse]:
         first = True
         last = start
+        ttft = None
         num_out = 0
         async for delta in deltas:
             now = time.monotonic()
@@ -210,6 +211,7 @@ class DecodeServicer(pb_grpc.DecodeServiceServicer):
                 msg.logprobs.extend(logprobs_to_proto(lp) for lp in delta.logprobs)
             if first:
                 msg.kv_transfer.CopyFrom(info)
+                ttft = now - start
             else:
                 self.metrics.token_gap(now - last)
             num_out += len(delta.token_ids)
@@ -227,7 +229,7 @@ class DecodeServicer(pb_grpc.DecodeServiceServicer):
                 )
                 self.metrics.finished(
                     delta.finish_reason or "stop", delta.num_prompt_tokens, num_out,
-                    None, now - start,
+                    ttft, now - start,
                 )  # fmt: skip
             first = False
             last = now

@@ -18,8 +18,9 @@ def run(args: argparse.Namespace) -> int:
     from splitserve.services.common.engine_service import EngineServicer
     from splitserve.services.common.runtime import build_runtime
     from splitserve.services.common.serving import run_grpc_server
+    from splitserve.services.kvtransfer.metrics import TransferMetrics
+    from splitserve.services.kvtransfer.servicer import KVServicer
     from splitserve.services.kvtransfer.source import KVBlockSource, SourceConfig
-    from splitserve.services.prefill.kv_service import AsyncKVServicer
     from splitserve.services.prefill.server import HeldBlocks, PrefillServicer
 
     rt = build_runtime(args, "prefill")
@@ -45,13 +46,14 @@ def run(args: argparse.Namespace) -> int:
         ),
         free_blocks,
         epoch=rt.epoch,
+        metrics=TransferMetrics(rt.registry),
     )
     source.start_reaper()
     prefill = PrefillServicer(rt.engine, source, held, rt.metrics)
     engine_svc = EngineServicer(
         rt.engine, "prefill", rt.engine_id, rt.epoch, rt.model_name, lambda: len(source.leases)
     )
-    kv_svc = AsyncKVServicer(source)
+    kv_svc = KVServicer(source)  # sync handlers: they run on the server's thread pool
 
     def shutdown() -> None:
         source.close()
@@ -62,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
             [
                 lambda s: pb_grpc.add_PrefillServiceServicer_to_server(prefill, s),
                 lambda s: pb_grpc.add_EngineServiceServicer_to_server(engine_svc, s),
-                lambda s: pb_grpc.add_KVServiceServicer_to_server(kv_svc, s),
+                kv_svc.add_to_server,
             ],
             [
                 "splitserve.v1.PrefillService",

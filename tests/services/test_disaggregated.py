@@ -228,3 +228,31 @@ def test_prefill_killed_or_restarted_requests_still_complete(servers, reference,
     finally:
         victim.stop()
     dec.wait_pool_full()
+
+
+def test_both_pods_export_vllm_and_transfer_metrics(servers):
+    import urllib.request
+
+    def scrape(server) -> str:
+        url = f"http://127.0.0.1:{server.metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            return resp.read().decode()
+
+    common = [
+        "vllm:num_requests_running",
+        "vllm:num_requests_waiting",
+        "vllm:kv_cache_usage_perc",
+        "vllm:prefix_cache_queries_total",
+        "vllm:prefix_cache_hits_total",
+        "vllm:prompt_tokens_total",
+        "vllm:generation_tokens_total",
+        "vllm:time_to_first_token_seconds_bucket",
+        "vllm:e2e_request_latency_seconds_bucket",
+    ]
+    prefill, decode = scrape(servers["prefill"]), scrape(servers["decode_nixl"])
+    for name in common:
+        assert name in prefill and name in decode, name
+    assert "vllm:inter_token_latency_seconds_bucket" in decode
+    assert 'splitserve:kv_transfer_bytes_total{direction="received",transport="nixl"}' in decode
+    assert "splitserve:kv_leases_expired_total" in prefill
+    assert "splitserve:kv_leases_granted_total" in prefill
