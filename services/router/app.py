@@ -7,12 +7,11 @@ failure (bad JSON, wrong types, oversize) comes back in the OpenAI error shape w
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import logging
 import time
 from collections.abc import Awaitable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
@@ -21,6 +20,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ValidationError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from splitserve.services.router.auth import ApiKeys
 from splitserve.services.router.dispatch import Dispatcher, backend_error_to_api
 from splitserve.services.router.errors import APIError, BackendError, NoBackendError, error_body
 from splitserve.services.router.metrics import RouterMetrics
@@ -42,7 +42,7 @@ OPEN_PATHS = frozenset({"/health", "/metrics", "/ping"})
 @dataclass(frozen=True)
 class AppConfig:
     served_names: tuple[str, ...]
-    api_keys: frozenset[str] = frozenset()
+    api_keys: ApiKeys = field(default_factory=ApiKeys)
     max_body_bytes: int = 8 << 20
     session_header: str = "x-session-id"
 
@@ -248,7 +248,8 @@ class GuardMiddleware:
             headers = {
                 k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]
             }
-            if self.config.api_keys and not _authorized(headers, self.config.api_keys):
+            keys = self.config.api_keys
+            if keys.enabled and not keys.check(headers.get("authorization", "")):
                 error = APIError(401, "invalid or missing API key", code="invalid_api_key")
             length = headers.get("content-length", "")
             if error is None and length.isdigit() and int(length) > self.config.max_body_bytes:
@@ -262,17 +263,6 @@ class GuardMiddleware:
             endpoint = "/v1/models/{name}"
         self.metrics.requests.labels(endpoint, str(status[0])).inc()
         self.metrics.latency.labels(endpoint).observe(time.perf_counter() - t0)
-
-
-def _authorized(headers: dict[str, str], keys: frozenset[str]) -> bool:
-    scheme, _, token = headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not token:
-        return False
-    # Compare against every key in constant time: no early exit that leaks which one matched.
-    ok = False
-    for key in keys:
-        ok |= hmac.compare_digest(token.strip().encode(), key.encode())
-    return ok
 
 
 async def _counted(metrics: RouterMetrics, agen):

@@ -19,6 +19,7 @@ from pathlib import Path
 from fastapi import FastAPI
 
 from splitserve.services.router.app import AppConfig, build_app
+from splitserve.services.router.auth import ApiKeys, parse_keys
 from splitserve.services.router.discovery import (
     KubeAccess,
     KubernetesDiscovery,
@@ -92,7 +93,7 @@ class RouterSettings:
     policy: str = "prefix"
     weights: Weights = Weights()
     retry: RetryConfig = RetryConfig()
-    api_keys: frozenset[str] = frozenset()
+    api_keys: ApiKeys | frozenset[str] = frozenset()
     max_body_bytes: int = 8 << 20
     max_model_len: int | None = None
     session_header: str = "x-session-id"
@@ -102,13 +103,10 @@ class RouterSettings:
     prefill_timeout_s: float = 120.0
 
 
-def read_api_keys(keys: list[str], key_file: str | None, env: str | None) -> frozenset[str]:
-    found = [k.strip() for k in keys]
-    if key_file:
-        found += Path(key_file).read_text().splitlines()
-    if env:
-        found += env.replace(",", "\n").splitlines()
-    return frozenset(k.strip() for k in found if k.strip())
+def read_api_keys(keys: list[str], key_file: str | None, env: str | None) -> ApiKeys:
+    """Keys from ``--api-key`` flags and the environment, plus a (re-read) key file."""
+    static = set(k.strip() for k in keys) | parse_keys(env or "")
+    return ApiKeys(static, key_file)
 
 
 def build_router(
@@ -148,7 +146,9 @@ def build_router(
     serving = OpenAIServing(tokenizer, dispatcher, metrics, max_model_len=max_len)
     config = AppConfig(
         served_names=settings.served_names,
-        api_keys=settings.api_keys,
+        api_keys=settings.api_keys
+        if isinstance(settings.api_keys, ApiKeys)
+        else ApiKeys(settings.api_keys),
         max_body_bytes=settings.max_body_bytes,
         session_header=settings.session_header,
     )

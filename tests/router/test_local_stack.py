@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 import pytest
 
@@ -95,8 +96,30 @@ def test_api_keys_from_flag_file_and_env(tmp_path):
     f = tmp_path / "keys"
     f.write_text("k2\n\n  k3 \n")
     keys = router_main.read_api_keys(["k1"], str(f), "k4,k5\nk6")
-    assert keys == frozenset({"k1", "k2", "k3", "k4", "k5", "k6"})
-    assert router_main.read_api_keys([], None, None) == frozenset()
+    assert keys.current() == frozenset({"k1", "k2", "k3", "k4", "k5", "k6"})
+    assert keys.check("Bearer k3") and keys.check("bearer  k6 ")
+    assert not keys.check("Bearer k7") and not keys.check("k1") and not keys.check("Basic k1")
+    none = router_main.read_api_keys([], None, None)
+    assert not none.enabled and none.current() == frozenset()
+
+
+def test_key_file_is_reread_when_the_secret_changes(tmp_path):
+    from splitserve.services.router.auth import ApiKeys
+
+    f = tmp_path / "keys"
+    f.write_text("old\n")
+    now = [0.0]
+    keys = ApiKeys((), str(f), recheck_s=5, clock=lambda: now[0])
+    assert keys.check("Bearer old")
+    f.write_text("new\n")
+    os.utime(f, (1e9, 1e9))
+    assert keys.check("Bearer old")  # not re-checked yet
+    now[0] = 6.0
+    assert keys.check("Bearer new") and not keys.check("Bearer old")
+    f.unlink()  # mid-swap: keep the last keys
+    now[0] = 12.0
+    assert keys.check("Bearer new")
+    assert keys.enabled and not ApiKeys().enabled
 
 
 def test_static_mode_needs_endpoints():
