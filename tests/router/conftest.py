@@ -414,6 +414,12 @@ def real_stack(tmp_path_factory) -> Iterator[ServeStack]:
     )
     yield stack
     assert stack.stop() == 0, log.read_text()[-3000:]
+    # SIGTERM to `serve` stopped every child: no engine port still accepts connections.
+    for name, (grpc_port, _) in stack.engines.items():
+        with socket.socket() as s, pytest.raises(OSError):
+            s.settimeout(1)
+            s.connect(("127.0.0.1", grpc_port))
+            pytest.fail(f"{name} still listens on {grpc_port}")
 
 
 @pytest.fixture(scope="session")
