@@ -325,11 +325,15 @@ def section_prefix(args, tmp: Path) -> dict:
         for name, u, seed in (("prefix", url, 1), ("round_robin", rr_url, 2)):
             rng = random.Random(seed)
             groups = [[rng.randrange(1000, 40000) for _ in range(1000)] for _ in range(args.groups)]
-            # Interleaved: g0 g1 g2 g3 g0 g1 ... so a router must separate the groups itself.
+            # Shuffled (seeded), so a router must separate the groups itself. A fixed interleave
+            # g0 g1 g2 g3 g0 ... would let round robin over 2 pods alias into perfect affinity.
             prompts = [
                 groups[i % args.groups] + [rng.randrange(1000, 40000) for _ in range(16)]
                 for i in range(args.groups * args.per_group)
-            ][::-1]  # closed_loop pops from the end
+            ]
+            random.Random(7).shuffle(prompts)
+            # Warm-up on both pods (lazy init), with prompts unrelated to the groups.
+            asyncio.run(closed_loop(u, MODEL, random_prompts(4, 64, seed + 100), 2, 2))
             before = {n: scrape(engines[n][1]) for n in prefill}
             res = asyncio.run(closed_loop(u, MODEL, prompts, args.prefix_concurrency, 4))
             after = {n: scrape(engines[n][1]) for n in prefill}
@@ -462,6 +466,65 @@ def section_overhead(args) -> dict:
     return out
 
 
+def render_markdown(results: dict) -> str:
+    """The tables docs/benchmarks.md shows, from a results dict."""
+    lines = []
+    if "overhead" in results:
+        o = results["overhead"]
+        lines += [
+            "| router overhead | p50 ms |",
+            "|---|---|",
+            f"| via the router (HTTP, routing, 2 gRPC hops) | {o['router_p50_ms']:.2f} |",
+            f"| the same gRPC calls made directly, p50 | {o['direct_grpc_p50_ms']:.2f} |",
+            f"| **added by the router, p50** | **{o['added_p50_ms']:.2f}** |",
+            "",
+        ]
+    systems = [
+        (k, name)
+        for k, name in (
+            ("disagg", "splitserve 1 prefill + 1 decode"),
+            ("colocated", "splitserve colocated (1 engine)"),
+            ("llama_server", "llama-server (BF16, -np 32)"),
+        )
+        if results.get(k)
+    ]
+    if systems:
+        lines += [
+            "| system | concurrency | TTFT p50 / p99 ms | ITL p50 / p99 ms | output tok/s |",
+            "|---|---|---|---|---|",
+        ]
+        for key, name in systems:
+            for c, r in results[key].items():
+                lines.append(
+                    f"| {name} | {c} | {r['ttft_p50_ms']:.0f} / {r['ttft_p99_ms']:.0f} | "
+                    f"{r['itl_p50_ms']:.1f} / {r['itl_p99_ms']:.1f} | {r['output_tok_s']:.1f} |"
+                )
+        lines.append("")
+        if results.get("llama_server"):
+            lines += ["| ratio splitserve / llama-server (output tok/s) | concurrency | ratio |",
+                      "|---|---|---|"]  # fmt: skip
+            for key, name in systems[:-1]:
+                for c, r in results[key].items():
+                    ref = results["llama_server"].get(c)
+                    if ref:
+                        ratio = r["output_tok_s"] / ref["output_tok_s"]
+                        lines.append(f"| {name} | {c} | {ratio:.2f} |")
+            lines.append("")
+    if results.get("prefix"):
+        lines += [
+            "| policy | TTFT p50 / p99 ms | prompt tokens | prefill tokens computed | hit rate |",
+            "|---|---|---|---|---|",
+        ]
+        for name, r in results["prefix"].items():
+            lines.append(
+                f"| {name} | {r['ttft_p50_ms']:.0f} / {r['ttft_p99_ms']:.0f} | "
+                f"{r['prompt_tokens']:.0f} | {r['prefill_tokens_computed']:.0f} | "
+                f"{100 * r['hit_rate']:.1f}% |"
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--sections", default="overhead,load,prefix,llama")
@@ -476,7 +539,13 @@ def main() -> int:
     p.add_argument("--llama-dir", default="")
     p.add_argument("--cache", default=".cache/llama")
     p.add_argument("--out", default=None)
+    p.add_argument("--render", default=None, help="print the markdown tables of a results JSON")
     args = p.parse_args()
+    if args.render:
+        print(render_markdown(json.loads(Path(args.render).read_text())))
+        return 0
+    # SIGTERM unwinds like Ctrl-C, so the `finally` blocks stop every child process.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     args.concurrency = [int(c) for c in args.concurrency.split(",")]
     sections = set(args.sections.split(","))
     results: dict = {"config": {k: v for k, v in vars(args).items()}}
@@ -495,6 +564,7 @@ def main() -> int:
     if args.out:
         Path(args.out).write_text(text)
     print(text)
+    print(render_markdown(json.loads(text)))
     return 0
 
 
