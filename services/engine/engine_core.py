@@ -6,7 +6,6 @@ dedicated thread (see ``async_engine``); the offline ``LLM`` drives it in a loop
 
 from __future__ import annotations
 
-import itertools
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -414,9 +413,3 @@ class EngineCore:
         if not self.has_unfinished() and not self.kv.held and not self._reserved:
             assert self.kv.pool.num_free_blocks == self.kv.pool.num_blocks, "leaked KV blocks"
 
-
-_ids = itertools.count()
-
-
-def next_request_id() -> str:
-    return f"req-{next(_ids)}"
