@@ -49,6 +49,20 @@ def test_prefix_policy_groups_concurrent_requests_on_one_pod(stack_factory):
         assert hits / queries > 0.7  # 16 of 20 requests hit 320 of 325 tokens
 
 
+def test_approximate_index_without_kv_events(stack_factory):
+    """With the event streams off, the LRU of routed prefixes alone keeps groups together."""
+    settings = RouterSettings(served_names=("m",), stats_interval_s=0.1, use_kv_events=False)
+    with stack_factory(["prefill", "prefill", "decode"], settings) as (router, pods):
+        assert not any(p.engine._subscribers for p in pods)
+        sdk = _sdk(router)
+        groups = _groups(4)
+        for i in range(5):
+            for g in groups:
+                sdk.completions.create(model="m", prompt=g[i], max_tokens=1)
+        owners = [_owner(pods[:2], tuple(g[0][:32])) for g in groups]
+        assert all(len(o) == 1 for o in owners), owners
+
+
 def test_round_robin_splits_groups(stack_factory):
     settings = RouterSettings(served_names=("m",), policy="round_robin", stats_interval_s=0.1)
     with stack_factory(["prefill", "prefill", "decode"], settings) as (router, pods):
