@@ -127,6 +127,8 @@ class KVPuller:
             raise
         except Exception as error:  # a transport bug must not escape as a non-transfer error
             self.metrics.record_failure(transport, PeerError.reason)
+            if release:
+                self._release_async(handoff)
             raise PeerError(f"KV pull failed: {type(error).__name__}: {error}") from error
         nbytes = len(dst_block_ids) * self.pool.block_nbytes
         self.metrics.record_transfer(transport, "received", nbytes, len(dst_block_ids))
@@ -156,9 +158,13 @@ class KVPuller:
                 future.result(timeout=max(0.0, end - time.monotonic()))
 
     def _release_async(self, handoff: pb.KVHandoff, timeout: float = 2.0) -> None:
-        future = self._stub(handoff.endpoints.grpc_address).Release.future(
-            pb.ReleaseRequest(lease=_lease_ref(handoff)), timeout=timeout
-        )
+        try:
+            future = self._stub(handoff.endpoints.grpc_address).Release.future(
+                pb.ReleaseRequest(lease=_lease_ref(handoff)), timeout=timeout
+            )
+        except Exception:  # e.g. a malformed address: the lease will expire instead
+            log.info("KV release of %s could not be sent", handoff.lease_id, exc_info=True)
+            return
         with self._lock:
             self._pending.add(future)
 

@@ -245,3 +245,25 @@ async def test_mounts_on_a_grpc_aio_server() -> None:
         await asyncio.to_thread(puller.close)
         await server.stop(0)
         source.close()
+
+
+def test_unreachable_source_fails_fast_with_a_typed_error(served) -> None:
+    import socket
+    import time
+
+    from splitserve.services.kvtransfer import PeerUnreachableError
+
+    source, *_ = served
+    handoff = source.grant("r", [1], num_tokens=4)
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        dead = f"127.0.0.1:{s.getsockname()[1]}"
+    handoff.endpoints.grpc_address = dead
+    puller = KVPuller(torch.zeros(SHAPE), COMPAT, "decode-x", transports=("grpc",))
+    try:
+        start = time.monotonic()
+        with pytest.raises(PeerUnreachableError, match="Handshake"):
+            puller.pull(handoff, [0], timeout=5)
+        assert time.monotonic() - start < 5
+    finally:
+        puller.close()
