@@ -105,6 +105,8 @@ def test_expired_lease_is_not_found_and_blocks_freed_once(served) -> None:
     assert freed == []  # refused, but freeing is the reaper's job
     assert [lease.lease_id for lease in source.reap()] == [handoff.lease_id]
     assert freed == [(3, 4)]
+    assert source.metrics.registry.get_sample_value("splitserve:kv_leases_expired_total") == 1
+    assert source.metrics.registry.get_sample_value("splitserve:kv_leases_active") == 0
     reply = stub.Release(pb.ReleaseRequest(lease=ref(handoff)), timeout=5)
     assert not reply.released and freed == [(3, 4)]
     with pytest.raises(grpc.RpcError) as info:

@@ -212,3 +212,39 @@ def test_nixl_source_killed_fails_within_deadline(tmp_path: Path, puller_for) ->
                 else:
                     puller.pull(proc.handoffs[1], [5, 6], timeout=5)
             assert time.monotonic() - start < 6, attempt
+
+
+def test_concurrent_pulls_on_both_transports(tmp_path: Path) -> None:
+    """Decode servers pull for many requests at once: one puller per transport, 6 threads each."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    rng = torch.Generator().manual_seed(3)
+    plans = [torch.randperm(NUM_BLOCKS, generator=rng)[:5].tolist() for _ in range(24)]
+    args = source_args(
+        "bfloat16", *[a for ids in plans for a in ("--grant", ",".join(map(str, ids)))]
+    )
+    transports = ["grpc", "nixl"] if HAVE_NIXL else ["grpc"]
+    with SourceProcess(args, tmp_path) as proc:
+        expected = make_pool(NUM_BLOCKS, **SMOL, dtype=torch.bfloat16, seed=11)
+        pullers = {
+            t: KVPuller(dst_pool(torch.bfloat16, 120), compat(), f"d-{t}", (t,)) for t in transports
+        }
+        jobs = [(i, transports[i % len(transports)]) for i in range(len(plans))]
+
+        def pull(job: tuple[int, str]) -> None:
+            i, transport = job
+            dst = list(range(5 * i, 5 * i + 5))
+            pullers[transport].pull(proc.handoffs[i], dst, timeout=30)
+
+        with ThreadPoolExecutor(max_workers=6) as pool:
+            list(pool.map(pull, jobs))
+        for i, transport in jobs:
+            got = pullers[transport].pool.kv_cache
+            for j, src in enumerate(plans[i]):
+                assert torch.equal(
+                    got[5 * i + j].view(torch.int16), expected[src].view(torch.int16)
+                )
+        for puller in pullers.values():
+            puller.close()
+        stats = proc.stats()
+        assert (stats.num_active_leases, stats.num_blocks_free) == (0, NUM_BLOCKS)
