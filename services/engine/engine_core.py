@@ -22,7 +22,7 @@ from splitserve.services.engine.model.loader import iter_safetensors, resolve_mo
 from splitserve.services.engine.model_runner import ModelRunner
 from splitserve.services.engine.outputs import ImportReservation, SequenceDelta
 from splitserve.services.engine.request import Request, RequestStatus
-from splitserve.services.engine.sampler import Sampler, SamplingRow, TokenLogprobs
+from splitserve.services.engine.sampler import Sampler, SamplingRow, TokenLogprobs, skip_draw
 from splitserve.services.engine.sampling_params import SamplingParams
 from splitserve.services.engine.scheduler import Scheduler
 
@@ -226,7 +226,15 @@ class EngineCore:
         req.num_computed_tokens = req.num_prompt_tokens
         self.kv.cache_computed_blocks(req)
         self.scheduler.add_running(req)
-        return self._update(req, first_token, logprobs)
+        return self._adopt_first_token(req, first_token, logprobs)
+
+    def _adopt_first_token(
+        self, req: Request, token: int, logprobs: TokenLogprobs | None
+    ) -> SequenceDelta:
+        """Take a first token sampled by another engine as if this one had drawn it."""
+        if req.generator is not None and not req.params.greedy:
+            skip_draw(req.generator, self.shape.vocab_size)
+        return self._update(req, token, logprobs)
 
     def recompute_import(
         self,
@@ -248,7 +256,7 @@ class EngineCore:
             req.num_computed_tokens = 0
         else:
             req = self._new_request(request_id, prompt_token_ids, params)
-        delta = self._update(req, first_token, logprobs)
+        delta = self._adopt_first_token(req, first_token, logprobs)
         if not req.is_finished:
             self.scheduler.add(req)
         return delta
@@ -412,4 +420,3 @@ class EngineCore:
         assert set(self.kv.tables) <= live, "blocks held by a request that is not running"
         if not self.has_unfinished() and not self.kv.held and not self._reserved:
             assert self.kv.pool.num_free_blocks == self.kv.pool.num_blocks, "leaked KV blocks"
-

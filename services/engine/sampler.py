@@ -288,6 +288,15 @@ def _mask_below(x: torch.Tensor, rows: list[int], cut: torch.Tensor) -> None:
         x[rows] = sub.masked_fill_(sub < cut.unsqueeze(1), _NEG_INF)
 
 
+def skip_draw(generator: torch.Generator, vocab_width: int) -> None:
+    """Advance a seeded generator exactly as sampling one (non-greedy) token would.
+
+    Used when that token was sampled by another engine (the prefill pod), so the rest of the
+    sequence draws the same numbers it would have drawn in a single engine.
+    """
+    torch.empty(vocab_width, dtype=torch.float32).uniform_(generator=generator)
+
+
 def _draw(x: torch.Tensor, generators: Sequence[torch.Generator | None]) -> torch.Tensor:
     """Exponential race over the filtered logits ``x`` [R, V] (not modified): one token per row.
 
