@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 import grpc
 import numpy as np
+import torch
 
 from splitserve.proto import splitserve_pb2 as pb
 from splitserve.proto import splitserve_pb2_grpc as pb_grpc
@@ -77,7 +78,13 @@ class GrpcBlockSink(KVBlockSink):
     def __init__(self, pool: KVPool, max_chunk_bytes: int = 4 << 20) -> None:
         super().__init__(pool)
         self.max_chunk_bytes = max_chunk_bytes
-        self._rows = byte_view(pool.blocks_u8()).reshape(pool.num_blocks, -1)
+        # Non-CPU pools receive each chunk through a host tensor (the "staged" path).
+        self._staged = not pool.is_cpu
+        self._rows = (
+            pool.blocks_u8()
+            if self._staged
+            else byte_view(pool.blocks_u8()).reshape(pool.num_blocks, -1)
+        )
 
     def read(
         self,
@@ -134,6 +141,8 @@ class GrpcBlockSink(KVBlockSink):
 
     def _scatter(self, data: bytes, offset: int, dst_block_ids: Sequence[int]) -> None:
         src = np.frombuffer(data, dtype=np.uint8)
+        if self._staged:
+            src = torch.frombuffer(bytearray(data), dtype=torch.uint8).to(self._rows.device)
         bn = self.pool.block_nbytes
         pos = 0
         while pos < len(src):

@@ -16,6 +16,8 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
+import torch
+
 from splitserve.proto import splitserve_pb2 as pb
 from splitserve.services.kvtransfer.checksum import block_checksums, byte_view
 from splitserve.services.kvtransfer.compat import (
@@ -80,8 +82,6 @@ class KVBlockSource:
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.pool = KVPool(kv_cache)
-        if not self.pool.is_cpu:
-            raise ValueError("KVBlockSource serves CPU pools (CUDA pools: stage via NIXL VRAM)")
         self._check_pool_matches(config.compat)
         self.config = config
         self.epoch = secrets.randbits(64) if epoch is None else epoch
@@ -89,7 +89,14 @@ class KVBlockSource:
         self.metrics = metrics or TransferMetrics()
         self.leases = LeaseTable(self.epoch, config.lease_seconds, config.max_lease_seconds, clock)
         self._free_blocks = free_blocks
-        self._blocks_u8 = byte_view(self.pool.blocks_u8()).reshape(self.pool.num_blocks, -1)
+        # CPU pools are served straight from their memory; other devices are staged through
+        # host memory one chunk at a time (the "staged" path, exercised on CPU by the tests).
+        self._staged = not self.pool.is_cpu
+        self._blocks_u8 = (
+            None
+            if self._staged
+            else byte_view(self.pool.blocks_u8()).reshape(self.pool.num_blocks, -1)
+        )
         self._nixl = None
         if "nixl" in config.transports:
             from splitserve.services.kvtransfer.nixl_transport import NixlSource
@@ -262,7 +269,7 @@ class KVBlockSource:
     def _chunks(self, block_ids: list[int], chunk: int) -> Iterator[WireChunk]:
         bn = self.pool.block_nbytes
         total = bn * len(block_ids)
-        rows = self._blocks_u8
+        rows = self.pool.blocks_u8() if self._staged else self._blocks_u8
         first = pb.ReadBlocksResponse(
             block_ids=block_ids,
             block_checksums=block_checksums(self.pool.kv_cache, block_ids),
@@ -279,6 +286,8 @@ class KVBlockSource:
                 take = min(bn - within, end - pos)
                 parts.append(rows[block_ids[j], within : within + take])
                 pos += take
+            if self._staged:  # one device-to-host copy of the chunk
+                parts = [torch.cat(parts).cpu().numpy()]
             header = first if offset == 0 else pb.ReadBlocksResponse()
             header.offset = offset
             yield WireChunk(header, parts, end - offset)

@@ -269,3 +269,20 @@ def test_unreachable_source_fails_fast_with_a_typed_error(served) -> None:
         assert time.monotonic() - start < 5
     finally:
         puller.close()
+
+
+def test_staged_path_for_device_pools_moves_the_same_bytes(served) -> None:
+    """GPU pools go through host memory chunk by chunk; force that path on CPU pools."""
+    source, _, pool, _, _ = served
+    source._staged, source._blocks_u8 = True, None
+    dst = torch.zeros(SHAPE)
+    puller = KVPuller(dst, COMPAT, "decode-staged", transports=("grpc",), grpc_chunk_bytes=64 << 10)
+    sink = puller._sinks["grpc"]
+    sink._staged, sink._rows = True, puller.pool.blocks_u8()
+    try:
+        handoff = source.grant("r", [11, 0, 6, 13], num_tokens=16)
+        puller.pull(handoff, [15, 2, 9, 4])
+        assert torch.equal(dst[[15, 2, 9, 4]], pool[[11, 0, 6, 13]])
+        assert not dst[[0, 1, 3, 5, 6, 7, 8, 10, 11, 12, 13, 14]].any()
+    finally:
+        puller.close()
