@@ -210,7 +210,7 @@ def run(args: argparse.Namespace) -> int:
     while not stop.wait(0.2):
         if os.getppid() != parent:  # the test or benchmark died: do not linger
             break
-    server.stop(0)
+    server.stop(0).wait(5)  # let gRPC finish shutting down before the interpreter exits
     source.close()
     return 0
 
@@ -251,7 +251,8 @@ class SourceProcess:
             self.proc.kill()
         self.proc.wait(timeout=10)
 
-    def stop(self) -> None:
+    def stop(self) -> int | None:
+        """SIGTERM and wait; returns the exit code (0 for a clean shutdown)."""
         if self.proc.poll() is None:
             self.proc.terminate()
             try:
@@ -259,6 +260,7 @@ class SourceProcess:
             except subprocess.TimeoutExpired:
                 self.kill()
         self.ready_file.unlink(missing_ok=True)
+        return self.proc.returncode
 
     def __enter__(self) -> SourceProcess:
         return self
