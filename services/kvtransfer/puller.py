@@ -17,6 +17,7 @@ import time
 from collections.abc import Sequence
 
 import grpc
+import torch
 
 from splitserve.proto import splitserve_pb2 as pb
 from splitserve.proto import splitserve_pb2_grpc as pb_grpc
@@ -51,7 +52,7 @@ class KVPuller:
 
     def __init__(
         self,
-        kv_cache,
+        kv_cache: torch.Tensor,
         compat: CompatInfo,
         engine_id: str,
         transports: Sequence[str] = TRANSPORTS,

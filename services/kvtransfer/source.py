@@ -73,7 +73,7 @@ class KVBlockSource:
 
     def __init__(
         self,
-        kv_cache,
+        kv_cache: torch.Tensor,
         config: SourceConfig,
         free_blocks: Callable[[tuple[int, ...]], None],
         *,
