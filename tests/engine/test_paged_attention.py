@@ -14,6 +14,7 @@ CASES = [
     ([(15, 1), (0, 5), (33, 17), (16, 16)], 16, 8, 1, 32),  # mixed, MQA, context + chunk
     ([(100, 1), (0, 64), (61, 3)], 32, 6, 2, 128),  # block 32, head_dim 128
     ([(0, 1)], 8, 2, 2, 16),  # a one-token prompt goes the decode way
+    ([(9, 1), (30, 1), (0, 12), (5, 7)], 8, 16, 16, 16),  # many KV heads: per-head decode path
 ]
 
 
