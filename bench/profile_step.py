@@ -37,9 +37,8 @@ def main() -> None:
         ):
             engine.step()
     prefill_s = time.perf_counter() - start
-    print(
-        f"prefill: {prompt_tokens} tokens in {prefill_s:.2f} s = {prompt_tokens / prefill_s:.0f} tok/s"
-    )
+    rate = prompt_tokens / prefill_s
+    print(f"prefill: {prompt_tokens} tokens in {prefill_s:.2f} s = {rate:.0f} tok/s")
     print(prefill_prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows))
     start = time.perf_counter()
     with profile(activities=[ProfilerActivity.CPU]) as decode_prof:
