@@ -106,7 +106,9 @@ async def one_stream(
 async def closed_loop(url: str, model: str, prompts: list, concurrency: int, max_tokens: int):
     queue = list(prompts)
     results: list[Result] = []
-    limits = httpx.Limits(max_connections=concurrency + 4)
+    # No keep-alive: llama-server closes idle connections after a few seconds and a reused one
+    # then fails; a fresh loopback connection per request costs both servers the same ~0.1 ms.
+    limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=0)
     async with httpx.AsyncClient(timeout=600, limits=limits) as http:
 
         async def worker() -> None:
@@ -270,6 +272,11 @@ def section_load(args, tmp: Path, colocated: bool) -> dict:
 
 
 def section_llama(args, tmp: Path) -> dict:
+    """{threads: {concurrency: result}} for each ``--llama-threads`` value."""
+    return {t: _llama_run(args, tmp, t) for t in args.llama_threads}
+
+
+def _llama_run(args, tmp: Path, threads: int) -> dict:
     bin_dir = Path(args.llama_dir)
     server, quantize = bin_dir / "llama-server", bin_dir / "llama-quantize"
     if not server.exists():
@@ -287,19 +294,23 @@ def section_llama(args, tmp: Path) -> dict:
     port = free_port()
     slots = max(args.concurrency)
     cmd = [str(server), "-m", str(bf16), "--host", "127.0.0.1", "--port", str(port),
-           "-t", str(os.cpu_count() or 2), "-np", str(slots), "-c", str(768 * slots),
-           "--alias", MODEL]  # fmt: skip
-    p = Proc(cmd, tmp / "llama.log", env)
+           "-t", str(threads), "-np", str(slots), "-c", str(768 * slots),
+           "--alias", MODEL, "--threads-http", str(slots + 4)]  # fmt: skip
+    p = Proc(cmd, tmp / f"llama-t{threads}.log", env)
     url = f"http://127.0.0.1:{port}"
     out = {}
     try:
         wait_health(url)
+        time.sleep(1.0)  # /health can answer before every slot is set up
         asyncio.run(closed_loop(url, MODEL, text_prompts(2, 20, 0), 2, 4))
         for c in args.concurrency:
             n = max(args.min_requests, 2 * c)
             prompts = text_prompts(n, args.prompt_words, seed=c)
             out[c] = asyncio.run(closed_loop(url, MODEL, prompts, c, args.max_tokens))
-            print(f"llama-server c={c}: {out[c]}", flush=True)
+            print(f"llama-server -t {threads} c={c}: {out[c]}", flush=True)
+    except Exception:
+        print(p.log.read_text()[-3000:], file=sys.stderr)
+        raise
     finally:
         p.stop()
     return out
@@ -479,36 +490,39 @@ def render_markdown(results: dict) -> str:
             f"| **added by the router, p50** | **{o['added_p50_ms']:.2f}** |",
             "",
         ]
-    systems = [
-        (k, name)
-        for k, name in (
-            ("disagg", "splitserve 1 prefill + 1 decode"),
-            ("colocated", "splitserve colocated (1 engine)"),
-            ("llama_server", "llama-server (BF16, -np 32)"),
-        )
-        if results.get(k)
-    ]
+    rows = {k: results[k] for k in ("disagg", "colocated") if results.get(k)}
+    for t, res in (results.get("llama_server") or {}).items():
+        if res:
+            rows[f"llama_t{t}"] = res
+    names = {
+        "disagg": "splitserve 1 prefill + 1 decode",
+        "colocated": "splitserve colocated (1 engine)",
+    }
+    systems = [(k, names.get(k, f"llama-server BF16 -np 32 -t {k[7:]}")) for k in rows]
     if systems:
         lines += [
             "| system | concurrency | TTFT p50 / p99 ms | ITL p50 / p99 ms | output tok/s |",
             "|---|---|---|---|---|",
         ]
         for key, name in systems:
-            for c, r in results[key].items():
+            for c, r in rows[key].items():
                 lines.append(
                     f"| {name} | {c} | {r['ttft_p50_ms']:.0f} / {r['ttft_p99_ms']:.0f} | "
                     f"{r['itl_p50_ms']:.1f} / {r['itl_p99_ms']:.1f} | {r['output_tok_s']:.1f} |"
                 )
         lines.append("")
-        if results.get("llama_server"):
-            lines += ["| ratio splitserve / llama-server (output tok/s) | concurrency | ratio |",
-                      "|---|---|---|"]  # fmt: skip
-            for key, name in systems[:-1]:
-                for c, r in results[key].items():
-                    ref = results["llama_server"].get(c)
-                    if ref:
-                        ratio = r["output_tok_s"] / ref["output_tok_s"]
-                        lines.append(f"| {name} | {c} | {ratio:.2f} |")
+        llama = [k for k in rows if k.startswith("llama")]
+        if llama:
+            lines += [
+                "| output tok/s ratio: splitserve / best llama-server | concurrency | ratio |",
+                "|---|---|---|",
+            ]
+            for key in ("disagg", "colocated"):
+                for c, r in rows.get(key, {}).items():
+                    best = max((rows[k][c]["output_tok_s"] for k in llama if c in rows[k]),
+                               default=None)  # fmt: skip
+                    if best:
+                        lines.append(f"| {names[key]} | {c} | {r['output_tok_s'] / best:.2f} |")
             lines.append("")
     if results.get("prefix"):
         lines += [
@@ -537,6 +551,7 @@ def main() -> int:
     p.add_argument("--prefix-concurrency", type=int, default=4)
     p.add_argument("--overhead-requests", type=int, default=200)
     p.add_argument("--llama-dir", default="")
+    p.add_argument("--llama-threads", default="1,2", help="llama-server -t values to run")
     p.add_argument("--cache", default=".cache/llama")
     p.add_argument("--out", default=None)
     p.add_argument("--render", default=None, help="print the markdown tables of a results JSON")
@@ -547,6 +562,7 @@ def main() -> int:
     # SIGTERM unwinds like Ctrl-C, so the `finally` blocks stop every child process.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     args.concurrency = [int(c) for c in args.concurrency.split(",")]
+    args.llama_threads = [int(t) for t in args.llama_threads.split(",")]
     sections = set(args.sections.split(","))
     results: dict = {"config": {k: v for k, v in vars(args).items()}}
     with tempfile.TemporaryDirectory() as d:
