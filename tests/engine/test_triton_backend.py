@@ -26,7 +26,10 @@ def test_triton_backend_matches_dense_on_a_mixed_batch(attn_helpers):
     torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+# float32 only: in bf16 the two backends round differently (the torch decode path rounds scores
+# to bf16 as HF's eager attention does, the kernels keep them in fp32), so greedy tokens may part
+# at near-ties. bf16 numerics of the kernels are checked in tests/kernels (rel. error < 2e-2).
+@pytest.mark.parametrize("dtype", ["float32"])
 def test_engine_greedy_tokens_equal_across_backends(tiny_llama_dir, dtype):
     prompts = [[5, 17, 300, 9000, 44], list(range(100, 121)), [7] * 9]
     params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)

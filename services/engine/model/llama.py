@@ -143,11 +143,10 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, attn: AttentionStep) -> torch.Tensor:
         t = x.shape[0]
-        q, k, v = self.qkv_proj(x).split(
-            [self.hq * self.d, self.hkv * self.d, self.hkv * self.d], dim=-1
-        )
-        q = apply_rotary(q.view(t, self.hq, self.d), cos, sin)
-        k = apply_rotary(k.view(t, self.hkv, self.d), cos, sin)
+        qk, v = self.qkv_proj(x).split([(self.hq + self.hkv) * self.d, self.hkv * self.d], dim=-1)
+        # Rotate q and k heads together: one set of elementwise ops instead of two.
+        qk = apply_rotary(qk.view(t, self.hq + self.hkv, self.d), cos, sin)
+        q, k = qk.split([self.hq, self.hkv], dim=1)
         out = attn(self.layer, q, k, v.view(t, self.hkv, self.d))
         return self.o_proj(out.reshape(t, self.hq * self.d))
 
