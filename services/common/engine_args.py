@@ -45,6 +45,7 @@ def add_engine_arguments(parser: argparse.ArgumentParser, default_port: int) -> 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
     return EngineConfig(
         model=args.model,
+        revision=args.revision or None,
         dtype=args.dtype,
         device=args.device,
         attention_backend=args.attention_backend,

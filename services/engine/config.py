@@ -81,6 +81,7 @@ class SchedulerConfig:
 @dataclass(frozen=True)
 class EngineConfig:
     model: str | None = None  # None: the embedded default model
+    revision: str | None = None  # hub revision, for hub ids
     dtype: str = "auto"
     device: str = "cpu"
     attention_backend: str = "auto"  # "torch" | "triton" | "auto" (torch on CPU, triton on CUDA)

