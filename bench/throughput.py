@@ -44,10 +44,15 @@ def run_splitserve(prompts, out_len, args):
     steps = 0
     generated = 0
     start = time.perf_counter()
+    first_decode_only = None  # when every prompt is done and only decodes remain
     while engine.has_unfinished():
         for delta in engine.step():
             generated += len(delta.token_ids)
         steps += 1
+        if first_decode_only is None and not engine.scheduler.waiting and all(
+            r.num_computed_tokens >= r.num_prompt_tokens for r in engine.scheduler.running
+        ):
+            first_decode_only = (time.perf_counter() - start, steps)
         bs = engine.kv.block_size
         for req in engine.scheduler.running:
             table = engine.kv.tables.get(req.request_id)
@@ -63,6 +68,12 @@ def run_splitserve(prompts, out_len, args):
         "steps": steps,
         "kv_waste": 1 - used / allocated if allocated else 0.0,
         "preemptions": engine.scheduler.num_preemptions,
+        "prefill_phase_s": first_decode_only[0] if first_decode_only else elapsed,
+        "decode_phase_ms_per_step": (
+            (elapsed - first_decode_only[0]) / max(steps - first_decode_only[1], 1) * 1e3
+            if first_decode_only
+            else 0.0
+        ),
     }, llm
 
 
@@ -115,6 +126,7 @@ def main() -> None:
     parser.add_argument("--num-requests", type=int, default=64)
     parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument("--hf-single-sample", type=int, default=4, help="requests HF runs alone")
+    parser.add_argument("--skip-hf", action="store_true", help="only measure splitserve")
     parser.add_argument("--hf-batch-size", type=int, default=64)
     parser.add_argument("--max-num-seqs", type=int, default=64)
     parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
@@ -133,6 +145,10 @@ def main() -> None:
     print(f"splitserve LLM.generate : {ours['tok_per_s']:8.1f} output tok/s "
           f"({ours['output_tokens']} tokens, {ours['seconds']:.1f} s, {ours['steps']} steps, "
           f"KV waste {ours['kv_waste']:.2%}, preemptions {ours['preemptions']})")  # fmt: skip
+    print(f"  prompts done after {ours['prefill_phase_s']:.1f} s; then "
+          f"{ours['decode_phase_ms_per_step']:.0f} ms per decode step")  # fmt: skip
+    if args.skip_hf:
+        return
     model = AutoModelForCausalLM.from_pretrained(resolve_model(None), dtype=torch.bfloat16).eval()
     single = run_hf_single(model, prompts[: args.hf_single_sample], args.output_len)
     print(f"HF one at a time ({args.hf_single_sample} req): {single['tok_per_s']:8.1f} tok/s")
