@@ -13,7 +13,8 @@ from splitserve.services.engine.engine_core import EngineCore
 from splitserve.services.engine.outputs import CompletionOutput, RequestOutput
 from splitserve.services.engine.sampling_params import SamplingParams
 
-Prompt = str | Sequence[int]
+# A prompt: text, token ids, or vLLM's dict forms {"prompt": ...} / {"prompt_token_ids": [...]}.
+Prompt = str | Sequence[int] | dict[str, Any]
 Message = dict[str, Any]
 
 
@@ -79,11 +80,11 @@ class LLM:
         Every prompt is validated before any is queued, so a bad one raises ``ValueError`` and
         leaves the engine untouched.
         """
-        if isinstance(prompts, str) or (
+        if isinstance(prompts, (str, dict)) or (
             isinstance(prompts, Sequence) and prompts and isinstance(prompts[0], int)
         ):
             prompts = [prompts]  # type: ignore[list-item]
-        prompts = list(prompts)  # type: ignore[arg-type]
+        prompts = [_unwrap(p) for p in prompts]  # type: ignore[union-attr]
         if sampling_params is None:
             sampling_params = SamplingParams()
         if isinstance(sampling_params, SamplingParams):
@@ -148,3 +149,14 @@ class LLM:
             return_dict=True,
         )
         return list(encoded["input_ids"])
+
+
+def _unwrap(prompt: Prompt) -> str | Sequence[int]:
+    """Accept vLLM's TextPrompt / TokensPrompt dicts as well as plain text and token ids."""
+    if not isinstance(prompt, dict):
+        return prompt
+    if "prompt_token_ids" in prompt:
+        return list(prompt["prompt_token_ids"])
+    if "prompt" in prompt:
+        return prompt["prompt"]
+    raise ValueError("a dict prompt needs 'prompt' or 'prompt_token_ids'")

@@ -117,3 +117,15 @@ def test_abort_frees_blocks_at_once(tiny_llama_dir):
     assert deltas[-1].finish_reason == "length"
     assert engine.kv.pool.num_free_blocks == 64
     engine.check_integrity()
+
+
+def test_generate_accepts_vllm_prompt_forms(tiny_llama_dir, reference):
+    ids = [5, 6, 7, 8]
+    expected = reference.generate([ids], GREEDY)[0].outputs[0].token_ids
+    forms = [ids, {"prompt_token_ids": ids}]
+    outs = reference.generate(forms, GREEDY)
+    assert [o.outputs[0].token_ids for o in outs] == [expected, expected]
+    text = reference.tokenizer.decode(ids)
+    assert reference.generate({"prompt": text}, GREEDY)[0].prompt == text
+    with pytest.raises(ValueError, match="prompt"):
+        reference.generate([{"text": "x"}], GREEDY)
