@@ -49,8 +49,10 @@ def run_splitserve(prompts, out_len, args):
         for delta in engine.step():
             generated += len(delta.token_ids)
         steps += 1
-        if first_decode_only is None and not engine.scheduler.waiting and all(
-            r.num_computed_tokens >= r.num_prompt_tokens for r in engine.scheduler.running
+        if (
+            first_decode_only is None
+            and not engine.scheduler.waiting
+            and all(r.num_computed_tokens >= r.num_prompt_tokens for r in engine.scheduler.running)
         ):
             first_decode_only = (time.perf_counter() - start, steps)
         bs = engine.kv.block_size
