@@ -256,3 +256,42 @@ def test_both_pods_export_vllm_and_transfer_metrics(servers):
     assert 'splitserve:kv_transfer_bytes_total{direction="received",transport="nixl"}' in decode
     assert "splitserve:kv_leases_expired_total" in prefill
     assert "splitserve:kv_leases_granted_total" in prefill
+
+
+def test_kv_events_carry_the_shared_block_hashes(servers, reference):
+    """A router hashing the prompt with block_hash.py finds exactly the engine's stored blocks."""
+    from splitserve.services.engine.block_hash import hash_prompt_blocks
+
+    prefill = servers["prefill"]
+    prompt = list(range(2000, 2000 + 16 * 3 + 5))  # 3 full blocks + a partial one
+
+    async def main():
+        async with grpc.aio.insecure_channel(prefill.address) as ch:
+            events = pb_grpc.EngineServiceStub(ch).SubscribeKVEvents(
+                pb.SubscribeKVEventsRequest(snapshot=True)
+            )
+            first = await events.read()  # the snapshot comes first
+            assert first.snapshot and first.events[0].HasField("cleared")
+            req = request("events", prompt)
+            resp = await pb_grpc.PrefillServiceStub(ch).Prefill(req)
+            stored: list[int] = []
+            while len(stored) < 3:
+                batch = await asyncio.wait_for(events.read(), timeout=10)
+                assert batch.sequence > first.sequence and batch.epoch == first.epoch
+                for ev in batch.events:
+                    if ev.HasField("stored"):
+                        stored.extend(ev.stored.block_hashes)
+            events.cancel()
+            release = pb.ReleaseRequest(
+                lease=pb.LeaseRef(
+                    lease_id=resp.handoff.lease_id,
+                    engine_id=resp.handoff.engine_id,
+                    epoch=resp.handoff.epoch,
+                )
+            )
+            await pb_grpc.KVServiceStub(ch).Release(release)
+            return stored
+
+    stored = asyncio.run(main())
+    assert stored == hash_prompt_blocks(prompt, 16)
+    prefill.wait_pool_full()
