@@ -46,6 +46,15 @@ from splitserve.services.kvtransfer.transport import KVBlockSink, TransferResult
 
 log = logging.getLogger(__name__)
 
+# Reconnect quickly: a prefill pod that restarts is back within seconds, and a channel in the
+# default exponential backoff (up to 2 minutes) would keep refusing its hand-offs meanwhile.
+_CHANNEL_OPTIONS = [
+    *GRPC_OPTIONS,
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 2000),
+]
+
 
 class KVPuller:
     """Pulls KV blocks for one local pool from any number of sources. Thread-safe."""
@@ -189,7 +198,15 @@ class KVPuller:
         try:
             reply = self._stub(address).Handshake(request, timeout=timeout)
         except grpc.RpcError as error:
-            raise error_of(error, f"Handshake with {address}") from None
+            if error.code() != grpc.StatusCode.UNAVAILABLE:
+                raise error_of(error, f"Handshake with {address}") from None
+            # A source restarted on the same address (a container restart keeps the pod IP):
+            # the cached channel may sit in reconnect backoff. One fresh channel decides.
+            self._evict(address)
+            try:
+                reply = self._stub(address).Handshake(request, timeout=timeout)
+            except grpc.RpcError as retry_error:
+                raise error_of(retry_error, f"Handshake with {address}") from None
         if not layout_matches(reply.layout, self.pool):
             raise IncompatiblePeerError(
                 f"block layout of {address} ({reply.layout}) differs from ours "
@@ -278,9 +295,16 @@ class KVPuller:
         with self._lock:
             channel = self._channels.get(address)
             if channel is None:
-                channel = grpc.insecure_channel(address, options=GRPC_OPTIONS)
+                channel = grpc.insecure_channel(address, options=_CHANNEL_OPTIONS)
                 self._channels[address] = channel
         return pb_grpc.KVServiceStub(channel)
+
+    def _evict(self, address: str) -> None:
+        with self._lock:
+            channel = self._channels.pop(address, None)
+            self._handshakes.pop(address, None)
+        if channel is not None:
+            channel.close()
 
     @staticmethod
     def _remaining(deadline: float, what: str) -> float:
