@@ -18,6 +18,11 @@ GRPC_OPTIONS = [
     ("grpc.max_send_message_length", 256 << 20),
     ("grpc.max_receive_message_length", 256 << 20),
     ("grpc.so_reuseport", 0),
+    # The router keeps idle channels alive with pings every 10 s; accept them instead of
+    # answering with GOAWAY (too_many_pings), which would drop the connection.
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_ping_interval_without_data_ms", 5000),
+    ("grpc.http2.max_ping_strikes", 0),
 ]
 
 
