@@ -38,6 +38,8 @@ class ModelRunner:
                 self.kv_cache[dst].copy_(self.kv_cache[src])
             # Decodes (one new token) first, then prefills: the layout backends expect.
             decodes = [s for s in sched.scheduled if s.num_new_tokens == 1]
+            # Shortest contexts first: the torch backend buckets decodes by length.
+            decodes.sort(key=lambda s: s.request.num_computed_tokens)
             prefills = [s for s in sched.scheduled if s.num_new_tokens > 1]
             batch = decodes + prefills
             input_ids, positions, meta = self._prepare(batch, len(decodes), block_tables)

@@ -15,6 +15,8 @@ CASES = [
     ([(100, 1), (0, 64), (61, 3)], 32, 6, 2, 128),  # block 32, head_dim 128
     ([(0, 1)], 8, 2, 2, 16),  # a one-token prompt goes the decode way
     ([(9, 1), (30, 1), (0, 12), (5, 7)], 8, 16, 16, 16),  # many KV heads: per-head decode path
+    # many decodes of very different lengths: several length buckets (and one out of order)
+    ([(c, 1) for c in (4, 6, 9, 11, 39, 43, 49, 59, 199, 3, 209, 250)], 8, 4, 2, 32),
 ]
 
 

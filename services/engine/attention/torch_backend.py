@@ -40,6 +40,17 @@ class TorchAttentionBackend:
 
 
 @dataclass(frozen=True)
+class _DecodeBucket:
+    """Decode rows [start, end) padded to the longest of them, not to the batch's longest."""
+
+    start: int
+    end: int
+    flat_blocks: torch.Tensor  # [(end - start) * nb] block ids
+    num_keys: int  # nb * block_size
+    pad: torch.Tensor  # [end - start, 1, num_keys]: True past each sequence's end
+
+
+@dataclass(frozen=True)
 class _Prefill:
     start: int  # offset of its tokens in the prefill group
     end: int
@@ -59,14 +70,9 @@ class _TorchAttentionStep:
         _, _, _, _, hkv, d = kv_cache.shape
 
         self.nd = meta.num_decode_tokens
+        self.buckets: list[_DecodeBucket] = []
         if self.nd:
-            nb = max(-(-meta.decode_max_seq_len // bs), 1)
-            tables = meta.decode_block_tables[:, :nb]
-            self.decode_flat_blocks = tables.reshape(-1).long()
-            self.decode_keys = nb * bs
-            keys = torch.arange(nb * bs, device=device)
-            # [Bd, 1, K]: True where the key lies past the sequence (masked out)
-            self.decode_pad = (keys[None, :] >= meta.decode_seq_lens[:, None]).unsqueeze(1)
+            self._bucket_decodes(meta, device)
             self.block_diagonal = hkv <= _BLOCK_DIAGONAL_MAX_KV_HEADS
             if self.block_diagonal:
                 self.eye = torch.eye(hkv, dtype=kv_cache.dtype, device=device)
@@ -90,6 +96,30 @@ class _TorchAttentionStep:
                 mask = cols <= rows + ctx
                 self.prefills.append(_Prefill(start, end, seq_len, tables[i, :nb].long(), mask))
 
+    def _bucket_decodes(self, meta: AttentionMetadata, device: torch.device) -> None:
+        """Split the decode rows (sorted by length by the runner) into a few buckets, so short
+        contexts are not padded to the longest one: gathers and matmuls scale with the padded
+        length, and mixed batches otherwise waste up to ~2x of both."""
+        bs = meta.block_size
+        seq_lens = meta.decode_seq_lens
+        nbs = [max(-(-n // bs), 1) for n in seq_lens.tolist()]
+        start = 0
+        for i in range(1, self.nd + 1):
+            if i < self.nd and not (nbs[i] > 1.5 * nbs[start] and i - start >= 4):
+                continue
+            nb = max(nbs[start:i])
+            keys = torch.arange(nb * bs, device=device)
+            self.buckets.append(
+                _DecodeBucket(
+                    start,
+                    i,
+                    meta.decode_block_tables[start:i, :nb].reshape(-1).long(),
+                    nb * bs,
+                    (keys[None, :] >= seq_lens[start:i, None]).unsqueeze(1),
+                )
+            )
+            start = i
+
     def __call__(
         self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     ) -> torch.Tensor:
@@ -100,7 +130,9 @@ class _TorchAttentionStep:
         out = torch.empty_like(q)
         if self.nd:
             decode = self._decode_block_diagonal if self.block_diagonal else self._decode_per_head
-            out[: self.nd] = decode(q[: self.nd], k_cache, v_cache)
+            for bucket in self.buckets:  # a few length buckets, not sequences
+                rows = slice(bucket.start, bucket.end)
+                out[rows] = decode(q[rows], k_cache, v_cache, bucket)
         if self.np:
             nd = self.nd
             for p in self.prefills:
@@ -110,37 +142,38 @@ class _TorchAttentionStep:
                 )  # fmt: skip
         return out
 
-    def _gather_decode(self, cache: torch.Tensor) -> torch.Tensor:
+    @staticmethod
+    def _gather_decode(cache: torch.Tensor, bucket: _DecodeBucket) -> torch.Tensor:
         _, bs, h, d = cache.shape
-        return torch.index_select(cache, 0, self.decode_flat_blocks).view(
-            self.nd, self.decode_keys, h * d
+        return torch.index_select(cache, 0, bucket.flat_blocks).view(
+            bucket.end - bucket.start, bucket.num_keys, h * d
         )
 
-    def _decode_block_diagonal(self, q, k_cache, v_cache) -> torch.Tensor:
+    def _decode_block_diagonal(self, q, k_cache, v_cache, bucket: _DecodeBucket) -> torch.Tensor:
         b, hq, d = q.shape
         hkv = k_cache.shape[2]
         g = hq // hkv
-        keys = self._gather_decode(k_cache)  # [B, K, Hkv*D]
-        values = self._gather_decode(v_cache)
+        keys = self._gather_decode(k_cache, bucket)  # [B, K, Hkv*D]
+        values = self._gather_decode(v_cache, bucket)
         # qbd[b, h*G + g, h*D + d] = q[b, h, g, d], zero elsewhere
         qbd = torch.einsum("bhgd,hk->bhgkd", q.view(b, hkv, g, d), self.eye).reshape(b, hq, hkv * d)
         scores = torch.bmm(qbd, keys.transpose(1, 2)).float().mul_(d**-0.5)  # [B, Hq, K]
-        probs = scores.masked_fill_(self.decode_pad, float("-inf")).softmax(-1).to(q.dtype)
+        probs = scores.masked_fill_(bucket.pad, float("-inf")).softmax(-1).to(q.dtype)
         full = torch.bmm(probs, values).view(b, hkv, g, hkv, d)  # keep each head's own block
         return torch.diagonal(full, dim1=1, dim2=3).permute(0, 3, 1, 2).reshape(b, hq, d)
 
-    def _decode_per_head(self, q, k_cache, v_cache) -> torch.Tensor:
+    def _decode_per_head(self, q, k_cache, v_cache, bucket: _DecodeBucket) -> torch.Tensor:
         b, hq, d = q.shape
         hkv = k_cache.shape[2]
         g = hq // hkv
-        keys = self._gather_decode(k_cache).view(b, -1, hkv, d)
-        values = self._gather_decode(v_cache).view(b, -1, hkv, d)
+        keys = self._gather_decode(k_cache, bucket).view(b, -1, hkv, d)
+        values = self._gather_decode(v_cache, bucket).view(b, -1, hkv, d)
         qg = q.view(b, hkv, g, d)
         scores = q.new_empty(b, hkv, g, keys.shape[1])
         for h in range(hkv):
             torch.bmm(qg[:, h], keys[:, :, h].transpose(1, 2), out=scores[:, h])
         probs = scores.float().mul_(d**-0.5)
-        probs = probs.masked_fill_(self.decode_pad.unsqueeze(1), float("-inf")).softmax(-1)
+        probs = probs.masked_fill_(bucket.pad.unsqueeze(1), float("-inf")).softmax(-1)
         probs = probs.to(q.dtype)
         out = q.new_empty(b, hkv, g, d)
         for h in range(hkv):
