@@ -48,6 +48,7 @@ class _DecodeBucket:
     flat_blocks: torch.Tensor  # [(end - start) * nb] block ids
     num_keys: int  # nb * block_size
     pad: torch.Tensor  # [end - start, 1, num_keys]: True past each sequence's end
+    bias: torch.Tensor  # the same as an additive mask in the model dtype (0 or -inf)
 
 
 @dataclass(frozen=True)
@@ -109,13 +110,16 @@ class _TorchAttentionStep:
                 continue
             nb = max(nbs[start:i])
             keys = torch.arange(nb * bs, device=device)
+            pad = (keys[None, :] >= seq_lens[start:i, None]).unsqueeze(1)
+            bias = torch.zeros(pad.shape, dtype=self.kv_cache.dtype, device=device)
             self.buckets.append(
                 _DecodeBucket(
                     start,
                     i,
                     meta.decode_block_tables[start:i, :nb].reshape(-1).long(),
                     nb * bs,
-                    (keys[None, :] >= seq_lens[start:i, None]).unsqueeze(1),
+                    pad,
+                    bias.masked_fill_(pad, float("-inf")),
                 )
             )
             start = i
@@ -157,8 +161,11 @@ class _TorchAttentionStep:
         values = self._gather_decode(v_cache, bucket)
         # qbd[b, h*G + g, h*D + d] = q[b, h, g, d], zero elsewhere
         qbd = torch.einsum("bhgd,hk->bhgkd", q.view(b, hkv, g, d), self.eye).reshape(b, hq, hkv * d)
-        scores = torch.bmm(qbd, keys.transpose(1, 2)).float().mul_(d**-0.5)  # [B, Hq, K]
-        probs = scores.masked_fill_(bucket.pad, float("-inf")).softmax(-1).to(q.dtype)
+        # bias + scale * (q . k) in one op; -inf bias past each sequence's end
+        scores = torch.baddbmm(
+            bucket.bias.expand(b, hq, -1), qbd, keys.transpose(1, 2), alpha=d**-0.5
+        )  # [B, Hq, K]
+        probs = scores.softmax(-1, dtype=torch.float32).to(q.dtype)
         full = torch.bmm(probs, values).view(b, hkv, g, hkv, d)  # keep each head's own block
         return torch.diagonal(full, dim1=1, dim2=3).permute(0, 3, 1, 2).reshape(b, hq, d)
 
