@@ -3,7 +3,9 @@
 Per step (once): gather indices and masks. Per layer: one scatter of the new K/V into the pool,
 then
 
-- decodes (one query per sequence), all at once: one ``index_select`` copies every sequence's
+- decodes (one query per sequence), sorted by context length and cut into a few length buckets
+  (so short sequences are not padded to the longest: this halved decode attention at batch 64),
+  each bucket all at once: one ``index_select`` copies every sequence's
   blocks out of the pool as ``[B, K, H_kv * D]`` (whole blocks are contiguous, so this is a
   memcpy), and the queries become a block-diagonal ``[B, H_q, H_kv * D]`` matrix so that ONE
   batched matmul scores every head against every key, and one more produces the output. The
