@@ -137,34 +137,25 @@ def chat_response(
     }
 
 
-def completion_chunk(
-    rid: str, created: int, model: str, choices: list[dict[str, Any]], usage_: Any = None
+def _chunk(
+    kind: str, rid: str, created: int, model: str, choices: list[dict[str, Any]], usage_: Any
 ) -> dict[str, Any]:
-    chunk = {
-        "id": rid,
-        "object": "text_completion",
-        "created": created,
-        "model": model,
-        "choices": choices,
-    }
+    chunk = {"id": rid, "object": kind, "created": created, "model": model, "choices": choices}
     if usage_ is not None:
         chunk["usage"] = usage_
     return chunk
+
+
+def completion_chunk(
+    rid: str, created: int, model: str, choices: list[dict[str, Any]], usage_: Any = None
+) -> dict[str, Any]:
+    return _chunk("text_completion", rid, created, model, choices, usage_)
 
 
 def chat_chunk(
     rid: str, created: int, model: str, choices: list[dict[str, Any]], usage_: Any = None
 ) -> dict[str, Any]:
-    chunk = {
-        "id": rid,
-        "object": "chat.completion.chunk",
-        "created": created,
-        "model": model,
-        "choices": choices,
-    }
-    if usage_ is not None:
-        chunk["usage"] = usage_
-    return chunk
+    return _chunk("chat.completion.chunk", rid, created, model, choices, usage_)
 
 
 def sse(payload: dict[str, Any] | str) -> bytes:
