@@ -3,18 +3,27 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass
 
+import grpc
 from prometheus_client import CollectorRegistry
 
 from splitserve.services.common.engine_args import engine_config
 from splitserve.services.common.metrics import EngineMetrics
+from splitserve.services.common.serving import run_grpc_server
 from splitserve.services.engine.async_engine import AsyncEngine
 from splitserve.services.engine.engine_core import EngineCore
 from splitserve.services.kvtransfer.compat import CompatInfo
 from splitserve.services.kvtransfer.pool import allocate_kv_pool
+
+
+def kv_transports(args: argparse.Namespace) -> tuple[str, ...]:
+    """NIXL first when asked for; gRPC streaming always remains as the fallback."""
+    return ("nixl", "grpc") if args.kv_transport == "nixl" else ("grpc",)
 
 
 @dataclass
@@ -26,6 +35,30 @@ class EngineRuntime:
     model_name: str
     registry: CollectorRegistry
     metrics: EngineMetrics
+
+    def serve(
+        self,
+        args: argparse.Namespace,
+        services: dict[str, Callable[[grpc.aio.Server], None]],
+        on_shutdown: Callable[[], None],
+    ) -> None:
+        """Serve ``services`` (full gRPC service name -> adder) until SIGTERM / SIGINT."""
+
+        def shutdown() -> None:
+            on_shutdown()
+            self.engine.shutdown()
+
+        asyncio.run(
+            run_grpc_server(
+                list(services.values()),
+                list(services),
+                args.host,
+                args.port,
+                args.metrics_port,
+                self.registry,
+                on_shutdown=shutdown,
+            )
+        )
 
 
 def build_runtime(args: argparse.Namespace, role: str) -> EngineRuntime:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 
 from splitserve.services.common.engine_args import add_engine_arguments
 
@@ -18,20 +17,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from splitserve.proto import splitserve_pb2_grpc as pb_grpc
     from splitserve.services.common.engine_service import EngineServicer
-    from splitserve.services.common.runtime import build_runtime
-    from splitserve.services.common.serving import run_grpc_server
+    from splitserve.services.common.runtime import build_runtime, kv_transports
     from splitserve.services.decode.server import DecodeServicer
     from splitserve.services.kvtransfer.metrics import TransferMetrics
     from splitserve.services.kvtransfer.puller import KVPuller
 
     rt = build_runtime(args, "decode")
-    core = rt.engine.core
-    transports = ("nixl", "grpc") if args.kv_transport == "nixl" else ("grpc",)
     puller = KVPuller(
-        core.kv_cache,
+        rt.engine.core.kv_cache,
         rt.compat,
         args.engine_id,
-        transports=transports,
+        transports=kv_transports(args),
         metrics=TransferMetrics(rt.registry),
     )
     decode = DecodeServicer(
@@ -43,23 +39,16 @@ def run(args: argparse.Namespace) -> int:
         transfer_timeout=args.kv_transfer_timeout,
     )
     engine_svc = EngineServicer(rt.engine, "decode", rt.engine_id, rt.epoch, rt.model_name)
-
-    def shutdown() -> None:
-        puller.close()
-        rt.engine.shutdown()
-
-    asyncio.run(
-        run_grpc_server(
-            [
-                lambda s: pb_grpc.add_DecodeServiceServicer_to_server(decode, s),
-                lambda s: pb_grpc.add_EngineServiceServicer_to_server(engine_svc, s),
-            ],
-            ["splitserve.v1.DecodeService", "splitserve.v1.EngineService"],
-            args.host,
-            args.port,
-            args.metrics_port,
-            rt.registry,
-            on_shutdown=shutdown,
-        )
+    rt.serve(
+        args,
+        {
+            "splitserve.v1.DecodeService": lambda s: pb_grpc.add_DecodeServiceServicer_to_server(
+                decode, s
+            ),
+            "splitserve.v1.EngineService": lambda s: pb_grpc.add_EngineServiceServicer_to_server(
+                engine_svc, s
+            ),
+        },
+        on_shutdown=puller.close,
     )
     return 0

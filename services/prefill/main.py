@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 
 from splitserve.services.common.engine_args import add_engine_arguments, advertised_address
 
@@ -16,8 +15,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from splitserve.proto import splitserve_pb2_grpc as pb_grpc
     from splitserve.services.common.engine_service import EngineServicer
-    from splitserve.services.common.runtime import build_runtime
-    from splitserve.services.common.serving import run_grpc_server
+    from splitserve.services.common.runtime import build_runtime, kv_transports
     from splitserve.services.kvtransfer.metrics import TransferMetrics
     from splitserve.services.kvtransfer.servicer import KVServicer
     from splitserve.services.kvtransfer.source import KVBlockSource, SourceConfig
@@ -33,15 +31,13 @@ def run(args: argparse.Namespace) -> int:
         if request_id is not None:
             rt.engine.submit(lambda: core.release_kv(request_id))
 
-    # Offer NIXL first when asked for it; gRPC streaming always works as the fallback.
-    transports = ("nixl", "grpc") if args.kv_transport == "nixl" else ("grpc",)
     source = KVBlockSource(
         core.kv_cache,
         SourceConfig(
             engine_id=args.engine_id,
             compat=rt.compat,
             grpc_address=advertised_address(args, args.port),
-            transports=transports,
+            transports=kv_transports(args),
             lease_seconds=args.lease_seconds,
         ),
         free_blocks,
@@ -55,27 +51,17 @@ def run(args: argparse.Namespace) -> int:
     )
     kv_svc = KVServicer(source)  # sync handlers: they run on the server's thread pool
 
-    def shutdown() -> None:
-        source.close()
-        rt.engine.shutdown()
-
-    asyncio.run(
-        run_grpc_server(
-            [
-                lambda s: pb_grpc.add_PrefillServiceServicer_to_server(prefill, s),
-                lambda s: pb_grpc.add_EngineServiceServicer_to_server(engine_svc, s),
-                kv_svc.add_to_server,
-            ],
-            [
-                "splitserve.v1.PrefillService",
-                "splitserve.v1.KVService",
-                "splitserve.v1.EngineService",
-            ],
-            args.host,
-            args.port,
-            args.metrics_port,
-            rt.registry,
-            on_shutdown=shutdown,
-        )
+    rt.serve(
+        args,
+        {
+            "splitserve.v1.PrefillService": lambda s: pb_grpc.add_PrefillServiceServicer_to_server(
+                prefill, s
+            ),
+            "splitserve.v1.KVService": kv_svc.add_to_server,
+            "splitserve.v1.EngineService": lambda s: pb_grpc.add_EngineServiceServicer_to_server(
+                engine_svc, s
+            ),
+        },
+        on_shutdown=source.close,
     )
     return 0
