@@ -41,6 +41,12 @@ class TorchAttentionBackend:
         return _TorchAttentionStep(kv_cache, meta)
 
 
+# A new decode bucket starts when a sequence needs this many times the blocks of the bucket's
+# shortest one (and the bucket has enough rows to be worth its own matmuls).
+_BUCKET_GROWTH = 1.5
+_BUCKET_MIN_ROWS = 4
+
+
 @dataclass(frozen=True)
 class _DecodeBucket:
     """Decode rows [start, end) padded to the longest of them, not to the batch's longest."""
@@ -108,7 +114,9 @@ class _TorchAttentionStep:
         nbs = [max(-(-n // bs), 1) for n in seq_lens.tolist()]
         start = 0
         for i in range(1, self.nd + 1):
-            if i < self.nd and not (nbs[i] > 1.5 * nbs[start] and i - start >= 4):
+            if i < self.nd and not (
+                nbs[i] > _BUCKET_GROWTH * nbs[start] and i - start >= _BUCKET_MIN_ROWS
+            ):
                 continue
             nb = max(nbs[start:i])
             keys = torch.arange(nb * bs, device=device)
