@@ -2,7 +2,7 @@
 
 One ``KVBlockSource`` per prefill engine process. The prefill server calls ``grant`` when a prompt
 is done (its blocks then belong to the lease, not the scheduler), mounts ``KVServicer`` on its gRPC
-server, and gives a ``free_blocks`` callback that returns block references to the engine's pool.
+server, and gives an ``end_lease`` callback that returns a lease's blocks to the engine's pool.
 That callback runs exactly once per lease (release, expiry, abort or shutdown) and may run on a
 gRPC or reaper thread, so it must be thread-safe (e.g. hand the ids to the engine loop).
 """
@@ -75,7 +75,7 @@ class KVBlockSource:
         self,
         kv_cache: torch.Tensor,
         config: SourceConfig,
-        free_blocks: Callable[[tuple[int, ...]], None],
+        end_lease: Callable[[Lease], None],
         *,
         epoch: int | None = None,
         metrics: TransferMetrics | None = None,
@@ -88,7 +88,7 @@ class KVBlockSource:
         self.compat_hash = compat_hash(config.compat)
         self.metrics = metrics or TransferMetrics()
         self.leases = LeaseTable(self.epoch, config.lease_seconds, config.max_lease_seconds, clock)
-        self._free_blocks = free_blocks
+        self._end_lease = end_lease  # gets the Lease: its request id and block ids
         # CPU pools are served straight from their memory; other devices are staged through
         # host memory one chunk at a time (the "staged" path, exercised on CPU by the tests).
         self._staged = not self.pool.is_cpu
@@ -116,7 +116,7 @@ class KVBlockSource:
         """Lease ``block_ids`` (prompt order) for a reader and describe them in a hand-off.
 
         From now on the blocks belong to the lease: the engine must not free or overwrite them
-        until ``free_blocks`` is called for this lease.
+        until ``end_lease`` is called for this lease.
         """
         self.pool.check_block_ids(block_ids)
         bs = self.pool.block_size
@@ -297,7 +297,7 @@ class KVBlockSource:
     # -- helpers ---------------------------------------------------------------------------
     def _free(self, lease: Lease) -> None:
         self.metrics.leases_active.set(len(self.leases))
-        self._free_blocks(lease.block_ids)
+        self._end_lease(lease)
 
     def _check_pool_matches(self, compat: CompatInfo) -> None:
         p = self.pool

@@ -181,7 +181,7 @@ def run(args: argparse.Namespace) -> int:
         lease_seconds=args.lease_seconds,
         max_chunk_bytes=args.max_chunk_bytes,
     )
-    source = KVBlockSource(pool, config, blocks.free)
+    source = KVBlockSource(pool, config, lambda lease: blocks.free(lease.block_ids))
     servicer = (
         _DyingServicer(source, args.die_after_chunks)
         if args.die_after_chunks >= 0

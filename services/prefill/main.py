@@ -16,20 +16,18 @@ def run(args: argparse.Namespace) -> int:
     from splitserve.proto import splitserve_pb2_grpc as pb_grpc
     from splitserve.services.common.engine_service import EngineServicer
     from splitserve.services.common.runtime import build_runtime, kv_transports
+    from splitserve.services.kvtransfer.leases import Lease
     from splitserve.services.kvtransfer.metrics import TransferMetrics
     from splitserve.services.kvtransfer.servicer import KVServicer
     from splitserve.services.kvtransfer.source import KVBlockSource, SourceConfig
-    from splitserve.services.prefill.server import HeldBlocks, PrefillServicer
+    from splitserve.services.prefill.server import PrefillServicer
 
     rt = build_runtime(args, "prefill")
-    held = HeldBlocks()
     core = rt.engine.core
 
-    def free_blocks(block_ids: tuple[int, ...]) -> None:
-        # Called from gRPC / reaper threads: hand the release to the engine thread.
-        request_id = held.pop(tuple(block_ids))
-        if request_id is not None:
-            rt.engine.submit(lambda: core.release_kv(request_id))
+    def end_lease(lease: Lease) -> None:
+        # Called from gRPC / reaper threads: the engine thread frees the request's held blocks.
+        rt.engine.submit(lambda: core.release_kv(lease.request_id))
 
     source = KVBlockSource(
         core.kv_cache,
@@ -40,12 +38,12 @@ def run(args: argparse.Namespace) -> int:
             transports=kv_transports(args),
             lease_seconds=args.lease_seconds,
         ),
-        free_blocks,
+        end_lease,
         epoch=rt.epoch,
         metrics=TransferMetrics(rt.registry),
     )
     source.start_reaper()
-    prefill = PrefillServicer(rt.engine, source, held, rt.metrics)
+    prefill = PrefillServicer(rt.engine, source, rt.metrics)
     engine_svc = EngineServicer(
         rt.engine, "prefill", rt.engine_id, rt.epoch, rt.model_name, lambda: len(source.leases)
     )

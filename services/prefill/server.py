@@ -11,7 +11,6 @@ import asyncio
 import dataclasses
 import logging
 import time
-from collections import defaultdict, deque
 
 import grpc
 
@@ -25,38 +24,15 @@ from splitserve.services.kvtransfer.source import KVBlockSource
 log = logging.getLogger(__name__)
 
 
-class HeldBlocks:
-    """Which request's held blocks a lease's block ids belong to (thread-safe enough: one GIL
-    operation per call). Identical prompts can hold the same block ids, so it is a multimap; any
-    of them may be released for a given tuple: they hold the very same references."""
-
-    def __init__(self) -> None:
-        self._owners: dict[tuple[int, ...], deque[str]] = defaultdict(deque)
-
-    def add(self, block_ids: tuple[int, ...], request_id: str) -> None:
-        self._owners[block_ids].append(request_id)
-
-    def pop(self, block_ids: tuple[int, ...]) -> str | None:
-        owners = self._owners.get(block_ids)
-        if not owners:
-            return None
-        request_id = owners.popleft()
-        if not owners:
-            del self._owners[block_ids]
-        return request_id
-
-
 class PrefillServicer(pb_grpc.PrefillServiceServicer):
     def __init__(
         self,
         engine: AsyncEngine,
         source: KVBlockSource,
-        held: HeldBlocks,
         metrics: EngineMetrics,
     ) -> None:
         self.engine = engine
         self.source = source
-        self.held = held
         self.metrics = metrics
 
     async def Prefill(self, request: pb.PrefillRequest, context) -> pb.PrefillResponse:
@@ -112,13 +88,11 @@ class PrefillServicer(pb_grpc.PrefillServiceServicer):
             await self.engine.call(self.engine.core.release_kv, rid)
             return response
         try:
-            self.held.add(held, rid)
             handoff = await asyncio.to_thread(
                 self.source.grant, rid, list(held), final.num_prompt_tokens
             )
         except BaseException:
             # Never strand blocks: whatever failed, give them back.
-            self.held.pop(held)
             self.engine.submit(lambda: self.engine.core.release_kv(rid))
             raise
         response.handoff.CopyFrom(handoff)
