@@ -71,9 +71,7 @@ class ModelRunner:
             seq_lens.append(end)
             tables.append(block_tables[req.request_id])
         max_blocks = max(len(t) for t in tables)
-        table = torch.zeros(len(batch), max_blocks, dtype=torch.int32)
-        for i, row in enumerate(tables):
-            table[i, : len(row)] = torch.tensor(row, dtype=torch.int32)
+        table = torch.tensor([t + [0] * (max_blocks - len(t)) for t in tables], dtype=torch.int32)
         q_len_t = torch.tensor(q_lens)
         seq_of_token = torch.repeat_interleave(torch.arange(len(batch)), q_len_t)
         offsets = torch.cumsum(q_len_t, 0) - q_len_t

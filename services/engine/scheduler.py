@@ -15,7 +15,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from splitserve.services.engine.config import SchedulerConfig
-from splitserve.services.engine.kv_cache_manager import NO_HIT, KVCacheManager
+from splitserve.services.engine.kv_cache_manager import KVCacheManager
 from splitserve.services.engine.request import Request, RequestStatus
 
 
@@ -142,6 +142,3 @@ class Scheduler:
         for item in output.scheduled:
             item.request.num_computed_tokens += item.num_new_tokens
             self.kv.cache_computed_blocks(item.request)
-
-
-__all__ = ["NO_HIT", "ScheduledRequest", "Scheduler", "SchedulerOutput"]
