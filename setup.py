@@ -19,5 +19,9 @@ for package, folder in FOLDERS.items():
 setup(
     packages=packages,
     package_dir=FOLDERS,
-    package_data={"splitserve.proto": ["*.proto"], "splitserve.operator": ["*.yaml"]},
+    package_data={
+        "splitserve.proto": ["*.proto"],
+        "splitserve.operator": ["*.yaml"],
+        "splitserve.kernels.cpu": ["*.cpp"],
+    },
 )

@@ -22,7 +22,9 @@ def add_engine_arguments(parser: argparse.ArgumentParser, default_port: int) -> 
     parser.add_argument("--max-num-seqs", type=int, default=128)
     parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
     parser.add_argument("--no-prefix-caching", action="store_true")
-    parser.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "triton"])
+    parser.add_argument(
+        "--attention-backend", default="auto", choices=["auto", "cpu", "torch", "triton"]
+    )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=default_port, help="gRPC port")
     parser.add_argument(

@@ -84,16 +84,19 @@ class EngineConfig:
     revision: str | None = None  # hub revision, for hub ids
     dtype: str = "auto"
     device: str = "cpu"
-    attention_backend: str = "auto"  # "torch" | "triton" | "auto" (torch on CPU, triton on CUDA)
+    # "cpu" | "torch" | "triton" | "auto" (cpu where its C++ kernel builds, else torch; on CUDA
+    # triton)
+    attention_backend: str = "auto"
     max_model_len: int | None = None
     seed: int = 0
     cache: CacheConfig = CacheConfig()
     scheduler: SchedulerConfig = SchedulerConfig()
 
     def __post_init__(self) -> None:
-        if self.attention_backend not in ("auto", "torch", "triton"):
+        if self.attention_backend not in ("auto", "cpu", "torch", "triton"):
             raise ValueError(
-                f"attention_backend must be auto, torch or triton; got {self.attention_backend!r}"
+                "attention_backend must be auto, cpu, torch or triton; "
+                f"got {self.attention_backend!r}"
             )
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be positive, got {self.max_model_len}")
@@ -107,4 +110,8 @@ class EngineConfig:
     def resolved_attention_backend(self) -> str:
         if self.attention_backend != "auto":
             return self.attention_backend
-        return "triton" if self.device.startswith("cuda") else "torch"
+        if self.device.startswith("cuda"):
+            return "triton"
+        from splitserve.kernels import cpu
+
+        return "cpu" if cpu.available() else "torch"

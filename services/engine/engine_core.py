@@ -17,6 +17,7 @@ from splitserve.services.engine.attention import get_attention_backend
 from splitserve.services.engine.config import EngineConfig, ModelShape
 from splitserve.services.engine.detokenizer import IncrementalDetokenizer
 from splitserve.services.engine.kv_cache_manager import KVCacheManager
+from splitserve.services.engine.kv_memory import allocate_host_kv
 from splitserve.services.engine.model.llama import LlamaArch, LlamaForCausalLM
 from splitserve.services.engine.model.loader import iter_safetensors, resolve_model
 from splitserve.services.engine.model_runner import ModelRunner
@@ -71,8 +72,8 @@ KVAllocator = Callable[[tuple[int, ...], torch.dtype], torch.Tensor]
 
 class EngineCore:
     def __init__(self, config: EngineConfig, allocate_kv: KVAllocator | None = None) -> None:
-        """``allocate_kv(shape, dtype)`` may supply the KV pool's memory (e.g. huge pages that a
-        transfer library registers); by default it is a plain zeroed tensor."""
+        """``allocate_kv(shape, dtype)`` may supply the KV pool's memory (e.g. memory a transfer
+        library registers); by default a CPU pool sits on transparent huge pages."""
         self.config = config
         self.model_dir, self.hf_config, self.tokenizer, self.model = load_model(config)
         arch = self.model.arch
@@ -106,7 +107,9 @@ class EngineCore:
             max_model_len=self.max_model_len,
         )
         shape = (num_blocks, arch.num_layers, 2, bs, arch.num_kv_heads, arch.head_dim)
-        if allocate_kv is None:
+        if allocate_kv is None and torch.device(config.device).type == "cpu":
+            self.kv_cache = allocate_host_kv(shape, dtype)
+        elif allocate_kv is None:
             self.kv_cache = torch.zeros(shape, dtype=dtype, device=config.device)
         else:
             self.kv_cache = allocate_kv(shape, dtype)

@@ -10,13 +10,13 @@ with transparent huge pages, which is what lets NIXL/UCX's CMA path reach > 5 GB
 
 from __future__ import annotations
 
-import mmap
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 from splitserve.proto import splitserve_pb2 as pb
+from splitserve.services.engine.kv_memory import allocate_host_kv
 
 LAYOUT_ORDER = "block,layer,kv,slot,head,dim"
 
@@ -116,13 +116,4 @@ def allocate_kv_pool(
     every page now, so the first transfer does not pay the page faults.
     """
     shape = (num_blocks, num_layers, 2, block_size, num_kv_heads, head_dim)
-    nbytes = num_blocks * num_layers * 2 * block_size * num_kv_heads * head_dim
-    nbytes *= torch.empty((), dtype=dtype).element_size()
-    buf = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    if hasattr(mmap, "MADV_HUGEPAGE"):
-        buf.madvise(mmap.MADV_HUGEPAGE)
-    # frombuffer keeps a reference to `buf`, so the mapping lives as long as the tensor.
-    tensor = torch.frombuffer(buf, dtype=torch.uint8).view(dtype).view(shape)
-    if prefault:
-        tensor.view(torch.uint8).zero_()
-    return tensor
+    return allocate_host_kv(shape, dtype, prefault)

@@ -1,4 +1,5 @@
-"""The torch paged-attention backend equals dense causal attention (fp32, float64 reference)."""
+"""The torch and cpu paged-attention backends equal dense causal attention (fp32, float64
+reference)."""
 
 from __future__ import annotations
 
@@ -20,11 +21,21 @@ CASES = [
 ]
 
 
+def _backends():
+    from splitserve.kernels import cpu
+
+    yield "torch"
+    yield pytest.param(
+        "cpu", marks=pytest.mark.skipif(not cpu.available(), reason="C++ kernels not built")
+    )
+
+
+@pytest.mark.parametrize("backend", list(_backends()))
 @pytest.mark.parametrize(("specs", "block_size", "hq", "hkv", "d"), CASES)
-def test_torch_backend_matches_dense(specs, block_size, hq, hkv, d, attn_helpers):
+def test_backend_matches_dense(backend, specs, block_size, hq, hkv, d, attn_helpers):
     layer = 1
     kv, meta, seqs, q, k, v = attn_helpers.build_batch(specs, block_size, hq, hkv, d, layer=layer)
-    step = get_attention_backend("torch").prepare(kv, meta)
+    step = get_attention_backend(backend).prepare(kv, meta)
     out = step(layer, q, k, v)
     ref = attn_helpers.dense_reference(seqs, hq, hkv)
     assert out.shape == ref.shape
@@ -33,3 +44,26 @@ def test_torch_backend_matches_dense(specs, block_size, hq, hkv, d, attn_helpers
     bs = block_size
     for slot, krow in zip(meta.slot_mapping.tolist(), k, strict=True):
         assert torch.equal(kv[slot // bs, layer, 0, slot % bs], krow)
+
+
+@pytest.mark.parametrize("backend", [b for b in _backends() if b != "torch"])
+def test_engine_greedy_tokens_equal_torch_backend(backend, tiny_llama_dir):
+    """The whole engine (chunked prefill with context, decodes, preemption-free) gives the same
+    greedy tokens with the C++ decode kernel as with pure torch, in float32."""
+    from splitserve import LLM, SamplingParams
+
+    prompts = [[5, 17, 300, 9000, 44], list(range(100, 161)), [7] * 9, list(range(40, 43))]
+    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+    outs = {}
+    for name in ("torch", backend):
+        llm = LLM(
+            model=str(tiny_llama_dir),
+            dtype="float32",
+            block_size=8,
+            num_kv_blocks=64,
+            max_num_batched_tokens=32,
+            attention_backend=name,
+        )
+        outs[name] = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+        llm.engine.check_integrity()
+    assert outs[backend] == outs["torch"]

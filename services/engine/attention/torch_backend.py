@@ -41,6 +41,24 @@ class TorchAttentionBackend:
         return _TorchAttentionStep(kv_cache, meta)
 
 
+class CpuAttentionBackend:
+    """The torch path with decodes done by the C++ kernel (``splitserve.kernels.cpu``), which
+    reads K/V blocks in place: no gather copy, no length buckets. Prefills stay on SDPA."""
+
+    name = "cpu"
+
+    def __init__(self) -> None:
+        from splitserve.kernels import cpu
+
+        if not cpu.available():
+            raise RuntimeError("the C++ CPU kernels could not be built (see the log)")
+        self._decode = cpu.paged_decode_attention
+
+    def prepare(self, kv_cache: torch.Tensor, meta: AttentionMetadata) -> _TorchAttentionStep:
+        usable = kv_cache.device.type == "cpu" and kv_cache.dtype in (torch.float32, torch.bfloat16)
+        return _TorchAttentionStep(kv_cache, meta, self._decode if usable else None)
+
+
 # A new decode bucket starts when a sequence needs this many times the blocks of the bucket's
 # shortest one (and the bucket has enough rows to be worth its own matmuls).
 _BUCKET_GROWTH = 1.5
@@ -69,8 +87,9 @@ class _Prefill:
 
 
 class _TorchAttentionStep:
-    def __init__(self, kv_cache: torch.Tensor, meta: AttentionMetadata) -> None:
+    def __init__(self, kv_cache: torch.Tensor, meta: AttentionMetadata, decode_kernel=None) -> None:
         self.kv_cache = kv_cache
+        self.decode_kernel = decode_kernel
         self.meta = meta
         bs = meta.block_size
         device = kv_cache.device
@@ -80,7 +99,7 @@ class _TorchAttentionStep:
 
         self.nd = meta.num_decode_tokens
         self.buckets: list[_DecodeBucket] = []
-        if self.nd:
+        if self.nd and decode_kernel is None:
             self._bucket_decodes(meta, device)
             self.block_diagonal = hkv <= _BLOCK_DIAGONAL_MAX_KV_HEADS
             if self.block_diagonal:
@@ -142,7 +161,13 @@ class _TorchAttentionStep:
         k_cache[self.write_block, self.write_offset] = k
         v_cache[self.write_block, self.write_offset] = v
         out = torch.empty_like(q)
-        if self.nd:
+        if self.nd and self.decode_kernel is not None:
+            meta = self.meta
+            out[: self.nd] = self.decode_kernel(
+                q[: self.nd], k_cache, v_cache, meta.decode_block_tables, meta.decode_seq_lens,
+                q.shape[-1] ** -0.5,
+            )  # fmt: skip
+        elif self.nd:
             decode = self._decode_block_diagonal if self.block_diagonal else self._decode_per_head
             for bucket in self.buckets:  # a few length buckets, not sequences
                 rows = slice(bucket.start, bucket.end)

@@ -1,0 +1,108 @@
+"""C++ CPU kernels (ATen ops under ``torch.ops.splitserve_cpu``), built on first use.
+
+``paged_decode_attention`` reads each sequence's K/V blocks in place from the pool, where the
+pure-torch path first copies them out with ``index_select``. It is compiled from
+``paged_decode.cpp`` by ``torch.utils.cpp_extension`` (a C++ compiler and ninja are needed; the
+build takes ~5-10 s once and is cached under ``~/.cache/splitserve/torch_extensions``, keyed by the
+source, so concurrent processes wait for one build). ``make install`` builds it ahead of time.
+Where it cannot be built, ``load()`` returns ``None`` once with a logged reason and callers keep
+the torch path.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+_SOURCE = Path(__file__).with_name("paged_decode.cpp")
+_NAME = "splitserve_cpu"
+
+
+def build_directory() -> Path:
+    """Cache directory for this source and torch version (a new source builds afresh)."""
+    digest = hashlib.sha256(_SOURCE.read_bytes() + torch.__version__.encode()).hexdigest()[:16]
+    root = Path(os.environ.get("SPLITSERVE_CACHE", Path.home() / ".cache" / "splitserve"))
+    return root / "torch_extensions" / f"{_NAME}-{digest}"
+
+
+def _ensure_ninja_on_path() -> None:
+    """torch's builder runs ``ninja`` from PATH; the venv's pip-installed one may not be on it."""
+    if shutil.which("ninja") is None:
+        venv_bin = str(Path(sys.executable).parent)
+        os.environ["PATH"] = venv_bin + os.pathsep + os.environ.get("PATH", "")
+
+
+@functools.cache
+def load() -> object | None:
+    """Build (once) and load the ops; ``torch.ops.splitserve_cpu`` or ``None`` if unavailable."""
+    if os.environ.get("SPLITSERVE_DISABLE_CPU_KERNELS", "").strip() in ("1", "true", "yes"):
+        log.info("C++ CPU kernels disabled by SPLITSERVE_DISABLE_CPU_KERNELS")
+        return None
+    try:
+        from torch.utils.cpp_extension import load as build_and_load
+
+        _ensure_ninja_on_path()
+        directory = build_directory()
+        directory.mkdir(parents=True, exist_ok=True)
+        build_and_load(
+            name=_NAME,
+            sources=[str(_SOURCE)],
+            extra_cflags=["-O3", "-fopenmp"],
+            extra_ldflags=["-fopenmp"],
+            build_directory=str(directory),
+            is_python_module=False,
+            verbose=False,
+        )
+    except Exception as exc:  # compiler / ninja missing, unsupported platform
+        log.warning("C++ CPU kernels unavailable, using the torch attention path: %s", exc)
+        return None
+    return torch.ops.splitserve_cpu
+
+
+def available() -> bool:
+    return load() is not None
+
+
+def available_impls() -> list[int]:
+    """Implementations this CPU runs: 0 scalar, 1 AVX-512 fp32, 2 AVX-512 BF16."""
+    ops = load()
+    return list(ops.available_impls()) if ops is not None else []
+
+
+def paged_decode_attention(
+    query: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    impl: int = -1,
+) -> torch.Tensor:
+    """One query per sequence over its paged K/V: ``[B, Hq, D]`` -> ``[B, Hq, D]``.
+
+    ``k_cache``/``v_cache``: ``[num_blocks, block_size, Hkv, D]`` views (blocks may be strided);
+    ``block_tables``: int32 ``[B, max_blocks]``; ``seq_lens``: int32 ``[B]``, each >= 1, keys
+    included. float32 or bfloat16. Raises ``RuntimeError`` if the ops could not be built.
+    """
+    ops = load()
+    if ops is None:
+        raise RuntimeError("splitserve C++ CPU kernels are not available (see the log)")
+    return ops.paged_decode_attention(query, k_cache, v_cache, block_tables, seq_lens, scale, impl)
+
+
+__all__ = [
+    "available",
+    "available_impls",
+    "build_directory",
+    "load",
+    "paged_decode_attention",
+]
