@@ -1,12 +1,13 @@
 """C++ CPU kernels (ATen ops under ``torch.ops.splitserve_cpu``), built on first use.
 
 ``paged_decode_attention`` reads each sequence's K/V blocks in place from the pool, where the
-pure-torch path first copies them out with ``index_select``. It is compiled from
-``paged_decode.cpp`` by ``torch.utils.cpp_extension`` (a C++ compiler and ninja are needed; the
-build takes ~5-10 s once and is cached under ``~/.cache/splitserve/torch_extensions``, keyed by the
-source, so concurrent processes wait for one build). ``make install`` builds it ahead of time.
-Where it cannot be built, ``load()`` returns ``None`` once with a logged reason and callers keep
-the torch path.
+pure-torch path first copies them out with ``index_select``; ``paged_prefill_attention`` is a
+tiled flash attention for prompts (bf16, AVX512-BF16), ~4x the throughput of torch's CPU SDPA
+here. Both are compiled from ``paged_decode.cpp`` and ``paged_prefill.cpp`` by
+``torch.utils.cpp_extension`` (a C++ compiler and ninja are needed; the build takes ~10-20 s once
+and is cached under ``~/.cache/splitserve/torch_extensions``, keyed by the sources, so concurrent
+processes wait for one build). ``make install`` builds them ahead of time. Where they cannot be
+built, ``load()`` returns ``None`` once with a logged reason and callers keep the torch path.
 """
 
 from __future__ import annotations
@@ -23,13 +24,17 @@ import torch
 
 log = logging.getLogger(__name__)
 
-_SOURCE = Path(__file__).with_name("paged_decode.cpp")
+_HERE = Path(__file__).parent
+_SOURCES = [_HERE / "paged_decode.cpp", _HERE / "paged_prefill.cpp"]
 _NAME = "splitserve_cpu"
 
 
 def build_directory() -> Path:
-    """Cache directory for this source and torch version (a new source builds afresh)."""
-    digest = hashlib.sha256(_SOURCE.read_bytes() + torch.__version__.encode()).hexdigest()[:16]
+    """Cache directory for these sources and torch version (a new source builds afresh)."""
+    h = hashlib.sha256(torch.__version__.encode())
+    for path in sorted(_HERE.glob("*.cpp")) + sorted(_HERE.glob("*.h")):
+        h.update(path.name.encode() + path.read_bytes())
+    digest = h.hexdigest()[:16]
     root = Path(os.environ.get("SPLITSERVE_CACHE", Path.home() / ".cache" / "splitserve"))
     return root / "torch_extensions" / f"{_NAME}-{digest}"
 
@@ -55,7 +60,7 @@ def load() -> object | None:
         directory.mkdir(parents=True, exist_ok=True)
         build_and_load(
             name=_NAME,
-            sources=[str(_SOURCE)],
+            sources=[str(p) for p in _SOURCES],
             extra_cflags=["-O3", "-fopenmp"],
             extra_ldflags=["-fopenmp"],
             build_directory=str(directory),
@@ -99,10 +104,46 @@ def paged_decode_attention(
     return ops.paged_decode_attention(query, k_cache, v_cache, block_tables, seq_lens, scale, impl)
 
 
+def prefill_supported(dtype: torch.dtype, num_heads: int, num_kv_heads: int, head_dim: int) -> bool:
+    """Whether ``paged_prefill_attention`` takes these shapes on this CPU (bf16, AVX512-BF16)."""
+    return (
+        2 in available_impls()
+        and dtype == torch.bfloat16
+        and head_dim in (32, 64, 128)
+        and num_heads % num_kv_heads == 0
+        and num_heads // num_kv_heads <= 8
+    )
+
+
+def paged_prefill_attention(
+    query: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Causal attention of prompts (or prompt chunks) over their paged K/V: ``[T, Hq, D]``.
+
+    Prompt ``b`` owns query rows ``query_start_loc[b]:query_start_loc[b + 1]``, the last of its
+    ``seq_lens[b]`` positions; its K/V (context and new tokens) must already be in the cache.
+    bf16 only, see ``prefill_supported``.
+    """
+    ops = load()
+    if ops is None:
+        raise RuntimeError("splitserve C++ CPU kernels are not available (see the log)")
+    return ops.paged_prefill_attention(
+        query, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale
+    )
+
+
 __all__ = [
     "available",
     "available_impls",
     "build_directory",
     "load",
     "paged_decode_attention",
+    "paged_prefill_attention",
+    "prefill_supported",
 ]

@@ -31,14 +31,14 @@
 #include <type_traits>
 #include <vector>
 
-#if defined(__x86_64__) || defined(_M_X64)
-#include <immintrin.h>
-#define SPLITSERVE_X86 1
-#define SPLITSERVE_AVX512 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl")))
-#endif
+#include "simd.h"
 
 namespace splitserve {
 namespace {
+
+#ifdef SPLITSERVE_X86
+using namespace simd;
+#endif
 
 constexpr int64_t kPartition = 512;  // keys per work item when a sequence is split
 
@@ -107,23 +107,6 @@ SPLITSERVE_AVX512 inline __m512 load16(const c10::BFloat16* x) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
 
-// exp(x) for x <= 0 (scores minus their max): 2^n * poly(r), |r| <= ln2 / 2, rel. err ~2e-7.
-SPLITSERVE_AVX512 inline __m512 exp16(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-06f), r);
-  __m512 y = _mm512_set1_ps(1.0f / 5040);
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.0f / 720));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.0f / 120));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.0f / 24));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.0f / 6));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(0.5f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.0f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.0f));
-  return _mm512_scalef_ps(y, n);
-}
 
 constexpr int64_t kMaxGroup = 16;
 constexpr int64_t kMaxChunks = 16;  // D <= 256
@@ -205,12 +188,6 @@ SPLITSERVE_AVX512 void attend_avx512(const Problem& p, const T* q, const T* k_ca
     for (int64_t c = 0; c < C; ++c) _mm512_storeu_ps(acc + g * D + 16 * c, av[g * C + c]);
 }
 
-bool cpu_has_avx512() {
-  static const bool has = __builtin_cpu_supports("avx512f") &&
-                          __builtin_cpu_supports("avx512bw") &&
-                          __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
-  return has;
-}
 // ---------------------------------------------------------------- AVX-512 BF16 path
 //
 // Scores: q . k as bf16 pair dot products (_mm512_dpbf16_ps: exact products, fp32 sums); each
@@ -218,8 +195,6 @@ bool cpu_has_avx512() {
 // cost ~3 shuffle/add ops per token instead of a full horizontal reduction each. Values: two
 // tokens' rows interleaved into (v_t, v_t+1) pairs and weighted by (p_t, p_t+1), again dpbf16.
 
-#define SPLITSERVE_AVX512BF16 \
-  __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512bf16")))
 
 // r[i] = sum of the 16 lanes of v[i], for i < 16.
 SPLITSERVE_AVX512BF16 inline __m512 sum16x16(const __m512* v) {
@@ -239,9 +214,6 @@ SPLITSERVE_AVX512BF16 inline __m512 sum16x16(const __m512* v) {
                        _mm512_shuffle_f32x4(c[0], c[1], 0xDD));
 }
 
-SPLITSERVE_AVX512BF16 inline __m512bh load32bh(const c10::BFloat16* x) {
-  return (__m512bh)_mm512_loadu_si512(x);
-}
 
 
 // One run = the item's keys inside one block: `len` rows from element offset `base`.
@@ -390,10 +362,6 @@ SPLITSERVE_AVX512BF16 void attend_avx512_bf16(const Problem& p, const c10::BFloa
     }
 }
 
-bool cpu_has_avx512_bf16() {
-  static const bool has = cpu_has_avx512() && __builtin_cpu_supports("avx512bf16");
-  return has;
-}
 
 #endif
 

@@ -67,3 +67,28 @@ def test_engine_greedy_tokens_equal_torch_backend(backend, tiny_llama_dir):
         outs[name] = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
         llm.engine.check_integrity()
     assert outs[backend] == outs["torch"]
+
+
+@pytest.mark.model
+@pytest.mark.parametrize("backend", [b for b in _backends() if b != "torch"])
+def test_bf16_default_model_agrees_with_torch_backend(backend, default_model_dir):
+    """bf16 on SmolLM2 (the cpu backend's C++ prefill and decode kernels where the CPU has
+    AVX512-BF16): the first tokens' logprobs match the pure-torch backend closely, and greedy
+    picks agree wherever torch's top two are not near-tied. Prompts are long enough for several
+    key tiles, and one is chunked across steps (context + new tokens)."""
+    from splitserve import LLM, SamplingParams
+
+    text = "the quick brown fox jumps over the lazy dog while a small cat sleeps"
+    words = text.split(" ")
+    prompts = [" ".join(words[: 3 + i] * (1 + 3 * i)) for i in range(6)]
+    params = SamplingParams(temperature=0.0, max_tokens=3, logprobs=2, ignore_eos=True)
+    runs = {}
+    for name in ("torch", backend):
+        llm = LLM(dtype="bfloat16", max_num_batched_tokens=96, attention_backend=name)
+        runs[name] = [o.outputs[0] for o in llm.generate(prompts, params)]
+    for ref, got in zip(runs["torch"], runs[backend], strict=True):
+        first_ref, first_got = ref.logprobs[0], got.logprobs[0]
+        assert abs(first_ref.logprob - first_got.logprob) < 0.15
+        top = first_ref.top
+        if top[0].logprob - top[1].logprob > 0.3:
+            assert got.token_ids[0] == ref.token_ids[0]

@@ -42,8 +42,10 @@ class TorchAttentionBackend:
 
 
 class CpuAttentionBackend:
-    """The torch path with decodes done by the C++ kernel (``splitserve.kernels.cpu``), which
-    reads K/V blocks in place: no gather copy, no length buckets. Prefills stay on SDPA."""
+    """The C++ kernels of ``splitserve.kernels.cpu`` on the torch path's skeleton: decodes read
+    K/V blocks in place (no gather copy, no length buckets); prefills (bf16 on AVX512-BF16 CPUs)
+    run one tiled flash-attention call for all prompts of the step, context included. Shapes the
+    kernels do not take fall back to the torch path (SDPA for prompts)."""
 
     name = "cpu"
 
@@ -52,11 +54,17 @@ class CpuAttentionBackend:
 
         if not cpu.available():
             raise RuntimeError("the C++ CPU kernels could not be built (see the log)")
-        self._decode = cpu.paged_decode_attention
+        self._cpu = cpu
 
     def prepare(self, kv_cache: torch.Tensor, meta: AttentionMetadata) -> _TorchAttentionStep:
-        usable = kv_cache.device.type == "cpu" and kv_cache.dtype in (torch.float32, torch.bfloat16)
-        return _TorchAttentionStep(kv_cache, meta, self._decode if usable else None)
+        cpu = self._cpu
+        if kv_cache.device.type != "cpu" or kv_cache.dtype not in (torch.float32, torch.bfloat16):
+            return _TorchAttentionStep(kv_cache, meta)
+        _, _, _, _, hkv, d = kv_cache.shape
+        prefill = None
+        if meta.num_prefill_tokens and cpu.prefill_supported(kv_cache.dtype, hkv, hkv, d):
+            prefill = cpu.paged_prefill_attention
+        return _TorchAttentionStep(kv_cache, meta, cpu.paged_decode_attention, prefill)
 
 
 # A new decode bucket starts when a sequence needs this many times the blocks of the bucket's
@@ -87,9 +95,16 @@ class _Prefill:
 
 
 class _TorchAttentionStep:
-    def __init__(self, kv_cache: torch.Tensor, meta: AttentionMetadata, decode_kernel=None) -> None:
+    def __init__(
+        self,
+        kv_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        decode_kernel=None,
+        prefill_kernel=None,
+    ) -> None:
         self.kv_cache = kv_cache
         self.decode_kernel = decode_kernel
+        self.prefill_kernel = prefill_kernel
         self.meta = meta
         bs = meta.block_size
         device = kv_cache.device
@@ -107,22 +122,28 @@ class _TorchAttentionStep:
 
         self.np = meta.num_prefill_tokens
         self.prefills: list[_Prefill] = []
-        if self.np:
-            qsl = meta.prefill_query_start_loc.tolist()
-            seq_lens = meta.prefill_seq_lens.tolist()
-            tables = meta.prefill_block_tables
-            for i, seq_len in enumerate(seq_lens):
-                start, end = qsl[i], qsl[i + 1]
-                q_len = end - start
-                ctx = seq_len - q_len
-                if ctx == 0:
-                    self.prefills.append(_Prefill(start, end, seq_len, None, None))
-                    continue
-                nb = -(-seq_len // bs)
-                rows = torch.arange(q_len, device=device)[:, None]
-                cols = torch.arange(seq_len, device=device)[None, :]
-                mask = cols <= rows + ctx
-                self.prefills.append(_Prefill(start, end, seq_len, tables[i, :nb].long(), mask))
+        if self.np and prefill_kernel is None:
+            self._plan_prefills(meta, device)
+
+    def _plan_prefills(self, meta: AttentionMetadata, device: torch.device) -> None:
+        """One SDPA call per prompt: its slice of the new tokens and, with context, the blocks
+        to gather and a bottom-right causal mask."""
+        bs = meta.block_size
+        qsl = meta.prefill_query_start_loc.tolist()
+        seq_lens = meta.prefill_seq_lens.tolist()
+        tables = meta.prefill_block_tables
+        for i, seq_len in enumerate(seq_lens):
+            start, end = qsl[i], qsl[i + 1]
+            q_len = end - start
+            ctx = seq_len - q_len
+            if ctx == 0:
+                self.prefills.append(_Prefill(start, end, seq_len, None, None))
+                continue
+            nb = -(-seq_len // bs)
+            rows = torch.arange(q_len, device=device)[:, None]
+            cols = torch.arange(seq_len, device=device)[None, :]
+            mask = cols <= rows + ctx
+            self.prefills.append(_Prefill(start, end, seq_len, tables[i, :nb].long(), mask))
 
     def _bucket_decodes(self, meta: AttentionMetadata, device: torch.device) -> None:
         """Split the decode rows (sorted by length by the runner) into a few buckets, so short
@@ -172,7 +193,15 @@ class _TorchAttentionStep:
             for bucket in self.buckets:  # a few length buckets, not sequences
                 rows = slice(bucket.start, bucket.end)
                 out[rows] = decode(q[rows], k_cache, v_cache, bucket)
-        if self.np:
+        if self.np and self.prefill_kernel is not None and q.shape[1] // k.shape[1] <= 8:
+            meta, nd = self.meta, self.nd
+            out[nd:] = self.prefill_kernel(
+                q[nd:], k_cache, v_cache, meta.prefill_block_tables,
+                meta.prefill_query_start_loc, meta.prefill_seq_lens, q.shape[-1] ** -0.5,
+            )  # fmt: skip
+        elif self.np:
+            if not self.prefills:  # the kernel cannot take this head ratio: SDPA per prompt
+                self._plan_prefills(self.meta, self.kv_cache.device)
             nd = self.nd
             for p in self.prefills:
                 out[nd + p.start : nd + p.end] = self._prefill(
