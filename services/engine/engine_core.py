@@ -317,6 +317,9 @@ class EngineCore:
             s.request.request_id: self.kv.block_ids(s.request.request_id) for s in sched.scheduled
         }
         result = self.runner.execute(sched, tables)
+        for req, first, logprobs in result.prompt_logprobs:
+            if first == len(req.prompt_logprobs):  # in order; positions never repeat
+                req.prompt_logprobs.extend(logprobs)
         self.scheduler.update_after_step(sched)
         if not result.sampled:
             return []
@@ -390,12 +393,20 @@ class EngineCore:
                 held = tuple(self.kv.hold(req, req.request_id))
             self.scheduler.finish(req, finish)
             self._retire(req)
+        prompt_logprobs = None
+        if (
+            params.prompt_logprobs is not None
+            and req.num_output_tokens == 1
+            and not req.sample_index
+        ):
+            prompt_logprobs = tuple(req.prompt_logprobs)  # the prompt is done: hand them over once
         return SequenceDelta(
             request_id=req.group_id,
             index=req.sample_index,
             token_ids=(token,),
             text=text,
             logprobs=None if lp is None else (lp,),
+            prompt_logprobs=prompt_logprobs,
             finish_reason=None if finish is None else finish.value,
             stop_reason=stop_reason,
             num_prompt_tokens=req.num_prompt_tokens,

@@ -46,9 +46,10 @@ class KVCacheManager:
         """Longest run of cached full blocks matching the request's tokens from the start.
 
         At least one token is always left to compute: the model must produce logits for the last
-        one. Mutates nothing.
+        one. A request asking for prompt logprobs gets no hit: every prompt position needs its
+        logits (as in vLLM). Mutates nothing.
         """
-        if not self.enable_prefix_caching:
+        if not self.enable_prefix_caching or request.params.prompt_logprobs is not None:
             return NO_HIT
         max_blocks = (request.num_tokens - 1) // self.block_size
         blocks: list[KVBlock] = []

@@ -2,19 +2,28 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from splitserve.services.engine.attention import AttentionBackend, AttentionMetadata
+from splitserve.services.engine.logprobs import TokenLogprobs, compute_token_logprobs
 from splitserve.services.engine.model.llama import LlamaForCausalLM
+from splitserve.services.engine.request import Request
 from splitserve.services.engine.scheduler import ScheduledRequest, SchedulerOutput
+
+# Prompt-logprob rows go through the LM head in slices of this many (a [rows, vocab] float32
+# logits tensor each: 256 x 49152 x 4 B = 50 MB for SmolLM2).
+_PROMPT_LOGPROB_ROWS = 256
 
 
 @dataclass(frozen=True)
 class RunnerOutput:
     logits: torch.Tensor  # [len(sampled), vocab] float32
     sampled: list[ScheduledRequest]  # the requests that caught up this step, in logits order
+    # (request, first prompt position, logprobs of the next prompt tokens from there on) for
+    # requests with params.prompt_logprobs whose prompt positions ran this step
+    prompt_logprobs: list[tuple[Request, int, list[TokenLogprobs]]] = field(default_factory=list)
 
 
 class ModelRunner:
@@ -46,13 +55,44 @@ class ModelRunner:
             attn = self.backend.prepare(self.kv_cache, meta)
             hidden = self.model(input_ids, positions, attn)
             ends = torch.tensor([s.num_new_tokens for s in batch]).cumsum(0) - 1
+            prompt_logprobs = self._prompt_logprobs(batch, ends.tolist(), hidden)
             sampled_idx = [i for i, s in enumerate(batch) if s.completes]
             sampled = [batch[i] for i in sampled_idx]
             if not sampled:
-                return RunnerOutput(hidden.new_empty(0, self.model.arch.vocab_size).float(), [])
+                empty = hidden.new_empty(0, self.model.arch.vocab_size).float()
+                return RunnerOutput(empty, [], prompt_logprobs)
             rows = ends[torch.tensor(sampled_idx)].to(self.device)
             logits = self.model.compute_logits(hidden[rows])
-        return RunnerOutput(logits, sampled)
+        return RunnerOutput(logits, sampled, prompt_logprobs)
+
+    def _prompt_logprobs(
+        self, batch: list[ScheduledRequest], ends: list[int], hidden: torch.Tensor
+    ) -> list[tuple[Request, int, list[TokenLogprobs]]]:
+        """Logprobs of each next prompt token at the prompt positions this step computed, for
+        the requests that asked (prompt positions already done, e.g. before a preemption, are
+        not redone). Only those rows pay for the LM head over the whole vocabulary."""
+        results = []
+        vocab = self.model.arch.vocab_size
+        for item, end in zip(batch, ends, strict=True):
+            req = item.request
+            k = req.params.prompt_logprobs
+            if k is None:
+                continue
+            start = req.num_computed_tokens  # position of the item's first new token
+            first = max(start, len(req.prompt_logprobs))
+            stop = min(start + item.num_new_tokens, req.num_prompt_tokens - 1)
+            if first >= stop:
+                continue
+            row0 = end + 1 - item.num_new_tokens + (first - start)
+            out: list[TokenLogprobs] = []
+            for lo in range(first, stop, _PROMPT_LOGPROB_ROWS):
+                hi = min(lo + _PROMPT_LOGPROB_ROWS, stop)
+                rows = hidden[row0 + lo - first : row0 + hi - first]
+                logits = self.model.compute_logits(rows)[:, :vocab]
+                targets = torch.tensor(req.prompt_token_ids[lo + 1 : hi + 1], device=logits.device)
+                out.extend(compute_token_logprobs(logits, targets, [k] * (hi - lo)))
+            results.append((req, first, out))
+        return results
 
     def _prepare(self, batch: list[ScheduledRequest], num_decodes: int, block_tables):
         bs = self.block_size

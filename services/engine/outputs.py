@@ -22,6 +22,9 @@ class SequenceDelta:
     num_cached_tokens: int = 0
     # For requests added with hold_kv=True: the prompt's blocks, now held under the request id.
     held_block_ids: tuple[int, ...] | None = None
+    # params.prompt_logprobs: with the first token, the logprob of every prompt token after the
+    # first given the ones before it (len(prompt) - 1 entries).
+    prompt_logprobs: tuple[TokenLogprobs, ...] | None = None
 
     @property
     def finished(self) -> bool:
@@ -69,6 +72,9 @@ class RequestOutput:
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput]
     num_cached_tokens: int = 0
+    # params.prompt_logprobs: one entry per prompt token, None for the first (nothing precedes
+    # it), as vLLM returns them; None when not requested
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
 
     @property
     def finished(self) -> bool:
@@ -77,6 +83,8 @@ class RequestOutput:
     def apply(self, delta: SequenceDelta) -> None:
         """Fold one step's delta into the accumulated output."""
         out = self.outputs[delta.index]
+        if delta.prompt_logprobs is not None and self.prompt_logprobs is None:
+            self.prompt_logprobs = [None, *delta.prompt_logprobs]
         out.token_ids.extend(delta.token_ids)
         out.text += delta.text
         if delta.logprobs is not None:

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 import torch
 
 from splitserve.services.engine.block_hash import hash_block_tokens
+from splitserve.services.engine.logprobs import TokenLogprobs
 from splitserve.services.engine.sampling_params import SamplingParams
 
 
@@ -67,6 +68,9 @@ class Request:
         self.status = RequestStatus.WAITING
         self.stop_reason: int | str | None = None
         self.block_hashes: list[int] = []
+        # params.prompt_logprobs: one entry per prompt position after the first (the logprob of
+        # that prompt token given the ones before it), filled chunk by chunk during prefill.
+        self.prompt_logprobs: list[TokenLogprobs] = []
         self.generator: torch.Generator | None = None
         if params.seed is not None:
             self.generator = torch.Generator().manual_seed(params.seed + sample_index)

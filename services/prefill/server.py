@@ -72,6 +72,8 @@ class PrefillServicer(pb_grpc.PrefillServiceServicer):
         )
         if final.logprobs:
             response.first_logprobs.CopyFrom(logprobs_to_proto(final.logprobs[0]))
+        if final.prompt_logprobs:
+            response.prompt_logprobs.extend(logprobs_to_proto(lp) for lp in final.prompt_logprobs)
         ended = final.finish_reason == "stop" or params.max_tokens == 1
         if ended:
             response.finish_reason = (

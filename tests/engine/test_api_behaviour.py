@@ -89,6 +89,36 @@ def test_logprobs_are_raw_model_log_probabilities(default_llm, hf_default_model)
     assert seq.cumulative_logprob == pytest.approx(sum(lp.logprob for lp in seq.logprobs))
 
 
+def test_prompt_logprobs_match_hf_through_chunks_and_a_shared_prefix(hf_default_model):
+    """Every prompt token's logprob given the ones before it (vLLM's prompt_logprobs: None for
+    the first token), equal to HF's log_softmax, whether the prompt runs in one step or in
+    chunks, and even when its prefix is in the cache (prompt logprobs bypass prefix hits)."""
+    from splitserve import LLM
+
+    llm = LLM(dtype="float32", num_kv_blocks=256, max_num_batched_tokens=24, block_size=8)
+    prefix = "Paris is the capital of France, and Berlin is the capital of Germany. "
+    prompts = [prefix + "Rome is", prefix + "Madrid is the capital of", "Hi"]
+    llm.generate([prefix + "Warm the cache"], SamplingParams(max_tokens=1))
+    params = SamplingParams(temperature=0.0, max_tokens=2, prompt_logprobs=2)
+    outs = llm.generate(prompts, params)
+    for out in outs:
+        ids = out.prompt_token_ids
+        assert out.num_cached_tokens == 0
+        assert out.prompt_logprobs is not None and len(out.prompt_logprobs) == len(ids)
+        assert out.prompt_logprobs[0] is None
+        with torch.no_grad():
+            ref = torch.log_softmax(hf_default_model(torch.tensor([ids])).logits[0].float(), -1)
+        for pos, lp in enumerate(out.prompt_logprobs[1:], start=1):
+            assert lp.token_id == ids[pos]
+            assert math.isclose(lp.logprob, ref[pos - 1, ids[pos]].item(), abs_tol=1e-3)
+            assert lp.rank == 1 + int((ref[pos - 1] > ref[pos - 1, ids[pos]]).sum())
+            assert [t.token_id for t in lp.top] == ref[pos - 1].topk(2).indices.tolist()
+    # without the parameter: no prompt logprobs, and the prefix cache serves the shared blocks
+    plain = llm.generate([prompts[0]], SamplingParams(max_tokens=1))[0]
+    assert plain.prompt_logprobs is None and plain.num_cached_tokens > 0
+    llm.engine.check_integrity()
+
+
 @pytest.mark.parametrize(
     ("kwargs", "field"),
     [
