@@ -43,12 +43,21 @@ def params_from_proto(msg: pb.SamplingParams, extra_keys=()) -> SamplingParams:
     kwargs["stop"] = tuple(msg.stop)
     kwargs["stop_token_ids"] = tuple(msg.stop_token_ids)
     kwargs["extra_keys"] = tuple(extra_keys)
+    if msg.logit_bias:
+        kwargs["logit_bias"] = {t: _from_float32(b) for t, b in msg.logit_bias.items()}
+    if msg.allowed_token_ids:  # empty on the wire: unset (an explicit empty list is rejected)
+        kwargs["allowed_token_ids"] = tuple(msg.allowed_token_ids)
     for name in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty"):
-        if name in kwargs:  # float32 on the wire: round back to what the client most likely sent
-            kwargs[name] = float(f"{kwargs[name]:.6g}")
+        if name in kwargs:
+            kwargs[name] = _from_float32(kwargs[name])
     if "repetition_penalty" in kwargs:
-        kwargs["repetition_penalty"] = float(f"{kwargs['repetition_penalty']:.6g}")
+        kwargs["repetition_penalty"] = _from_float32(kwargs["repetition_penalty"])
     return SamplingParams(**kwargs)
+
+
+def _from_float32(value: float) -> float:
+    """float32 on the wire: round back to what the client most likely sent (6 digits)."""
+    return float(f"{value:.6g}")
 
 
 def params_to_proto(params: SamplingParams) -> pb.SamplingParams:
@@ -60,6 +69,8 @@ def params_to_proto(params: SamplingParams) -> pb.SamplingParams:
     if params.max_tokens is None:
         msg.ClearField("max_tokens")
         msg.max_tokens_unbounded = True
+    msg.logit_bias.update(params.logit_bias or ())
+    msg.allowed_token_ids.extend(params.allowed_token_ids or ())
     return msg
 
 

@@ -143,6 +143,7 @@ class EngineCore:
         vocab = self.shape.vocab_size
         if any(not isinstance(t, int) or not 0 <= t < vocab for t in prompt_token_ids):
             raise ValueError(f"prompt token ids must be integers in [0, {vocab})")
+        params.check_token_ids(vocab)
         n_prompt = len(prompt_token_ids)
         if n_prompt >= self.max_model_len:
             raise ValueError(

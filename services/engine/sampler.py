@@ -7,16 +7,18 @@ from each row's own generator, and turn results into Python objects.
 
 Order of processing (vLLM v1 / OpenAI semantics):
 
-1. ``min_tokens``: until a row has that many output tokens, EOS and its ``stop_token_ids`` are
+1. ``allowed_token_ids``: every other token gets logit -inf.
+2. ``logit_bias``: each listed token's bias is added to its logit.
+3. ``min_tokens``: until a row has that many output tokens, EOS and its ``stop_token_ids`` are
    forbidden (logit -inf).
-2. repetition penalty (HF / vLLM): over prompt AND output tokens, positive logits are divided by
+4. repetition penalty (HF / vLLM): over prompt AND output tokens, positive logits are divided by
    the penalty, negative ones multiplied.
-3. presence / frequency penalties (OpenAI): over OUTPUT tokens only,
+5. presence / frequency penalties (OpenAI): over OUTPUT tokens only,
    ``logit -= presence * (count > 0) + frequency * count``.
-4. greedy rows (``params.greedy``) take the argmax here and ignore everything below.
-5. temperature, then top-k (ties with the k-th value are kept), top-p (keep the smallest set of
+6. greedy rows (``params.greedy``) take the argmax here and ignore everything below.
+7. temperature, then top-k (ties with the k-th value are kept), top-p (keep the smallest set of
    most likely tokens whose mass reaches p), min-p (keep tokens with prob >= min_p * max prob).
-6. the exponential race: ``argmax(probs / q)`` with ``q ~ Exp(1)`` i.i.d. per token, which draws
+8. the exponential race: ``argmax(probs / q)`` with ``q ~ Exp(1)`` i.i.d. per token, which draws
    exactly from ``probs``. Seeded rows draw ``q`` from their own generator, so their tokens do
    not depend on which other rows share the batch; unseeded rows share one draw from the global
    generator.
@@ -133,10 +135,12 @@ class Sampler:
         return SamplerOutput(token_ids=tokens.tolist(), logprobs=logprobs)
 
     def _apply_penalties(self, raw: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
-        """min_tokens, repetition, presence and frequency; returns ``raw`` itself if no row asks.
+        """Steps 1-5 of the module docstring (allowed_token_ids, logit_bias, min_tokens,
+        repetition, presence and frequency); returns ``raw`` itself if no row asks.
 
         Each touches only the (row, token) entries it concerns: the cost is proportional to the
-        number of prompt / output tokens involved, not to batch x vocabulary.
+        number of prompt / output / listed tokens involved, not to batch x vocabulary (except
+        allowed_token_ids, which masks the whole of its rows).
         """
         V = raw.shape[1]
         x = raw
@@ -144,7 +148,29 @@ class Sampler:
         def own() -> torch.Tensor:
             return raw.clone() if x is raw else x
 
-        # 1. min_tokens: forbid EOS and stop_token_ids.
+        # 1. allowed_token_ids: keep the listed logits, -inf elsewhere in those rows.
+        al = [i for i, r in enumerate(rows) if r.params.allowed_token_ids]
+        if al:
+            x = own()
+            r, t = _flatten(x.device, al, [rows[i].params.allowed_token_ids for i in al])
+            keep = t < V  # the engine checks ids against the vocabulary; stay in bounds anyway
+            r, t = r[keep], t[keep]
+            kept = x[r, t]
+            x[al] = _NEG_INF
+            x[r, t] = kept
+
+        # 2. logit_bias (token ids are unique within a row: plain assignment, no accumulation).
+        lb = [i for i, r in enumerate(rows) if r.params.logit_bias]
+        if lb:
+            x = own()
+            biases = [rows[i].params.logit_bias for i in lb]
+            r, t = _flatten(x.device, lb, [(tok for tok, _ in pairs) for pairs in biases])
+            bias = torch.tensor([b for pairs in biases for _, b in pairs], device=x.device)
+            keep = t < V
+            r, t, bias = r[keep], t[keep], bias[keep]
+            x[r, t] = x[r, t] + bias
+
+        # 3. min_tokens: forbid EOS and stop_token_ids.
         r_idx: list[int] = []
         t_idx: list[int] = []
         for i, row in enumerate(rows):
@@ -158,7 +184,7 @@ class Sampler:
             x = own()
             x[r_idx, t_idx] = _NEG_INF
 
-        # 2. repetition penalty over prompt + output tokens (duplicates get the same value).
+        # 4. repetition penalty over prompt + output tokens (duplicates get the same value).
         rep = [i for i, r in enumerate(rows) if r.params.repetition_penalty != 1.0]
         if rep:
             x = own()
@@ -173,7 +199,7 @@ class Sampler:
                 cur = x[r, t]
                 x[r, t] = torch.where(cur > 0, cur / pen, cur * pen)
 
-        # 3. presence / frequency penalties over output tokens.
+        # 5. presence / frequency penalties over output tokens.
         pf = [
             i
             for i, r in enumerate(rows)

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 # Sampling temperatures below this are treated as greedy (argmax): dividing by ~0 is not useful.
 _GREEDY_EPS = 1e-5
+# logit_bias entries per request. OpenAI documents no count; each entry costs a little every decode
+# step, so a bound keeps one request from slowing the batch. A ban of more tokens than this is
+# better written as allowed_token_ids.
+MAX_LOGIT_BIAS = 1024
 
 
 @dataclass(frozen=True)
@@ -34,6 +39,11 @@ class SamplingParams:
     logprobs: int | None = None  # number of top alternatives per generated token
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
+    # {token id: bias} added to the logits (OpenAI; bias in [-100, 100]); stored as (id, bias)
+    # pairs sorted by id, None when empty. A dict or (id, bias) pairs are accepted.
+    logit_bias: tuple[tuple[int, float], ...] | None = None
+    # vLLM: only these token ids may be sampled (None: any). An explicit empty list is an error.
+    allowed_token_ids: tuple[int, ...] | None = None
     extra_keys: tuple[str, ...] = field(default=(), repr=False)  # e.g. cache salt / adapter
 
     def __post_init__(self) -> None:
@@ -48,6 +58,9 @@ class SamplingParams:
         object.__setattr__(self, "extra_keys", tuple(self.extra_keys or ()))
         if self.top_k == -1:
             object.__setattr__(self, "top_k", 0)
+        object.__setattr__(self, "logit_bias", _bias_pairs(self.logit_bias))
+        if self.allowed_token_ids is not None:
+            object.__setattr__(self, "allowed_token_ids", tuple(self.allowed_token_ids))
         self._validate()
 
     def _validate(self) -> None:
@@ -92,6 +105,20 @@ class SamplingParams:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or not 0 <= value <= 20):
                 bad(name, "must be an integer in [0, 20]")
+        # logit_bias was checked as it was normalised (_bias_pairs).
+        if self.allowed_token_ids is not None:
+            if not self.allowed_token_ids:
+                bad("allowed_token_ids", "must not be empty (leave it unset to allow every token)")
+            if not all(_is_token_id(t) for t in self.allowed_token_ids):
+                bad("allowed_token_ids", "must be non-negative integers")
+
+    def check_token_ids(self, vocab_size: int) -> None:
+        """Raise ValueError naming the field if a logit_bias or allowed token id is not in the
+        vocabulary (only the engine and the router know its size)."""
+        if any(t >= vocab_size for t, _ in self.logit_bias or ()):
+            raise ValueError(f"logit_bias token ids must be < the vocabulary size {vocab_size}")
+        if any(t >= vocab_size for t in self.allowed_token_ids or ()):
+            raise ValueError(f"allowed_token_ids must be < the vocabulary size {vocab_size}")
 
     @property
     def greedy(self) -> bool:
@@ -104,3 +131,33 @@ class SamplingParams:
             or self.frequency_penalty != 0.0
             or self.repetition_penalty != 1.0
         )
+
+
+def _is_token_id(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _bias_pairs(
+    value: Mapping[int, float] | Iterable[tuple[int, float]] | None,
+) -> tuple[tuple[int, float], ...] | None:
+    """logit_bias, validated, as (id, float bias) pairs sorted by id; None when empty."""
+    if not value:
+        return None
+    try:
+        items = value.items() if isinstance(value, Mapping) else value
+        pairs = [(t, b) for t, b in items]
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"logit_bias must map token ids to biases, got a {type(value).__name__}"
+        ) from None
+    if len(pairs) > MAX_LOGIT_BIAS:
+        raise ValueError(f"logit_bias may hold at most {MAX_LOGIT_BIAS} entries, got {len(pairs)}")
+    for t, b in pairs:
+        if not _is_token_id(t):
+            raise ValueError(f"logit_bias keys must be non-negative token ids, got {t!r}")
+        # The comparison also rejects NaN; bool is an int but not a bias.
+        if isinstance(b, bool) or not isinstance(b, int | float) or not -100 <= b <= 100:
+            raise ValueError(f"logit_bias values must be numbers in [-100, 100], got {b!r} for {t}")
+    if len({t for t, _ in pairs}) != len(pairs):
+        raise ValueError("logit_bias must not repeat a token id")
+    return tuple(sorted((t, float(b)) for t, b in pairs))

@@ -62,6 +62,8 @@ def sampling_to_proto(params: SamplingParams) -> pb.SamplingParams:
         msg.logprobs = params.logprobs
     if params.prompt_logprobs is not None:
         msg.prompt_logprobs = params.prompt_logprobs
+    msg.logit_bias.update(params.logit_bias or ())
+    msg.allowed_token_ids.extend(params.allowed_token_ids or ())
     return msg
 
 

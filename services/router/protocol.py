@@ -66,6 +66,8 @@ class _SamplingRequest(_Model):
     stream_options: StreamOptions | None = None
     user: str | None = None
     cache_salt: str | None = None  # isolates prefix-cache sharing (part of the block hashes)
+    logit_bias: dict[str, float] | None = None  # OpenAI: token id (as a string) -> bias
+    allowed_token_ids: list[int] | None = None  # vLLM extension
 
     @field_validator("stop")
     @classmethod
@@ -90,6 +92,8 @@ class _SamplingRequest(_Model):
             "logprobs": logprobs,
             "max_tokens": default_max if max_tokens is None else max_tokens,
             "extra_keys": (self.cache_salt,) if self.cache_salt else (),
+            "logit_bias": _token_id_keys(self.logit_bias),
+            "allowed_token_ids": self.allowed_token_ids,
         }
         for name in (
             "temperature",
@@ -104,6 +108,20 @@ class _SamplingRequest(_Model):
             if value is not None:
                 fields[name] = value
         return SamplingParams(**fields)
+
+
+def _token_id_keys(bias: dict[str, float] | None) -> dict[int, float] | None:
+    """OpenAI's logit_bias keys are token ids written as JSON strings."""
+    if bias is None:
+        return None
+    out: dict[int, float] = {}
+    for key, value in bias.items():
+        if not (key.isascii() and key.isdigit()):
+            raise ValueError(f"logit_bias keys must be token ids (decimal strings), got {key!r}")
+        if int(key) in out:
+            raise ValueError(f"logit_bias has token id {int(key)} twice")
+        out[int(key)] = value
+    return out
 
 
 PromptInput = str | Annotated[list[str], Field(min_length=1)] | list[int] | list[list[int]]

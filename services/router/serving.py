@@ -83,6 +83,7 @@ class OpenAIServing:
             params = req.sampling_params(
                 max_tokens=max_tokens, logprobs=logprobs, default_max=default_max
             )
+            params.check_token_ids(self.tok.vocab_size)
         except ValueError as err:
             raise bad_request(str(err), param=str(err).split(" ", 1)[0]) from err
         samples = []

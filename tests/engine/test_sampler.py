@@ -45,6 +45,11 @@ def make_rows(params_list, prompt=(5, 6, 7), outputs=None, seeds=None):
 def ref_penalties(logits: torch.Tensor, row: SamplingRow, eos: int | None) -> torch.Tensor:
     x = logits.clone()
     p = row.params
+    if p.allowed_token_ids:
+        for t in set(range(len(x))) - set(p.allowed_token_ids):
+            x[t] = -math.inf
+    for t, b in p.logit_bias or ():
+        x[t] += b
     if len(row.output_token_ids) < p.min_tokens:
         for t in {*p.stop_token_ids, *([eos] if eos is not None else [])}:
             x[t] = -math.inf
@@ -117,6 +122,33 @@ def test_penalties_and_min_tokens_match_reference():
     assert [0, 5] in changed and [3, EOS] in changed and [3, 9] in changed and [3, 11] in changed
     assert not any(r == 5 for r, _ in changed)
     assert got[4, EOS] == logits[4, EOS] or EOS in rows[4].prompt_token_ids
+
+
+def test_allowed_token_ids_and_logit_bias_match_reference():
+    """Both come before the penalties: a biased token is then penalised from its biased value."""
+    g = torch.Generator().manual_seed(2)
+    params = [
+        SamplingParams(logit_bias={3: 2.5, 40: -7.0, 63: 0.25}),
+        SamplingParams(),
+        SamplingParams(allowed_token_ids=[5, 9, 40, 9]),
+        SamplingParams(logit_bias={5: -1.5, 9: 4.0}, allowed_token_ids=(9, 5, 12)),
+        SamplingParams(logit_bias={3: 1.0}, repetition_penalty=1.4, frequency_penalty=0.5),
+        SamplingParams(allowed_token_ids=(EOS, 7), min_tokens=2, max_tokens=4),
+    ]
+    outputs = [[1], [3], [9], [], [3, 3, 8], [7]]
+    rows = [
+        SamplingRow(p, torch.randint(0, V, (6,), generator=g).tolist(), o, None)
+        for p, o in zip(params, outputs, strict=True)
+    ]
+    logits = torch.randn(len(rows), V, generator=g) * 3
+    before = logits.clone()
+    got = Sampler(V, EOS)._apply_penalties(logits, rows)
+    assert torch.equal(logits, before), "input logits must not be modified"
+    for i, row in enumerate(rows):
+        torch.testing.assert_close(got[i], ref_penalties(logits[i], row, EOS))
+    assert torch.equal(got[1], logits[1])
+    assert torch.isfinite(got[2]).nonzero().flatten().tolist() == [5, 9, 40]
+    assert torch.isfinite(got[5]).nonzero().flatten().tolist() == [7]  # EOS: min_tokens
 
 
 def test_no_penalties_returns_input_without_copy():
@@ -290,6 +322,75 @@ def test_repetition_penalty_changes_greedy_choice():
     assert _sample(logits, [pres], prompt=[3], outputs=[[10]]).token_ids == [11]
 
 
+def test_logit_bias_forces_a_token_for_greedy_and_random_rows():
+    g = torch.Generator().manual_seed(10)
+    logits = torch.randn(64, V, generator=g) * 3
+    forced = {13: 100.0}
+    params = [
+        SamplingParams(temperature=0.0, logit_bias=forced),
+        SamplingParams(logit_bias=forced),
+        SamplingParams(temperature=1.5, top_k=5, top_p=0.9, logit_bias=forced),
+        SamplingParams(seed=3, min_p=0.1, logit_bias=forced),
+    ] * 16
+    for _ in range(5):
+        assert _sample(logits, params).token_ids == [13] * 64
+
+
+def test_negative_logit_bias_bans_a_token():
+    n, draws = 8, 4000
+    logits = torch.tensor([0.0, 1.0, 0.5, 6.0, -1.0, 0.2, 2.0, 0.0])  # 3 wins ~90% unbiased
+    sampler = Sampler(n, None)
+    ban = SamplingParams(logit_bias={3: -100})
+    torch.manual_seed(0)
+    out = sampler(logits.expand(draws, n), make_rows([ban] * draws, prompt=[0]))
+    assert 3 not in out.token_ids
+    assert set(out.token_ids) >= {1, 6}  # the rest still follow the softmax
+    seeded = make_rows([SamplingParams(seed=5, temperature=2.0, logit_bias={3: -100})], prompt=[0])
+    assert all(sampler(logits[None], seeded).token_ids != [3] for _ in range(500))
+    greedy = SamplingParams(temperature=0.0, logit_bias={3: -100})
+    assert sampler(logits[None], make_rows([greedy], prompt=[0])).token_ids == [6]
+
+
+def test_allowed_token_ids_restrict_draws():
+    n, draws = 16, 4000
+    g = torch.Generator().manual_seed(11)
+    logits = torch.randn(n, generator=g)
+    logits[4] = 9.0  # by far the most likely token, but not allowed
+    allowed = (1, 7, 12)
+    sampler = Sampler(n, None)
+    torch.manual_seed(0)
+    p = SamplingParams(temperature=1.3, allowed_token_ids=allowed)
+    out = sampler(logits.expand(draws, n), make_rows([p] * draws, prompt=[0]))
+    freq = _frequencies(out.token_ids, n)
+    expected = torch.zeros(n, dtype=torch.double)
+    expected[list(allowed)] = torch.softmax(logits[list(allowed)].double() / 1.3, -1)
+    assert set(out.token_ids) == set(allowed)
+    assert (freq - expected).abs().max() < 0.03  # renormalised over the allowed tokens
+    seeded = make_rows([SamplingParams(seed=9, allowed_token_ids=allowed)], prompt=[0])
+    assert {sampler(logits[None], seeded).token_ids[0] for _ in range(300)} <= set(allowed)
+    greedy = SamplingParams(temperature=0.0, allowed_token_ids=allowed)
+    best = max(allowed, key=lambda t: float(logits[t]))
+    assert sampler(logits[None], make_rows([greedy], prompt=[0])).token_ids == [best]
+
+
+def test_rows_without_bias_or_allowed_ids_are_unaffected():
+    g = torch.Generator().manual_seed(12)
+    logits = torch.randn(6, V, generator=g) * 2
+    plain = [SamplingParams(temperature=0.0), SamplingParams(seed=21, top_p=0.9)]
+    constrained = [
+        SamplingParams(temperature=0.0, logit_bias={0: 100}),
+        SamplingParams(seed=22, allowed_token_ids=[1, 2]),
+        SamplingParams(logit_bias={4: -100.0}, allowed_token_ids=[4, 5]),
+        SamplingParams(seed=23, logit_bias=[(6, 100.0)]),
+    ]
+    order = [constrained[0], plain[0], constrained[1], plain[1], constrained[2], constrained[3]]
+    for _ in range(3):
+        mixed = _sample(logits, order).token_ids
+        alone = _sample(logits[[1, 3]], plain).token_ids
+        assert [mixed[1], mixed[3]] == alone
+        assert mixed[0] == 0 and mixed[2] in (1, 2) and mixed[4] == 5 and mixed[5] == 6
+
+
 def test_logprobs_match_log_softmax_of_raw_logits_and_ranks():
     g = torch.Generator().manual_seed(5)
     logits = torch.randn(4, V, generator=g) * 2
@@ -315,6 +416,25 @@ def test_logprobs_match_log_softmax_of_raw_logits_and_ranks():
         for t in lp.top:
             assert t.logprob == pytest.approx(float(ref[i, t.token_id]), abs=1e-5)
     assert out.logprobs[1].top == ()
+
+
+def test_logprobs_stay_raw_under_logit_bias_and_allowed_token_ids():
+    g = torch.Generator().manual_seed(13)
+    logits = torch.randn(3, V, generator=g) * 2
+    params = [
+        SamplingParams(temperature=0.0, logprobs=3, logit_bias={30: 100}),
+        SamplingParams(logprobs=2, allowed_token_ids=[31]),
+        SamplingParams(logprobs=1, logit_bias={32: 100}, allowed_token_ids=[32, 33]),
+    ]
+    out = _sample(logits, params)
+    assert out.token_ids == [30, 31, 32]
+    ref = torch.log_softmax(logits, dim=-1)
+    for i, lp in enumerate(out.logprobs):
+        tok = out.token_ids[i]
+        order = sorted(range(V), key=lambda t: -float(ref[i, t]))
+        assert lp.logprob == pytest.approx(float(ref[i, tok]), abs=1e-5)
+        assert lp.rank == order.index(tok) + 1
+        assert [t.token_id for t in lp.top] == order[: params[i].logprobs]
 
 
 def test_seeded_rows_are_reproducible_whatever_the_batch():

@@ -176,6 +176,36 @@ def test_sdk_raises_typed_errors(disagg):
     assert "max_tokens" in str(info.value)
 
 
+def test_logit_bias_and_allowed_token_ids_errors_name_the_field(disagg, tokenizer):
+    c = client(disagg[0])
+    vocab = tokenizer.vocab_size
+    ok = c.completions.create(
+        model="m", prompt="x", max_tokens=1, logit_bias={"5": 100, str(vocab - 1): -100},
+        extra_body={"allowed_token_ids": [5, 7]},
+    )  # fmt: skip
+    assert ok.choices[0].finish_reason == "length"
+    cases = [
+        ({"logit_bias": {"abc": 1}}, "logit_bias"),
+        ({"logit_bias": {"-3": 1}}, "logit_bias"),
+        ({"logit_bias": {"1.5": 1}}, "logit_bias"),
+        ({"logit_bias": {"5": 100.5}}, "logit_bias"),
+        ({"logit_bias": {str(vocab): 1}}, "logit_bias"),
+        ({"logit_bias": {"5": "much"}}, "logit_bias.5"),  # schema error: the key's location
+        ({"allowed_token_ids": []}, "allowed_token_ids"),
+        ({"allowed_token_ids": [1, vocab]}, "allowed_token_ids"),
+    ]
+    for extra, param in cases:
+        with pytest.raises(openai.BadRequestError) as info:
+            c.completions.create(model="m", prompt="x", max_tokens=1, extra_body=extra)
+        assert info.value.param == param and param.split(".")[0] in info.value.message, extra
+    with pytest.raises(openai.BadRequestError) as info:
+        c.chat.completions.create(
+            model="m", messages=[{"role": "user", "content": "q"}], logit_bias={"x": 1}
+        )
+    assert info.value.param == "logit_bias"
+    assert c.completions.create(model="m", prompt="x", max_tokens=1).choices[0].text
+
+
 def test_api_keys_and_body_limit(stack_factory):
     settings = RouterSettings(
         served_names=("m",), api_keys=frozenset({"k1", "k2"}), max_body_bytes=2000,

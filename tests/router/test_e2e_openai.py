@@ -114,6 +114,34 @@ def test_logprobs_match_the_offline_engine(sdk, oracle):
     assert all(c.logprob <= 0 for c in content)
 
 
+def test_logit_bias_forces_tokens_and_bad_keys_are_400(sdk, tokenizer):
+    forced = tokenizer.encode(" banana", add_special_tokens=False)[0]
+    for temperature in (0.0, 1.0):
+        r = sdk.completions.create(
+            model=MODEL, prompt=PROMPTS[0], max_tokens=6, temperature=temperature, seed=1,
+            logit_bias={str(forced): 100}, logprobs=0,
+        )  # fmt: skip
+        assert r.choices[0].logprobs.tokens == [tokenizer.token_text(forced)] * 6
+        assert r.choices[0].text == tokenizer.decode([forced] * 6)
+    chat = sdk.chat.completions.create(
+        model=MODEL, messages=CHAT, max_tokens=4, temperature=0.7, logit_bias={str(forced): 100}
+    )
+    assert chat.choices[0].message.content == tokenizer.decode([forced] * 4)
+    allowed = tokenizer.encode(" yes no", add_special_tokens=False)
+    r = sdk.completions.create(
+        model=MODEL, prompt=PROMPTS[1], max_tokens=8, temperature=1.0, logprobs=0,
+        extra_body={"allowed_token_ids": allowed, "ignore_eos": True},
+    )  # fmt: skip
+    tokens = r.choices[0].logprobs.tokens
+    assert len(tokens) == 8 and set(tokens) <= {tokenizer.token_text(t) for t in allowed}
+    for bias in ({"banana": 100}, {str(forced): 1000}, {str(tokenizer.vocab_size): 1}):
+        with pytest.raises(openai.BadRequestError) as info:
+            sdk.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=2, logit_bias=bias)
+        assert info.value.param == "logit_bias" and "logit_bias" in info.value.message
+    r = sdk.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=2, temperature=0)
+    assert r.usage.completion_tokens == 2
+
+
 def test_cached_tokens_count_prefix_hits(sdk):
     prompt = "A long shared context. " * 40
     sdk.completions.create(model=MODEL, prompt=prompt, max_tokens=1)
