@@ -409,6 +409,33 @@ void run(const Problem& p, const T* q, const T* k_cache, const T* v_cache, const
 #else
   TORCH_CHECK(impl <= 0, "paged_decode_attention: only the scalar implementation (0) is built");
 #endif
+  // Items of each sequence, as a linked list: first[b], next_item[i].
+  std::vector<int64_t> first(p.num_seqs, -1), next_item(n_items, -1);
+  for (int64_t i = n_items - 1; i >= 0; --i) {
+    next_item[i] = first[items[i].seq];
+    first[items[i].seq] = i;
+  }
+  // out[b, head] = sum_i e^(m_i - M) acc_i / sum_i e^(m_i - M) l_i over b's partitions i.
+  auto merge = [&](int64_t b) {
+    std::vector<float> o(D);
+    for (int64_t head = 0; head < Hq; ++head) {
+      float m = -std::numeric_limits<float>::infinity();
+      for (int64_t i = first[b]; i >= 0; i = next_item[i])
+        m = std::max(m, stats[(i * Hq + head) * 2]);
+      float l = 0.f;
+      std::fill(o.begin(), o.end(), 0.f);
+      for (int64_t i = first[b]; i >= 0; i = next_item[i]) {
+        const float w = std::exp(stats[(i * Hq + head) * 2] - m);
+        l += w * stats[(i * Hq + head) * 2 + 1];
+        const float* a = accs.data() + (i * Hq + head) * D;
+        for (int64_t d = 0; d < D; ++d) o[d] += w * a[d];
+      }
+      T* dst = out + (b * Hq + head) * D;
+      const float inv = 1.f / l;
+      for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<T>(o[d] * inv);
+    }
+  };
+
   std::atomic<int64_t> next{0};
   at::parallel_for(0, std::min(threads, n_items), 1, [&](int64_t, int64_t) {
     std::vector<float> scores(Hq * max_n);
@@ -423,6 +450,7 @@ void run(const Problem& p, const T* q, const T* k_cache, const T* v_cache, const
     for (int64_t i; (i = next.fetch_add(1, std::memory_order_relaxed)) < n_items;) {
       const Item& it = items[i];
       const int32_t* table = tables + it.seq * p.max_blocks;
+      bool done = false;
 #ifdef SPLITSERVE_X86
       if constexpr (std::is_same_v<T, c10::BFloat16>) {
         if (vec_bf16) {
@@ -431,11 +459,11 @@ void run(const Problem& p, const T* q, const T* k_cache, const T* v_cache, const
           if (D == 32) attend_avx512_bf16<1>(p, q, k_cache, v_cache, table, it, ws, acc, st);
           if (D == 64) attend_avx512_bf16<2>(p, q, k_cache, v_cache, table, it, ws, acc, st);
           if (D == 128) attend_avx512_bf16<4>(p, q, k_cache, v_cache, table, it, ws, acc, st);
-          continue;
+          done = true;
         }
       }
 #endif
-      for (int64_t h = 0; h < p.num_kv_heads; ++h) {
+      for (int64_t h = 0; h < p.num_kv_heads && !done; ++h) {
         float* st = stats.data() + (i * Hq + h * G) * 2;
         float* acc = accs.data() + (i * Hq + h * G) * D;
 #ifdef SPLITSERVE_X86
@@ -446,36 +474,15 @@ void run(const Problem& p, const T* q, const T* k_cache, const T* v_cache, const
 #endif
         attend_scalar<T>(p, q, k_cache, v_cache, table, it, h, scores.data(), acc, st);
       }
+      if (first[it.seq] == i && next_item[i] < 0) merge(it.seq);  // unsplit: finish it here
     }
   });
 
-  // Merge: out[b, head] = sum_i e^(m_i - M) acc_i / sum_i e^(m_i - M) l_i over b's partitions.
-  std::vector<int64_t> first(p.num_seqs, -1), next_item(n_items, -1);
-  for (int64_t i = n_items - 1; i >= 0; --i) {
-    next_item[i] = first[items[i].seq];
-    first[items[i].seq] = i;
-  }
-  at::parallel_for(0, p.num_seqs, 8, [&](int64_t begin, int64_t end) {
-    std::vector<float> o(D);
-    for (int64_t b = begin; b < end; ++b) {
-      for (int64_t head = 0; head < Hq; ++head) {
-        float m = -std::numeric_limits<float>::infinity();
-        for (int64_t i = first[b]; i >= 0; i = next_item[i])
-          m = std::max(m, stats[(i * Hq + head) * 2]);
-        float l = 0.f;
-        std::fill(o.begin(), o.end(), 0.f);
-        for (int64_t i = first[b]; i >= 0; i = next_item[i]) {
-          const float w = std::exp(stats[(i * Hq + head) * 2] - m);
-          l += w * stats[(i * Hq + head) * 2 + 1];
-          const float* a = accs.data() + (i * Hq + head) * D;
-          for (int64_t d = 0; d < D; ++d) o[d] += w * a[d];
-        }
-        T* dst = out + (b * Hq + head) * D;
-        const float inv = 1.f / l;
-        for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<T>(o[d] * inv);
-      }
-    }
-  });
+  // Split sequences are merged after the parallel region, serially: they only exist for small
+  // batches, and a second parallel region per call would be one more barrier, which costs a
+  // whole scheduler time slice when another process holds one of the cores.
+  for (int64_t b = 0; b < p.num_seqs; ++b)
+    if (first[b] >= 0 && next_item[first[b]] >= 0) merge(b);
 }
 
 at::Tensor paged_decode_attention(const at::Tensor& query, const at::Tensor& k_cache,
