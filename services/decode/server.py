@@ -8,6 +8,7 @@ the prompt is recomputed here (same greedy output), with ``fail`` the stream end
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -78,9 +79,10 @@ class DecodeServicer(pb_grpc.DecodeServiceServicer):
         info = pb.KVTransferInfo()
         try:
             if request.HasField("prefill"):
-                deltas = self._import(
-                    rid, list(req.prompt_token_ids), params, request.prefill, info
-                )
+                # Prompt logprobs came with the hand-off: asking again would only cost this pod
+                # its prefix-cache hits (such requests bypass the cache).
+                local = dataclasses.replace(params, prompt_logprobs=None)
+                deltas = self._import(rid, list(req.prompt_token_ids), local, request.prefill, info)
             else:
                 deltas = self.engine.generate(rid, list(req.prompt_token_ids), params)
             prefill = request.prefill if request.HasField("prefill") else None
@@ -212,6 +214,12 @@ class DecodeServicer(pb_grpc.DecodeServiceServicer):
             if first:
                 msg.kv_transfer.CopyFrom(info)
                 ttft = now - start
+                if prefill is not None:
+                    msg.prompt_logprobs.extend(prefill.prompt_logprobs)
+                elif delta.prompt_logprobs:
+                    msg.prompt_logprobs.extend(
+                        logprobs_to_proto(lp) for lp in delta.prompt_logprobs
+                    )
             else:
                 self.metrics.token_gap(now - last)
             num_out += len(delta.token_ids)

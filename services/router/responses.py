@@ -31,6 +31,7 @@ class SampleResult:
     text: str = ""
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[pb.TokenLogprobs] = field(default_factory=list)
+    prompt_logprobs: list[pb.TokenLogprobs] = field(default_factory=list)  # echo + logprobs
     finish_reason: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
@@ -40,6 +41,7 @@ class SampleResult:
         self.text += msg.text
         self.token_ids.extend(msg.token_ids)
         self.logprobs.extend(msg.logprobs)
+        self.prompt_logprobs.extend(msg.prompt_logprobs)
         if msg.finish_reason:
             self.finish_reason = FINISH_REASONS[msg.finish_reason]
         if msg.HasField("usage"):
@@ -92,6 +94,24 @@ def completion_logprobs(
         offsets.append(offset)
         offset += len(text)
     return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
+
+
+def echo_logprobs(
+    tok: RouterTokenizer,
+    prompt_ids: list[int],
+    prompt_entries: list[pb.TokenLogprobs],
+    entries: list[pb.TokenLogprobs],
+) -> dict[str, Any]:
+    """Completions logprobs with ``echo``: the prompt's tokens first (the first one has no
+    logprob: nothing precedes it, OpenAI sends null), then the completion's."""
+    first = tok.token_text(prompt_ids[0])
+    rest = completion_logprobs(tok, [*prompt_entries, *entries], len(first))
+    return {
+        "tokens": [first, *rest["tokens"]],
+        "token_logprobs": [None, *rest["token_logprobs"]],
+        "top_logprobs": [None, *rest["top_logprobs"]],
+        "text_offset": [0, *rest["text_offset"]],
+    }
 
 
 def chat_logprobs(tok: RouterTokenizer, entries: list[pb.TokenLogprobs]) -> dict[str, Any]:

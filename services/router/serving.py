@@ -111,6 +111,9 @@ class OpenAIServing:
         if req.logprobs is not None and not 0 <= req.logprobs <= 20:
             raise bad_request("logprobs must be an integer in [0, 20]", param="logprobs")
         samples = self._samples(rid, prompts, req, req.max_tokens, req.logprobs, 16, session_key)
+        if req.echo and req.logprobs is not None:  # the echoed prompt's tokens get logprobs too
+            for s in samples:
+                s.params = replace(s.params, prompt_logprobs=req.logprobs)
         return Prepared(
             rid, int(time.time()), req.model, False, samples, [len(p) for p in prompts], texts,
             req.logprobs, req.echo, bool(req.stream_options and req.stream_options.include_usage),
@@ -175,14 +178,23 @@ class OpenAIServing:
                 choice = {
                     "index": r.index,
                     "text": prefix + r.text,
-                    "logprobs": R.completion_logprobs(self.tok, r.logprobs, len(prefix))
-                    if p.logprobs is not None
-                    else None,
+                    "logprobs": self._completion_logprobs(p, r, r.logprobs, len(prefix)),
                     "finish_reason": r.finish_reason,
                 }
             choices.append(choice)
         build = R.chat_response if p.chat else R.completion_response
         return build(p.rid, p.created, p.model, choices, usage)
+
+    def _completion_logprobs(
+        self, p: Prepared, r: R.SampleResult, entries: list, text_offset: int
+    ) -> dict[str, Any] | None:
+        """Legacy completions logprobs of ``entries``; with echo, the prompt's come first."""
+        if p.logprobs is None:
+            return None
+        if p.echo:
+            prompt_ids = p.samples[r.index].prompt_token_ids
+            return R.echo_logprobs(self.tok, prompt_ids, r.prompt_logprobs, entries)
+        return R.completion_logprobs(self.tok, entries, text_offset)
 
     async def stream(self, p: Prepared, t_arrival: float) -> AsyncIterator[bytes]:
         """SSE bytes: role/echo preamble, token deltas as they come, usage, ``[DONE]``.
@@ -218,7 +230,7 @@ class OpenAIServing:
                     for i in range(len(p.samples))
                 ]  # fmt: skip
                 yield R.sse(chunk(p.rid, p.created, p.model, pre))
-            elif p.echo:
+            elif p.echo and p.logprobs is None:
                 pre = [
                     {"index": i, "text": p.prompt_texts[i // n], "logprobs": None,
                      "finish_reason": None}
@@ -226,6 +238,7 @@ class OpenAIServing:
                 ]  # fmt: skip
                 yield R.sse(chunk(p.rid, p.created, p.model, pre))
             offsets = [len(p.prompt_texts[i // n]) if p.echo else 0 for i in range(len(results))]
+            echoed = [False] * len(results)
             remaining = len(tasks)
             while remaining:
                 i, item = await queue.get()
@@ -251,6 +264,12 @@ class OpenAIServing:
                     delta = {"content": item.text} if item.text or not finish else {}
                     c = {"index": i, "delta": delta, "logprobs": lp, "finish_reason": finish}
                 else:
+                    if p.echo and p.logprobs is not None and not echoed[i]:
+                        # The echoed prompt, with its logprobs (they come with the first message).
+                        echoed[i] = True
+                        e = {"index": i, "text": p.prompt_texts[i // n], "finish_reason": None}
+                        e["logprobs"] = self._completion_logprobs(p, r, [], 0)
+                        yield R.sse(chunk(p.rid, p.created, p.model, [e]))
                     lp = None
                     if p.logprobs is not None:
                         lp = R.completion_logprobs(self.tok, list(item.logprobs), offsets[i])
