@@ -70,7 +70,15 @@ def load() -> object | None:
     except Exception as exc:  # compiler / ninja missing, unsupported platform
         log.warning("C++ CPU kernels unavailable, using the torch attention path: %s", exc)
         return None
+    _prune_old_builds(directory)
     return torch.ops.splitserve_cpu
+
+
+def _prune_old_builds(keep: Path) -> None:
+    """Remove builds of other source versions (a process still using one keeps its mapping)."""
+    for other in keep.parent.glob(f"{_NAME}-*"):
+        if other != keep:
+            shutil.rmtree(other, ignore_errors=True)
 
 
 def available() -> bool:
