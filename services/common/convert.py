@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from splitserve.proto import splitserve_pb2 as pb
 from splitserve.services.engine.logprobs import TokenLogprobs, TopLogprob
-from splitserve.services.engine.sampling_params import SamplingParams
+from splitserve.services.engine.sampling_params import SamplingParams, StructuredOutput
 
 _FINISH = {
     None: pb.FINISH_REASON_UNSPECIFIED,
@@ -47,6 +47,8 @@ def params_from_proto(msg: pb.SamplingParams, extra_keys=()) -> SamplingParams:
         kwargs["logit_bias"] = {t: _from_float32(b) for t, b in msg.logit_bias.items()}
     if msg.allowed_token_ids:  # empty on the wire: unset (an explicit empty list is rejected)
         kwargs["allowed_token_ids"] = tuple(msg.allowed_token_ids)
+    if msg.HasField("structured_output"):
+        kwargs["structured_output"] = structured_from_proto(msg.structured_output)
     for name in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty"):
         if name in kwargs:
             kwargs[name] = _from_float32(kwargs[name])
@@ -71,7 +73,28 @@ def params_to_proto(params: SamplingParams) -> pb.SamplingParams:
         msg.max_tokens_unbounded = True
     msg.logit_bias.update(params.logit_bias or ())
     msg.allowed_token_ids.extend(params.allowed_token_ids or ())
+    if params.structured_output is not None:
+        msg.structured_output.CopyFrom(structured_to_proto(params.structured_output))
     return msg
+
+
+def structured_to_proto(spec: StructuredOutput) -> pb.SamplingParams.StructuredOutput:
+    msg = pb.SamplingParams.StructuredOutput()
+    if spec.choice is not None:
+        msg.choice.values.extend(spec.choice)
+    else:
+        setattr(msg, spec.kind, getattr(spec, spec.kind))
+    return msg
+
+
+def structured_from_proto(msg: pb.SamplingParams.StructuredOutput) -> StructuredOutput:
+    """Raises ValueError naming the field when no kind is set or the spec is invalid."""
+    kind = msg.WhichOneof("kind")
+    if kind is None:
+        raise ValueError("structured_output must set exactly one kind")
+    if kind == "choice":
+        return StructuredOutput(choice=tuple(msg.choice.values))
+    return StructuredOutput(**{kind: getattr(msg, kind)})
 
 
 def logprobs_to_proto(lp: TokenLogprobs) -> pb.TokenLogprobs:

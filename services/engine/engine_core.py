@@ -26,6 +26,7 @@ from splitserve.services.engine.request import Request, RequestStatus
 from splitserve.services.engine.sampler import Sampler, SamplingRow, TokenLogprobs, skip_draw
 from splitserve.services.engine.sampling_params import SamplingParams
 from splitserve.services.engine.scheduler import Scheduler
+from splitserve.services.engine.structured_output import StructuredOutputs
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +120,7 @@ class EngineCore:
         self.runner = ModelRunner(self.model, self.kv_cache, backend, bs)
         self.eos_ids = eos_token_ids(self.hf_config, self.tokenizer)
         self.sampler = Sampler(arch.vocab_size, self.eos_ids or None)
+        self.structured = StructuredOutputs(self.tokenizer, arch.vocab_size, self.eos_ids)
         self._requests: dict[str, Request] = {}  # sequence id -> request
         self._groups: dict[str, list[str]] = {}  # client request id -> sequence ids
         self._detok: dict[str, IncrementalDetokenizer] = {}
@@ -144,6 +146,8 @@ class EngineCore:
         if any(not isinstance(t, int) or not 0 <= t < vocab for t in prompt_token_ids):
             raise ValueError(f"prompt token ids must be integers in [0, {vocab})")
         params.check_token_ids(vocab)
+        if params.structured_output is not None:
+            self.structured.compile(params.structured_output)  # cached for add_request
         n_prompt = len(prompt_token_ids)
         if n_prompt >= self.max_model_len:
             raise ValueError(
@@ -190,6 +194,8 @@ class EngineCore:
             arrival_time=arrival_time,
             prompt=prompt if isinstance(prompt, str) else None,
         )
+        if params.structured_output is not None:
+            req.grammar = self.structured.start(params.structured_output)
         self._track(req)
         self._groups[request_id] = [req.request_id]
         return req
@@ -344,7 +350,7 @@ class EngineCore:
         rows = [
             SamplingRow(r.params, r.prompt_token_ids, r.output_token_ids, r.generator) for r in seqs
         ]
-        out = self.sampler(logits, rows)
+        out = self.sampler(logits, rows, self.structured.fill_bitmask([r.grammar for r in seqs]))
         return [
             self._update(req, token, lp)
             for req, token, lp in zip(seqs, out.token_ids, out.logprobs, strict=True)
@@ -368,11 +374,13 @@ class EngineCore:
         detok = self._detok[req.request_id]
         finish: RequestStatus | None = None
         stop_reason: int | str | None = None
-        # (the sampler never draws EOS / stop tokens before min_tokens is reached)
+        # (the sampler never draws EOS / stop tokens before min_tokens is reached, except where
+        # a grammar allows them: its end ends the sequence whatever min_tokens / ignore_eos say)
+        grammar_ended = req.grammar is not None and req.grammar.advance(token)
         is_stop_token = token in params.stop_token_ids or (
             token in self.eos_ids and not params.ignore_eos
         )
-        if is_stop_token and req.num_output_tokens > params.min_tokens:
+        if grammar_ended or (is_stop_token and req.num_output_tokens > params.min_tokens):
             finish = RequestStatus.FINISHED_STOPPED
             stop_reason = token if token in params.stop_token_ids else None
             text = detok.finish()

@@ -5,12 +5,16 @@ from __future__ import annotations
 import enum
 import time
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
 from splitserve.services.engine.block_hash import hash_block_tokens
 from splitserve.services.engine.logprobs import TokenLogprobs
 from splitserve.services.engine.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from splitserve.services.engine.structured_output import SequenceGrammar
 
 
 class RequestStatus(enum.Enum):
@@ -74,6 +78,8 @@ class Request:
         self.generator: torch.Generator | None = None
         if params.seed is not None:
             self.generator = torch.Generator().manual_seed(params.seed + sample_index)
+        # Set by the engine iff params.structured_output: where the output is in its grammar.
+        self.grammar: SequenceGrammar | None = None
         self._update_block_hashes()
 
     # --- token bookkeeping ---------------------------------------------------------------
@@ -129,6 +135,7 @@ class Request:
         child.num_computed_tokens = self.num_computed_tokens
         child.num_cached_tokens = self.num_cached_tokens
         child.status = self.status
+        child.grammar = None if self.grammar is None else self.grammar.fork()
         return child
 
     def __repr__(self) -> str:

@@ -7,23 +7,27 @@ from each row's own generator, and turn results into Python objects.
 
 Order of processing (vLLM v1 / OpenAI semantics):
 
-1. ``allowed_token_ids``: every other token gets logit -inf.
-2. ``logit_bias``: each listed token's bias is added to its logit.
-3. ``min_tokens``: until a row has that many output tokens, EOS and its ``stop_token_ids`` are
-   forbidden (logit -inf).
-4. repetition penalty (HF / vLLM): over prompt AND output tokens, positive logits are divided by
+1. structured output: tokens the row's grammar forbids (the packed ``TokenBitmask`` the engine
+   filled) get logit -inf, for all constrained rows in one op.
+2. ``allowed_token_ids``: every other token gets logit -inf.
+3. ``logit_bias``: each listed token's bias is added to its logit.
+4. ``min_tokens``: until a row has that many output tokens, EOS and its ``stop_token_ids`` are
+   forbidden (logit -inf). Not in grammar-constrained rows: there the grammar decides where
+   the output may end (banning the only token it allows would leave nothing to sample).
+5. repetition penalty (HF / vLLM): over prompt AND output tokens, positive logits are divided by
    the penalty, negative ones multiplied.
-5. presence / frequency penalties (OpenAI): over OUTPUT tokens only,
+6. presence / frequency penalties (OpenAI): over OUTPUT tokens only,
    ``logit -= presence * (count > 0) + frequency * count``.
-6. greedy rows (``params.greedy``) take the argmax here and ignore everything below.
-7. temperature, then top-k (ties with the k-th value are kept), top-p (keep the smallest set of
+7. greedy rows (``params.greedy``) take the argmax here and ignore everything below.
+8. temperature, then top-k (ties with the k-th value are kept), top-p (keep the smallest set of
    most likely tokens whose mass reaches p), min-p (keep tokens with prob >= min_p * max prob).
-8. the exponential race: ``argmax(probs / q)`` with ``q ~ Exp(1)`` i.i.d. per token, which draws
+9. the exponential race: ``argmax(probs / q)`` with ``q ~ Exp(1)`` i.i.d. per token, which draws
    exactly from ``probs``. Seeded rows draw ``q`` from their own generator, so their tokens do
    not depend on which other rows share the batch; unseeded rows share one draw from the global
    generator.
 
-Logprobs (see ``logprobs.py``) are of the raw logits, before any of the above.
+Logprobs (see ``logprobs.py``) are of the raw logits, before any of the above (so a
+grammar-constrained row reports what the model itself thought of the token, as vLLM does).
 
 On the CPU a few whole-row primitives are much faster through numpy views of the same memory
 than through torch (measured at 1 thread, [64, 49152] float32: argmax 0.5 vs 3.3 ms, sort of the
@@ -40,9 +44,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from xgrammar import apply_token_bitmask_inplace
 
 from .logprobs import TokenLogprobs, TopLogprob, compute_token_logprobs
 from .sampling_params import SamplingParams
+from .structured_output import TokenBitmask
 
 __all__ = ["Sampler", "SamplerOutput", "SamplingRow", "TokenLogprobs", "TopLogprob"]
 
@@ -90,9 +96,15 @@ class Sampler:
         else:
             self.eos_token_ids = frozenset(eos_token_id)
 
-    def __call__(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> SamplerOutput:
+    def __call__(
+        self,
+        logits: torch.Tensor,
+        rows: Sequence[SamplingRow],
+        bitmask: TokenBitmask | None = None,
+    ) -> SamplerOutput:
         """Sample one token for each row of ``logits`` [B, V] (float32, V >= vocab_size).
 
+        ``bitmask``: the grammar masks of the constrained rows (``StructuredOutputs``).
         Does not modify ``logits``. Advances the generators of seeded rows.
         """
         if logits.dim() != 2 or logits.shape[0] != len(rows):
@@ -104,7 +116,7 @@ class Sampler:
         if not rows:
             return SamplerOutput(token_ids=[], logprobs=[])
         raw = logits[:, : self.vocab_size].detach().float()
-        x = self._apply_penalties(raw, rows)
+        x = self._apply_penalties(raw, rows, bitmask)
 
         rand = [i for i, r in enumerate(rows) if not r.params.greedy]
         if not rand:
@@ -134,13 +146,18 @@ class Sampler:
                 logprobs[i] = res
         return SamplerOutput(token_ids=tokens.tolist(), logprobs=logprobs)
 
-    def _apply_penalties(self, raw: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
-        """Steps 1-5 of the module docstring (allowed_token_ids, logit_bias, min_tokens,
-        repetition, presence and frequency); returns ``raw`` itself if no row asks.
+    def _apply_penalties(
+        self,
+        raw: torch.Tensor,
+        rows: Sequence[SamplingRow],
+        bitmask: TokenBitmask | None = None,
+    ) -> torch.Tensor:
+        """Steps 1-6 of the module docstring (grammar, allowed_token_ids, logit_bias,
+        min_tokens, repetition, presence and frequency); returns ``raw`` itself if no row asks.
 
         Each touches only the (row, token) entries it concerns: the cost is proportional to the
         number of prompt / output / listed tokens involved, not to batch x vocabulary (except
-        allowed_token_ids, which masks the whole of its rows).
+        the grammar and allowed_token_ids, which mask the whole of their rows).
         """
         V = raw.shape[1]
         x = raw
@@ -148,7 +165,15 @@ class Sampler:
         def own() -> torch.Tensor:
             return raw.clone() if x is raw else x
 
-        # 1. allowed_token_ids: keep the listed logits, -inf elsewhere in those rows.
+        # 1. grammar bitmask: xgrammar's kernel over the constrained rows (C++ on the CPU).
+        constrained: frozenset[int] = frozenset()
+        if bitmask is not None and bitmask.rows:
+            x = own()
+            bits = bitmask.bits.to(x.device)  # filled on the CPU
+            apply_token_bitmask_inplace(x, bits, vocab_size=V, indices=list(bitmask.rows))
+            constrained = frozenset(bitmask.rows)
+
+        # 2. allowed_token_ids: keep the listed logits, -inf elsewhere in those rows.
         al = [i for i, r in enumerate(rows) if r.params.allowed_token_ids]
         if al:
             x = own()
@@ -159,7 +184,7 @@ class Sampler:
             x[al] = _NEG_INF
             x[r, t] = kept
 
-        # 2. logit_bias (token ids are unique within a row: plain assignment, no accumulation).
+        # 3. logit_bias (token ids are unique within a row: plain assignment, no accumulation).
         lb = [i for i, r in enumerate(rows) if r.params.logit_bias]
         if lb:
             x = own()
@@ -170,12 +195,12 @@ class Sampler:
             r, t, bias = r[keep], t[keep], bias[keep]
             x[r, t] = x[r, t] + bias
 
-        # 3. min_tokens: forbid EOS and stop_token_ids.
+        # 4. min_tokens: forbid EOS and stop_token_ids (the grammar decides in its rows).
         r_idx: list[int] = []
         t_idx: list[int] = []
         for i, row in enumerate(rows):
             p = row.params
-            if p.min_tokens and len(row.output_token_ids) < p.min_tokens:
+            if p.min_tokens and len(row.output_token_ids) < p.min_tokens and i not in constrained:
                 for t in sorted(self.eos_token_ids.union(p.stop_token_ids)):
                     if t < V:
                         r_idx.append(i)
@@ -184,7 +209,7 @@ class Sampler:
             x = own()
             x[r_idx, t_idx] = _NEG_INF
 
-        # 4. repetition penalty over prompt + output tokens (duplicates get the same value).
+        # 5. repetition penalty over prompt + output tokens (duplicates get the same value).
         rep = [i for i, r in enumerate(rows) if r.params.repetition_penalty != 1.0]
         if rep:
             x = own()
@@ -199,7 +224,7 @@ class Sampler:
                 cur = x[r, t]
                 x[r, t] = torch.where(cur > 0, cur / pen, cur * pen)
 
-        # 5. presence / frequency penalties over output tokens.
+        # 6. presence / frequency penalties over output tokens.
         pf = [
             i
             for i, r in enumerate(rows)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
@@ -11,6 +12,72 @@ _GREEDY_EPS = 1e-5
 # step, so a bound keeps one request from slowing the batch. A ban of more tokens than this is
 # better written as allowed_token_ids.
 MAX_LOGIT_BIAS = 1024
+_STRUCTURED_KINDS = ("json_schema", "json_object", "regex", "choice", "grammar")
+
+
+@dataclass(frozen=True)
+class StructuredOutput:
+    """What the output must match (vLLM's guided decoding; OpenAI's ``response_format``).
+
+    Exactly one kind is set. The engine compiles it into a grammar over its tokenizer
+    (``structured_output.py``) and masks every token that cannot continue a match; the output
+    ends (finish reason "stop") when the grammar is complete and the model picks EOS.
+
+    - ``json_schema``: JSON text of a JSON Schema (a dict is accepted and serialised); the
+      output is compact JSON (``", "`` / ``": "`` separators) valid against it, without
+      properties the schema does not list.
+    - ``json_object``: any JSON object.
+    - ``regex``: the whole output matches this regular expression.
+    - ``choice``: the output is exactly one of these strings.
+    - ``grammar``: an EBNF grammar (GBNF syntax, root rule ``root``).
+    """
+
+    json_schema: str | None = None
+    json_object: bool = False
+    regex: str | None = None
+    choice: tuple[str, ...] | None = None
+    grammar: str | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.json_schema, Mapping):
+            object.__setattr__(self, "json_schema", json.dumps(self.json_schema))
+        if self.json_schema is not None:
+            object.__setattr__(self, "json_schema", _compact_json_schema(self.json_schema))
+        if self.choice is not None:
+            if isinstance(self.choice, str) or not all(isinstance(c, str) for c in self.choice):
+                raise ValueError("structured_output.choice must be a list of strings")
+            object.__setattr__(self, "choice", tuple(self.choice))
+            if not self.choice:
+                raise ValueError("structured_output.choice must not be empty")
+        for name in ("regex", "grammar"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise ValueError(f"structured_output.{name} must be a non-empty string")
+        if not isinstance(self.json_object, bool):
+            raise ValueError("structured_output.json_object must be a boolean")
+        if sum(1 for k in _STRUCTURED_KINDS if getattr(self, k) not in (None, False)) != 1:
+            raise ValueError(
+                "structured_output must set exactly one of " + ", ".join(_STRUCTURED_KINDS)
+            )
+
+    @property
+    def kind(self) -> str:
+        """The name of the field that is set."""
+        return next(k for k in _STRUCTURED_KINDS if getattr(self, k) not in (None, False))
+
+
+def _compact_json_schema(text: object) -> str:
+    """The schema as compact JSON text (equal schemas share one compiled grammar)."""
+    if not isinstance(text, str):
+        raise ValueError("structured_output.json_schema must be JSON text or an object")
+    try:
+        schema = json.loads(text)
+    except ValueError as exc:
+        raise ValueError(f"structured_output.json_schema is not valid JSON: {exc}") from None
+    if not isinstance(schema, dict | bool):
+        raise ValueError("structured_output.json_schema must be a JSON object (a JSON Schema)")
+    # Key order is kept: it is the order in which the output will list the properties.
+    return json.dumps(schema, separators=(",", ":"), ensure_ascii=False)
 
 
 @dataclass(frozen=True)
@@ -44,6 +111,8 @@ class SamplingParams:
     logit_bias: tuple[tuple[int, float], ...] | None = None
     # vLLM: only these token ids may be sampled (None: any). An explicit empty list is an error.
     allowed_token_ids: tuple[int, ...] | None = None
+    # Grammar-constrained output (JSON schema, regex, choice, EBNF); None: unconstrained.
+    structured_output: StructuredOutput | None = None
     extra_keys: tuple[str, ...] = field(default=(), repr=False)  # e.g. cache salt / adapter
 
     def __post_init__(self) -> None:
@@ -111,6 +180,10 @@ class SamplingParams:
                 bad("allowed_token_ids", "must not be empty (leave it unset to allow every token)")
             if not all(_is_token_id(t) for t in self.allowed_token_ids):
                 bad("allowed_token_ids", "must be non-negative integers")
+        if self.structured_output is not None and not isinstance(
+            self.structured_output, StructuredOutput
+        ):
+            bad("structured_output", "must be a StructuredOutput")
 
     def check_token_ids(self, vocab_size: int) -> None:
         """Raise ValueError naming the field if a logit_bias or allowed token id is not in the

@@ -64,6 +64,11 @@ def sampling_to_proto(params: SamplingParams) -> pb.SamplingParams:
         msg.prompt_logprobs = params.prompt_logprobs
     msg.logit_bias.update(params.logit_bias or ())
     msg.allowed_token_ids.extend(params.allowed_token_ids or ())
+    spec = params.structured_output  # (as convert.structured_to_proto; the router avoids torch)
+    if spec is not None and spec.choice is not None:
+        msg.structured_output.choice.values.extend(spec.choice)
+    elif spec is not None:
+        setattr(msg.structured_output, spec.kind, getattr(spec, spec.kind))
     return msg
 
 

@@ -7,11 +7,13 @@ API does, so newer SDKs keep working.
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, Literal
 
+import jsonschema
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from splitserve.services.engine.sampling_params import SamplingParams
+from splitserve.services.engine.sampling_params import SamplingParams, StructuredOutput
 
 
 class _Model(BaseModel):
@@ -42,6 +44,23 @@ class ChatMessage(_Model):
         return "".join(part.text for part in self.content)
 
 
+class JsonSchemaFormat(_Model):
+    """OpenAI ``response_format.json_schema``. ``strict`` is accepted and always in force: the
+    output never holds properties the schema does not list."""
+
+    name: str | None = None
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Model):
+    """OpenAI ``response_format``: plain text, any JSON object, or JSON matching a schema."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
 class _SamplingRequest(_Model):
     """Fields shared by completions and chat completions."""
 
@@ -68,6 +87,12 @@ class _SamplingRequest(_Model):
     cache_salt: str | None = None  # isolates prefix-cache sharing (part of the block hashes)
     logit_bias: dict[str, float] | None = None  # OpenAI: token id (as a string) -> bias
     allowed_token_ids: list[int] | None = None  # vLLM extension
+    response_format: ResponseFormat | None = None
+    # vLLM's guided decoding extensions; at most one of them, and not with response_format.
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
 
     @field_validator("stop")
     @classmethod
@@ -94,6 +119,7 @@ class _SamplingRequest(_Model):
             "extra_keys": (self.cache_salt,) if self.cache_salt else (),
             "logit_bias": _token_id_keys(self.logit_bias),
             "allowed_token_ids": self.allowed_token_ids,
+            "structured_output": self.structured_output(),
         }
         for name in (
             "temperature",
@@ -108,6 +134,60 @@ class _SamplingRequest(_Model):
             if value is not None:
                 fields[name] = value
         return SamplingParams(**fields)
+
+    def structured_output(self) -> StructuredOutput | None:
+        """The output constraint of ``response_format`` or a ``guided_*`` field (None: free
+        text); raises ``ValueError`` naming the field (-> 400)."""
+        given = [
+            name
+            for name in ("guided_json", "guided_regex", "guided_choice", "guided_grammar")
+            if getattr(self, name) is not None
+        ]
+        if self.response_format is not None and self.response_format.type != "text":
+            given.insert(0, "response_format")
+        if len(given) > 1:
+            raise ValueError(f"{given[1]} cannot be combined with {given[0]}: give one of them")
+        if not given:
+            return None
+        field = given[0]
+        if field == "response_format":
+            return _response_format(self.response_format)  # type: ignore[arg-type]
+        if field == "guided_json":
+            return StructuredOutput(json_schema=_json_schema(self.guided_json, field))
+        value = getattr(self, field)
+        if not value:
+            raise ValueError(f"{field} must not be empty")
+        kind = field.removeprefix("guided_")
+        return StructuredOutput(**{kind: tuple(value) if kind == "choice" else value})
+
+
+def _response_format(fmt: ResponseFormat) -> StructuredOutput:
+    if fmt.type == "json_object":
+        return StructuredOutput(json_object=True)
+    if fmt.json_schema is None:
+        raise ValueError("response_format.json_schema is required when type is 'json_schema'")
+    field = "response_format.json_schema.schema"
+    if fmt.json_schema.schema_ is None:
+        raise ValueError(f"{field} is required")
+    return StructuredOutput(json_schema=_json_schema(fmt.json_schema.schema_, field))
+
+
+def _json_schema(schema: dict[str, Any] | str | None, field: str) -> str:
+    """A JSON Schema given as an object or as JSON text, checked against its metaschema,
+    as compact JSON text; raises ValueError naming ``field``."""
+    if isinstance(schema, str):
+        try:
+            schema = json.loads(schema)
+        except ValueError as err:
+            raise ValueError(f"{field} is not valid JSON: {err}") from None
+    if not isinstance(schema, dict):
+        raise ValueError(f"{field} must be a JSON object (a JSON Schema)")
+    try:
+        jsonschema.validators.validator_for(schema).check_schema(schema)
+    except jsonschema.SchemaError as err:
+        where = f" (at {'/'.join(str(p) for p in err.path)})" if err.path else ""
+        raise ValueError(f"{field} is not a valid JSON Schema: {err.message}{where}") from None
+    return json.dumps(schema, separators=(",", ":"), ensure_ascii=False)
 
 
 def _token_id_keys(bias: dict[str, float] | None) -> dict[int, float] | None:

@@ -206,6 +206,51 @@ def test_logit_bias_and_allowed_token_ids_errors_name_the_field(disagg, tokenize
     assert c.completions.create(model="m", prompt="x", max_tokens=1).choices[0].text
 
 
+def test_structured_output_fields_are_checked_by_the_router(disagg):
+    c = client(disagg[0])
+    chat = {"model": "m", "messages": [{"role": "user", "content": "q"}], "max_tokens": 1}
+    schema = {"properties": {"a": {"type": "integer"}}}
+    named = {"name": "n", "schema": schema}
+    accepted = [
+        {"response_format": {"type": "text"}},
+        {"response_format": {"type": "json_object"}},
+        {"response_format": {"type": "json_schema", "json_schema": named}},
+        {"response_format": {"type": "text"}, "guided_regex": "[0-9]+"},
+        {"guided_json": schema},
+        {"guided_json": json.dumps(schema)},
+        {"guided_choice": ["x", "y"]},
+        {"guided_grammar": 'root ::= "a"'},
+    ]
+    for extra in accepted:
+        assert c.chat.completions.create(**chat, extra_body=extra).choices[0].finish_reason
+    cases = [
+        ({"response_format": {"type": "yaml"}}, "response_format.type"),
+        ({"response_format": {"type": "json_schema"}}, "response_format.json_schema"),
+        (
+            {"response_format": {"type": "json_schema", "json_schema": {"name": "a"}}},
+            "response_format.json_schema.schema",
+        ),
+        (
+            {"response_format": {"type": "json_schema", "json_schema": {"schema": {"type": 5}}}},
+            "response_format.json_schema.schema",
+        ),
+        ({"response_format": {"type": "json_object"}, "guided_json": schema}, "guided_json"),
+        ({"guided_regex": "a", "guided_choice": ["a"]}, "guided_choice"),
+        ({"guided_json": "{not json"}, "guided_json"),
+        ({"guided_json": {"required": "a"}}, "guided_json"),
+        ({"guided_choice": []}, "guided_choice"),
+        ({"guided_regex": ""}, "guided_regex"),
+    ]
+    for extra, param in cases:
+        with pytest.raises(openai.BadRequestError) as info:
+            c.chat.completions.create(**chat, extra_body=extra)
+        assert info.value.param == param, (extra, info.value.message)
+        with pytest.raises(openai.BadRequestError) as info:  # completions take them too
+            c.completions.create(model="m", prompt="x", max_tokens=1, extra_body=extra)
+        assert info.value.param == param
+    assert c.completions.create(model="m", prompt="x", max_tokens=1).choices[0].text
+
+
 def test_api_keys_and_body_limit(stack_factory):
     settings = RouterSettings(
         served_names=("m",), api_keys=frozenset({"k1", "k2"}), max_body_bytes=2000,

@@ -6,7 +6,7 @@ import pytest
 
 from splitserve.proto import splitserve_pb2 as pb
 from splitserve.services.common.convert import params_from_proto, params_to_proto
-from splitserve.services.engine.sampling_params import SamplingParams
+from splitserve.services.engine.sampling_params import SamplingParams, StructuredOutput
 from splitserve.services.router.dispatch import sampling_to_proto
 
 PARAMS = [
@@ -23,6 +23,16 @@ PARAMS = [
         allowed_token_ids=[7, 12, 3, 40000],
     ),
     SamplingParams(logit_bias=[(0, -12.3456)], allowed_token_ids=[0]),
+    *(
+        SamplingParams(structured_output=StructuredOutput(**spec))
+        for spec in (
+            {"json_schema": {"type": "object", "properties": {"a": {"type": "string"}}}},
+            {"json_object": True},
+            {"regex": "[0-9]+"},
+            {"choice": ("yes", "no", "")},
+            {"grammar": 'root ::= "a" | "b"'},
+        )
+    ),
 ]
 
 
@@ -50,3 +60,12 @@ def test_float32_rounding_keeps_biases_in_range():
 def test_bad_wire_values_raise_naming_the_field():
     with pytest.raises(ValueError, match="^logit_bias"):
         params_from_proto(pb.SamplingParams(logit_bias={5: 300.0}))
+
+
+def test_structured_output_wire_errors_name_the_field():
+    msg = pb.SamplingParams(structured_output=pb.SamplingParams.StructuredOutput())
+    with pytest.raises(ValueError, match="^structured_output"):
+        params_from_proto(msg)
+    msg.structured_output.json_schema = "{not json"
+    with pytest.raises(ValueError, match="^structured_output.json_schema"):
+        params_from_proto(msg)
