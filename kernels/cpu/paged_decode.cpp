@@ -2,9 +2,7 @@
 // read in place from the block pool (no gather copy), softmax in fp32, split-K for long
 // sequences when the batch alone cannot keep every thread busy.
 //
-// Layout (fixed by the engine): k_cache / v_cache are per-layer views
-// [num_blocks, block_size, Hkv, D] of kv_cache[num_blocks, layers, 2, block_size, Hkv, D]:
-// strided along dim 0, contiguous inside a block. Query head h attends to KV head h / G.
+// Layout: see paged_layout.h.
 //
 // Work item = (sequence, key partition), all heads. Items are handed out dynamically (an atomic
 // counter), longest first, on ATen's thread pool; partitions of a split sequence are merged in a
@@ -31,6 +29,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "paged_layout.h"
 #include "simd.h"
 
 namespace splitserve {
@@ -42,18 +41,32 @@ using namespace simd;
 
 constexpr int64_t kPartition = 512;  // keys per work item when a sequence is split
 
-struct Problem {
-  int64_t num_seqs, num_q_heads, num_kv_heads, group, head_dim, block_size;
-  int64_t block_stride;  // elements between consecutive blocks of one layer's K (or V)
-  int64_t token_stride;  // elements between consecutive tokens of a block (Hkv * D)
-  int64_t max_blocks;    // columns of the block table
-  int64_t q_stride;      // elements between consecutive queries (rows may be a strided view)
-  float scale;
+struct Problem : PagedLayout {
+  int64_t num_seqs;
 };
 
 struct Item {
   int64_t seq, part, begin, end;  // keys [begin, end) of one sequence, for all its KV heads
 };
+
+// One run = the item's keys inside one block: `len` rows from element offset `base` of a
+// per-layer K (or V) view, the first of them key `t` of the item.
+struct Run {
+  int64_t base, len, t;
+};
+
+// The item's keys cut at block boundaries, in order; returns how many runs were written.
+inline int64_t build_runs(const Problem& p, const int32_t* table, const Item& it, Run* runs) {
+  const int64_t n = it.end - it.begin;
+  int64_t num_runs = 0;
+  for (int64_t t = 0; t < n;) {
+    const int64_t pos = it.begin + t, off = pos % p.block_size;
+    const int64_t len = std::min(p.block_size - off, n - t);
+    runs[num_runs++] = {table[pos / p.block_size] * p.block_stride + off * p.token_stride, len, t};
+    t += len;
+  }
+  return num_runs;
+}
 
 // ---------------------------------------------------------------- scalar path (any CPU, any D)
 
@@ -64,7 +77,7 @@ template <typename T>
 void attend_scalar(const Problem& p, const T* q, const T* k_cache, const T* v_cache,
                    const int32_t* table, const Item& it, int64_t kv_head, float* scores, float* acc,
                    float* stats) {
-  const int64_t G = p.group, D = p.head_dim, n = it.end - it.begin;
+  const int64_t G = p.G, D = p.D, n = it.end - it.begin;
   for (int64_t g = 0; g < G; ++g) {
     const T* qg = q + it.seq * p.q_stride + (kv_head * G + g) * D;
     for (int64_t t = 0; t < n; ++t) {
@@ -113,9 +126,10 @@ constexpr int64_t kMaxChunks = 16;  // D <= 256
 
 template <typename T>
 SPLITSERVE_AVX512 void attend_avx512(const Problem& p, const T* q, const T* k_cache,
-                                     const T* v_cache, const int32_t* table, const Item& it,
-                                     int64_t kv_head, float* scores, float* acc, float* stats) {
-  const int64_t G = p.group, D = p.head_dim, C = D / 16, n = it.end - it.begin;
+                                     const T* v_cache, const Run* runs, int64_t num_runs,
+                                     const Item& it, int64_t kv_head, float* scores, float* acc,
+                                     float* stats) {
+  const int64_t G = p.G, D = p.D, C = D / 16, n = it.end - it.begin;
   // The G queries of this KV head, widened and pre-scaled, stay in registers / L1.
   __m512 qv[kMaxGroup * kMaxChunks];
   for (int64_t g = 0; g < G; ++g) {
@@ -124,13 +138,10 @@ SPLITSERVE_AVX512 void attend_avx512(const Problem& p, const T* q, const T* k_ca
       qv[g * C + c] = _mm512_mul_ps(load16(qg + 16 * c), _mm512_set1_ps(p.scale));
   }
   // Pass 1: scores[g, t] = q_g . k_t, block by block.
-  for (int64_t t = 0; t < n;) {
-    const int64_t pos = it.begin + t;
-    const int64_t off = pos % p.block_size;
-    const int64_t run = std::min(p.block_size - off, n - t);
-    const T* kr = k_cache + table[pos / p.block_size] * p.block_stride + off * p.token_stride +
-                  kv_head * D;
-    for (int64_t j = 0; j < run; ++j, kr += p.token_stride) {
+  for (int64_t r = 0; r < num_runs; ++r) {
+    const int64_t t = runs[r].t;
+    const T* kr = k_cache + runs[r].base + kv_head * D;
+    for (int64_t j = 0; j < runs[r].len; ++j, kr += p.token_stride) {
       __m512 kc[kMaxChunks];
       for (int64_t c = 0; c < C; ++c) kc[c] = load16(kr + 16 * c);
       for (int64_t g = 0; g < G; ++g) {
@@ -139,7 +150,6 @@ SPLITSERVE_AVX512 void attend_avx512(const Problem& p, const T* q, const T* k_ca
         scores[g * n + t + j] = _mm512_reduce_add_ps(s);
       }
     }
-    t += run;
   }
   // Softmax pieces per query head: max, exp, sum (normalised later, after any merge).
   for (int64_t g = 0; g < G; ++g) {
@@ -168,13 +178,10 @@ SPLITSERVE_AVX512 void attend_avx512(const Problem& p, const T* q, const T* k_ca
   // Pass 2: acc[g] = sum_t p[g, t] * v_t.
   __m512 av[kMaxGroup * kMaxChunks];
   for (int64_t i = 0; i < G * C; ++i) av[i] = _mm512_setzero_ps();
-  for (int64_t t = 0; t < n;) {
-    const int64_t pos = it.begin + t;
-    const int64_t off = pos % p.block_size;
-    const int64_t run = std::min(p.block_size - off, n - t);
-    const T* vr = v_cache + table[pos / p.block_size] * p.block_stride + off * p.token_stride +
-                  kv_head * D;
-    for (int64_t j = 0; j < run; ++j, vr += p.token_stride) {
+  for (int64_t r = 0; r < num_runs; ++r) {
+    const int64_t t = runs[r].t;
+    const T* vr = v_cache + runs[r].base + kv_head * D;
+    for (int64_t j = 0; j < runs[r].len; ++j, vr += p.token_stride) {
       __m512 vc[kMaxChunks];
       for (int64_t c = 0; c < C; ++c) vc[c] = load16(vr + 16 * c);
       for (int64_t g = 0; g < G; ++g) {
@@ -182,7 +189,6 @@ SPLITSERVE_AVX512 void attend_avx512(const Problem& p, const T* q, const T* k_ca
         for (int64_t c = 0; c < C; ++c) av[g * C + c] = _mm512_fmadd_ps(w, vc[c], av[g * C + c]);
       }
     }
-    t += run;
   }
   for (int64_t g = 0; g < G; ++g)
     for (int64_t c = 0; c < C; ++c) _mm512_storeu_ps(acc + g * D + 16 * c, av[g * C + c]);
@@ -216,15 +222,10 @@ SPLITSERVE_AVX512BF16 inline __m512 sum16x16(const __m512* v) {
 
 
 
-// One run = the item's keys inside one block: `len` rows from element offset `base`.
-struct Run {
-  int64_t base, len, t;  // t: index of the run's first key within the item
-};
-
 // Per-thread scratch, sized once per call for the longest item.
 struct Workspace {
   std::vector<Run> runs;
-  std::vector<uint16_t> probs;   // [Hq, n + 2] bf16 bits
+  std::vector<uint16_t> probs;   // [Hq, 16 + 2] bf16 bits of one chunk's probabilities
   std::vector<float> pair_acc;   // [Hq, D]
 };
 
@@ -247,18 +248,12 @@ SPLITSERVE_AVX512BF16 void attend_avx512_bf16(const Problem& p, const c10::BFloa
                                               const Item& it, Workspace& ws, float* acc,
                                               float* stats) {
   using BF = c10::BFloat16;
-  const int64_t Hq = p.num_q_heads, Hkv = p.num_kv_heads, G = p.group, D = p.head_dim;
+  const int64_t Hq = p.Hq, Hkv = p.Hkv, G = p.G, D = p.D;
   const int64_t n = it.end - it.begin, ts = p.token_stride;
   Run* runs = ws.runs.data();
   uint16_t* probs = ws.probs.data();  // [Hq, 16 + 2] bf16 bits of the chunk's exp(s - max)
   float* pacc = ws.pair_acc.data();   // [Hq, C, lo|hi, 16]
-  int64_t num_runs = 0;
-  for (int64_t t = 0; t < n;) {
-    const int64_t pos = it.begin + t, off = pos % p.block_size;
-    const int64_t len = std::min(p.block_size - off, n - t);
-    runs[num_runs++] = {table[pos / p.block_size] * p.block_stride + off * ts, len, t};
-    t += len;
-  }
+  const int64_t num_runs = build_runs(p, table, it, runs);
   const int64_t slab_bytes = ts * static_cast<int64_t>(sizeof(BF));
   const __m512 scale = _mm512_set1_ps(p.scale);
   float* run_max = stats;  // stats[2 * head] = max, stats[2 * head + 1] = sum
@@ -370,7 +365,7 @@ SPLITSERVE_AVX512BF16 void attend_avx512_bf16(const Problem& p, const c10::BFloa
 template <typename T>
 void run(const Problem& p, const T* q, const T* k_cache, const T* v_cache, const int32_t* tables,
          const int32_t* seq_lens, T* out, int64_t impl) {
-  const int64_t Hq = p.num_q_heads, G = p.group, D = p.head_dim;
+  const int64_t Hq = p.Hq, G = p.G, D = p.D;
   const int64_t threads = at::get_num_threads();
   // Split long sequences only when the batch alone gives each thread few items.
   const bool split = p.num_seqs < 8 * threads;
@@ -441,8 +436,8 @@ void run(const Problem& p, const T* q, const T* k_cache, const T* v_cache, const
     std::vector<float> scores(Hq * max_n);
 #ifdef SPLITSERVE_X86
     Workspace ws;
+    ws.runs.resize(max_n);
     if (vec_bf16) {
-      ws.runs.resize(max_n);
       ws.probs.resize(Hq * 18);
       ws.pair_acc.resize(Hq * D);
     }
@@ -463,12 +458,15 @@ void run(const Problem& p, const T* q, const T* k_cache, const T* v_cache, const
         }
       }
 #endif
-      for (int64_t h = 0; h < p.num_kv_heads && !done; ++h) {
+      [[maybe_unused]] int64_t num_runs = 0;
+      for (int64_t h = 0; h < p.Hkv && !done; ++h) {
         float* st = stats.data() + (i * Hq + h * G) * 2;
         float* acc = accs.data() + (i * Hq + h * G) * D;
 #ifdef SPLITSERVE_X86
         if (vec) {
-          attend_avx512<T>(p, q, k_cache, v_cache, table, it, h, scores.data(), acc, st);
+          if (h == 0) num_runs = build_runs(p, table, it, ws.runs.data());
+          attend_avx512<T>(p, q, k_cache, v_cache, ws.runs.data(), num_runs, it, h,
+                           scores.data(), acc, st);
           continue;
         }
 #endif
@@ -488,43 +486,18 @@ void run(const Problem& p, const T* q, const T* k_cache, const T* v_cache, const
 at::Tensor paged_decode_attention(const at::Tensor& query, const at::Tensor& k_cache,
                                   const at::Tensor& v_cache, const at::Tensor& block_tables,
                                   const at::Tensor& seq_lens, double scale, int64_t impl) {
-  TORCH_CHECK(query.device().is_cpu(), "paged_decode_attention: CPU tensors only");
-  TORCH_CHECK(query.dim() == 3 && query.stride(2) == 1 && query.stride(1) == query.size(2),
-              "query must be [B, Hq, D] with each row's heads contiguous");
-  TORCH_CHECK(k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes(),
-              "k_cache and v_cache must be [num_blocks, block_size, Hkv, D]");
-  TORCH_CHECK(k_cache.stride(0) == v_cache.stride(0), "k_cache and v_cache strides differ");
-  TORCH_CHECK(k_cache.stride(3) == 1 && k_cache.stride(2) == k_cache.size(3) &&
-                  k_cache.stride(1) == k_cache.size(2) * k_cache.size(3) &&
-                  v_cache.stride(1) == k_cache.stride(1) && v_cache.stride(3) == 1,
-              "each KV block must be contiguous [block_size, Hkv, D]");
-  TORCH_CHECK(query.scalar_type() == k_cache.scalar_type() &&
-                  k_cache.scalar_type() == v_cache.scalar_type(),
-              "query and caches must share a dtype");
-  TORCH_CHECK(block_tables.scalar_type() == at::kInt && block_tables.dim() == 2 &&
-                  block_tables.is_contiguous(),
-              "block_tables must be contiguous int32 [B, max_blocks]");
+  const PagedLayout layout =
+      check_paged_inputs("paged_decode_attention", query, k_cache, v_cache, block_tables, scale);
   TORCH_CHECK(seq_lens.scalar_type() == at::kInt && seq_lens.dim() == 1 && seq_lens.is_contiguous(),
-              "seq_lens must be contiguous int32 [B]");
-  const int64_t B = query.size(0), Hq = query.size(1), D = query.size(2);
-  const int64_t Hkv = k_cache.size(2);
-  TORCH_CHECK(k_cache.size(3) == D, "head_dim of query and cache differ");
-  TORCH_CHECK(Hkv > 0 && Hq % Hkv == 0, "query heads must be a multiple of KV heads");
+              "paged_decode_attention: seq_lens must be contiguous int32 [B]");
+  const int64_t B = query.size(0);
   TORCH_CHECK(block_tables.size(0) == B && seq_lens.size(0) == B,
-              "block_tables and seq_lens need one row per query");
+              "paged_decode_attention: block_tables and seq_lens need one row per query");
   auto out = at::empty(query.sizes(), query.options());
   if (B == 0) return out;
-  Problem p{B,
-            Hq,
-            Hkv,
-            Hq / Hkv,
-            D,
-            k_cache.size(1),
-            k_cache.stride(0),
-            Hkv * D,
-            block_tables.size(1),
-            query.stride(0),
-            static_cast<float>(scale)};
+  Problem p;
+  static_cast<PagedLayout&>(p) = layout;
+  p.num_seqs = B;
   const int32_t* tables = block_tables.data_ptr<int32_t>();
   const int32_t* lens = seq_lens.data_ptr<int32_t>();
   if (query.scalar_type() == at::kFloat) {

@@ -30,6 +30,7 @@
 #include <limits>
 #include <vector>
 
+#include "paged_layout.h"
 #include "simd.h"
 
 namespace splitserve {
@@ -50,10 +51,7 @@ struct PItem {
   int64_t cost;
 };
 
-struct Geometry {
-  int64_t Hq, Hkv, G, D, block_size, block_stride, token_stride, max_blocks, q_stride;
-  float scale;
-};
+using Geometry = PagedLayout;
 
 // Element offset of key `pos` of a sequence in a per-layer K (or V) view, for KV head h.
 inline int64_t key_offset(const Geometry& g, const int32_t* table, int64_t pos, int64_t h) {
@@ -223,26 +221,11 @@ at::Tensor paged_prefill_attention(const at::Tensor& query, const at::Tensor& k_
                                    const at::Tensor& v_cache, const at::Tensor& block_tables,
                                    const at::Tensor& query_start_loc, const at::Tensor& seq_lens,
                                    double scale) {
-  TORCH_CHECK(query.device().is_cpu(), "paged_prefill_attention: CPU tensors only");
-  TORCH_CHECK(query.dim() == 3 && query.stride(2) == 1 && query.stride(1) == query.size(2),
-              "query must be [T, Hq, D] with each row's heads contiguous");
-  TORCH_CHECK(k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes() &&
-                  k_cache.stride(0) == v_cache.stride(0),
-              "k_cache and v_cache must be [num_blocks, block_size, Hkv, D] with equal strides");
-  TORCH_CHECK(k_cache.stride(3) == 1 && k_cache.stride(2) == k_cache.size(3) &&
-                  k_cache.stride(1) == k_cache.size(2) * k_cache.size(3) &&
-                  v_cache.stride(1) == k_cache.stride(1) && v_cache.stride(3) == 1,
-              "each KV block must be contiguous [block_size, Hkv, D]");
-  TORCH_CHECK(query.scalar_type() == k_cache.scalar_type() &&
-                  k_cache.scalar_type() == v_cache.scalar_type(),
-              "query and caches must share a dtype");
-  TORCH_CHECK(k_cache.size(3) == query.size(2), "head_dim of query and cache differ");
+  [[maybe_unused]] const Geometry g = check_paged_inputs("paged_prefill_attention", query, k_cache, v_cache,
+                                        block_tables, scale);
   TORCH_CHECK(prefill_supported(query, k_cache),
               "paged_prefill_attention: needs bf16, head_dim 32/64/128, at most 8 query heads per "
               "KV head and a CPU with AVX512-BF16 (see prefill_supported)");
-  TORCH_CHECK(block_tables.scalar_type() == at::kInt && block_tables.dim() == 2 &&
-                  block_tables.is_contiguous(),
-              "block_tables must be contiguous int32 [B, max_blocks]");
   TORCH_CHECK(seq_lens.scalar_type() == at::kInt && seq_lens.dim() == 1 &&
                   seq_lens.is_contiguous() && query_start_loc.scalar_type() == at::kInt &&
                   query_start_loc.dim() == 1 && query_start_loc.is_contiguous(),
@@ -252,17 +235,7 @@ at::Tensor paged_prefill_attention(const at::Tensor& query, const at::Tensor& k_
               "query_start_loc needs B + 1 entries and block_tables B rows");
   auto out = at::empty({query.size(0), query.size(1), query.size(2)}, query.options());
 #ifdef SPLITSERVE_X86
-  const int64_t Hq = query.size(1), Hkv = k_cache.size(2), D = query.size(2);
-  Geometry g{Hq,
-             Hkv,
-             Hq / Hkv,
-             D,
-             k_cache.size(1),
-             k_cache.stride(0),
-             Hkv * D,
-             block_tables.size(1),
-             query.stride(0),
-             static_cast<float>(scale)};
+  const int64_t Hkv = g.Hkv, D = g.D;
   const int32_t* qsl = query_start_loc.data_ptr<int32_t>();
   const int32_t* lens = seq_lens.data_ptr<int32_t>();
   const int32_t* tables = block_tables.data_ptr<int32_t>();
@@ -296,15 +269,21 @@ at::Tensor paged_prefill_attention(const at::Tensor& query, const at::Tensor& k_
   for (int64_t b = 0; b < B; ++b)
     for (int64_t t = 0; t < (prompts[b].seq_len + kTile - 1) / kTile; ++t)
       tile_prompt[prompts[b].first_tile + t] = b;
-  at::parallel_for(0, total_tiles * Hkv, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t x = begin; x < end; ++x) {
-      const int64_t tile = x / Hkv, h = x % Hkv;
-      const Prompt& pr = prompts[tile_prompt[tile]];
-      const int64_t ntiles = (pr.seq_len + kTile - 1) / kTile, t = tile - pr.first_tile;
-      // layout within a prompt: [Hkv][ntiles]
-      const int64_t slot = pr.first_tile * Hkv + h * ntiles + t;
-      pack_tile(g, kc, vc, tables + tile_prompt[tile] * g.max_blocks, t * kTile, pr.seq_len, h,
-                kp + slot * tile_elems, vp + slot * kTile * D);
+  // Both phases hand out work from an atomic counter rather than static ranges: a thread that
+  // another process keeps off its core then delays the barrier by one chunk, not by its share.
+  const int64_t n_pack = total_tiles * Hkv, threads = at::get_num_threads();
+  std::atomic<int64_t> next_pack{0};
+  at::parallel_for(0, std::min<int64_t>(threads, (n_pack + 7) / 8), 1, [&](int64_t, int64_t) {
+    for (int64_t x0; (x0 = next_pack.fetch_add(8, std::memory_order_relaxed)) < n_pack;) {
+      for (int64_t x = x0; x < std::min(x0 + 8, n_pack); ++x) {
+        const int64_t tile = x / Hkv, h = x % Hkv;
+        const Prompt& pr = prompts[tile_prompt[tile]];
+        const int64_t ntiles = (pr.seq_len + kTile - 1) / kTile, t = tile - pr.first_tile;
+        // layout within a prompt: [Hkv][ntiles]
+        const int64_t slot = pr.first_tile * Hkv + h * ntiles + t;
+        pack_tile(g, kc, vc, tables + tile_prompt[tile] * g.max_blocks, t * kTile, pr.seq_len,
+                  h, kp + slot * tile_elems, vp + slot * kTile * D);
+      }
     }
   });
   // Phase 2: attention, costliest items first, handed out dynamically.
@@ -314,7 +293,7 @@ at::Tensor paged_prefill_attention(const at::Tensor& query, const at::Tensor& k_
   const BF* q = query.data_ptr<BF>();
   BF* o = out.data_ptr<BF>();
   std::atomic<int64_t> next{0};
-  at::parallel_for(0, std::min<int64_t>(at::get_num_threads(), n_items), 1, [&](int64_t, int64_t) {
+  at::parallel_for(0, std::min<int64_t>(threads, n_items), 1, [&](int64_t, int64_t) {
     const int64_t rows = g.G * kTile;
     TileScratch ws{std::vector<uint32_t>(rows * D / 2), std::vector<float>(rows * D),
                    std::vector<uint16_t>(rows * kTile), std::vector<float>(rows),
