@@ -179,8 +179,7 @@ def build_app(
         if (req.prompt is None) == (req.messages is None):
             raise APIError(400, "give exactly one of `prompt` and `messages`", param="prompt")
         if req.messages is not None:
-            msgs = [{"role": m.role, "content": m.text()} for m in req.messages]
-            ids = serving.tok.apply_chat_template(msgs, req.add_generation_prompt)
+            ids = serving.chat_prompt(req.messages, None, req.add_generation_prompt)
         else:
             ids = serving.tok.encode(req.prompt or "", req.add_special_tokens)
         return {"tokens": ids, "count": len(ids), "max_model_len": serving.max_model_len}

@@ -14,6 +14,7 @@ import jsonschema
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from splitserve.services.engine.sampling_params import SamplingParams, StructuredOutput
+from splitserve.services.router.tools import ToolPlan, plan_tools
 
 
 class _Model(BaseModel):
@@ -30,10 +31,50 @@ class TextPart(_Model):
     text: str
 
 
+class FunctionDefinition(_Model):
+    """A tool's function: ``parameters`` is the JSON Schema of its arguments (an object)."""
+
+    name: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$")]
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None  # accepted; a forced call always matches its schema exactly
+
+
+class Tool(_Model):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class ToolChoiceFunction(_Model):
+    name: str
+
+
+class NamedToolChoice(_Model):
+    """``tool_choice: {"type": "function", "function": {"name": ...}}``."""
+
+    type: Literal["function"]
+    function: ToolChoiceFunction
+
+
+class CalledFunction(_Model):
+    name: str
+    arguments: str  # JSON text, as the OpenAI API returns and takes back
+
+
+class MessageToolCall(_Model):
+    """A call an assistant message made (sent back by the client in later turns)."""
+
+    id: str
+    type: Literal["function"] = "function"
+    function: CalledFunction
+
+
 class ChatMessage(_Model):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[MessageToolCall] | None = None  # assistant messages
+    tool_call_id: str | None = None  # tool messages: the call this is the result of
 
     def text(self) -> str:
         """Content as one string (list parts concatenated, as chat templates expect)."""
@@ -135,9 +176,8 @@ class _SamplingRequest(_Model):
                 fields[name] = value
         return SamplingParams(**fields)
 
-    def structured_output(self) -> StructuredOutput | None:
-        """The output constraint of ``response_format`` or a ``guided_*`` field (None: free
-        text); raises ``ValueError`` naming the field (-> 400)."""
+    def constraint_fields(self) -> list[str]:
+        """The output-constraint fields this request sets, ``response_format`` first."""
         given = [
             name
             for name in ("guided_json", "guided_regex", "guided_choice", "guided_grammar")
@@ -145,6 +185,12 @@ class _SamplingRequest(_Model):
         ]
         if self.response_format is not None and self.response_format.type != "text":
             given.insert(0, "response_format")
+        return given
+
+    def structured_output(self) -> StructuredOutput | None:
+        """The output constraint of ``response_format`` or a ``guided_*`` field (None: free
+        text); raises ``ValueError`` naming the field (-> 400)."""
+        given = self.constraint_fields()
         if len(given) > 1:
             raise ValueError(f"{given[1]} cannot be combined with {given[0]}: give one of them")
         if not given:
@@ -233,6 +279,27 @@ class ChatCompletionRequest(_SamplingRequest):
     top_logprobs: int | None = None
     max_completion_tokens: int | None = None
     add_generation_prompt: bool = True
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
+
+    def tool_plan(self) -> ToolPlan | None:
+        """How ``tools`` / ``tool_choice`` shape this request (None: no tools); raises
+        ``ValueError`` naming the field (-> 400)."""
+        return plan_tools(self.tools, self.tool_choice, self.parallel_tool_calls)
+
+    def structured_output(self) -> StructuredOutput | None:
+        """A forcing ``tool_choice`` is itself the output constraint, so it excludes the
+        others."""
+        own = super().structured_output()
+        plan = self.tool_plan()
+        forced = plan.constraint() if plan is not None else None
+        if forced is None:
+            return own
+        if own is not None:
+            field = self.constraint_fields()[0]
+            raise ValueError(f"{field} cannot be combined with a tool_choice that forces a call")
+        return forced
 
     def requested_logprobs(self) -> int | None:
         if not self.logprobs:

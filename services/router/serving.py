@@ -16,11 +16,21 @@ from typing import Any
 
 from splitserve.proto import splitserve_pb2 as pb
 from splitserve.services.router import responses as R
+from splitserve.services.router import tool_calls
 from splitserve.services.router.dispatch import Dispatcher, EngineRequest
 from splitserve.services.router.errors import APIError, BackendError, bad_request
 from splitserve.services.router.metrics import RouterMetrics
-from splitserve.services.router.protocol import ChatCompletionRequest, CompletionRequest
+from splitserve.services.router.protocol import (
+    ChatCompletionRequest,
+    ChatMessage,
+    CompletionRequest,
+)
 from splitserve.services.router.tokenizer import RouterTokenizer
+from splitserve.services.router.tools import (
+    ToolPlan,
+    template_messages,
+    with_tool_system_text,
+)
 
 
 @dataclass(frozen=True)
@@ -37,6 +47,7 @@ class Prepared:
     logprobs: int | None
     echo: bool
     include_usage: bool
+    tools: ToolPlan | None = None  # chat with tool calls to parse ("auto", "required", named)
 
 
 class OpenAIServing:
@@ -119,13 +130,31 @@ class OpenAIServing:
             req.logprobs, req.echo, bool(req.stream_options and req.stream_options.include_usage),
         )  # fmt: skip
 
-    def prepare_chat(self, req: ChatCompletionRequest, session_key: str | None) -> Prepared:
-        rid = f"chatcmpl-{uuid.uuid4().hex}"
-        messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+    def chat_prompt(
+        self, messages: list[ChatMessage], plan: ToolPlan | None, add_generation_prompt: bool
+    ) -> list[int]:
+        """The chat template's token ids for ``messages`` and the tools of ``plan``."""
         try:
-            ids = self.tok.apply_chat_template(messages, req.add_generation_prompt)
+            msgs = template_messages(messages, native=self.tok.renders_tool_calls)
+        except ValueError as err:
+            raise bad_request(str(err), param=str(err).split(" ", 1)[0]) from err
+        tools = None
+        if plan is not None and self.tok.renders_tools:
+            tools = plan.template_tools()
+        elif plan is not None and plan.mode != "none":
+            msgs = with_tool_system_text(msgs, plan)
+        try:
+            return self.tok.apply_chat_template(msgs, add_generation_prompt, tools=tools)
         except Exception as err:  # template errors (e.g. role order) are the client's input
             raise bad_request(f"chat template failed: {err}", param="messages") from err
+
+    def prepare_chat(self, req: ChatCompletionRequest, session_key: str | None) -> Prepared:
+        rid = f"chatcmpl-{uuid.uuid4().hex}"
+        try:
+            plan = req.tool_plan()
+        except ValueError as err:
+            raise bad_request(str(err), param=str(err).split(" ", 1)[0]) from err
+        ids = self.chat_prompt(req.messages, plan, req.add_generation_prompt)
         max_tokens = (
             req.max_tokens if req.max_completion_tokens is None else req.max_completion_tokens
         )
@@ -136,9 +165,13 @@ class OpenAIServing:
             raise bad_request(str(err), param="top_logprobs") from err
         # Chat's default is "as long as the context allows", like OpenAI / vLLM.
         samples = self._samples(rid, [ids], req, max_tokens, logprobs, None, session_key)
+        parsed = plan if plan is not None and plan.mode != "none" else None
+        if parsed is not None and parsed.mode == "auto" and self.tok.is_special("<tool_call>"):
+            for s in samples:  # the parser needs the tags in the text
+                s.params = replace(s.params, skip_special_tokens=False)
         return Prepared(
             rid, int(time.time()), req.model, True, samples, [len(ids)], [""], logprobs,
-            False, bool(req.stream_options and req.stream_options.include_usage),
+            False, bool(req.stream_options and req.stream_options.include_usage), parsed,
         )  # fmt: skip
 
     # ---- running -------------------------------------------------------------------------------
@@ -165,13 +198,14 @@ class OpenAIServing:
         choices = []
         for r in results:
             if p.chat:
+                message, finish = tool_calls.chat_message(p.tools, r.text, r.finish_reason)
                 choice = {
                     "index": r.index,
-                    "message": {"role": "assistant", "content": r.text},
+                    "message": message,
                     "logprobs": R.chat_logprobs(self.tok, r.logprobs)
                     if p.logprobs is not None
                     else None,
-                    "finish_reason": r.finish_reason,
+                    "finish_reason": finish,
                 }
             else:
                 prefix = p.prompt_texts[r.index // n] if p.echo else ""
@@ -220,12 +254,14 @@ class OpenAIServing:
         results = [R.SampleResult(index=i) for i in range(len(p.samples))]
         n = len(p.samples) // len(p.prompt_lens)
         chunk = R.chat_chunk if p.chat else R.completion_chunk
+        calls = [tool_calls.ToolCallStream(p.tools) for _ in p.samples] if p.tools else []
         first_token = True
         try:
             # Preamble: the assistant role for chat, the prompt for echo.
             if p.chat:
+                content = None if p.tools is not None and p.tools.forced else ""
                 pre = [
-                    {"index": i, "delta": {"role": "assistant", "content": ""},
+                    {"index": i, "delta": {"role": "assistant", "content": content},
                      "logprobs": None, "finish_reason": None}
                     for i in range(len(p.samples))
                 ]  # fmt: skip
@@ -261,7 +297,16 @@ class OpenAIServing:
                         if p.logprobs is not None
                         else None
                     )
-                    delta = {"content": item.text} if item.text or not finish else {}
+                    if calls:
+                        deltas, finish = calls[i].feed(item.text, finish)
+                        if not deltas and finish is None and lp is None:
+                            continue
+                        for d in deltas[:-1]:
+                            c = {"index": i, "delta": d, "logprobs": None, "finish_reason": None}
+                            yield R.sse(chunk(p.rid, p.created, p.model, [c]))
+                        delta = deltas[-1] if deltas else {}
+                    else:
+                        delta = {"content": item.text} if item.text or not finish else {}
                     c = {"index": i, "delta": delta, "logprobs": lp, "finish_reason": finish}
                 else:
                     if p.echo and p.logprobs is not None and not echoed[i]:

@@ -30,15 +30,44 @@ class RouterTokenizer:
         return list(self._tok.encode(prompt, add_special_tokens=add_special_tokens))
 
     def apply_chat_template(
-        self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True
+        self,
+        messages: Sequence[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        tools: list[dict[str, Any]] | None = None,
     ) -> list[int]:
         encoded = self._tok.apply_chat_template(
             list(messages),
+            tools=tools,
             add_generation_prompt=add_generation_prompt,
             tokenize=True,
             return_dict=True,
         )
         return list(encoded["input_ids"])
+
+    def is_special(self, text: str) -> bool:
+        """Whether ``text`` is a special token (decoding may skip it)."""
+        return text in self._tok.all_special_tokens
+
+    @functools.cached_property
+    def renders_tools(self) -> bool:
+        """Whether the chat template shows ``tools`` to the model (many small models' don't)."""
+        user = [{"role": "user", "content": "hi"}]
+        return self._differs(user, user, tools=[_PROBE_TOOL])
+
+    @functools.cached_property
+    def renders_tool_calls(self) -> bool:
+        """Whether the chat template writes assistant ``tool_calls`` (else they would vanish)."""
+        plain = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": ""}]
+        call = {"type": "function", "function": {"name": "probe_fn", "arguments": {"a": 1}}}
+        with_call = [plain[0], {**plain[1], "tool_calls": [{"id": "call_0", **call}]}]
+        return self._differs(plain, with_call)
+
+    def _differs(self, a: list[dict[str, Any]], b: list[dict[str, Any]], **kw: Any) -> bool:
+        try:
+            render = functools.partial(self._tok.apply_chat_template, tokenize=False)
+            return bool(render(a) != render(b, **kw))
+        except Exception:  # noqa: BLE001 - a template that fails on the probe cannot use it
+            return False
 
     def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(list(token_ids), skip_special_tokens=skip_special_tokens)
@@ -53,6 +82,16 @@ class RouterTokenizer:
     @property
     def vocab_size(self) -> int:
         return len(self._tok)
+
+
+_PROBE_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "probe_fn",
+        "description": "probe",
+        "parameters": {"type": "object", "properties": {"a": {"type": "integer"}}},
+    },
+}
 
 
 def _max_model_len(model_dir: Path) -> int:
