@@ -258,6 +258,19 @@ class CompletionRequest(_SamplingRequest):
     echo: bool = False
     logprobs: int | None = None
     suffix: str | None = None
+    best_of: int | None = None  # sample this many per prompt, return the n most likely
+
+    def samples_per_prompt(self) -> int:
+        """``best_of`` (default ``n``); raises ``ValueError`` naming the field (-> 400)."""
+        if self.best_of is None:
+            return self.n
+        if not 1 <= self.best_of <= 128:
+            raise ValueError("best_of must be an integer in [1, 128]")
+        if self.best_of < self.n:
+            raise ValueError(f"best_of ({self.best_of}) must be >= n ({self.n})")
+        if self.stream and self.best_of > self.n:
+            raise ValueError("best_of > n cannot be streamed (the best are known at the end)")
+        return self.best_of
 
     def prompts(self) -> list[str | list[int]]:
         """The prompt field as a list of prompts (strings or token-id lists)."""

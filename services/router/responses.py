@@ -49,6 +49,21 @@ class SampleResult:
             self.completion_tokens = msg.usage.completion_tokens
             self.cached_tokens = msg.usage.cached_tokens
 
+    @property
+    def cumulative_logprob(self) -> float:
+        """The sampled tokens' summed logprob (needs logprobs requested, at least 0)."""
+        return sum(e.logprob for e in self.logprobs)
+
+
+def most_likely(results: list[SampleResult], group: int, keep: int) -> list[SampleResult]:
+    """``best_of``: of each prompt's ``group`` consecutive samples, the ``keep`` with the highest
+    cumulative logprob, best first (ties: the earlier sample)."""
+    out = []
+    for start in range(0, len(results), group):
+        ranked = sorted(results[start : start + group], key=lambda r: -r.cumulative_logprob)
+        out.extend(ranked[:keep])
+    return out
+
 
 def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict[str, Any]:
     return {

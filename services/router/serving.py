@@ -48,6 +48,7 @@ class Prepared:
     echo: bool
     include_usage: bool
     tools: ToolPlan | None = None  # chat with tool calls to parse ("auto", "required", named)
+    keep: int | None = None  # best_of: return this many of each prompt's samples (most likely)
 
 
 class OpenAIServing:
@@ -121,13 +122,22 @@ class OpenAIServing:
             prompts.append(ids)
         if req.logprobs is not None and not 0 <= req.logprobs <= 20:
             raise bad_request("logprobs must be an integer in [0, 20]", param="logprobs")
-        samples = self._samples(rid, prompts, req, req.max_tokens, req.logprobs, 16, session_key)
+        try:
+            per_prompt = req.samples_per_prompt()
+        except ValueError as err:
+            raise bad_request(str(err), param="best_of") from err
+        keep = req.n if per_prompt > req.n else None
+        # Ranking needs the sampled tokens' logprobs; the response shows them only if asked.
+        logprobs = 0 if keep is not None and req.logprobs is None else req.logprobs
+        fanned = req.model_copy(update={"n": per_prompt}) if keep is not None else req
+        samples = self._samples(rid, prompts, fanned, req.max_tokens, logprobs, 16, session_key)
         if req.echo and req.logprobs is not None:  # the echoed prompt's tokens get logprobs too
             for s in samples:
                 s.params = replace(s.params, prompt_logprobs=req.logprobs)
         return Prepared(
             rid, int(time.time()), req.model, False, samples, [len(p) for p in prompts], texts,
             req.logprobs, req.echo, bool(req.stream_options and req.stream_options.include_usage),
+            keep=keep,
         )  # fmt: skip
 
     def chat_prompt(
@@ -193,14 +203,16 @@ class OpenAIServing:
                 r.add(msg)
             results.append(r)
         self._account(results)
-        usage = R.total_usage(results, p.prompt_lens)
+        usage = R.total_usage(results, p.prompt_lens)  # best_of: every sample is billed
         n = len(p.samples) // len(p.prompt_lens)
+        if p.keep is not None:
+            results = R.most_likely(results, n, p.keep)
         choices = []
-        for r in results:
+        for k, r in enumerate(results):  # k == r.index unless best_of dropped samples
             if p.chat:
                 message, finish = tool_calls.chat_message(p.tools, r.text, r.finish_reason)
                 choice = {
-                    "index": r.index,
+                    "index": k,
                     "message": message,
                     "logprobs": R.chat_logprobs(self.tok, r.logprobs)
                     if p.logprobs is not None
@@ -210,7 +222,7 @@ class OpenAIServing:
             else:
                 prefix = p.prompt_texts[r.index // n] if p.echo else ""
                 choice = {
-                    "index": r.index,
+                    "index": k,
                     "text": prefix + r.text,
                     "logprobs": self._completion_logprobs(p, r, r.logprobs, len(prefix)),
                     "finish_reason": r.finish_reason,

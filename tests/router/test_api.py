@@ -288,3 +288,31 @@ def test_no_backend_is_503_with_retry_after(stack_factory):
         r = httpx.post(router.url + "/v1/completions", json={"model": "m", "prompt": "x"})
         assert r.status_code == 503 and r.headers["retry-after"]
         assert r.json()["error"]["code"] == "no_backend"
+
+
+def test_best_of_fans_out_returns_n_and_checks_its_bounds(disagg):
+    router, (_, decode) = disagg
+    before = len(decode.engine.generates)
+    r = client(router).completions.create(
+        model="m", prompt=["one", "two"], n=2, best_of=3, max_tokens=2
+    )
+    assert len(decode.engine.generates) - before == 6  # 3 samples per prompt ran
+    assert [c.index for c in r.choices] == [0, 1, 2, 3]
+    assert all(c.logprobs is None for c in r.choices)  # ranked by logprobs, not shown
+    assert r.usage.completion_tokens == 12  # every sample is billed
+    for body in (
+        {"n": 2, "best_of": 1},
+        {"best_of": 2, "stream": True},
+        {"best_of": 0},
+        {"best_of": 500},
+    ):
+        res = httpx.post(
+            router.url + "/v1/completions",
+            json={"model": "m", "prompt": "x", "max_tokens": 1, **body},
+            timeout=30,
+        )
+        assert res.status_code == 400 and res.json()["error"]["param"] == "best_of", res.text
+    streamed = client(router).completions.create(
+        model="m", prompt="x", best_of=1, max_tokens=2, stream=True
+    )
+    assert [c.choices[0].finish_reason for c in streamed][-1] == "length"

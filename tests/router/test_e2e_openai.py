@@ -84,6 +84,23 @@ def test_n2_and_seed_reproducibility(sdk):
     assert d.usage.completion_tokens == 20  # both samples' tokens are counted
 
 
+def test_best_of_returns_the_most_likely_samples(sdk):
+    kw = dict(model=MODEL, prompt="Once upon a time", max_tokens=6, temperature=1.0, seed=11)
+    # best_of runs samples seed + i, i < best_of, exactly as n does: n = 4 shows all of them.
+    every = sdk.completions.create(n=4, logprobs=0, **kw).choices
+    score = {c.text: sum(c.logprobs.token_logprobs) for c in every}
+    best = sdk.completions.create(n=2, best_of=4, **kw)
+    got = [c.text for c in best.choices]
+    assert [c.index for c in best.choices] == [0, 1] and best.choices[0].logprobs is None
+    assert set(got) <= set(score)
+    # The most likely first, both at least as likely as the rest (up to bf16 noise between
+    # batch shapes).
+    assert score[got[0]] >= score[got[1]] - 0.3
+    rest = [v for t, v in score.items() if t not in got]
+    assert not rest or min(score[t] for t in got) >= max(rest) - 0.3
+    assert best.usage.completion_tokens == sum(len(c.logprobs.tokens) for c in every)
+
+
 def test_stop_strings(sdk, oracle):
     full = oracle.generate(PROMPTS[0], SamplingParams(temperature=0, max_tokens=12))[0]
     text = full.outputs[0].text
