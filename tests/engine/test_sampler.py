@@ -88,6 +88,22 @@ def ref_allowed(logits: torch.Tensor, p: SamplingParams) -> set[int]:
 # -- transforms vs references ----------------------------------------------------------------------
 
 
+def _penalties_vs_reference(params, outputs, g, prompt_len):
+    """Rows with random prompts, random logits; the sampler's logit transforms must equal the
+    reference row by row and leave the input alone. Returns (rows, logits, transformed)."""
+    rows = [
+        SamplingRow(p, torch.randint(0, V, (prompt_len,), generator=g).tolist(), o, None)
+        for p, o in zip(params, outputs, strict=True)
+    ]
+    logits = torch.randn(len(rows), V, generator=g) * 3
+    before = logits.clone()
+    got = Sampler(V, EOS)._apply_penalties(logits, rows)
+    assert torch.equal(logits, before), "input logits must not be modified"
+    for i, row in enumerate(rows):
+        torch.testing.assert_close(got[i], ref_penalties(logits[i], row, EOS))
+    return rows, logits, got
+
+
 def test_penalties_and_min_tokens_match_reference():
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(1)
@@ -107,16 +123,7 @@ def test_penalties_and_min_tokens_match_reference():
         [8, 8, 9],
         [3, 4],
     ]
-    rows = [
-        SamplingRow(p, torch.randint(0, V, (10,), generator=g).tolist(), o, None)
-        for p, o in zip(params, outputs, strict=True)
-    ]
-    logits = torch.randn(len(rows), V, generator=g) * 3
-    before = logits.clone()
-    got = Sampler(V, EOS)._apply_penalties(logits, rows)
-    assert torch.equal(logits, before), "input logits must not be modified"
-    for i, row in enumerate(rows):
-        torch.testing.assert_close(got[i], ref_penalties(logits[i], row, EOS))
+    rows, logits, got = _penalties_vs_reference(params, outputs, g, prompt_len=10)
     # The penalties touched exactly the expected entries, nothing else.
     changed = (got != logits).nonzero().tolist()
     assert [0, 5] in changed and [3, EOS] in changed and [3, 9] in changed and [3, 11] in changed
@@ -136,16 +143,7 @@ def test_allowed_token_ids_and_logit_bias_match_reference():
         SamplingParams(allowed_token_ids=(EOS, 7), min_tokens=2, max_tokens=4),
     ]
     outputs = [[1], [3], [9], [], [3, 3, 8], [7]]
-    rows = [
-        SamplingRow(p, torch.randint(0, V, (6,), generator=g).tolist(), o, None)
-        for p, o in zip(params, outputs, strict=True)
-    ]
-    logits = torch.randn(len(rows), V, generator=g) * 3
-    before = logits.clone()
-    got = Sampler(V, EOS)._apply_penalties(logits, rows)
-    assert torch.equal(logits, before), "input logits must not be modified"
-    for i, row in enumerate(rows):
-        torch.testing.assert_close(got[i], ref_penalties(logits[i], row, EOS))
+    rows, logits, got = _penalties_vs_reference(params, outputs, g, prompt_len=6)
     assert torch.equal(got[1], logits[1])
     assert torch.isfinite(got[2]).nonzero().flatten().tolist() == [5, 9, 40]
     assert torch.isfinite(got[5]).nonzero().flatten().tolist() == [7]  # EOS: min_tokens
