@@ -49,6 +49,7 @@ class Prepared:
     include_usage: bool
     tools: ToolPlan | None = None  # chat with tool calls to parse ("auto", "required", named)
     keep: int | None = None  # best_of: return this many of each prompt's samples (most likely)
+    continuous_usage: bool = False  # stream_options.continuous_usage_stats: usage on every chunk
 
 
 class OpenAIServing:
@@ -122,6 +123,8 @@ class OpenAIServing:
             prompts.append(ids)
         if req.logprobs is not None and not 0 <= req.logprobs <= 20:
             raise bad_request("logprobs must be an integer in [0, 20]", param="logprobs")
+        if req.suffix:  # insertion needs fill-in-the-middle models; refuse rather than ignore
+            raise bad_request("suffix is not supported", param="suffix")
         try:
             per_prompt = req.samples_per_prompt()
         except ValueError as err:
@@ -137,7 +140,7 @@ class OpenAIServing:
         return Prepared(
             rid, int(time.time()), req.model, False, samples, [len(p) for p in prompts], texts,
             req.logprobs, req.echo, bool(req.stream_options and req.stream_options.include_usage),
-            keep=keep,
+            keep=keep, continuous_usage=_continuous_usage(req),
         )  # fmt: skip
 
     def chat_prompt(
@@ -182,6 +185,7 @@ class OpenAIServing:
         return Prepared(
             rid, int(time.time()), req.model, True, samples, [len(ids)], [""], logprobs,
             False, bool(req.stream_options and req.stream_options.include_usage), parsed,
+            continuous_usage=_continuous_usage(req),
         )  # fmt: skip
 
     # ---- running -------------------------------------------------------------------------------
@@ -332,7 +336,8 @@ class OpenAIServing:
                         lp = R.completion_logprobs(self.tok, list(item.logprobs), offsets[i])
                     offsets[i] += len(item.text)
                     c = {"index": i, "text": item.text, "logprobs": lp, "finish_reason": finish}
-                yield R.sse(chunk(p.rid, p.created, p.model, [c]))
+                running = R.total_usage(results, p.prompt_lens) if p.continuous_usage else None
+                yield R.sse(chunk(p.rid, p.created, p.model, [c], running))
             self._account(results)
             if p.include_usage:
                 usage = R.total_usage(results, p.prompt_lens)
@@ -350,3 +355,10 @@ class OpenAIServing:
             # Let the cancelled samples run their cleanup (stream cancel + Abort) before we go.
             await asyncio.gather(*tasks, return_exceptions=True)
         yield R.SSE_DONE
+
+
+def _continuous_usage(req: CompletionRequest | ChatCompletionRequest) -> bool:
+    """vLLM's ``stream_options.continuous_usage_stats`` (with ``include_usage``): running usage
+    on every chunk of a stream."""
+    so = req.stream_options
+    return bool(so and so.include_usage and so.continuous_usage_stats)

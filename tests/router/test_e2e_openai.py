@@ -275,3 +275,28 @@ def test_bad_input_then_serves(sdk):
         sdk.completions.create(model="gpt-4", prompt="x")
     r = sdk.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=2, temperature=0)
     assert r.usage.completion_tokens == 2
+
+
+def test_continuous_usage_stats_and_suffix_refused(sdk):
+    """vLLM's continuous_usage_stats: running usage on every chunk; suffix is a clear 400."""
+    opts = {"include_usage": True, "continuous_usage_stats": True}
+    chunks = list(
+        sdk.completions.create(
+            model=MODEL, prompt=PROMPTS[0], max_tokens=5, temperature=0, stream=True,
+            stream_options=opts,
+        )
+    )  # fmt: skip
+    counts = [c.usage.completion_tokens for c in chunks if c.choices]
+    assert counts == sorted(counts) and counts[-1] == 5 and counts[0] >= 1
+    assert all(c.usage.prompt_tokens == chunks[-1].usage.prompt_tokens for c in chunks)
+    chat = list(
+        sdk.chat.completions.create(
+            model=MODEL, messages=CHAT, max_tokens=4, temperature=0, stream=True,
+            stream_options=opts,
+        )
+    )  # fmt: skip
+    assert chat[-2].usage is not None and chat[-1].usage.completion_tokens == 4
+    with pytest.raises(openai.BadRequestError) as err:
+        sdk.completions.create(model=MODEL, prompt="def f(", suffix="return 1", max_tokens=2)
+    assert err.value.body["param"] == "suffix"
+    assert sdk.completions.create(model=MODEL, prompt="x", max_tokens=1).usage.completion_tokens
