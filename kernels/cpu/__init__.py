@@ -18,6 +18,7 @@ import logging
 import os
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -74,10 +75,19 @@ def load() -> object | None:
     return torch.ops.splitserve_cpu
 
 
+_PRUNE_AFTER_S = 24 * 3600
+
+
 def _prune_old_builds(keep: Path) -> None:
-    """Remove builds of other source versions (a process still using one keeps its mapping)."""
+    """Remove builds of other source versions untouched for a day (another checkout sharing the
+    cache may be building or loading a newer one; a process using an old one keeps its mapping)."""
+    now = time.time()
     for other in keep.parent.glob(f"{_NAME}-*"):
-        if other != keep:
+        try:
+            stale = now - other.stat().st_mtime > _PRUNE_AFTER_S
+        except OSError:
+            continue
+        if other != keep and stale:
             shutil.rmtree(other, ignore_errors=True)
 
 

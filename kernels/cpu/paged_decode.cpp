@@ -376,6 +376,8 @@ void run(const Problem& p, const T* q, const T* k_cache, const T* v_cache, const
     const int64_t len = seq_lens[b];
     TORCH_CHECK(len > 0 && len <= p.max_blocks * p.block_size, "paged_decode_attention: seq_lens[",
                 b, "] = ", len, " does not fit the block table");
+    check_block_ids("paged_decode_attention", p, tables + b * p.max_blocks,
+                    (len + p.block_size - 1) / p.block_size, b);
     max_len = std::max(max_len, len);
     const int64_t part = split ? kPartition : len;
     for (int64_t s = 0, i = 0; s < len; s += part, ++i)
@@ -488,8 +490,9 @@ at::Tensor paged_decode_attention(const at::Tensor& query, const at::Tensor& k_c
                                   const at::Tensor& seq_lens, double scale, int64_t impl) {
   const PagedLayout layout =
       check_paged_inputs("paged_decode_attention", query, k_cache, v_cache, block_tables, scale);
-  TORCH_CHECK(seq_lens.scalar_type() == at::kInt && seq_lens.dim() == 1 && seq_lens.is_contiguous(),
-              "paged_decode_attention: seq_lens must be contiguous int32 [B]");
+  TORCH_CHECK(seq_lens.device().is_cpu() && seq_lens.scalar_type() == at::kInt &&
+                  seq_lens.dim() == 1 && seq_lens.is_contiguous(),
+              "paged_decode_attention: seq_lens must be contiguous int32 [B] on the CPU");
   const int64_t B = query.size(0);
   TORCH_CHECK(block_tables.size(0) == B && seq_lens.size(0) == B,
               "paged_decode_attention: block_tables and seq_lens need one row per query");

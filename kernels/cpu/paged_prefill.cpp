@@ -226,7 +226,8 @@ at::Tensor paged_prefill_attention(const at::Tensor& query, const at::Tensor& k_
   TORCH_CHECK(prefill_supported(query, k_cache),
               "paged_prefill_attention: needs bf16, head_dim 32/64/128, at most 8 query heads per "
               "KV head and a CPU with AVX512-BF16 (see prefill_supported)");
-  TORCH_CHECK(seq_lens.scalar_type() == at::kInt && seq_lens.dim() == 1 &&
+  TORCH_CHECK(seq_lens.device().is_cpu() && query_start_loc.device().is_cpu() &&
+                  seq_lens.scalar_type() == at::kInt && seq_lens.dim() == 1 &&
                   seq_lens.is_contiguous() && query_start_loc.scalar_type() == at::kInt &&
                   query_start_loc.dim() == 1 && query_start_loc.is_contiguous(),
               "seq_lens [B] and query_start_loc [B + 1] must be contiguous int32");
@@ -249,6 +250,8 @@ at::Tensor paged_prefill_attention(const at::Tensor& query, const at::Tensor& k_
     TORCH_CHECK(q_len >= 1 && q_len <= seq_len && seq_len <= g.max_blocks * g.block_size,
                 "paged_prefill_attention: prompt ", b, " has ", q_len, " queries and seq_len ",
                 seq_len, " (block table holds ", g.max_blocks * g.block_size, ")");
+    check_block_ids("paged_prefill_attention", g, tables + b * g.max_blocks,
+                    (seq_len + g.block_size - 1) / g.block_size, b);
     const int64_t ntiles = (seq_len + kTile - 1) / kTile;
     prompts[b] = {qsl[b], q_len, seq_len - q_len, seq_len, total_tiles};
     total_tiles += ntiles;

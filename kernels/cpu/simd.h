@@ -27,8 +27,9 @@ inline bool cpu_has_avx512_bf16() {
 }
 
 // exp(x) for x <= 0 (scores minus their max): 2^n * poly(r), |r| <= ln2 / 2, rel. err ~2e-7.
+// NaN stays NaN (max_ps returns its second operand when either is NaN), as in the other paths.
 SPLITSERVE_AVX512 inline __m512 exp16(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+  x = _mm512_max_ps(_mm512_set1_ps(-87.0f), x);
   const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);

@@ -121,6 +121,23 @@ def test_implementations_agree_closely(paged):
         assert (other - outs[0]).abs().max() < 2e-2
 
 
+@pytest.mark.parametrize("impl", _impls())
+def test_nan_in_keys_shows_in_the_output(impl):
+    """A numerical blow-up in K must not be hidden by one implementation and shown by others."""
+    if impl not in cpu.available_impls():
+        pytest.skip(f"{IMPLS[impl]} is not supported by this CPU")
+    kv = torch.randn(4, 1, 2, 16, 1, 64)
+    kv[1, 0, 0, 3, 0, 5] = float("nan")  # one element of key 19 of the sequence below
+    dtype = torch.bfloat16 if impl == 2 else torch.float32
+    kv = kv.to(dtype)
+    q = torch.randn(1, 2, 64).to(dtype)
+    tables = torch.tensor([[0, 1]], dtype=torch.int32)
+    out = cpu.paged_decode_attention(
+        q, kv[:, 0, 0], kv[:, 0, 1], tables, torch.tensor([30], dtype=torch.int32), 0.125, impl
+    )
+    assert torch.isnan(out).all()
+
+
 def test_bad_arguments_raise_clear_errors():
     kv = torch.zeros(4, 2, 2, 16, 2, 64)
     k, v = kv[:, 0, 0], kv[:, 0, 1]
@@ -135,5 +152,9 @@ def test_bad_arguments_raise_clear_errors():
         cpu.paged_decode_attention(torch.zeros(2, 3, 64), k, v, tables, lens.clamp(max=3), 0.1)
     with pytest.raises(RuntimeError, match="share a dtype"):
         cpu.paged_decode_attention(q.bfloat16(), k, v, tables, lens.clamp(max=3), 0.125)
+    bad_ids = torch.tensor([[0, 1], [2, 4]], dtype=torch.int32)  # the pool has blocks 0-3
+    with pytest.raises(RuntimeError, match=r"block_tables\[1\]\[1\] = 4 is not a block"):
+        cpu.paged_decode_attention(q, k, v, bad_ids, torch.tensor([3, 20], dtype=torch.int32), 1)
+    cpu.paged_decode_attention(q, k, v, bad_ids, torch.tensor([3, 16], dtype=torch.int32), 1)
     empty = cpu.paged_decode_attention(q[:0], k, v, tables[:0], lens[:0], 0.125)
     assert empty.shape == (0, 4, 64)

@@ -80,6 +80,11 @@ def test_bad_arguments_raise_clear_errors():
         cpu.paged_prefill_attention(
             q.float(), k.float(), v.float(), tables, qsl, torch.tensor([5], dtype=torch.int32), 1
         )
+    with pytest.raises(RuntimeError, match=r"block_tables\[0\]\[0\] = -1 is not a block"):
+        cpu.paged_prefill_attention(
+            q, k, v, torch.tensor([[-1, 0]], dtype=torch.int32), qsl,
+            torch.tensor([5], dtype=torch.int32), 1,
+        )  # fmt: skip
     with pytest.raises(RuntimeError, match="from 0 to the number of query rows"):
         cpu.paged_prefill_attention(
             q, k, v, tables, torch.tensor([0, 4], dtype=torch.int32),
