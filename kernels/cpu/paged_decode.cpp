@@ -404,6 +404,7 @@ void run(const Problem& p, const T* q, const T* k_cache, const T* v_cache, const
     vec_bf16 = impl == 2;
   }
 #else
+  const bool vec_bf16 = false;
   TORCH_CHECK(impl <= 0, "paged_decode_attention: only the scalar implementation (0) is built");
 #endif
   // Items of each sequence, as a linked list: first[b], next_item[i].
@@ -435,7 +436,8 @@ void run(const Problem& p, const T* q, const T* k_cache, const T* v_cache, const
 
   std::atomic<int64_t> next{0};
   at::parallel_for(0, std::min(threads, n_items), 1, [&](int64_t, int64_t) {
-    std::vector<float> scores(Hq * max_n);
+    // per-KV-head score rows of the fp32 / scalar paths (the BF16 path needs none)
+    std::vector<float> scores(vec_bf16 ? 0 : p.G * max_n);
 #ifdef SPLITSERVE_X86
     Workspace ws;
     ws.runs.resize(max_n);

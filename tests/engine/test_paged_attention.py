@@ -92,3 +92,23 @@ def test_bf16_default_model_agrees_with_torch_backend(backend, default_model_dir
         top = first_ref.top
         if top[0].logprob - top[1].logprob > 0.3:
             assert got.token_ids[0] == ref.token_ids[0]
+
+
+@pytest.mark.parametrize("backend", [b for b in _backends() if b != "torch"])
+@pytest.mark.parametrize("group", [3, 16], ids=["kernel-prefill", "sdpa-prefill"])
+def test_bf16_mixed_batch_matches_dense(backend, group, attn_helpers):
+    """bf16 decodes and prompts (one with context) in one step: the C++ prefill kernel where it
+    takes the head ratio (<= 8 query heads per KV head), SDPA per prompt beyond it."""
+    layer, hkv = 1, 2
+    specs = [(20, 1), (47, 1), (0, 9), (33, 17)]
+    kv, meta, seqs, q, k, v = attn_helpers.build_batch(specs, 16, hkv * group, hkv, 64, layer=layer)
+    kv, q, k, v = (t.bfloat16() for t in (kv, q, k, v))
+    seqs = [tuple(x.bfloat16() if torch.is_tensor(x) else x for x in s) for s in seqs]
+    step = get_attention_backend(backend).prepare(kv, meta)
+    out = step(layer, q, k, v)
+    from splitserve.kernels import cpu
+
+    assert step.prefill_kernel == (group <= 8 and 2 in cpu.available_impls())
+    ref = attn_helpers.dense_reference(seqs, hkv * group, hkv)
+    err = (out.double() - ref).abs().max() / ref.abs().max()
+    assert err < 2e-2

@@ -57,14 +57,9 @@ class CpuAttentionBackend:
         self._cpu = cpu
 
     def prepare(self, kv_cache: torch.Tensor, meta: AttentionMetadata) -> _TorchAttentionStep:
-        cpu = self._cpu
         if kv_cache.device.type != "cpu" or kv_cache.dtype not in (torch.float32, torch.bfloat16):
             return _TorchAttentionStep(kv_cache, meta)
-        _, _, _, _, hkv, d = kv_cache.shape
-        prefill = None
-        if meta.num_prefill_tokens and cpu.prefill_supported(kv_cache.dtype, hkv, hkv, d):
-            prefill = cpu.paged_prefill_attention
-        return _TorchAttentionStep(kv_cache, meta, cpu.paged_decode_attention, prefill)
+        return _TorchAttentionStep(kv_cache, meta, self._cpu)
 
 
 # A new decode bucket starts when a sequence needs this many times the blocks of the bucket's
@@ -99,12 +94,14 @@ class _TorchAttentionStep:
         self,
         kv_cache: torch.Tensor,
         meta: AttentionMetadata,
-        decode_kernel=None,
-        prefill_kernel=None,
+        kernels=None,
     ) -> None:
+        """``kernels``: the ``splitserve.kernels.cpu`` module, or None for pure torch."""
         self.kv_cache = kv_cache
-        self.decode_kernel = decode_kernel
-        self.prefill_kernel = prefill_kernel
+        self.kernels = kernels
+        # Whether the prefill kernel takes this model's shapes: known at the first call (the
+        # query head count comes with q); None until then.
+        self.prefill_kernel: bool | None = None if kernels is not None else False
         self.meta = meta
         bs = meta.block_size
         device = kv_cache.device
@@ -114,7 +111,7 @@ class _TorchAttentionStep:
 
         self.nd = meta.num_decode_tokens
         self.buckets: list[_DecodeBucket] = []
-        if self.nd and decode_kernel is None:
+        if self.nd and kernels is None:
             self._bucket_decodes(meta, device)
             self.block_diagonal = hkv <= _BLOCK_DIAGONAL_MAX_KV_HEADS
             if self.block_diagonal:
@@ -122,7 +119,7 @@ class _TorchAttentionStep:
 
         self.np = meta.num_prefill_tokens
         self.prefills: list[_Prefill] = []
-        if self.np and prefill_kernel is None:
+        if self.np and kernels is None:
             self._plan_prefills(meta, device)
 
     def _plan_prefills(self, meta: AttentionMetadata, device: torch.device) -> None:
@@ -181,28 +178,39 @@ class _TorchAttentionStep:
         v_cache = v_cache_view(self.kv_cache, layer)
         k_cache[self.write_block, self.write_offset] = k
         v_cache[self.write_block, self.write_offset] = v
-        out = torch.empty_like(q)
-        if self.nd and self.decode_kernel is not None:
-            meta = self.meta
-            out[: self.nd] = self.decode_kernel(
-                q[: self.nd], k_cache, v_cache, meta.decode_block_tables, meta.decode_seq_lens,
-                q.shape[-1] ** -0.5,
+        meta, nd, scale = self.meta, self.nd, q.shape[-1] ** -0.5
+        if self.kernels is not None and self.np and self.prefill_kernel is None:
+            self.prefill_kernel = self.kernels.prefill_supported(
+                q.dtype, q.shape[1], k.shape[1], q.shape[2]
+            )
+            if not self.prefill_kernel:  # SDPA per prompt instead
+                self._plan_prefills(meta, self.kv_cache.device)
+        decoded = prefilled = None
+        if nd and self.kernels is not None:
+            decoded = self.kernels.paged_decode_attention(
+                q[:nd], k_cache, v_cache, meta.decode_block_tables, meta.decode_seq_lens, scale
+            )
+        if self.np and self.prefill_kernel:
+            prefilled = self.kernels.paged_prefill_attention(
+                q[nd:], k_cache, v_cache, meta.prefill_block_tables,
+                meta.prefill_query_start_loc, meta.prefill_seq_lens, scale,
             )  # fmt: skip
-        elif self.nd:
+        # A step of only decodes or only kernel prefills returns the kernel's tensor as is.
+        if decoded is not None and not self.np:
+            return decoded
+        if prefilled is not None and not nd:
+            return prefilled
+        out = torch.empty_like(q)
+        if decoded is not None:
+            out[:nd] = decoded
+        elif nd:
             decode = self._decode_block_diagonal if self.block_diagonal else self._decode_per_head
             for bucket in self.buckets:  # a few length buckets, not sequences
                 rows = slice(bucket.start, bucket.end)
                 out[rows] = decode(q[rows], k_cache, v_cache, bucket)
-        if self.np and self.prefill_kernel is not None and q.shape[1] // k.shape[1] <= 8:
-            meta, nd = self.meta, self.nd
-            out[nd:] = self.prefill_kernel(
-                q[nd:], k_cache, v_cache, meta.prefill_block_tables,
-                meta.prefill_query_start_loc, meta.prefill_seq_lens, q.shape[-1] ** -0.5,
-            )  # fmt: skip
-        elif self.np:
-            if not self.prefills:  # the kernel cannot take this head ratio: SDPA per prompt
-                self._plan_prefills(self.meta, self.kv_cache.device)
-            nd = self.nd
+        if prefilled is not None:
+            out[nd:] = prefilled
+        else:
             for p in self.prefills:
                 out[nd + p.start : nd + p.end] = self._prefill(
                     p, q[nd + p.start : nd + p.end], k[nd + p.start : nd + p.end],
