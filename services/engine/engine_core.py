@@ -324,9 +324,8 @@ class EngineCore:
             s.request.request_id: self.kv.block_ids(s.request.request_id) for s in sched.scheduled
         }
         result = self.runner.execute(sched, tables)
-        for req, first, logprobs in result.prompt_logprobs:
-            if first == len(req.prompt_logprobs):  # in order; positions never repeat
-                req.prompt_logprobs.extend(logprobs)
+        for req, logprobs in result.prompt_logprobs:  # the positions after those it has
+            req.prompt_logprobs.extend(logprobs)
         self.scheduler.update_after_step(sched)
         if not result.sampled:
             return []

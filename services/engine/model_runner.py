@@ -21,9 +21,9 @@ _PROMPT_LOGPROB_ROWS = 256
 class RunnerOutput:
     logits: torch.Tensor  # [len(sampled), vocab] float32
     sampled: list[ScheduledRequest]  # the requests that caught up this step, in logits order
-    # (request, first prompt position, logprobs of the next prompt tokens from there on) for
-    # requests with params.prompt_logprobs whose prompt positions ran this step
-    prompt_logprobs: list[tuple[Request, int, list[TokenLogprobs]]] = field(default_factory=list)
+    # (request, logprobs of the next prompt token at each prompt position it lacked that ran
+    # this step, in order) for requests with params.prompt_logprobs
+    prompt_logprobs: list[tuple[Request, list[TokenLogprobs]]] = field(default_factory=list)
 
 
 class ModelRunner:
@@ -67,7 +67,7 @@ class ModelRunner:
 
     def _prompt_logprobs(
         self, batch: list[ScheduledRequest], ends: list[int], hidden: torch.Tensor
-    ) -> list[tuple[Request, int, list[TokenLogprobs]]]:
+    ) -> list[tuple[Request, list[TokenLogprobs]]]:
         """Logprobs of each next prompt token at the prompt positions this step computed, for
         the requests that asked (prompt positions already done, e.g. before a preemption, are
         not redone). Only those rows pay for the LM head over the whole vocabulary."""
@@ -83,15 +83,15 @@ class ModelRunner:
             stop = min(start + item.num_new_tokens, req.num_prompt_tokens - 1)
             if first >= stop:
                 continue
-            row0 = end + 1 - item.num_new_tokens + (first - start)
+            base = end + 1 - item.num_new_tokens - start  # hidden row of prompt position 0
             out: list[TokenLogprobs] = []
             for lo in range(first, stop, _PROMPT_LOGPROB_ROWS):
                 hi = min(lo + _PROMPT_LOGPROB_ROWS, stop)
-                rows = hidden[row0 + lo - first : row0 + hi - first]
+                rows = hidden[base + lo : base + hi]
                 logits = self.model.compute_logits(rows)[:, :vocab]
                 targets = torch.tensor(req.prompt_token_ids[lo + 1 : hi + 1], device=logits.device)
                 out.extend(compute_token_logprobs(logits, targets, [k] * (hi - lo)))
-            results.append((req, first, out))
+            results.append((req, out))
         return results
 
     def _prepare(self, batch: list[ScheduledRequest], num_decodes: int, block_tables):
