@@ -5,10 +5,17 @@ Everything else lives in pyproject.toml. The folders stay where the design card 
 they are importable only as `splitserve.<folder>`.
 """
 
+from pathlib import Path
+
 from setuptools import find_packages, setup
 
 FOLDERS = {"splitserve": "splitserve"} | {
-    f"splitserve.{name}": name for name in ("operator", "services", "proto", "kernels")
+    f"splitserve.{name}": name
+    for name in (
+        "engine", "kvtransfer", "operator", "services", "proto", "kernels", "cluster"
+    )
+    # cluster/ (the local test cluster's tooling) is not copied into the image.
+    if Path(name).is_dir()
 }
 
 packages: list[str] = []

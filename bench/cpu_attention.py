@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from splitserve.services.engine.attention import AttentionMetadata, get_attention_backend
+from splitserve.engine.attention import AttentionMetadata, get_attention_backend
 
 LAYERS, HQ, HKV, D, BS = 30, 9, 3, 64, 16
 

@@ -1,7 +1,7 @@
 """KV-transfer benchmark: NIXL and gRPC between two processes on loopback vs a plain memory copy.
 
 For 1, 16 and 256 scattered blocks of the SmolLM2 shape (368,640 B each, bf16) it times
-``KVPuller.pull`` against a stand-alone source process (splitserve.services.kvtransfer.standalone),
+``KVPuller.pull`` against a stand-alone source process (tests/fixtures/kv_source.py),
 once with pools on ordinary 4 KiB pages and once on transparent huge pages, and a plain in-process
 copy of the same blocks in the same run. Then it times the KV of a 1,024-token prompt (64 blocks)
 against that prompt's prefill time.
@@ -26,9 +26,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from splitserve.services.kvtransfer import CompatInfo, KVPuller, allocate_kv_pool, nixl_available
-from splitserve.services.kvtransfer.checksum import byte_view
-from splitserve.services.kvtransfer.standalone import SourceProcess, make_pool
+from splitserve.kvtransfer import KVPuller, allocate_kv_pool, nixl_available
+from splitserve.kvtransfer.checksum import byte_view
+from splitserve.protocol.kv_compat import CompatInfo
 
 SHAPE = dict(num_layers=30, block_size=16, num_kv_heads=3, head_dim=64)
 BLOCK_NBYTES = 30 * 2 * 16 * 3 * 64 * 2
@@ -37,6 +37,8 @@ PROMPT_TOKENS = 1024
 PROMPT_BLOCKS = PROMPT_TOKENS // 16
 FALLBACK_PREFILL_TOK_S = 1500.0  # docs/ENVIRONMENT: bf16 prefill on this 2-core machine
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests" / "fixtures"))
+from kv_source import SourceProcess, make_pool  # noqa: E402 - the model-free KV source
 
 
 def plan(transports: list[str], sizes: list[int], reps: int, seed: int) -> list[tuple]:

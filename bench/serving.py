@@ -282,7 +282,7 @@ def _llama_run(args, tmp: Path, threads: int) -> dict:
     if not server.exists():
         print(f"llama: no llama-server in {bin_dir}: skipped", flush=True)
         return {}
-    from splitserve.services.engine.model.loader import default_gguf_path
+    from splitserve.engine.model.loader import default_gguf_path
 
     bf16 = Path(args.cache) / "SmolLM2-135M-Instruct.BF16.gguf"
     env = dict(os.environ, LD_LIBRARY_PATH=str(bin_dir))

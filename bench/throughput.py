@@ -138,7 +138,7 @@ def main() -> None:
 
     from transformers import AutoModelForCausalLM
 
-    from splitserve.services.engine.model.loader import resolve_model
+    from splitserve.engine.model.loader import resolve_model
 
     prompts = make_prompts(args.num_requests, 49152, args.seed)
     print(f"{len(prompts)} requests, prompt tokens {sum(map(len, prompts))}, "

@@ -1,7 +1,7 @@
 """Names, labels, selectors and owner references shared by every builder.
 
 Selectors use only the stable labels (instance and role): a Deployment's selector is immutable,
-so anything that changes during a rollout (model, compatibility hash) is a plain label.
+so anything that changes during a rollout (model, rollout hash) is a plain label.
 """
 
 from __future__ import annotations
@@ -11,20 +11,24 @@ from typing import Any
 
 from splitserve.operator import crd
 from splitserve.operator.spec import InferenceService, short_hash
+from splitserve.protocol.labels import (  # noqa: F401 - the operator's names for them
+    APPLIED_HASH_ANNOTATION,
+    CONFIG_CHECKSUM_ANNOTATION,
+    DECODE,
+    ENGINE_ROLES,
+    INSTANCE_LABEL,
+    MODEL_LABEL,
+    PREFILL,
+    PREFIX,
+    ROLE_LABEL,
+    ROLLOUT_HASH_LABEL,
+    ROUTER,
+)
 
-PREFIX = "serving.splitserve.io"
-INSTANCE_LABEL = f"{PREFIX}/inferenceservice"
-ROLE_LABEL = f"{PREFIX}/role"
-MODEL_LABEL = f"{PREFIX}/model"
-COMPAT_LABEL = f"{PREFIX}/compatibility-hash"
-CONFIG_CHECKSUM_ANNOTATION = f"{PREFIX}/config-checksum"
-APPLIED_HASH_ANNOTATION = f"{PREFIX}/applied-hash"
 MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"
 MANAGED_BY = "splitserve-operator"
 FIELD_MANAGER = "splitserve-operator"
 
-PREFILL, DECODE, ROUTER = "prefill", "decode", "router"
-ENGINE_ROLES = (PREFILL, DECODE)
 
 
 def child_name(isvc: InferenceService, suffix: str) -> str:
@@ -56,12 +60,12 @@ def selector_labels(isvc: InferenceService, role: str) -> dict[str, str]:
 
 
 def role_labels(isvc: InferenceService, role: str) -> dict[str, str]:
-    """Labels of a role's objects and pods (adds component, model and compatibility hash)."""
+    """Labels of a role's objects and pods (adds component, model and rollout hash)."""
     return ownership_labels(isvc) | {
         "app.kubernetes.io/component": role,
         ROLE_LABEL: role,
         MODEL_LABEL: label_value(isvc.spec.model.uri.split("://", 1)[1]),
-        COMPAT_LABEL: isvc.spec.compatibility_hash,
+        ROLLOUT_HASH_LABEL: isvc.spec.rollout_hash,
     }
 
 

@@ -151,20 +151,20 @@ def _warning_once(previous: Mapping[str, Any], reason: str, message: str) -> tup
 
 def _rollout_events(previous: Mapping[str, Any], status: Mapping[str, Any]) -> list[Event]:
     events = []
-    old_target = previous.get("desiredCompatibilityHash")
-    if old_target and old_target != status["desiredCompatibilityHash"]:
+    old_target = previous.get("desiredRolloutHash")
+    if old_target and old_target != status["desiredRolloutHash"]:
         events.append(
             Event(
                 "Normal",
                 "RolloutStarted",
-                f"rolling prefill and decode to compatibility hash "
-                f"{status['desiredCompatibilityHash']} (from {old_target})",
+                f"rolling prefill and decode to rollout hash "
+                f"{status['desiredRolloutHash']} (from {old_target})",
             )
         )
-    served = status.get("compatibilityHash")
-    if served and served != previous.get("compatibilityHash"):
+    served = status.get("rolloutHash")
+    if served and served != previous.get("rolloutHash"):
         events.append(
-            Event("Normal", "RolloutComplete", f"all pods serve compatibility hash {served}")
+            Event("Normal", "RolloutComplete", f"all pods serve rollout hash {served}")
         )
     return events
 

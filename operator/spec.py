@@ -142,11 +142,12 @@ class InferenceServiceSpec:
         return self.prefill.replicas == 0
 
     @property
-    def compatibility_hash(self) -> str:
-        """What must match for a prefill pod's KV blocks to be usable by a decode pod.
+    def rollout_hash(self) -> str:
+        """One version of the serving stack: what a rollout moves every engine pod to together.
 
         Model, revision, image (the engine code), dtype, block size and KV transport. Pods carry
-        it as a label; the router pairs only pods with equal hashes, so no request crosses
+        it as a label; the router pairs only pods with equal labels (and, independently, equal
+        KV compatibility hashes reported by the engines themselves), so no request crosses
         versions during a rollout.
         """
         key = {

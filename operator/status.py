@@ -114,7 +114,7 @@ def compute_status(
     """The whole status from the role Deployments (by role) and the last status.
 
     ``problem`` is (reason, message) when this pass could not apply the desired objects.
-    The served model, revision and compatibility hash move to the desired ones only when the
+    The served model, revision and rollout hash move to the desired ones only when the
     rollout completes, so status never claims a version that is not fully serving.
     """
     s = isvc.spec
@@ -161,16 +161,16 @@ def compute_status(
     status: dict[str, Any] = {
         "observedGeneration": gen,
         "url": endpoint_url(isvc),
-        "desiredCompatibilityHash": s.compatibility_hash,
+        "desiredRolloutHash": s.rollout_hash,
         "model": previous.get("model", ""),
         "revision": previous.get("revision", ""),
-        "compatibilityHash": previous.get("compatibilityHash", ""),
+        "rolloutHash": previous.get("rolloutHash", ""),
         "conditions": [ready, progressing, degraded],
     }
     if rolled_out and problem is None:
         status["model"] = s.model.uri
         status["revision"] = s.model.revision
-        status["compatibilityHash"] = s.compatibility_hash
+        status["rolloutHash"] = s.rollout_hash
     for role in ROLES:
         status[role] = states[role].as_status()
     return status

@@ -10,17 +10,17 @@ __version__ = "0.1.0"
 __all__ = ["LLM", "SamplingParams", "__version__"]
 
 if TYPE_CHECKING:
-    from splitserve.services.engine.llm import LLM
-    from splitserve.services.engine.sampling_params import SamplingParams
+    from splitserve.engine.llm import LLM
+    from splitserve.protocol.sampling import SamplingParams
 
 
 def __getattr__(name: str) -> Any:
     if name == "LLM":
-        from splitserve.services.engine.llm import LLM
+        from splitserve.engine.llm import LLM
 
         return LLM
     if name == "SamplingParams":
-        from splitserve.services.engine.sampling_params import SamplingParams
+        from splitserve.protocol.sampling import SamplingParams
 
         return SamplingParams
     raise AttributeError(f"module 'splitserve' has no attribute {name!r}")

@@ -12,12 +12,12 @@ import sys
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "generate": ("splitserve.services.engine.entrypoints.generate", "offline generation"),
+    "generate": ("splitserve.engine.entrypoints.generate", "offline generation"),
     "fetch-model": (
-        "splitserve.services.engine.entrypoints.fetch_model",
+        "splitserve.engine.entrypoints.fetch_model",
         "convert the default model into the local safetensors cache",
     ),
-    "serve": ("splitserve.services.router.local_stack", "run router, prefill and decode locally"),
+    "serve": ("splitserve.serve", "run router, prefill and decode locally"),
     "router": ("splitserve.services.router.main", "run the OpenAI-compatible router"),
     "prefill": ("splitserve.services.prefill.main", "run a prefill gRPC server"),
     "decode": ("splitserve.services.decode.main", "run a decode gRPC server"),

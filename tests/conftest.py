@@ -4,12 +4,16 @@
 from __future__ import annotations
 
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from splitserve.services.engine.model.loader import resolve_model
+from splitserve.engine.model.loader import resolve_model
+
+# Helper programs that tests start as processes (tests/fixtures/*.py) import by module name.
+sys.path.insert(0, str(Path(__file__).parent / "fixtures"))
 
 
 @pytest.fixture(scope="session")

@@ -16,9 +16,10 @@ from splitserve.operator.builders.config import (
     config_map_name,
 )
 from splitserve.operator.spec import InferenceService
+from splitserve.protocol.constants import ENGINE_GRPC_PORT, ENGINE_METRICS_PORT
 
-GRPC_PORT = 50051
-METRICS_PORT = 9090
+GRPC_PORT = ENGINE_GRPC_PORT
+METRICS_PORT = ENGINE_METRICS_PORT
 ENGINE_SERVICE_ACCOUNT_SUFFIX = "engine"
 
 
@@ -80,11 +81,7 @@ def build_engine_deployment(isvc: InferenceService, role: str) -> dict[str, Any]
             {"name": "grpc", "containerPort": GRPC_PORT, "protocol": "TCP"},
             {"name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP"},
         ],
-        "env": pod.base_env()
-        + [
-            {"name": "SPLITSERVE_ROLE", "value": role},
-            {"name": "SPLITSERVE_COMPATIBILITY_HASH", "value": s.compatibility_hash},
-        ],
+        "env": pod.base_env(),
         "resources": {k: dict(v) for k, v in pool.resources.items()},
         # Model loading may take minutes: the startup probe holds liveness off until then.
         "startupProbe": _grpc_probe(period=10, failures=180),

@@ -47,6 +47,7 @@ def base_env() -> list[dict[str, Any]]:
         {"name": "HOME", "value": HOME},
         {"name": "HF_HOME", "value": f"{CACHE_DIR}/huggingface"},
         {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+        {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
         {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
     ]
 

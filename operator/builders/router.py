@@ -7,8 +7,9 @@ from typing import Any
 from splitserve.operator import labels as L
 from splitserve.operator.builders import pod
 from splitserve.operator.spec import InferenceService
+from splitserve.protocol.constants import ROUTER_HTTP_PORT
 
-HTTP_PORT = 8000
+HTTP_PORT = ROUTER_HTTP_PORT
 API_KEY_DIR = "/etc/splitserve/api-keys"
 
 
@@ -134,7 +135,7 @@ def build_router_service(isvc: InferenceService) -> dict[str, Any]:
 def build_router_rbac(isvc: InferenceService) -> list[dict[str, Any]]:
     """ServiceAccount, Role and RoleBinding: read-only discovery of this namespace's engines.
 
-    EndpointSlices give the ready engine addresses; pods give their compatibility-hash labels,
+    EndpointSlices give the ready engine addresses; pods give their rollout-hash labels,
     which the router uses to pair only compatible prefill and decode pods.
     """
     name = L.child_name(isvc, L.ROUTER)

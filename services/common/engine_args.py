@@ -6,7 +6,7 @@ import argparse
 import os
 import socket
 
-from splitserve.services.engine.config import CacheConfig, EngineConfig, SchedulerConfig
+from splitserve.engine.config import CacheConfig, EngineConfig, SchedulerConfig
 
 
 def add_engine_arguments(parser: argparse.ArgumentParser, default_port: int) -> None:

@@ -7,10 +7,10 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable
 
+from splitserve.engine.async_engine import AsyncEngine
+from splitserve.engine.block_pool import BlockStored, KVEvent
 from splitserve.proto import splitserve_pb2 as pb
 from splitserve.proto import splitserve_pb2_grpc as pb_grpc
-from splitserve.services.engine.async_engine import AsyncEngine
-from splitserve.services.engine.block_pool import BlockStored, KVEvent
 
 log = logging.getLogger(__name__)
 PROTOCOL_VERSION = pb.PROTOCOL_VERSION

@@ -12,13 +12,13 @@ from dataclasses import dataclass
 import grpc
 from prometheus_client import CollectorRegistry
 
+from splitserve.engine.async_engine import AsyncEngine
+from splitserve.engine.engine_core import EngineCore
+from splitserve.kvtransfer.pool import allocate_kv_pool
+from splitserve.protocol.kv_compat import CompatInfo
 from splitserve.services.common.engine_args import engine_config
 from splitserve.services.common.metrics import EngineMetrics
 from splitserve.services.common.serving import run_grpc_server
-from splitserve.services.engine.async_engine import AsyncEngine
-from splitserve.services.engine.engine_core import EngineCore
-from splitserve.services.kvtransfer.compat import CompatInfo
-from splitserve.services.kvtransfer.pool import allocate_kv_pool
 
 
 def kv_transports(args: argparse.Namespace) -> tuple[str, ...]:

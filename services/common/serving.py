@@ -12,18 +12,10 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry, start_http_server
 
+from splitserve.protocol.constants import GRPC_SERVER_OPTIONS
+
 log = logging.getLogger(__name__)
 
-GRPC_OPTIONS = [
-    ("grpc.max_send_message_length", 256 << 20),
-    ("grpc.max_receive_message_length", 256 << 20),
-    ("grpc.so_reuseport", 0),
-    # The router keeps idle channels alive with pings every 10 s; accept them instead of
-    # answering with GOAWAY (too_many_pings), which would drop the connection.
-    ("grpc.keepalive_permit_without_calls", 1),
-    ("grpc.http2.min_ping_interval_without_data_ms", 5000),
-    ("grpc.http2.max_ping_strikes", 0),
-]
 
 
 async def run_grpc_server(
@@ -39,7 +31,7 @@ async def run_grpc_server(
     """Serve until SIGTERM / SIGINT; then stop accepting, let streams finish (grace), clean up."""
     # Sync handlers (the KV transfer servicer) run on this pool; async ones on the event loop.
     server = grpc.aio.server(
-        migration_thread_pool=ThreadPoolExecutor(max_workers=16), options=GRPC_OPTIONS
+        migration_thread_pool=ThreadPoolExecutor(max_workers=16), options=GRPC_SERVER_OPTIONS
     )
     for add in add_servicers:
         add(server)

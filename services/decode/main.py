@@ -15,12 +15,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from splitserve.kvtransfer.metrics import TransferMetrics
+    from splitserve.kvtransfer.puller import KVPuller
     from splitserve.proto import splitserve_pb2_grpc as pb_grpc
     from splitserve.services.common.engine_service import EngineServicer
     from splitserve.services.common.runtime import build_runtime, kv_transports
     from splitserve.services.decode.server import DecodeServicer
-    from splitserve.services.kvtransfer.metrics import TransferMetrics
-    from splitserve.services.kvtransfer.puller import KVPuller
 
     rt = build_runtime(args, "decode")
     puller = KVPuller(

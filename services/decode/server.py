@@ -15,20 +15,20 @@ from collections.abc import AsyncIterator
 
 import grpc
 
+from splitserve.engine.async_engine import AsyncEngine, EngineDeadError
+from splitserve.engine.outputs import SequenceDelta
+from splitserve.kvtransfer.errors import KVTransferError
+from splitserve.kvtransfer.puller import KVPuller
 from splitserve.proto import splitserve_pb2 as pb
 from splitserve.proto import splitserve_pb2_grpc as pb_grpc
-from splitserve.services.common.convert import (
+from splitserve.protocol.sampling import SamplingParams
+from splitserve.protocol.wire import (
     finish_to_proto,
     logprobs_from_proto,
     logprobs_to_proto,
     params_from_proto,
 )
 from splitserve.services.common.metrics import EngineMetrics
-from splitserve.services.engine.async_engine import AsyncEngine, EngineDeadError
-from splitserve.services.engine.outputs import SequenceDelta
-from splitserve.services.engine.sampling_params import SamplingParams
-from splitserve.services.kvtransfer.errors import KVTransferError
-from splitserve.services.kvtransfer.puller import KVPuller
 
 log = logging.getLogger(__name__)
 

@@ -13,13 +13,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from splitserve.kvtransfer.leases import Lease
+    from splitserve.kvtransfer.metrics import TransferMetrics
+    from splitserve.kvtransfer.servicer import KVServicer
+    from splitserve.kvtransfer.source import KVBlockSource, SourceConfig
     from splitserve.proto import splitserve_pb2_grpc as pb_grpc
     from splitserve.services.common.engine_service import EngineServicer
     from splitserve.services.common.runtime import build_runtime, kv_transports
-    from splitserve.services.kvtransfer.leases import Lease
-    from splitserve.services.kvtransfer.metrics import TransferMetrics
-    from splitserve.services.kvtransfer.servicer import KVServicer
-    from splitserve.services.kvtransfer.source import KVBlockSource, SourceConfig
     from splitserve.services.prefill.server import PrefillServicer
 
     rt = build_runtime(args, "prefill")

@@ -1,7 +1,7 @@
 """The prefill server: runs prompts, samples the first token, leases the prompt's KV blocks.
 
 gRPC services: PrefillService (this module), KVService (reads of leased blocks, from
-``splitserve.services.kvtransfer``), EngineService (stats, KV events) and grpc health.
+``splitserve.kvtransfer``), EngineService (stats, KV events) and grpc health.
 A lease ends on release by the decode pod, on expiry, or on abort; each frees the blocks once.
 """
 
@@ -14,12 +14,12 @@ import time
 
 import grpc
 
+from splitserve.engine.async_engine import AsyncEngine, EngineDeadError
+from splitserve.kvtransfer.source import KVBlockSource
 from splitserve.proto import splitserve_pb2 as pb
 from splitserve.proto import splitserve_pb2_grpc as pb_grpc
-from splitserve.services.common.convert import logprobs_to_proto, params_from_proto
+from splitserve.protocol.wire import logprobs_to_proto, params_from_proto
 from splitserve.services.common.metrics import EngineMetrics
-from splitserve.services.engine.async_engine import AsyncEngine, EngineDeadError
-from splitserve.services.kvtransfer.source import KVBlockSource
 
 log = logging.getLogger(__name__)
 

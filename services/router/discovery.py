@@ -3,7 +3,7 @@
 Kubernetes: the operator gives each engine role a headless Service; its EndpointSlices list the
 pods' addresses and readiness. The router lists and watches the slices matching the role's label
 selector, keeps only ready, non-terminating endpoints, and reads each endpoint's Pod (via
-``targetRef``) for its ``compatibility-hash`` label so that prefill and decode pods are paired only
+``targetRef``) for its ``rollout-hash`` label so that prefill and decode pods are paired only
 when their KV caches mean the same thing. When both selectors are equal, the pods are colocated.
 """
 
@@ -21,12 +21,11 @@ from typing import Any
 
 import httpx
 
+from splitserve.protocol.labels import GRPC_PORT_NAME, ROLLOUT_HASH_LABEL
 from splitserve.services.router.pool import DECODE, PREFILL, Endpoint
 
 log = logging.getLogger(__name__)
 
-COMPAT_LABEL = "serving.splitserve.io/compatibility-hash"
-GRPC_PORT_NAME = "grpc"
 _SA_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
 
 
@@ -101,7 +100,7 @@ def slice_endpoints(
 ) -> list[Endpoint]:
     """Ready endpoints of ``slices`` as ``Endpoint`` s with ``roles``.
 
-    ``pods`` maps pod name -> Pod object (for the compatibility-hash label). An endpoint whose
+    ``pods`` maps pod name -> Pod object (for the rollout-hash label). An endpoint whose
     pod is unknown is skipped: without its hash it can not be paired safely (it appears once
     read).
     """
@@ -125,7 +124,7 @@ def slice_endpoints(
             host = ep["addresses"][0]
             address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
             out[address] = Endpoint(
-                address, roles, labels.get(COMPAT_LABEL, ""), ref.get("name", "")
+                address, roles, labels.get(ROLLOUT_HASH_LABEL, ""), ref.get("name", "")
             )
     return list(out.values())
 

@@ -21,8 +21,10 @@ from dataclasses import dataclass, field
 from functools import cached_property
 
 from splitserve.proto import splitserve_pb2 as pb
-from splitserve.services.engine.block_hash import hash_prompt_blocks
-from splitserve.services.engine.sampling_params import SamplingParams
+from splitserve.protocol.block_hash import hash_prompt_blocks
+from splitserve.protocol.constants import PROTOCOL_VERSION
+from splitserve.protocol.sampling import SamplingParams
+from splitserve.protocol.wire import params_to_proto
 from splitserve.services.router.errors import APIError, BackendError, NoBackendError
 from splitserve.services.router.metrics import RouterMetrics
 from splitserve.services.router.policy import Weights, choose
@@ -30,47 +32,6 @@ from splitserve.services.router.pool import DECODE, PREFILL, PodState, Pool, tra
 from splitserve.services.router.retry import RetryBudget
 
 log = logging.getLogger(__name__)
-
-PROTOCOL_VERSION = pb.PROTOCOL_VERSION
-
-
-def sampling_to_proto(params: SamplingParams) -> pb.SamplingParams:
-    """The engine's validated params as the wire message (one sample: the router fans out n)."""
-    msg = pb.SamplingParams(
-        n=1,
-        temperature=params.temperature,
-        top_p=params.top_p,
-        top_k=params.top_k,
-        min_p=params.min_p,
-        presence_penalty=params.presence_penalty,
-        frequency_penalty=params.frequency_penalty,
-        repetition_penalty=params.repetition_penalty,
-        min_tokens=params.min_tokens,
-        stop=list(params.stop),
-        stop_token_ids=list(params.stop_token_ids),
-        ignore_eos=params.ignore_eos,
-        include_stop_str_in_output=params.include_stop_str_in_output,
-        skip_special_tokens=params.skip_special_tokens,
-    )
-    if params.seed is not None:
-        msg.seed = params.seed
-    if params.max_tokens is None:
-        msg.max_tokens_unbounded = True
-    else:
-        msg.max_tokens = params.max_tokens
-    if params.logprobs is not None:
-        msg.logprobs = params.logprobs
-    if params.prompt_logprobs is not None:
-        msg.prompt_logprobs = params.prompt_logprobs
-    msg.logit_bias.update(params.logit_bias or ())
-    msg.allowed_token_ids.extend(params.allowed_token_ids or ())
-    spec = params.structured_output  # (as convert.structured_to_proto; the router avoids torch)
-    if spec is not None and spec.choice is not None:
-        msg.structured_output.choice.values.extend(spec.choice)
-    elif spec is not None:
-        setattr(msg.structured_output, spec.kind, getattr(spec, spec.kind))
-    return msg
-
 
 @dataclass
 class EngineRequest:
@@ -94,7 +55,7 @@ class EngineRequest:
         return pb.PrefillRequest(
             request_id=self.request_id,
             prompt_token_ids=self.prompt_token_ids,
-            sampling_params=sampling_to_proto(self.params),
+            sampling_params=params_to_proto(self.params),
             extra_keys=list(self.params.extra_keys),
             protocol_version=PROTOCOL_VERSION,
         )

@@ -13,6 +13,7 @@ import grpc
 
 from splitserve.proto import splitserve_pb2 as pb
 from splitserve.proto import splitserve_pb2_grpc as pb_grpc
+from splitserve.protocol.constants import GRPC_CHANNEL_OPTIONS
 from splitserve.services.router.errors import BackendError
 
 # Status codes that say "this pod could not do it", not "the request is wrong".
@@ -27,17 +28,6 @@ _RETRYABLE = {
     grpc.StatusCode.FAILED_PRECONDITION,  # e.g. an expired lease / incompatible pods
 }
 
-_CHANNEL_OPTIONS = [
-    ("grpc.max_receive_message_length", 64 << 20),
-    ("grpc.keepalive_time_ms", 10_000),
-    ("grpc.keepalive_timeout_ms", 5_000),
-    ("grpc.http2.max_pings_without_data", 0),
-    ("grpc.keepalive_permit_without_calls", 1),
-    # A pod restarted on the same address (container restart) is reached again within ~2 s.
-    ("grpc.initial_reconnect_backoff_ms", 100),
-    ("grpc.min_reconnect_backoff_ms", 100),
-    ("grpc.max_reconnect_backoff_ms", 2000),
-]
 
 
 def to_backend_error(err: grpc.RpcError, address: str) -> BackendError:
@@ -60,7 +50,7 @@ class EngineClient:
 
     def __init__(self, address: str) -> None:
         self.address = address
-        self.channel = grpc.aio.insecure_channel(address, options=_CHANNEL_OPTIONS)
+        self.channel = grpc.aio.insecure_channel(address, options=GRPC_CHANNEL_OPTIONS)
         self._prefill = pb_grpc.PrefillServiceStub(self.channel)
         self._decode = pb_grpc.DecodeServiceStub(self.channel)
         self._engine = pb_grpc.EngineServiceStub(self.channel)

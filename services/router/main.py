@@ -238,7 +238,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _default_name(model: str | None) -> str:
-    from splitserve.services.engine.model.loader import DEFAULT_MODEL_NAME
+    from splitserve.engine.model.loader import DEFAULT_MODEL_NAME
 
     if model is None or model in ("", "default"):
         return DEFAULT_MODEL_NAME

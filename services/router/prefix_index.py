@@ -1,7 +1,7 @@
 """Which prompt blocks each pod holds: precise (from KV events) and speculative (from routing).
 
 The precise index mirrors each engine's prefix cache from its ``BlockStored`` / ``BlockRemoved``
-events, keyed by the chained block hashes of ``services/engine/block_hash.py``; so it never drifts
+events, keyed by the chained block hashes of ``engine/block_hash.py``; so it never drifts
 from the engines' real cache as long as the event stream has no gap (a gap or a new epoch clears
 the pod's entries and the subscriber resubscribes with a snapshot).
 

@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 import jsonschema
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from splitserve.services.engine.sampling_params import SamplingParams, StructuredOutput
+from splitserve.protocol.sampling import SamplingParams, StructuredOutput
 from splitserve.services.router.tools import ToolPlan, plan_tools
 
 

@@ -108,6 +108,6 @@ def _max_model_len(model_dir: Path) -> int:
 
 def load_tokenizer(model: str | None) -> RouterTokenizer:
     """Resolve ``model`` as the engines do (default: the embedded SmolLM2); load its tokenizer."""
-    from splitserve.services.engine.model.loader import resolve_model
+    from splitserve.engine.model.loader import resolve_model
 
     return RouterTokenizer(resolve_model(model))

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import jsonschema
 
-from splitserve.services.engine.sampling_params import StructuredOutput
+from splitserve.protocol.sampling import StructuredOutput
 
 if TYPE_CHECKING:
     from splitserve.services.router.protocol import ChatMessage, NamedToolChoice, Tool

@@ -8,7 +8,7 @@ import types
 import pytest
 import torch
 
-from splitserve.services.engine.attention import AttentionMetadata
+from splitserve.engine.attention import AttentionMetadata
 
 
 @pytest.fixture(scope="session")

@@ -6,11 +6,11 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from splitserve.services.engine.config import SchedulerConfig
-from splitserve.services.engine.kv_cache_manager import KVCacheManager
-from splitserve.services.engine.request import Request, RequestStatus
-from splitserve.services.engine.sampling_params import SamplingParams
-from splitserve.services.engine.scheduler import Scheduler
+from splitserve.engine.config import SchedulerConfig
+from splitserve.engine.kv_cache_manager import KVCacheManager
+from splitserve.engine.request import Request, RequestStatus
+from splitserve.engine.scheduler import Scheduler
+from splitserve.protocol.sampling import SamplingParams
 
 BLOCK = 4
 

@@ -10,8 +10,8 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from splitserve.services.engine.detokenizer import DetokenizerDelta, IncrementalDetokenizer
-from splitserve.services.engine.sampling_params import SamplingParams
+from splitserve.engine.detokenizer import DetokenizerDelta, IncrementalDetokenizer
+from splitserve.protocol.sampling import SamplingParams
 
 MULTIBYTE = [
     "Hello, world! This is plain ASCII.",

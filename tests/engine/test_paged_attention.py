@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from splitserve.services.engine.attention import get_attention_backend
+from splitserve.engine.attention import get_attention_backend
 
 CASES = [
     # (specs, block_size, hq, hkv, d)

@@ -8,15 +8,15 @@ from collections import Counter
 import pytest
 import torch
 
-import splitserve.services.engine.sampler as sampler_mod
-from splitserve.services.engine.sampler import (
+import splitserve.engine.sampler as sampler_mod
+from splitserve.engine.sampler import (
     Sampler,
     SamplerOutput,
     SamplingRow,
     _draw,
     _filter,
 )
-from splitserve.services.engine.sampling_params import SamplingParams
+from splitserve.protocol.sampling import SamplingParams
 
 V = 64
 EOS = 2

@@ -17,9 +17,9 @@ import pytest
 import torch
 
 from splitserve import LLM, SamplingParams
-from splitserve.services.engine.sampler import Sampler, SamplingRow
-from splitserve.services.engine.sampling_params import StructuredOutput
-from splitserve.services.engine.structured_output import StructuredOutputs, TokenBitmask
+from splitserve.engine.sampler import Sampler, SamplingRow
+from splitserve.engine.structured_output import StructuredOutputs, TokenBitmask
+from splitserve.protocol.sampling import StructuredOutput
 
 SCHEMA = {
     "type": "object",

@@ -8,7 +8,7 @@ import math
 import pytest
 
 from splitserve import LLM, SamplingParams
-from splitserve.services.engine.sampling_params import MAX_LOGIT_BIAS
+from splitserve.protocol.sampling import MAX_LOGIT_BIAS
 
 FORCED = 1234  # an ordinary token of the default tokenizer (EOS is 2)
 

@@ -14,7 +14,7 @@ if not torch.cuda.is_available():
 triton = pytest.importorskip("triton")
 
 from splitserve import LLM, SamplingParams  # noqa: E402
-from splitserve.services.engine.attention import get_attention_backend  # noqa: E402
+from splitserve.engine.attention import get_attention_backend  # noqa: E402
 
 
 def test_triton_backend_matches_dense_on_a_mixed_batch(attn_helpers):

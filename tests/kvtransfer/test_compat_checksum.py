@@ -9,28 +9,25 @@ import sys
 import pytest
 import torch
 
-from splitserve.services.kvtransfer.checksum import (
+from splitserve.kvtransfer.checksum import (
     block_checksum,
     block_checksums,
     byte_view,
     mismatched,
 )
-from splitserve.services.kvtransfer.compat import (
-    PROTOCOL_VERSION,
-    CompatInfo,
-    check_compatible,
-    compat_hash,
-)
-from splitserve.services.kvtransfer.errors import IncompatiblePeerError
-from splitserve.services.kvtransfer.pool import KVPool, allocate_kv_pool
+from splitserve.kvtransfer.compat import check_compatible
+from splitserve.kvtransfer.errors import IncompatiblePeerError
+from splitserve.kvtransfer.pool import KVPool, allocate_kv_pool
+from splitserve.protocol.constants import PROTOCOL_VERSION
+from splitserve.protocol.kv_compat import CompatInfo, kv_compat_hash
 
 SMOL = CompatInfo("SmolLM2-135M-Instruct", "q4_1", "bfloat16", 16, 30, 3, 64)
 
 
 def test_compat_hash_is_stable_across_processes() -> None:
     code = (
-        "from splitserve.services.kvtransfer.compat import CompatInfo, compat_hash;"
-        "print(compat_hash(CompatInfo('SmolLM2-135M-Instruct','q4_1','bfloat16',16,30,3,64)))"
+        "from splitserve.protocol.kv_compat import CompatInfo, kv_compat_hash;"
+        "print(kv_compat_hash(CompatInfo('SmolLM2-135M-Instruct','q4_1','bfloat16',16,30,3,64)))"
     )
     out = subprocess.run(
         [sys.executable, "-P", "-c", code],
@@ -39,7 +36,7 @@ def test_compat_hash_is_stable_across_processes() -> None:
         check=True,
         env={"PYTHONHASHSEED": "123"},  # a different str-hash seed must not matter
     ).stdout.strip()
-    assert out == compat_hash(SMOL)
+    assert out == kv_compat_hash(SMOL)
     assert len(out) == 32
 
 
@@ -58,7 +55,7 @@ def test_compat_hash_is_stable_across_processes() -> None:
 )
 def test_every_field_changes_hash_and_is_named(field: str, value: object) -> None:
     other = dataclasses.replace(SMOL, **{field: value})
-    assert compat_hash(other) != compat_hash(SMOL)
+    assert kv_compat_hash(other) != kv_compat_hash(SMOL)
     with pytest.raises(IncompatiblePeerError, match=field) as info:
         check_compatible(SMOL, other)
     assert info.value.differences == (field,)

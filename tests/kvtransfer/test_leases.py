@@ -9,8 +9,8 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from splitserve.services.kvtransfer.errors import EpochMismatchError, LeaseExpiredError
-from splitserve.services.kvtransfer.leases import LeaseTable
+from splitserve.kvtransfer.errors import EpochMismatchError, LeaseExpiredError
+from splitserve.kvtransfer.leases import LeaseTable
 
 
 class FakeClock:

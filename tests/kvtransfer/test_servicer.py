@@ -9,12 +9,8 @@ import pytest
 import torch
 from prometheus_client import CollectorRegistry
 
-from splitserve.proto import splitserve_pb2 as pb
-from splitserve.proto import splitserve_pb2_grpc as pb_grpc
-from splitserve.services.kvtransfer import (
-    GRPC_OPTIONS,
+from splitserve.kvtransfer import (
     ChecksumMismatchError,
-    CompatInfo,
     EpochMismatchError,
     IncompatiblePeerError,
     KVBlockSource,
@@ -24,6 +20,10 @@ from splitserve.services.kvtransfer import (
     SourceConfig,
     TransferMetrics,
 )
+from splitserve.proto import splitserve_pb2 as pb
+from splitserve.proto import splitserve_pb2_grpc as pb_grpc
+from splitserve.protocol.constants import GRPC_CHANNEL_OPTIONS, GRPC_SERVER_OPTIONS
+from splitserve.protocol.kv_compat import CompatInfo
 
 COMPAT = CompatInfo("tiny", "r0", "float32", 4, 2, 2, 8)
 SHAPE = (16, 2, 2, 4, 2, 8)
@@ -41,13 +41,13 @@ def served():
     clock = Clock()
     freed: list[tuple[int, ...]] = []
     pool = torch.randn(SHAPE)
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), options=GRPC_OPTIONS)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), options=GRPC_SERVER_OPTIONS)
     port = server.add_insecure_port("127.0.0.1:0")
     config = SourceConfig("prefill-0", COMPAT, f"127.0.0.1:{port}", transports=("grpc",))
     source = KVBlockSource(pool, config, lambda lease: freed.append(lease.block_ids), clock=clock)
     KVServicer(source).add_to_server(server)
     server.start()
-    channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=GRPC_OPTIONS)
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=GRPC_CHANNEL_OPTIONS)
     yield source, pb_grpc.KVServiceStub(channel), pool, freed, clock
     channel.close()
     server.stop(0)
@@ -219,7 +219,7 @@ async def test_mounts_on_a_grpc_aio_server() -> None:
 
     pool = torch.randn(SHAPE)
     server = grpc.aio.server(
-        migration_thread_pool=futures.ThreadPoolExecutor(max_workers=2), options=GRPC_OPTIONS
+        migration_thread_pool=futures.ThreadPoolExecutor(max_workers=2), options=GRPC_SERVER_OPTIONS
     )
     port = server.add_insecure_port("127.0.0.1:0")
     config = SourceConfig("prefill-aio", COMPAT, f"127.0.0.1:{port}", transports=("grpc",))
@@ -253,7 +253,7 @@ def test_unreachable_source_fails_fast_with_a_typed_error(served) -> None:
     import socket
     import time
 
-    from splitserve.services.kvtransfer import PeerUnreachableError
+    from splitserve.kvtransfer import PeerUnreachableError
 
     source, *_ = served
     handoff = source.grant("r", [1], num_tokens=4)

@@ -1,6 +1,6 @@
 """KV blocks between real processes on 127.0.0.1, over both transports.
 
-The source is ``splitserve.services.kvtransfer.standalone`` (a prefill pod without a model, with
+The source is ``tests/fixtures/kv_source.py`` (a prefill pod without a model, with
 fault injection); the reader is a ``KVPuller`` in the test process.
 """
 
@@ -12,11 +12,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from kv_source import SourceProcess, make_pool  # tests/fixtures (on sys.path via conftest)
 
-from splitserve.proto import splitserve_pb2 as pb
-from splitserve.services.kvtransfer import (
+from splitserve.kvtransfer import (
     ChecksumMismatchError,
-    CompatInfo,
     EpochMismatchError,
     IncompatiblePeerError,
     KVPuller,
@@ -24,7 +23,8 @@ from splitserve.services.kvtransfer import (
     LeaseExpiredError,
     nixl_available,
 )
-from splitserve.services.kvtransfer.standalone import SourceProcess, make_pool
+from splitserve.proto import splitserve_pb2 as pb
+from splitserve.protocol.kv_compat import CompatInfo
 
 SMOL = dict(num_layers=30, block_size=16, num_kv_heads=3, head_dim=64)
 NUM_BLOCKS = 64

@@ -6,12 +6,12 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from splitserve.proto import splitserve_pb2 as pb
-from splitserve.services.kvtransfer.grpc_transport import (
+from splitserve.kvtransfer.grpc_transport import (
     WireChunk,
     _varint,
     serialize_read_response,
 )
+from splitserve.proto import splitserve_pb2 as pb
 
 
 @given(st.integers(0, 2**64 - 1))

@@ -149,7 +149,7 @@ def test_pods_are_secure_probed_and_labelled(make_isvc, case) -> None:
         assert (
             dep["spec"]["selector"]["matchLabels"].items() <= template["metadata"]["labels"].items()
         )
-        assert template["metadata"]["labels"][L.COMPAT_LABEL] == isvc.spec.compatibility_hash
+        assert template["metadata"]["labels"][L.ROLLOUT_HASH_LABEL] == isvc.spec.rollout_hash
         assert pod["securityContext"]["runAsNonRoot"] is True
         assert c["securityContext"] == {
             "allowPrivilegeEscalation": False,
@@ -252,9 +252,9 @@ def test_config_checksum_ignores_everything_else(make_isvc, change) -> None:
     ],
     ids=str,
 )
-def test_compatibility_hash(make_isvc, change, incompatible) -> None:
-    old = parse(make_isvc()).spec.compatibility_hash
-    assert (parse(make_isvc(change)).spec.compatibility_hash != old) is incompatible
+def test_rollout_hash(make_isvc, change, incompatible) -> None:
+    old = parse(make_isvc()).spec.rollout_hash
+    assert (parse(make_isvc(change)).spec.rollout_hash != old) is incompatible
 
 
 def test_builders_are_deterministic(make_isvc) -> None:

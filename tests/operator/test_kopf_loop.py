@@ -231,7 +231,7 @@ async def test_operator_reconciles_rolls_out_restores_and_deletes() -> None:
             ),
             "Ready=True",
         )
-        first_hash = isvc["status"]["compatibilityHash"]
+        first_hash = isvc["status"]["rolloutHash"]
         assert isvc["status"]["decode"]["summary"] == "2/2"
         assert isvc["status"]["url"] == "http://chat.ml.svc.cluster.local"
         assert isvc["status"]["model"] == "pvc://models/smollm2"
@@ -244,7 +244,7 @@ async def test_operator_reconciles_rolls_out_restores_and_deletes() -> None:
 
         def both_roles_new() -> bool:
             hashes = {
-                d["spec"]["template"]["metadata"]["labels"][L.COMPAT_LABEL]
+                d["spec"]["template"]["metadata"]["labels"][L.ROLLOUT_HASH_LABEL]
                 for d in cluster.objects("deployments")
                 if d["metadata"]["labels"][L.ROLE_LABEL] != L.ROUTER
             }
@@ -260,21 +260,21 @@ async def test_operator_reconciles_rolls_out_restores_and_deletes() -> None:
             ),
             "Progressing=True during the rollout",
         )
-        assert isvc["status"]["compatibilityHash"] == first_hash  # still serving the old one
-        assert isvc["status"]["desiredCompatibilityHash"] != first_hash
+        assert isvc["status"]["rolloutHash"] == first_hash  # still serving the old one
+        assert isvc["status"]["desiredRolloutHash"] != first_hash
         assert isvc["status"]["observedGeneration"] == 2
         cluster.controller_on = True
         isvc = await eventually(
             lambda: (
                 (i := cluster.get("inferenceservices", "chat"))
                 and condition(i, "Ready") == "True"
-                and i["status"]["compatibilityHash"] != first_hash
+                and i["status"]["rolloutHash"] != first_hash
                 and i
             ),
             "rollout complete",
         )
         assert isvc["status"]["revision"] == "v2"
-        assert isvc["status"]["compatibilityHash"] == isvc["status"]["desiredCompatibilityHash"]
+        assert isvc["status"]["rolloutHash"] == isvc["status"]["desiredRolloutHash"]
 
         # Drift: a deleted child comes back, a hand scale is undone.
         await cluster.call("DELETE", f"/api/v1/namespaces/{NS}/services/chat-decode")

@@ -105,7 +105,7 @@ async def test_create_applies_everything_then_is_idempotent(make_isvc) -> None:
 async def test_model_change_rolls_prefill_and_decode_together(make_isvc) -> None:
     api = FakeApi()
     body = await converge(api, make_isvc())
-    old_hash = body["status"]["compatibilityHash"]
+    old_hash = body["status"]["rolloutHash"]
     changed = make_isvc({"model": {"revision": "v2"}, "rollout": {"maxSurge": 2}}) | {
         "status": body["status"]
     }
@@ -117,17 +117,17 @@ async def test_model_change_rolls_prefill_and_decode_together(make_isvc) -> None
     new_hashes = set()
     for name in ("chat-prefill", "chat-decode"):
         dep = api.deployments()[name]
-        new_hashes.add(dep["spec"]["template"]["metadata"]["labels"][L.COMPAT_LABEL])
+        new_hashes.add(dep["spec"]["template"]["metadata"]["labels"][L.ROLLOUT_HASH_LABEL])
         assert dep["spec"]["strategy"]["rollingUpdate"] == {"maxSurge": 2, "maxUnavailable": 0}
     assert len(new_hashes) == 1 and old_hash not in new_hashes
     # The Deployment controller has not caught up: status says so and keeps the old hash.
     assert conditions(result.status)["Progressing"] == "True"
-    assert result.status["compatibilityHash"] == old_hash
-    assert result.status["desiredCompatibilityHash"] in new_hashes
+    assert result.status["rolloutHash"] == old_hash
+    assert result.status["desiredRolloutHash"] in new_hashes
     assert "RolloutStarted" in [e.reason for e in result.events]
     api.controller()
     done = await reconcile(api, changed | {"status": result.status}, T0)
-    assert done.status["compatibilityHash"] in new_hashes and done.status["revision"] == "v2"
+    assert done.status["rolloutHash"] in new_hashes and done.status["revision"] == "v2"
     assert conditions(done.status)["Ready"] == "True"
 
 
@@ -205,7 +205,7 @@ async def test_invalid_update_leaves_the_running_version_alone(make_isvc) -> Non
     bad = make_isvc({"model": {"revision": "v2"}, "engine": {"blockSize": 3}})
     result = await reconcile(api, bad | {"status": body["status"]}, T0)
     assert api.store == before  # never half-applied
-    assert result.status["compatibilityHash"] == body["status"]["compatibilityHash"]
+    assert result.status["rolloutHash"] == body["status"]["rolloutHash"]
 
 
 async def test_api_errors_become_retries(make_isvc) -> None:

@@ -35,7 +35,7 @@ def test_all_ready_means_ready_and_serving_the_desired_hash(isvc) -> None:
         "Progressing": ("False", "RolloutComplete"),
         "Degraded": ("False", "AsExpected"),
     }
-    assert status["compatibilityHash"] == isvc.spec.compatibility_hash
+    assert status["rolloutHash"] == isvc.spec.rollout_hash
     assert status["model"] == "pvc://weights/smollm2" and status["revision"] == "abc123"
     assert status["observedGeneration"] == 3
     assert status["decode"] == {
@@ -46,15 +46,15 @@ def test_all_ready_means_ready_and_serving_the_desired_hash(isvc) -> None:
 
 
 def test_rollout_in_progress_keeps_the_old_hash_as_served(isvc) -> None:
-    previous = {"compatibilityHash": "old", "model": "pvc://weights/old", "revision": "r1"}
+    previous = {"rolloutHash": "old", "model": "pvc://weights/old", "revision": "r1"}
     # decode surged: 3 pods for 2 desired, 1 updated.
     deployments = {"prefill": dep(1, 1, 1), "decode": dep(2, 2, 1, total=3), "router": dep(1, 1, 1)}
     status = compute_status(isvc, deployments, previous, T0)
     assert conditions(status)["Ready"] == ("False", "RollingOut")
     assert conditions(status)["Progressing"] == ("True", "RollingOut")
     assert conditions(status)["Degraded"][0] == "False"
-    assert status["compatibilityHash"] == "old" and status["revision"] == "r1"
-    assert status["desiredCompatibilityHash"] == isvc.spec.compatibility_hash
+    assert status["rolloutHash"] == "old" and status["revision"] == "r1"
+    assert status["desiredRolloutHash"] == isvc.spec.rollout_hash
     progressing = next(c for c in status["conditions"] if c["type"] == "Progressing")
     assert "decode 1/2 updated" in progressing["message"]
 
@@ -65,7 +65,7 @@ def test_controller_not_caught_up_is_progressing(isvc) -> None:
     deployments = {"prefill": dep(1, 1, 1), "decode": stale, "router": dep(1, 1, 1)}
     status = compute_status(isvc, deployments, {}, T0)
     assert conditions(status)["Progressing"][0] == "True"
-    assert status["compatibilityHash"] == ""
+    assert status["rolloutHash"] == ""
 
 
 def test_stuck_rollout_is_degraded(isvc) -> None:
@@ -91,7 +91,7 @@ def test_apply_problem_is_reported(isvc) -> None:
     status = compute_status(isvc, deployments, {}, T0, ("ApplyFailed", "403 Forbidden"))
     assert conditions(status)["Ready"] == ("False", "ApplyFailed")
     assert conditions(status)["Degraded"] == ("True", "ApplyFailed")
-    assert status["compatibilityHash"] == ""
+    assert status["rolloutHash"] == ""
 
 
 def test_transition_time_moves_only_when_status_flips(isvc) -> None:
@@ -113,9 +113,9 @@ def test_colocated_reports_an_empty_prefill_pool(make_isvc) -> None:
 
 
 def test_invalid_spec_keeps_what_is_served() -> None:
-    previous = {"compatibilityHash": "h1", "model": "hf://a/b", "url": "http://x"}
+    previous = {"rolloutHash": "h1", "model": "hf://a/b", "url": "http://x"}
     status = invalid_spec_status(7, "spec.engine.blockSize: bad", previous, T0)
-    assert status["compatibilityHash"] == "h1" and status["observedGeneration"] == 7
+    assert status["rolloutHash"] == "h1" and status["observedGeneration"] == 7
     assert conditions(status) == {
         "Ready": ("False", "InvalidSpec"),
         "Progressing": ("False", "InvalidSpec"),

@@ -29,7 +29,7 @@ import uvicorn
 
 from splitserve.proto import splitserve_pb2 as pb
 from splitserve.proto import splitserve_pb2_grpc as pb_grpc
-from splitserve.services.engine.block_hash import hash_prompt_blocks
+from splitserve.protocol.block_hash import hash_prompt_blocks
 from splitserve.services.router.main import RouterSettings, build_router, static_discovery
 from splitserve.services.router.tokenizer import load_tokenizer
 

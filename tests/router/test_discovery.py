@@ -10,8 +10,8 @@ import kmock
 import pytest
 
 from splitserve.operator import labels as L
+from splitserve.protocol.labels import ROLLOUT_HASH_LABEL
 from splitserve.services.router.discovery import (
-    COMPAT_LABEL,
     KubeAccess,
     KubernetesDiscovery,
     merge_roles,
@@ -40,7 +40,7 @@ def test_parse_and_static():
 
 
 def pod(name: str, compat: str) -> dict:
-    return {"metadata": {"name": name, "namespace": NS, "labels": {COMPAT_LABEL: compat}}}
+    return {"metadata": {"name": name, "namespace": NS, "labels": {ROLLOUT_HASH_LABEL: compat}}}
 
 
 def endpoint_slice(name: str, role: str, endpoints: list[tuple[str, str, dict]]) -> dict:

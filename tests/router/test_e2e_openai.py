@@ -14,7 +14,7 @@ import openai
 import pytest
 
 from splitserve import LLM, SamplingParams
-from splitserve.services.engine.sampling_params import StructuredOutput
+from splitserve.protocol.sampling import StructuredOutput
 
 pytestmark = pytest.mark.model
 

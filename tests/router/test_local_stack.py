@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from splitserve.services.router import local_stack
+from splitserve import serve as local_stack
 from splitserve.services.router import main as router_main
 
 

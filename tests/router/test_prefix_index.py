@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from splitserve.proto import splitserve_pb2 as pb
-from splitserve.services.engine.block_hash import hash_prompt_blocks
+from splitserve.protocol.block_hash import hash_prompt_blocks
 from splitserve.services.router.kv_events import ResyncNeeded, StreamCursor, apply_batch
 from splitserve.services.router.prefix_index import PrefixIndex
 

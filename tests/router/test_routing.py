@@ -112,7 +112,7 @@ def test_session_header_pins_a_pod(stack_factory):
 
 def test_incompatible_pods_are_never_paired():
     """Compatibility hashes: a decode pod with another hash is not a candidate."""
-    from splitserve.services.engine.sampling_params import SamplingParams
+    from splitserve.protocol.sampling import SamplingParams
     from splitserve.services.router.dispatch import Dispatcher, EngineRequest
     from splitserve.services.router.errors import NoBackendError
     from splitserve.services.router.pool import DECODE, PREFILL, Endpoint, PodState

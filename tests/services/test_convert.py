@@ -5,9 +5,8 @@ from __future__ import annotations
 import pytest
 
 from splitserve.proto import splitserve_pb2 as pb
-from splitserve.services.common.convert import params_from_proto, params_to_proto
-from splitserve.services.engine.sampling_params import SamplingParams, StructuredOutput
-from splitserve.services.router.dispatch import sampling_to_proto
+from splitserve.protocol.sampling import SamplingParams, StructuredOutput
+from splitserve.protocol.wire import params_from_proto, params_to_proto
 
 PARAMS = [
     SamplingParams(),
@@ -36,10 +35,9 @@ PARAMS = [
 ]
 
 
-@pytest.mark.parametrize("encode", [params_to_proto, sampling_to_proto])
 @pytest.mark.parametrize("params", PARAMS)
-def test_round_trip_through_bytes(params, encode):
-    wire = encode(params).SerializeToString()
+def test_round_trip_through_bytes(params):
+    wire = params_to_proto(params).SerializeToString()
     got = params_from_proto(pb.SamplingParams.FromString(wire))
     # float32 on the wire, rounded back to 6 digits: what the client sent.
     assert got == params

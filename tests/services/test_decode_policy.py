@@ -9,13 +9,13 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from splitserve import LLM, SamplingParams
+from splitserve.engine.async_engine import AsyncEngine
+from splitserve.kvtransfer.puller import KVPuller
 from splitserve.proto import splitserve_pb2 as pb
-from splitserve.services.common.convert import params_to_proto
+from splitserve.protocol.kv_compat import CompatInfo
+from splitserve.protocol.wire import params_to_proto
 from splitserve.services.common.metrics import EngineMetrics
 from splitserve.services.decode.server import DecodeServicer
-from splitserve.services.engine.async_engine import AsyncEngine
-from splitserve.services.kvtransfer.compat import CompatInfo
-from splitserve.services.kvtransfer.puller import KVPuller
 
 PROMPT = list(range(100, 140))  # 40 tokens: 3 blocks of 16
 PARAMS = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)

@@ -12,7 +12,7 @@ import pytest
 from splitserve import LLM, SamplingParams
 from splitserve.proto import splitserve_pb2 as pb
 from splitserve.proto import splitserve_pb2_grpc as pb_grpc
-from splitserve.services.common.convert import params_to_proto
+from splitserve.protocol.wire import params_to_proto
 
 pytestmark = pytest.mark.model
 
@@ -182,10 +182,10 @@ def test_decode_abort_releases_everything(servers, reference):
 
 
 def test_incompatible_peer_is_refused_at_handshake(servers):
-    from splitserve.services.kvtransfer.compat import CompatInfo as Compat
-    from splitserve.services.kvtransfer.errors import IncompatiblePeerError
-    from splitserve.services.kvtransfer.pool import allocate_kv_pool
-    from splitserve.services.kvtransfer.puller import KVPuller
+    from splitserve.kvtransfer.errors import IncompatiblePeerError
+    from splitserve.kvtransfer.pool import allocate_kv_pool
+    from splitserve.kvtransfer.puller import KVPuller
+    from splitserve.protocol.kv_compat import CompatInfo as Compat
 
     stats = servers["prefill"].stats()
     kv = allocate_kv_pool(4, 30, 32, 3, 64, __import__("torch").float32)
@@ -260,7 +260,7 @@ def test_both_pods_export_vllm_and_transfer_metrics(servers):
 
 def test_kv_events_carry_the_shared_block_hashes(servers, reference):
     """A router hashing the prompt with block_hash.py finds exactly the engine's stored blocks."""
-    from splitserve.services.engine.block_hash import hash_prompt_blocks
+    from splitserve.protocol.block_hash import hash_prompt_blocks
 
     prefill = servers["prefill"]
     prompt = list(range(2000, 2000 + 16 * 3 + 5))  # 3 full blocks + a partial one

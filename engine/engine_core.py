@@ -1,0 +1,444 @@
+"""The engine: one step = schedule -> execute -> sample -> update. Single-threaded by design.
+
+``EngineCore`` owns the model, the KV pool, the scheduler and the sampler. Servers drive it from a
+dedicated thread (see ``async_engine``); the offline ``LLM`` drives it in a loop.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from transformers import AutoConfig, AutoTokenizer
+
+from splitserve.engine.attention import get_attention_backend
+from splitserve.engine.config import EngineConfig, ModelShape
+from splitserve.engine.detokenizer import IncrementalDetokenizer
+from splitserve.engine.kv_cache_manager import KVCacheManager
+from splitserve.engine.kv_memory import allocate_host_kv
+from splitserve.engine.model.llama import LlamaArch, LlamaForCausalLM
+from splitserve.engine.model.loader import iter_safetensors, resolve_model
+from splitserve.engine.model_runner import ModelRunner
+from splitserve.engine.outputs import ImportReservation, SequenceDelta
+from splitserve.engine.request import Request, RequestStatus
+from splitserve.engine.sampler import Sampler, SamplingRow, TokenLogprobs, skip_draw
+from splitserve.engine.scheduler import Scheduler
+from splitserve.engine.structured_output import StructuredOutputs
+from splitserve.protocol.sampling import SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    kv_cache_usage: float
+    num_blocks: int
+    num_free_blocks: int
+    prefix_cache_queries: int  # prompt tokens looked up
+    prefix_cache_hits: int  # prompt tokens found
+    num_preemptions: int
+
+
+def load_model(config: EngineConfig):
+    """Resolve, read and build the model; returns (model dir, hf config, tokenizer, model)."""
+    model_dir = resolve_model(config.model, config.revision)
+    hf_config = AutoConfig.from_pretrained(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    arch = LlamaArch.from_hf_config(hf_config)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(arch, hf_config)
+    # Built on meta (no random init of 100M+ parameters), then materialised and filled.
+    model = model.to_empty(device=config.device).to(config.torch_dtype)
+    model.load_weights(iter_safetensors(model_dir))
+    model.rotary.rebuild(config.device)  # fp32 tables; rows are cast to the model dtype per step
+    return model_dir, hf_config, tokenizer, model.eval()
+
+
+def eos_token_ids(hf_config, tokenizer) -> frozenset[int]:
+    ids: set[int] = set()
+    for source in (getattr(hf_config, "eos_token_id", None), tokenizer.eos_token_id):
+        if isinstance(source, int):
+            ids.add(source)
+        elif isinstance(source, (list, tuple)):
+            ids.update(int(i) for i in source)
+    return frozenset(ids)
+
+
+KVAllocator = Callable[[tuple[int, ...], torch.dtype], torch.Tensor]
+
+
+class EngineCore:
+    def __init__(self, config: EngineConfig, allocate_kv: KVAllocator | None = None) -> None:
+        """``allocate_kv(shape, dtype)`` may supply the KV pool's memory (e.g. memory a transfer
+        library registers); by default a CPU pool sits on transparent huge pages."""
+        self.config = config
+        self.model_dir, self.hf_config, self.tokenizer, self.model = load_model(config)
+        arch = self.model.arch
+        dtype = config.torch_dtype
+        bs = config.cache.block_size
+        bytes_per_block = arch.num_layers * 2 * bs * arch.num_kv_heads * arch.head_dim
+        bytes_per_block *= torch.finfo(dtype).bits // 8
+        num_blocks = config.cache.num_blocks or max(
+            config.cache.kv_cache_memory_bytes // bytes_per_block, 1
+        )
+        max_len = config.max_model_len or arch.max_position_embeddings
+        if max_len > arch.max_position_embeddings:
+            raise ValueError(
+                f"max_model_len {max_len} exceeds the model's {arch.max_position_embeddings}"
+            )
+        if arch.sliding_window and max_len > arch.sliding_window:
+            # Attention here is full-context; within the window that is exactly the model's.
+            log.warning(
+                "capping max_model_len %d to the sliding window %d", max_len, arch.sliding_window
+            )
+            max_len = arch.sliding_window
+        # One request alone must always fit in the pool, or preemption could never make room.
+        self.max_model_len = min(max_len, num_blocks * bs)
+        self.shape = ModelShape(
+            num_layers=arch.num_layers,
+            num_heads=arch.num_heads,
+            num_kv_heads=arch.num_kv_heads,
+            head_dim=arch.head_dim,
+            hidden_size=arch.hidden_size,
+            vocab_size=arch.vocab_size,
+            max_model_len=self.max_model_len,
+        )
+        shape = (num_blocks, arch.num_layers, 2, bs, arch.num_kv_heads, arch.head_dim)
+        if allocate_kv is None and torch.device(config.device).type == "cpu":
+            self.kv_cache = allocate_host_kv(shape, dtype)
+        elif allocate_kv is None:
+            self.kv_cache = torch.zeros(shape, dtype=dtype, device=config.device)
+        else:
+            self.kv_cache = allocate_kv(shape, dtype)
+        self.kv = KVCacheManager(num_blocks, bs, config.cache.enable_prefix_caching)
+        self.scheduler = Scheduler(config.scheduler, self.kv)
+        backend = get_attention_backend(config.resolved_attention_backend)
+        self.runner = ModelRunner(self.model, self.kv_cache, backend, bs)
+        self.eos_ids = eos_token_ids(self.hf_config, self.tokenizer)
+        self.sampler = Sampler(arch.vocab_size, self.eos_ids or None)
+        self.structured = StructuredOutputs(self.tokenizer, arch.vocab_size, self.eos_ids)
+        self._requests: dict[str, Request] = {}  # sequence id -> request
+        self._groups: dict[str, list[str]] = {}  # client request id -> sequence ids
+        self._detok: dict[str, IncrementalDetokenizer] = {}
+        self._forked: set[str] = set()
+        self._hold: set[str] = set()  # requests whose blocks outlive them (hand-off)
+        self._reserved: dict[str, Request] = {}  # awaiting imported KV
+        log.info(
+            "engine ready: %s, %s, %d KV blocks x %d tokens, max_model_len %d, %s attention",
+            self.model_dir.name, dtype, num_blocks, bs, self.max_model_len, backend.name,
+        )  # fmt: skip
+
+    # --- requests ------------------------------------------------------------------------------
+    def tokenize(self, prompt: str | Sequence[int]) -> list[int]:
+        if isinstance(prompt, str):
+            return self.tokenizer.encode(prompt, add_special_tokens=True)
+        return list(prompt)
+
+    def validate(self, prompt_token_ids: Sequence[int], params: SamplingParams) -> None:
+        """Raise ValueError naming the field if the request can never be served."""
+        if not prompt_token_ids:
+            raise ValueError("prompt must not be empty")
+        vocab = self.shape.vocab_size
+        if any(not isinstance(t, int) or not 0 <= t < vocab for t in prompt_token_ids):
+            raise ValueError(f"prompt token ids must be integers in [0, {vocab})")
+        params.check_token_ids(vocab)
+        if params.structured_output is not None:
+            self.structured.compile(params.structured_output)  # cached for add_request
+        n_prompt = len(prompt_token_ids)
+        if n_prompt >= self.max_model_len:
+            raise ValueError(
+                f"prompt is {n_prompt} tokens, the model's maximum length is "
+                f"{self.max_model_len} (including at least one generated token)"
+            )
+        if params.max_tokens is not None and n_prompt + params.max_tokens > self.max_model_len:
+            raise ValueError(
+                f"max_tokens {params.max_tokens} + prompt {n_prompt} tokens exceeds the model's "
+                f"maximum length {self.max_model_len}"
+            )
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt: str | Sequence[int],
+        params: SamplingParams,
+        arrival_time: float | None = None,
+        hold_kv: bool = False,
+    ) -> list[int]:
+        """Queue a request; returns its prompt token ids. Raises ValueError on bad input.
+
+        ``hold_kv``: when the request ends, keep its blocks (held under ``request_id``) instead
+        of freeing them, until ``release_kv``; a prefill server leases them to a decode pod.
+        """
+        req = self._new_request(request_id, prompt, params, arrival_time)
+        if hold_kv:
+            if params.n != 1:
+                raise ValueError("n must be 1 for a request whose KV is handed off")
+            self._hold.add(request_id)
+        self.scheduler.add(req)
+        return req.prompt_token_ids
+
+    def _new_request(self, request_id, prompt, params, arrival_time=None) -> Request:
+        if request_id in self._groups:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        token_ids = self.tokenize(prompt)
+        self.validate(token_ids, params)
+        req = Request(
+            request_id,
+            token_ids,
+            params,
+            self.kv.block_size,
+            arrival_time=arrival_time,
+            prompt=prompt if isinstance(prompt, str) else None,
+        )
+        if params.structured_output is not None:
+            req.grammar = self.structured.start(params.structured_output)
+        self._track(req)
+        self._groups[request_id] = [req.request_id]
+        return req
+
+    def release_kv(self, request_id: str) -> int:
+        """Free blocks held for a finished ``hold_kv`` request; returns how many."""
+        return self.kv.release_held(request_id)
+
+    # --- KV imported from another engine (the decode side of a hand-off) -------------------------
+    def reserve_import(
+        self, request_id: str, prompt_token_ids: Sequence[int], params: SamplingParams
+    ) -> ImportReservation | None:
+        """Allocate local blocks for a prompt whose KV will be copied in from elsewhere.
+
+        Blocks this engine already has cached (same prefix hash and tokens) are reused, so only
+        the rest must be transferred. Returns None when the pool can't hold the prompt now
+        (back-pressure: the caller may retry or recompute). Raises ValueError on bad input.
+        """
+        if params.n != 1:
+            raise ValueError("n must be 1 for a request with imported KV")
+        req = self._new_request(request_id, prompt_token_ids, params)
+        hit = self.kv.find_cached_prefix(req)
+        if not self.kv.allocate(req, req.num_tokens - hit.num_tokens(self.kv.block_size), hit):
+            self._forget(req)
+            return None
+        # allocate() set num_computed_tokens to the local hit; the rest arrives by transfer.
+        ids = self.kv.block_ids(request_id)
+        self._reserved[request_id] = req
+        return ImportReservation(
+            request_id, tuple(ids[len(hit.blocks) :]), len(hit.blocks), req.num_computed_tokens
+        )
+
+    def commit_import(
+        self, request_id: str, first_token: int, logprobs: TokenLogprobs | None = None
+    ) -> SequenceDelta:
+        """The reserved blocks now hold the prompt's KV: join the batch with the first token."""
+        req = self._reserved.pop(request_id)
+        req.num_computed_tokens = req.num_prompt_tokens
+        self.kv.cache_computed_blocks(req)
+        self.scheduler.add_running(req)
+        return self._adopt_first_token(req, first_token, logprobs)
+
+    def _adopt_first_token(
+        self, req: Request, token: int, logprobs: TokenLogprobs | None
+    ) -> SequenceDelta:
+        """Take a first token sampled by another engine as if this one had drawn it."""
+        if req.generator is not None and not req.params.greedy:
+            skip_draw(req.generator, self.shape.vocab_size)
+        return self._update(req, token, logprobs)
+
+    def recompute_import(
+        self,
+        request_id: str,
+        prompt_token_ids: Sequence[int],
+        params: SamplingParams,
+        first_token: int,
+        logprobs: TokenLogprobs | None = None,
+    ) -> SequenceDelta:
+        """Compute the prompt here after all, keeping the first token sampled elsewhere.
+
+        Used when a transfer failed or no blocks could be reserved. The first token was already
+        decided (and maybe streamed), so the engine recomputes the prompt's KV and continues after
+        it, which gives the same greedy output as the hand-off would have.
+        """
+        req = self._reserved.pop(request_id, None)
+        if req is not None:
+            self.kv.free(req)
+            req.num_computed_tokens = 0
+        else:
+            req = self._new_request(request_id, prompt_token_ids, params)
+        delta = self._adopt_first_token(req, first_token, logprobs)
+        if not req.is_finished:
+            self.scheduler.add(req)
+        return delta
+
+    def cancel_import(self, request_id: str) -> None:
+        req = self._reserved.pop(request_id, None)
+        if req is not None:
+            self.kv.free(req)
+            self._forget(req)
+
+    def abort_request(self, request_id: str) -> bool:
+        """Stop every sample of a request now and free its blocks. False if unknown/finished."""
+        if request_id in self._reserved:
+            self.cancel_import(request_id)
+            return True
+        self._hold.discard(request_id)
+        seq_ids = self._groups.pop(request_id, None)
+        if not seq_ids:
+            return False
+        for seq_id in seq_ids:
+            req = self._requests.pop(seq_id, None)
+            if req is not None:
+                self.scheduler.finish(req, RequestStatus.FINISHED_ABORTED)
+                self._detok.pop(seq_id, None)
+                self._forked.discard(seq_id)
+        return True
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.num_unfinished > 0
+
+    def stats(self) -> EngineStats:
+        return EngineStats(
+            num_running=len(self.scheduler.running),
+            num_waiting=len(self.scheduler.waiting),
+            kv_cache_usage=self.kv.pool.usage,
+            num_blocks=self.kv.pool.num_blocks,
+            num_free_blocks=self.kv.pool.num_free_blocks,
+            prefix_cache_queries=self.kv.prefix_queries,
+            prefix_cache_hits=self.kv.prefix_hits,
+            num_preemptions=self.scheduler.num_preemptions,
+        )
+
+    def _track(self, req: Request) -> None:
+        self._requests[req.request_id] = req
+        self._detok[req.request_id] = IncrementalDetokenizer(
+            self.tokenizer, req.prompt_token_ids, req.params
+        )
+
+    # --- the step ------------------------------------------------------------------------------
+    def step(self) -> list[SequenceDelta]:
+        sched = self.scheduler.schedule()
+        if sched.empty:
+            return []
+        tables = {
+            s.request.request_id: self.kv.block_ids(s.request.request_id) for s in sched.scheduled
+        }
+        result = self.runner.execute(sched, tables)
+        for req, logprobs in result.prompt_logprobs:  # the positions after those it has
+            req.prompt_logprobs.extend(logprobs)
+        self.scheduler.update_after_step(sched)
+        if not result.sampled:
+            return []
+        # Expand rows for n > 1: the first sample of a prompt forks its siblings here, sharing
+        # the prompt's blocks, and all n draw from the same logits row.
+        row_index: list[int] = []
+        seqs: list[Request] = []
+        for i, item in enumerate(result.sampled):
+            req = item.request
+            seqs.append(req)
+            row_index.append(i)
+            if req.params.n > 1 and req.sample_index == 0 and req.request_id not in self._forked:
+                for child in self._fork(req):
+                    seqs.append(child)
+                    row_index.append(i)
+        logits = (
+            result.logits
+            if len(row_index) == len(result.sampled)
+            else result.logits[torch.tensor(row_index)]
+        )
+        rows = [
+            SamplingRow(r.params, r.prompt_token_ids, r.output_token_ids, r.generator) for r in seqs
+        ]
+        out = self.sampler(logits, rows, self.structured.fill_bitmask([r.grammar for r in seqs]))
+        return [
+            self._update(req, token, lp)
+            for req, token, lp in zip(seqs, out.token_ids, out.logprobs, strict=True)
+        ]
+
+    def _fork(self, parent: Request) -> list[Request]:
+        self._forked.add(parent.request_id)
+        children = []
+        for index in range(1, parent.params.n):
+            child = parent.fork(f"{parent.group_id}#{index}", index)
+            self.kv.fork(parent, child)
+            self._track(child)
+            self._groups[parent.group_id].append(child.request_id)
+            self.scheduler.add_running(child)
+            children.append(child)
+        return children
+
+    def _update(self, req: Request, token: int, lp: TokenLogprobs | None) -> SequenceDelta:
+        req.append_output_token(token)
+        params = req.params
+        detok = self._detok[req.request_id]
+        finish: RequestStatus | None = None
+        stop_reason: int | str | None = None
+        # (the sampler never draws EOS / stop tokens before min_tokens is reached, except where
+        # a grammar allows them: its end ends the sequence whatever min_tokens / ignore_eos say)
+        grammar_ended = req.grammar is not None and req.grammar.advance(token)
+        is_stop_token = token in params.stop_token_ids or (
+            token in self.eos_ids and not params.ignore_eos
+        )
+        if grammar_ended or (is_stop_token and req.num_output_tokens > params.min_tokens):
+            finish = RequestStatus.FINISHED_STOPPED
+            stop_reason = token if token in params.stop_token_ids else None
+            text = detok.finish()
+        else:
+            delta = detok.update([token])
+            text = delta.text
+            if delta.stop_string is not None:
+                finish, stop_reason = RequestStatus.FINISHED_STOPPED, delta.stop_string
+        if finish is None and (
+            (params.max_tokens is not None and req.num_output_tokens >= params.max_tokens)
+            or req.num_tokens >= self.max_model_len
+        ):
+            finish = RequestStatus.FINISHED_LENGTH
+            text += detok.finish()
+        held = None
+        if finish is not None:
+            if req.request_id in self._hold:
+                self._hold.discard(req.request_id)
+                held = tuple(self.kv.hold(req, req.request_id))
+            self.scheduler.finish(req, finish)
+            self._retire(req)
+        prompt_logprobs = None
+        if (
+            params.prompt_logprobs is not None
+            and req.num_output_tokens == 1
+            and not req.sample_index
+        ):
+            prompt_logprobs = tuple(req.prompt_logprobs)  # the prompt is done: hand them over once
+        return SequenceDelta(
+            request_id=req.group_id,
+            index=req.sample_index,
+            token_ids=(token,),
+            text=text,
+            logprobs=None if lp is None else (lp,),
+            prompt_logprobs=prompt_logprobs,
+            finish_reason=None if finish is None else finish.value,
+            stop_reason=stop_reason,
+            num_prompt_tokens=req.num_prompt_tokens,
+            num_cached_tokens=max(req.num_cached_tokens, 0),
+            held_block_ids=held,
+        )
+
+    def _forget(self, req: Request) -> None:
+        self._requests.pop(req.request_id, None)
+        self._detok.pop(req.request_id, None)
+        self._groups.pop(req.group_id, None)
+
+    def _retire(self, req: Request) -> None:
+        self._requests.pop(req.request_id, None)
+        self._detok.pop(req.request_id, None)
+        self._forked.discard(req.request_id)
+        group = self._groups.get(req.group_id)
+        if group is not None and all(seq_id not in self._requests for seq_id in group):
+            del self._groups[req.group_id]
+
+    def check_integrity(self) -> None:
+        """Assert the KV bookkeeping is consistent (tests call this after every scenario)."""
+        self.kv.check_integrity()
+        live = {r.request_id for r in self.scheduler.running} | set(self._reserved)
+        assert set(self.kv.tables) <= live, "blocks held by a request that is not running"
+        if not self.has_unfinished() and not self.kv.held and not self._reserved:
+            assert self.kv.pool.num_free_blocks == self.kv.pool.num_blocks, "leaked KV blocks"

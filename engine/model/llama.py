@@ -1,0 +1,257 @@
+"""Our own Llama-family decoder (Llama 2/3, SmolLM2, Mistral, Qwen2) over a paged KV cache.
+
+The forward pass works on the flattened batch: every new token of every scheduled sequence in one
+``[T, hidden]`` tensor, so each linear layer is one matmul for the whole step. Q/K/V and gate/up
+projections are fused at load time. Attention goes through the engine's backend (``AttentionStep``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from splitserve.engine.attention.base import AttentionStep
+
+
+@dataclass(frozen=True)
+class LlamaArch:
+    """The architecture facts read from a HF config."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    max_position_embeddings: int
+    qkv_bias: bool
+    tie_word_embeddings: bool
+    model_type: str
+    sliding_window: int | None = None  # None: full attention at every layer
+
+    @classmethod
+    def from_hf_config(cls, config: Any) -> LlamaArch:
+        heads = config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        model_type = getattr(config, "model_type", "llama")
+        if model_type not in ("llama", "mistral", "qwen2"):
+            raise ValueError(f"unsupported model_type {model_type!r} (llama, mistral, qwen2)")
+        if getattr(config, "hidden_act", "silu") != "silu":
+            raise ValueError(f"unsupported hidden_act {config.hidden_act!r}")
+        if getattr(config, "mlp_bias", False):
+            raise ValueError("mlp_bias=True is not supported")
+        qkv_bias = model_type == "qwen2" or bool(getattr(config, "attention_bias", False))
+        window = getattr(config, "sliding_window", None)
+        if model_type == "qwen2" and not getattr(config, "use_sliding_window", False):
+            window = None
+        return cls(
+            vocab_size=config.vocab_size,
+            hidden_size=config.hidden_size,
+            intermediate_size=config.intermediate_size,
+            num_layers=config.num_hidden_layers,
+            num_heads=heads,
+            num_kv_heads=getattr(config, "num_key_value_heads", None) or heads,
+            head_dim=head_dim,
+            rms_norm_eps=config.rms_norm_eps,
+            max_position_embeddings=config.max_position_embeddings,
+            qkv_bias=qkv_bias,
+            tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
+            model_type=model_type,
+            sliding_window=window,
+        )
+
+
+def rope_inv_freq(config: Any, head_dim: int) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies and attention scaling for the config's RoPE type (default, llama3,
+    linear, dynamic, yarn ... via transformers' own initialisers)."""
+    params = getattr(config, "rope_parameters", None) or {}
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type == "default":
+        theta = params.get("rope_theta", getattr(config, "rope_theta", 10000.0))
+        exponents = torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float() / head_dim
+        return 1.0 / (theta**exponents), 1.0
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    with torch.device("cpu"):  # real numbers even while the model is built on "meta"
+        inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](config, "cpu")
+    return inv_freq.float(), float(scaling)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Same order of operations as HF so fp32 results match bit for bit where possible.
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+class Rotary(nn.Module):
+    """cos/sin tables computed once for every position; a step gathers rows by position."""
+
+    def __init__(self, inv_freq: torch.Tensor, scaling: float, max_positions: int) -> None:
+        super().__init__()
+        self._inv_freq = inv_freq.detach().to("cpu", torch.float32)
+        self._scaling = scaling
+        self._max_positions = max_positions
+        self.register_buffer("cos", torch.empty(0), persistent=False)
+        self.register_buffer("sin", torch.empty(0), persistent=False)
+        self.rebuild("cpu")
+
+    def rebuild(self, device: str | torch.device) -> None:
+        """(Re)compute the fp32 tables, e.g. after the module was materialised from ``meta``."""
+        t = torch.arange(self._max_positions, dtype=torch.float32, device="cpu")
+        emb = torch.outer(t, self._inv_freq).repeat(1, 2)
+        self.cos = (emb.cos() * self._scaling).to(device)
+        self.sin = (emb.sin() * self._scaling).to(device)
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype):
+        return self.cos[positions].to(dtype), self.sin[positions].to(dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [T, H, D]; cos/sin: [T, D]."""
+    return x * cos[:, None, :] + _rotate_half(x) * sin[:, None, :]
+
+
+class Attention(nn.Module):
+    def __init__(self, arch: LlamaArch, layer: int) -> None:
+        super().__init__()
+        self.layer = layer
+        self.hq, self.hkv, self.d = arch.num_heads, arch.num_kv_heads, arch.head_dim
+        self.qkv_proj = nn.Linear(
+            arch.hidden_size, (self.hq + 2 * self.hkv) * self.d, arch.qkv_bias
+        )
+        self.o_proj = nn.Linear(self.hq * self.d, arch.hidden_size, bias=False)
+
+    def forward(self, x, cos, sin, attn: AttentionStep) -> torch.Tensor:
+        t = x.shape[0]
+        qk, v = self.qkv_proj(x).split([(self.hq + self.hkv) * self.d, self.hkv * self.d], dim=-1)
+        # Rotate q and k heads together: one set of elementwise ops instead of two.
+        qk = apply_rotary(qk.view(t, self.hq + self.hkv, self.d), cos, sin)
+        q, k = qk.split([self.hq, self.hkv], dim=1)
+        out = attn(self.layer, q, k, v.view(t, self.hkv, self.d))
+        return self.o_proj(out.reshape(t, self.hq * self.d))
+
+
+class MLP(nn.Module):
+    def __init__(self, arch: LlamaArch) -> None:
+        super().__init__()
+        self.inter = arch.intermediate_size
+        self.gate_up_proj = nn.Linear(arch.hidden_size, 2 * self.inter, bias=False)
+        self.down_proj = nn.Linear(self.inter, arch.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).split(self.inter, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, arch: LlamaArch, layer: int) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
+        self.self_attn = Attention(arch, layer)
+        self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
+        self.mlp = MLP(arch)
+
+    def forward(self, x, cos, sin, attn: AttentionStep) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, arch: LlamaArch, hf_config: Any) -> None:
+        super().__init__()
+        self.arch = arch
+        self.embed_tokens = nn.Embedding(arch.vocab_size, arch.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(arch, i) for i in range(arch.num_layers))
+        self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
+        self.lm_head = nn.Linear(arch.hidden_size, arch.vocab_size, bias=False)
+        self.tie_weights()
+        inv_freq, scaling = rope_inv_freq(hf_config, arch.head_dim)
+        self.rotary = Rotary(inv_freq, scaling, arch.max_position_embeddings)
+        self.scale = 1.0 / math.sqrt(arch.head_dim)
+
+    def tie_weights(self) -> None:
+        """Share the embedding with the LM head (again after ``to_empty``, which unties them)."""
+        if self.arch.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    @torch.inference_mode()
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionStep
+    ) -> torch.Tensor:
+        """input_ids, positions: [T]; returns the final hidden states [T, hidden]."""
+        x = self.embed_tokens(input_ids)
+        cos, sin = self.rotary(positions, x.dtype)
+        for layer in self.layers:
+            x = layer(x, cos, sin, attn)
+        return self.norm(x)
+
+    @torch.inference_mode()
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden).float()
+
+    # --- weights ---------------------------------------------------------------------------
+    def load_weights(self, weights) -> None:
+        """Copy HF-named tensors in, fusing q/k/v and gate/up. Raises on missing or extra names."""
+        self.tie_weights()
+        params = dict(self.named_parameters())
+        fused = {"q_proj": 0, "k_proj": 1, "v_proj": 2, "gate_proj": 0, "up_proj": 1}
+        loaded: set[str] = set()
+        q_size = self.arch.num_heads * self.arch.head_dim
+        kv_size = self.arch.num_kv_heads * self.arch.head_dim
+        qkv_sizes = [q_size, kv_size, kv_size]
+        for name, tensor in weights:
+            name = name.removeprefix("model.")
+            if "rotary_emb" in name:
+                continue
+            if name == "lm_head.weight" and self.arch.tie_word_embeddings:
+                continue
+            target, shard = name, None
+            for part, idx in fused.items():
+                if f".{part}." in name:
+                    new = "qkv_proj" if part in ("q_proj", "k_proj", "v_proj") else "gate_up_proj"
+                    target, shard = name.replace(part, new), idx
+                    break
+            if target not in params:
+                raise ValueError(f"unexpected weight {name!r} in checkpoint")
+            param = params[target]
+            with torch.no_grad():
+                if shard is None:
+                    param.copy_(tensor)
+                else:
+                    sizes = qkv_sizes if "qkv_proj" in target else [self.arch.intermediate_size] * 2
+                    start = sum(sizes[:shard])
+                    param[start : start + sizes[shard]].copy_(tensor)
+            loaded.add(f"{target}#{shard}")
+        expected = set()
+        for pname in params:
+            if "qkv_proj.weight" in pname or "qkv_proj.bias" in pname:
+                expected |= {f"{pname}#{i}" for i in range(3)}
+            elif "gate_up_proj" in pname:
+                expected |= {f"{pname}#{i}" for i in range(2)}
+            elif pname == "lm_head.weight" and self.arch.tie_word_embeddings:
+                continue
+            else:
+                expected.add(f"{pname}#None")
+        missing = expected - loaded
+        if missing:
+            raise ValueError(f"checkpoint lacks weights: {sorted(missing)[:5]}")

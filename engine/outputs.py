@@ -1,0 +1,95 @@
+"""What the engine hands back: per-step deltas for streaming, and whole outputs (vLLM-shaped)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from splitserve.protocol.logprobs import TokenLogprobs
+
+
+@dataclass(frozen=True)
+class SequenceDelta:
+    """What one step added to one output sequence of one request."""
+
+    request_id: str
+    index: int  # which of the request's n samples
+    token_ids: tuple[int, ...]
+    text: str
+    logprobs: tuple[TokenLogprobs, ...] | None
+    finish_reason: str | None = None  # "stop" | "length" | "abort" once finished
+    stop_reason: int | str | None = None  # the stop string or stop token id that ended it
+    num_prompt_tokens: int = 0
+    num_cached_tokens: int = 0
+    # For requests added with hold_kv=True: the prompt's blocks, now held under the request id.
+    held_block_ids: tuple[int, ...] | None = None
+    # params.prompt_logprobs: with the first token, the logprob of every prompt token after the
+    # first given the ones before it (len(prompt) - 1 entries).
+    prompt_logprobs: tuple[TokenLogprobs, ...] | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass(frozen=True)
+class ImportReservation:
+    """Local blocks reserved for a prompt whose KV comes from another engine.
+
+    ``block_ids[i]`` receives the prompt's block ``first_block + i``; blocks before
+    ``first_block`` already hit this engine's own prefix cache and need no transfer.
+    """
+
+    request_id: str
+    block_ids: tuple[int, ...]
+    first_block: int
+    num_local_cached_tokens: int
+
+
+@dataclass
+class CompletionOutput:
+    index: int
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprobs] | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+    @property
+    def cumulative_logprob(self) -> float | None:
+        if self.logprobs is None:
+            return None
+        return sum(lp.logprob for lp in self.logprobs)
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    num_cached_tokens: int = 0
+    # params.prompt_logprobs: one entry per prompt token, None for the first (nothing precedes
+    # it), as vLLM returns them; None when not requested
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
+
+    @property
+    def finished(self) -> bool:
+        return all(o.finished for o in self.outputs)
+
+    def apply(self, delta: SequenceDelta) -> None:
+        """Fold one step's delta into the accumulated output."""
+        out = self.outputs[delta.index]
+        if delta.prompt_logprobs is not None and self.prompt_logprobs is None:
+            self.prompt_logprobs = [None, *delta.prompt_logprobs]
+        out.token_ids.extend(delta.token_ids)
+        out.text += delta.text
+        if delta.logprobs is not None:
+            out.logprobs = (out.logprobs or []) + list(delta.logprobs)
+        if delta.finish_reason is not None:
+            out.finish_reason = delta.finish_reason
+            out.stop_reason = delta.stop_reason
+        self.num_cached_tokens = max(self.num_cached_tokens, delta.num_cached_tokens)
