@@ -11,9 +11,7 @@ from setuptools import find_packages, setup
 
 FOLDERS = {"splitserve": "splitserve"} | {
     f"splitserve.{name}": name
-    for name in (
-        "engine", "kvtransfer", "operator", "services", "proto", "kernels", "cluster"
-    )
+    for name in ("engine", "kvtransfer", "operator", "services", "proto", "kernels", "cluster")
     # cluster/ (the local test cluster's tooling) is not copied into the image.
     if Path(name).is_dir()
 }
@@ -29,6 +27,6 @@ setup(
     package_data={
         "splitserve.proto": ["*.proto"],
         "splitserve.operator": ["*.yaml"],
-        "splitserve.kernels.cpu": ["*.cpp"],
+        "splitserve.kernels.cpu": ["*.cpp", "*.h"],
     },
 )

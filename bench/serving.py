@@ -27,7 +27,6 @@ import json
 import os
 import random
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -38,13 +37,9 @@ from pathlib import Path
 
 import httpx
 
+from splitserve.processes import free_port, spawn, stop
+
 MODEL = "SmolLM2-135M-Instruct"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def pct(xs: list[float], q: float) -> float:
@@ -193,20 +188,14 @@ def text_prompts(n: int, words: int, seed: int) -> list[str]:
 
 
 class Proc:
+    """A child (llama-server, or `splitserve ...`) that dies with the benchmark."""
+
     def __init__(self, cmd: list[str], log: Path, env: dict | None = None) -> None:
         self.log = log
-        self.proc = subprocess.Popen(
-            cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env or dict(os.environ)
-        )
+        self.proc = spawn(cmd, env=env or dict(os.environ), output=log.open("w"))
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop([self.proc], 30)
 
 
 def serve(args: list[str], tmp: Path, name: str) -> tuple[Proc, str, dict[str, tuple[int, int]]]:
@@ -368,14 +357,27 @@ def section_overhead(args) -> dict:
     """Router overhead against instant in-process fake pods (no model): what the router adds."""
     import grpc
 
+    from splitserve.engine.model.loader import resolve_model
     from splitserve.proto import splitserve_pb2 as pb
     from splitserve.proto import splitserve_pb2_grpc as pb_grpc
+    from splitserve.protocol.tokenizer_files import read_tokenizer_files, tokenizer_id
+
+    files = read_tokenizer_files(resolve_model(None))
+    info = pb.EngineInfo(
+        epoch=1, served_model_name="SmolLM2-135M-Instruct", max_model_len=8192, vocab_size=49152,
+        block_size=16, kv_compat_hash="bench", tokenizer_id=tokenizer_id(files),
+        tokenizer_files=[pb.TokenizerFile(name=n, content=c) for n, c in files],
+    )  # fmt: skip
 
     class Instant(pb_grpc.PrefillServiceServicer, pb_grpc.DecodeServiceServicer,
                   pb_grpc.EngineServiceServicer):  # fmt: skip
+        async def GetInfo(self, request, context):
+            return info
+
         async def Prefill(self, request, context):
             return pb.PrefillResponse(
-                first_token_id=100, num_prompt_tokens=len(request.prompt_token_ids)
+                first_tokens=[pb.FirstToken(token_id=100)],
+                num_prompt_tokens=len(request.prompt_token_ids),
             )
 
         async def Generate(self, request, context):
@@ -388,7 +390,7 @@ def section_overhead(args) -> dict:
                 yield msg
 
         async def GetStats(self, request, context):
-            return pb.EngineStats(block_size=16)
+            return pb.EngineStats(epoch=1, block_size=16, serving=True)
 
         async def SubscribeKVEvents(self, request, context):
             await asyncio.Event().wait()
@@ -453,9 +455,10 @@ def section_overhead(args) -> dict:
         url = f"http://127.0.0.1:{rport}"
         try:
             wait_health(url)
-            from splitserve.services.router.tokenizer import load_tokenizer
+            from splitserve.engine.model.loader import resolve_model
+            from splitserve.services.router.tokenizer import RouterTokenizer
 
-            tok = load_tokenizer(None)
+            tok = RouterTokenizer(resolve_model(None))
             prompt = " ".join(["hello world"] * 64)  # ~128 tokens
             ids = tok.encode(prompt)
             asyncio.run(via_router(url, prompt, 20))  # warm-up

@@ -183,14 +183,6 @@ class BlockPool:
         block.block_hash = None
         block.token_ids = None
 
-    def reset_prefix_cache(self) -> bool:
-        """Forget every cached hash of a free block; False if blocks are still in use."""
-        if self.num_free_blocks != self.num_blocks:
-            return False
-        for block in self.blocks:
-            self._evict(block)
-        return True
-
     def cached_blocks(self) -> list[BlockStored]:
         """Every block currently in the prefix cache, as BlockStored events (for snapshots)."""
         return [

@@ -9,9 +9,16 @@ import torch
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "auto": None}
 
 
+def _auto_dtype(device: str) -> torch.dtype:
+    from splitserve.engine.cpu_features import native_bf16
+
+    return torch.bfloat16 if device != "cpu" or native_bf16() else torch.float32
+
+
 def parse_dtype(dtype: str | torch.dtype, device: str) -> torch.dtype:
-    """Map a dtype name to torch; 'auto' picks bf16 on CPU. fp16 is refused on the CPU (it is
-    ~1000x slower than bf16 there)."""
+    """Map a dtype name to torch. 'auto' picks bf16 where the CPU has native bf16 matmuls (and on
+    GPUs), float32 on CPUs without them (bf16 is emulated there, ~3x slower). fp16 is refused on
+    the CPU (it is ~1000x slower than bf16 there)."""
     if isinstance(dtype, torch.dtype):
         resolved = dtype
     else:
@@ -21,7 +28,7 @@ def parse_dtype(dtype: str | torch.dtype, device: str) -> torch.dtype:
         if alias in ("float16", "half"):
             resolved = torch.float16
         else:
-            resolved = _DTYPES[alias] or torch.bfloat16
+            resolved = _DTYPES[alias] or _auto_dtype(device)
     if resolved == torch.float16 and device == "cpu":
         raise ValueError("dtype float16 is not supported on the CPU; use bfloat16 or float32")
     if resolved not in (torch.float32, torch.bfloat16, torch.float16):
@@ -68,10 +75,16 @@ class SchedulerConfig:
     max_num_seqs: int = 128
     max_num_batched_tokens: int = 2048
     enable_chunked_prefill: bool = True
+    # A request still waiting for its first step after this long is dropped with an error
+    # (servers answer "overloaded"); None: wait as long as it takes (the offline LLM).
+    # Preempted requests were served already and are never dropped.
+    max_queue_seconds: float | None = None
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be positive, got {self.max_num_seqs}")
+        if self.max_queue_seconds is not None and not self.max_queue_seconds > 0:
+            raise ValueError(f"max_queue_seconds must be positive, got {self.max_queue_seconds}")
         if self.max_num_batched_tokens < 1:
             raise ValueError(
                 f"max_num_batched_tokens must be positive, got {self.max_num_batched_tokens}"
@@ -105,13 +118,3 @@ class EngineConfig:
     @property
     def torch_dtype(self) -> torch.dtype:
         return parse_dtype(self.dtype, self.device)
-
-    @property
-    def resolved_attention_backend(self) -> str:
-        if self.attention_backend != "auto":
-            return self.attention_backend
-        if self.device.startswith("cuda"):
-            return "triton"
-        from splitserve.kernels import cpu
-
-        return "cpu" if cpu.available() else "torch"

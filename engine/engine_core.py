@@ -7,13 +7,14 @@ dedicated thread (see ``async_engine``); the offline ``LLM`` drives it in a loop
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 from transformers import AutoConfig, AutoTokenizer
 
-from splitserve.engine.attention import get_attention_backend
+from splitserve.engine.attention import get_attention_backend, resolve_backend_name
 from splitserve.engine.config import EngineConfig, ModelShape
 from splitserve.engine.detokenizer import IncrementalDetokenizer
 from splitserve.engine.kv_cache_manager import KVCacheManager
@@ -41,6 +42,23 @@ class EngineStats:
     prefix_cache_queries: int  # prompt tokens looked up
     prefix_cache_hits: int  # prompt tokens found
     num_preemptions: int
+    num_held: int = 0  # requests whose blocks are held for a hand-off
+
+
+@dataclass(frozen=True)
+class KVAudit:
+    """The KV books: every block in use belongs to a request, a hold or an import reservation.
+
+    ``unaccounted`` > 0 means blocks leaked (a bug): nothing will ever free them.
+    """
+
+    used_blocks: int
+    accounted_blocks: int
+    held_requests: int
+
+    @property
+    def unaccounted(self) -> int:
+        return max(self.used_blocks - self.accounted_blocks, 0)
 
 
 def load_model(config: EngineConfig):
@@ -116,7 +134,9 @@ class EngineCore:
             self.kv_cache = allocate_kv(shape, dtype)
         self.kv = KVCacheManager(num_blocks, bs, config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.kv)
-        backend = get_attention_backend(config.resolved_attention_backend)
+        backend = get_attention_backend(
+            resolve_backend_name(config.attention_backend, config.device)
+        )
         self.runner = ModelRunner(self.model, self.kv_cache, backend, bs)
         self.eos_ids = eos_token_ids(self.hf_config, self.tokenizer)
         self.sampler = Sampler(arch.vocab_size, self.eos_ids or None)
@@ -126,7 +146,10 @@ class EngineCore:
         self._detok: dict[str, IncrementalDetokenizer] = {}
         self._forked: set[str] = set()
         self._hold: set[str] = set()  # requests whose blocks outlive them (hand-off)
+        self._held_at: dict[str, float] = {}  # request id -> when its blocks became held
         self._reserved: dict[str, Request] = {}  # awaiting imported KV
+        self.num_steps_run = 0  # steps that scheduled work (progress, for health checks)
+        self.last_step_tokens = self.last_step_seqs = 0
         log.info(
             "engine ready: %s, %s, %d KV blocks x %d tokens, max_model_len %d, %s attention",
             self.model_dir.name, dtype, num_blocks, bs, self.max_model_len, backend.name,
@@ -174,9 +197,7 @@ class EngineCore:
         of freeing them, until ``release_kv``; a prefill server leases them to a decode pod.
         """
         req = self._new_request(request_id, prompt, params, arrival_time)
-        if hold_kv:
-            if params.n != 1:
-                raise ValueError("n must be 1 for a request whose KV is handed off")
+        if hold_kv:  # the first sample's table is the prompt's: it is held, its forks are not
             self._hold.add(request_id)
         self.scheduler.add(req)
         return req.prompt_token_ids
@@ -201,8 +222,13 @@ class EngineCore:
         return req
 
     def release_kv(self, request_id: str) -> int:
-        """Free blocks held for a finished ``hold_kv`` request; returns how many."""
+        """Free blocks held for a finished ``hold_kv`` request; returns how many (0 if none)."""
+        self._held_at.pop(request_id, None)
         return self.kv.release_held(request_id)
+
+    def held_since(self) -> dict[str, float]:
+        """Request id -> monotonic time its blocks became held, for every hold."""
+        return dict(self._held_at)
 
     # --- KV imported from another engine (the decode side of a hand-off) -------------------------
     def reserve_import(
@@ -214,8 +240,6 @@ class EngineCore:
         the rest must be transferred. Returns None when the pool can't hold the prompt now
         (back-pressure: the caller may retry or recompute). Raises ValueError on bad input.
         """
-        if params.n != 1:
-            raise ValueError("n must be 1 for a request with imported KV")
         req = self._new_request(request_id, prompt_token_ids, params)
         hit = self.kv.find_cached_prefix(req)
         if not self.kv.allocate(req, req.num_tokens - hit.num_tokens(self.kv.block_size), hit):
@@ -224,19 +248,33 @@ class EngineCore:
         # allocate() set num_computed_tokens to the local hit; the rest arrives by transfer.
         ids = self.kv.block_ids(request_id)
         self._reserved[request_id] = req
-        return ImportReservation(
-            request_id, tuple(ids[len(hit.blocks) :]), len(hit.blocks), req.num_computed_tokens
-        )
+        return ImportReservation(request_id, tuple(ids[len(hit.blocks) :]), len(hit.blocks))
 
     def commit_import(
-        self, request_id: str, first_token: int, logprobs: TokenLogprobs | None = None
-    ) -> SequenceDelta:
-        """The reserved blocks now hold the prompt's KV: join the batch with the first token."""
+        self, request_id: str, first_tokens: Sequence[tuple[int, TokenLogprobs | None]]
+    ) -> list[SequenceDelta]:
+        """The reserved blocks now hold the prompt's KV: join the batch with the first tokens.
+
+        ``first_tokens[i]`` is sample i's (token, logprobs) as the prefill engine drew them; the
+        n samples fork from the one imported prompt, sharing its blocks (copy-on-write).
+        """
         req = self._reserved.pop(request_id)
+        self._check_first_tokens(req, first_tokens)
         req.num_computed_tokens = req.num_prompt_tokens
         self.kv.cache_computed_blocks(req)
         self.scheduler.add_running(req)
-        return self._adopt_first_token(req, first_token, logprobs)
+        seqs = [req, *self._fork(req)] if req.params.n > 1 else [req]
+        return [
+            self._adopt_first_token(seq, token, lp)
+            for seq, (token, lp) in zip(seqs, first_tokens, strict=True)
+        ]
+
+    def _check_first_tokens(self, req: Request, first_tokens) -> None:
+        if len(first_tokens) != req.params.n:
+            raise ValueError(f"{len(first_tokens)} first tokens for n={req.params.n} samples")
+        vocab = self.shape.vocab_size
+        if any(not 0 <= t < vocab for t, _ in first_tokens):
+            raise ValueError(f"first token ids must be in [0, {vocab})")
 
     def _adopt_first_token(
         self, req: Request, token: int, logprobs: TokenLogprobs | None
@@ -251,14 +289,14 @@ class EngineCore:
         request_id: str,
         prompt_token_ids: Sequence[int],
         params: SamplingParams,
-        first_token: int,
-        logprobs: TokenLogprobs | None = None,
-    ) -> SequenceDelta:
-        """Compute the prompt here after all, keeping the first token sampled elsewhere.
+        first_tokens: Sequence[tuple[int, TokenLogprobs | None]],
+    ) -> list[SequenceDelta]:
+        """Compute the prompt here after all, keeping the first tokens sampled elsewhere.
 
-        Used when a transfer failed or no blocks could be reserved. The first token was already
+        Used when a transfer failed or no blocks could be reserved. The first tokens were already
         decided (and maybe streamed), so the engine recomputes the prompt's KV and continues after
-        it, which gives the same greedy output as the hand-off would have.
+        them, which gives the same greedy output as the hand-off would have. With n > 1 each
+        sample recomputes on its own (the prefix cache shares what it can): a rare path.
         """
         req = self._reserved.pop(request_id, None)
         if req is not None:
@@ -266,10 +304,26 @@ class EngineCore:
             req.num_computed_tokens = 0
         else:
             req = self._new_request(request_id, prompt_token_ids, params)
-        delta = self._adopt_first_token(req, first_token, logprobs)
-        if not req.is_finished:
-            self.scheduler.add(req)
-        return delta
+        self._check_first_tokens(req, first_tokens)
+        seqs = [req]
+        if params.n > 1:
+            self._forked.add(req.request_id)  # its siblings exist already: step() must not fork
+            for index in range(1, params.n):
+                child = Request(
+                    f"{request_id}#{index}", req.prompt_token_ids, params, self.kv.block_size,
+                    sample_index=index, group_id=request_id, arrival_time=req.arrival_time,
+                )  # fmt: skip
+                if params.structured_output is not None:
+                    child.grammar = self.structured.start(params.structured_output)
+                self._track(child)
+                self._groups[request_id].append(child.request_id)
+                seqs.append(child)
+        deltas = []
+        for seq, (token, lp) in zip(seqs, first_tokens, strict=True):
+            deltas.append(self._adopt_first_token(seq, token, lp))
+            if not seq.is_finished:
+                self.scheduler.add(seq)
+        return deltas
 
     def cancel_import(self, request_id: str) -> None:
         req = self._reserved.pop(request_id, None)
@@ -278,14 +332,18 @@ class EngineCore:
             self._forget(req)
 
     def abort_request(self, request_id: str) -> bool:
-        """Stop every sample of a request now and free its blocks. False if unknown/finished."""
+        """Stop every sample of a request now and free its blocks, held ones included.
+
+        False if the request was unknown (or had finished and held nothing): safe to repeat.
+        """
         if request_id in self._reserved:
             self.cancel_import(request_id)
             return True
         self._hold.discard(request_id)
+        released = self.release_kv(request_id) > 0
         seq_ids = self._groups.pop(request_id, None)
         if not seq_ids:
-            return False
+            return released
         for seq_id in seq_ids:
             req = self._requests.pop(seq_id, None)
             if req is not None:
@@ -307,6 +365,16 @@ class EngineCore:
             prefix_cache_queries=self.kv.prefix_queries,
             prefix_cache_hits=self.kv.prefix_hits,
             num_preemptions=self.scheduler.num_preemptions,
+            num_held=len(self.kv.held),
+        )
+
+    def audit(self) -> KVAudit:
+        """Count the KV books (cheap when idle: only holds and reservations have tables)."""
+        pool = self.kv.pool
+        return KVAudit(
+            used_blocks=pool.num_blocks - pool.num_free_blocks,
+            accounted_blocks=self.kv.num_accounted_blocks(),
+            held_requests=len(self.kv.held),
         )
 
     def _track(self, req: Request) -> None:
@@ -317,9 +385,13 @@ class EngineCore:
 
     # --- the step ------------------------------------------------------------------------------
     def step(self) -> list[SequenceDelta]:
+        dropped = [self._drop(req) for req in self.scheduler.expire_waiting(time.monotonic())]
         sched = self.scheduler.schedule()
         if sched.empty:
-            return []
+            return dropped
+        self.num_steps_run += 1
+        self.last_step_tokens = sched.num_batched_tokens
+        self.last_step_seqs = len(sched.scheduled)
         tables = {
             s.request.request_id: self.kv.block_ids(s.request.request_id) for s in sched.scheduled
         }
@@ -328,7 +400,7 @@ class EngineCore:
             req.prompt_logprobs.extend(logprobs)
         self.scheduler.update_after_step(sched)
         if not result.sampled:
-            return []
+            return dropped
         # Expand rows for n > 1: the first sample of a prompt forks its siblings here, sharing
         # the prompt's blocks, and all n draw from the same logits row.
         row_index: list[int] = []
@@ -350,10 +422,28 @@ class EngineCore:
             SamplingRow(r.params, r.prompt_token_ids, r.output_token_ids, r.generator) for r in seqs
         ]
         out = self.sampler(logits, rows, self.structured.fill_bitmask([r.grammar for r in seqs]))
-        return [
+        return dropped + [
             self._update(req, token, lp)
             for req, token, lp in zip(seqs, out.token_ids, out.logprobs, strict=True)
         ]
+
+    def _drop(self, req: Request) -> SequenceDelta:
+        """A request the scheduler expired from the queue: forget it, tell its stream why."""
+        waited = time.monotonic() - req.queued_at
+        self._hold.discard(req.group_id)
+        self._retire(req)
+        log.warning("request %s dropped after %.0f s in the queue", req.group_id, waited)
+        return SequenceDelta(
+            request_id=req.group_id,
+            index=req.sample_index,
+            token_ids=(),
+            text="",
+            logprobs=None,
+            finish_reason="abort",
+            num_prompt_tokens=req.num_prompt_tokens,
+            error=f"the engine is overloaded: the request waited {waited:.0f} s in the queue "
+            f"(limit {self.config.scheduler.max_queue_seconds:g} s)",
+        )
 
     def _fork(self, parent: Request) -> list[Request]:
         self._forked.add(parent.request_id)
@@ -399,6 +489,7 @@ class EngineCore:
             if req.request_id in self._hold:
                 self._hold.discard(req.request_id)
                 held = tuple(self.kv.hold(req, req.request_id))
+                self._held_at[req.request_id] = time.monotonic()
             self.scheduler.finish(req, finish)
             self._retire(req)
         prompt_logprobs = None

@@ -168,6 +168,13 @@ class KVCacheManager:
     def block_ids(self, request_id: str) -> list[int]:
         return [b.block_id for b in self.tables.get(request_id, ())]
 
+    def num_accounted_blocks(self) -> int:
+        """Distinct blocks some table or hold refers to (cheap: a pass over the tables)."""
+        ids: set[int] = set()
+        for table in (*self.tables.values(), *self.held.values()):
+            ids.update(b.block_id for b in table)
+        return len(ids)
+
     def check_integrity(self) -> None:
         refs: dict[int, int] = {}
         for table in [*self.tables.values(), *self.held.values()]:

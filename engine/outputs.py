@@ -25,6 +25,9 @@ class SequenceDelta:
     # params.prompt_logprobs: with the first token, the logprob of every prompt token after the
     # first given the ones before it (len(prompt) - 1 entries).
     prompt_logprobs: tuple[TokenLogprobs, ...] | None = None
+    # Set when the engine dropped the request instead of serving it (e.g. it waited in the queue
+    # past the timeout); finish_reason is then "abort" and no tokens come.
+    error: str | None = None
 
     @property
     def finished(self) -> bool:
@@ -42,7 +45,6 @@ class ImportReservation:
     request_id: str
     block_ids: tuple[int, ...]
     first_block: int
-    num_local_cached_tokens: int
 
 
 @dataclass

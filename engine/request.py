@@ -65,6 +65,7 @@ class Request:
         self.params = params
         self.block_size = block_size
         self.arrival_time = time.monotonic() if arrival_time is None else arrival_time
+        self.queued_at = self.arrival_time  # when it last entered the waiting queue
         self.all_token_ids: list[int] = list(prompt_token_ids)
         self.num_computed_tokens = 0
         self.num_cached_tokens = -1  # prompt tokens served by the prefix cache; -1 until known

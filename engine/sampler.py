@@ -153,94 +153,127 @@ class Sampler:
         rows: Sequence[SamplingRow],
         bitmask: TokenBitmask | None = None,
     ) -> torch.Tensor:
-        """Steps 1-6 of the module docstring (grammar, allowed_token_ids, logit_bias,
-        min_tokens, repetition, presence and frequency); returns ``raw`` itself if no row asks.
+        """Steps 1-6 of the module docstring, in order; returns ``raw`` itself if no row asks.
 
-        Each touches only the (row, token) entries it concerns: the cost is proportional to the
-        number of prompt / output / listed tokens involved, not to batch x vocabulary (except
+        Each step touches only the (row, token) entries it concerns: the cost is proportional to
+        the number of prompt / output / listed tokens involved, not to batch x vocabulary (except
         the grammar and allowed_token_ids, which mask the whole of their rows).
         """
-        V = raw.shape[1]
-        x = raw
+        x = _Logits(raw)
+        constrained = _grammar(x, bitmask)
+        _allowed_token_ids(x, rows)
+        _logit_bias(x, rows)
+        _min_tokens(x, rows, self.eos_token_ids, constrained)
+        _repetition_penalty(x, rows)
+        _presence_frequency(x, rows)
+        return x.logits
 
-        def own() -> torch.Tensor:
-            return raw.clone() if x is raw else x
 
-        # 1. grammar bitmask: xgrammar's kernel over the constrained rows (C++ on the CPU).
-        constrained: frozenset[int] = frozenset()
-        if bitmask is not None and bitmask.rows:
-            x = own()
-            bits = bitmask.bits.to(x.device)  # filled on the CPU
-            apply_token_bitmask_inplace(x, bits, vocab_size=V, indices=list(bitmask.rows))
-            constrained = frozenset(bitmask.rows)
+class _Logits:
+    """The logits the steps transform: the raw tensor until a step writes, then a private copy
+    (the raw logits stay intact for logprobs)."""
 
-        # 2. allowed_token_ids: keep the listed logits, -inf elsewhere in those rows.
-        al = [i for i, r in enumerate(rows) if r.params.allowed_token_ids]
-        if al:
-            x = own()
-            r, t = _flatten(x.device, al, [rows[i].params.allowed_token_ids for i in al])
-            keep = t < V  # the engine checks ids against the vocabulary; stay in bounds anyway
-            r, t = r[keep], t[keep]
-            kept = x[r, t]
-            x[al] = _NEG_INF
-            x[r, t] = kept
+    def __init__(self, raw: torch.Tensor) -> None:
+        self.raw = raw
+        self.logits = raw
+        self.vocab = raw.shape[1]
 
-        # 3. logit_bias (token ids are unique within a row: plain assignment, no accumulation).
-        lb = [i for i, r in enumerate(rows) if r.params.logit_bias]
-        if lb:
-            x = own()
-            biases = [rows[i].params.logit_bias for i in lb]
-            r, t = _flatten(x.device, lb, [(tok for tok, _ in pairs) for pairs in biases])
-            bias = torch.tensor([b for pairs in biases for _, b in pairs], device=x.device)
-            keep = t < V
-            r, t, bias = r[keep], t[keep], bias[keep]
-            x[r, t] = x[r, t] + bias
+    def own(self) -> torch.Tensor:
+        if self.logits is self.raw:
+            self.logits = self.raw.clone()
+        return self.logits
 
-        # 4. min_tokens: forbid EOS and stop_token_ids (the grammar decides in its rows).
-        r_idx: list[int] = []
-        t_idx: list[int] = []
-        for i, row in enumerate(rows):
-            p = row.params
-            if p.min_tokens and len(row.output_token_ids) < p.min_tokens and i not in constrained:
-                for t in sorted(self.eos_token_ids.union(p.stop_token_ids)):
-                    if t < V:
-                        r_idx.append(i)
-                        t_idx.append(t)
-        if r_idx:
-            x = own()
-            x[r_idx, t_idx] = _NEG_INF
 
-        # 5. repetition penalty over prompt + output tokens (duplicates get the same value).
-        rep = [i for i, r in enumerate(rows) if r.params.repetition_penalty != 1.0]
-        if rep:
-            x = own()
-            r, t = _flatten(
-                x.device,
-                rep,
-                [itertools.chain(rows[i].prompt_token_ids, rows[i].output_token_ids) for i in rep],
-            )
-            if r.numel():
-                pen = _row_values(rows, rep, "repetition_penalty", 1.0, x.device)
-                pen = pen[r]
-                cur = x[r, t]
-                x[r, t] = torch.where(cur > 0, cur / pen, cur * pen)
+def _grammar(x: _Logits, bitmask: TokenBitmask | None) -> frozenset[int]:
+    """1. grammar bitmask: xgrammar's kernel over the constrained rows (C++ on the CPU)."""
+    if bitmask is None or not bitmask.rows:
+        return frozenset()
+    t = x.own()
+    bits = bitmask.bits.to(t.device)  # filled on the CPU
+    apply_token_bitmask_inplace(t, bits, vocab_size=x.vocab, indices=list(bitmask.rows))
+    return frozenset(bitmask.rows)
 
-        # 6. presence / frequency penalties over output tokens.
-        pf = [
-            i
-            for i, r in enumerate(rows)
-            if (r.params.presence_penalty != 0.0 or r.params.frequency_penalty != 0.0)
-            and len(r.output_token_ids) > 0
-        ]
-        if pf:
-            x = own()
-            r, t = _flatten(x.device, pf, [rows[i].output_token_ids for i in pf])
-            keys, counts = torch.unique(r * V + t, return_counts=True)
-            r, t = keys // V, keys % V
-            pres = _row_values(rows, pf, "presence_penalty", 0.0, x.device)
-            freq = _row_values(rows, pf, "frequency_penalty", 0.0, x.device)
-            x[r, t] -= freq[r] * counts + pres[r]
-        return x
+
+def _allowed_token_ids(x: _Logits, rows: Sequence[SamplingRow]) -> None:
+    """2. allowed_token_ids: keep the listed logits, -inf elsewhere in those rows."""
+    al = [i for i, r in enumerate(rows) if r.params.allowed_token_ids]
+    if not al:
+        return
+    t = x.own()
+    r, ids = _flatten(t.device, al, [rows[i].params.allowed_token_ids for i in al])
+    keep = ids < x.vocab  # the engine checks ids against the vocabulary; stay in bounds anyway
+    r, ids = r[keep], ids[keep]
+    kept = t[r, ids]
+    t[al] = _NEG_INF
+    t[r, ids] = kept
+
+
+def _logit_bias(x: _Logits, rows: Sequence[SamplingRow]) -> None:
+    """3. logit_bias (token ids are unique within a row: plain assignment, no accumulation)."""
+    lb = [i for i, r in enumerate(rows) if r.params.logit_bias]
+    if not lb:
+        return
+    t = x.own()
+    biases = [rows[i].params.logit_bias for i in lb]
+    r, ids = _flatten(t.device, lb, [(tok for tok, _ in pairs) for pairs in biases])
+    bias = torch.tensor([b for pairs in biases for _, b in pairs], device=t.device)
+    keep = ids < x.vocab
+    r, ids, bias = r[keep], ids[keep], bias[keep]
+    t[r, ids] = t[r, ids] + bias
+
+
+def _min_tokens(
+    x: _Logits, rows: Sequence[SamplingRow], eos: frozenset[int], constrained: frozenset[int]
+) -> None:
+    """4. min_tokens: forbid EOS and stop_token_ids (the grammar decides in its rows)."""
+    r_idx: list[int] = []
+    t_idx: list[int] = []
+    for i, row in enumerate(rows):
+        p = row.params
+        if p.min_tokens and len(row.output_token_ids) < p.min_tokens and i not in constrained:
+            for tok in sorted(eos.union(p.stop_token_ids)):
+                if tok < x.vocab:
+                    r_idx.append(i)
+                    t_idx.append(tok)
+    if r_idx:
+        x.own()[r_idx, t_idx] = _NEG_INF
+
+
+def _repetition_penalty(x: _Logits, rows: Sequence[SamplingRow]) -> None:
+    """5. repetition penalty over prompt + output tokens (duplicates get the same value)."""
+    rep = [i for i, r in enumerate(rows) if r.params.repetition_penalty != 1.0]
+    if not rep:
+        return
+    t = x.own()
+    r, ids = _flatten(
+        t.device,
+        rep,
+        [itertools.chain(rows[i].prompt_token_ids, rows[i].output_token_ids) for i in rep],
+    )
+    if r.numel():
+        pen = _row_values(rows, rep, "repetition_penalty", 1.0, t.device)[r]
+        cur = t[r, ids]
+        t[r, ids] = torch.where(cur > 0, cur / pen, cur * pen)
+
+
+def _presence_frequency(x: _Logits, rows: Sequence[SamplingRow]) -> None:
+    """6. presence / frequency penalties over output tokens."""
+    pf = [
+        i
+        for i, r in enumerate(rows)
+        if (r.params.presence_penalty != 0.0 or r.params.frequency_penalty != 0.0)
+        and len(r.output_token_ids) > 0
+    ]
+    if not pf:
+        return
+    t = x.own()
+    V = x.vocab
+    r, ids = _flatten(t.device, pf, [rows[i].output_token_ids for i in pf])
+    keys, counts = torch.unique(r * V + ids, return_counts=True)
+    r, ids = keys // V, keys % V
+    pres = _row_values(rows, pf, "presence_penalty", 0.0, t.device)
+    freq = _row_values(rows, pf, "frequency_penalty", 0.0, t.device)
+    t[r, ids] -= freq[r] * counts + pres[r]
 
 
 def _row_values(

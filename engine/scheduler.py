@@ -11,6 +11,7 @@ queue to be recomputed later (prefix caching usually makes that cheap).
 from __future__ import annotations
 
 import contextlib
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -57,7 +58,25 @@ class Scheduler:
     # --- queue management --------------------------------------------------------------------
     def add(self, request: Request) -> None:
         request.status = RequestStatus.WAITING
+        request.queued_at = time.monotonic()
         self.waiting.append(request)
+
+    def expire_waiting(self, now: float) -> list[Request]:
+        """Remove and return the waiting requests queued longer than ``max_queue_seconds``.
+
+        Only requests that never ran: a preempted one was accepted and partly served already.
+        """
+        limit = self.config.max_queue_seconds
+        if limit is None or not self.waiting:
+            return []
+        expired = [
+            r
+            for r in self.waiting
+            if r.status is RequestStatus.WAITING and now - r.queued_at > limit
+        ]
+        for req in expired:
+            self.finish(req, RequestStatus.FINISHED_ABORTED)
+        return expired
 
     def add_running(self, request: Request) -> None:
         """A forked sibling that already owns (shared) blocks joins the running batch."""

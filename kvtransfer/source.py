@@ -165,6 +165,10 @@ class KVBlockSource:
             self._free(lease)
         return sum(len(lease.block_ids) for lease in leases)
 
+    def leased_requests(self) -> set[str]:
+        """Request ids with a live lease."""
+        return {lease.request_id for lease in self.leases.leases()}
+
     def extend(self, lease_id: str, epoch: int, ttl: float | None = None) -> Lease:
         return self.leases.extend(lease_id, epoch, ttl)
 

@@ -39,6 +39,11 @@ class PrefillServiceStub:
                 request_serializer=splitserve_dot_proto_dot_splitserve__pb2.PrefillRequest.SerializeToString,
                 response_deserializer=splitserve_dot_proto_dot_splitserve__pb2.PrefillResponse.FromString,
                 _registered_method=True)
+        self.Abort = channel.unary_unary(
+                '/splitserve.v1.PrefillService/Abort',
+                request_serializer=splitserve_dot_proto_dot_splitserve__pb2.AbortRequest.SerializeToString,
+                response_deserializer=splitserve_dot_proto_dot_splitserve__pb2.AbortResponse.FromString,
+                _registered_method=True)
 
 
 class PrefillServiceServicer:
@@ -50,6 +55,14 @@ class PrefillServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Abort(self, request, context):
+        """Stop a request now: abort its prompt if it is still running and release its KV lease (the
+        router calls it when the client went away before a decode pod took the hand-off).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PrefillServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -57,6 +70,11 @@ def add_PrefillServiceServicer_to_server(servicer, server):
                     servicer.Prefill,
                     request_deserializer=splitserve_dot_proto_dot_splitserve__pb2.PrefillRequest.FromString,
                     response_serializer=splitserve_dot_proto_dot_splitserve__pb2.PrefillResponse.SerializeToString,
+            ),
+            'Abort': grpc.unary_unary_rpc_method_handler(
+                    servicer.Abort,
+                    request_deserializer=splitserve_dot_proto_dot_splitserve__pb2.AbortRequest.FromString,
+                    response_serializer=splitserve_dot_proto_dot_splitserve__pb2.AbortResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -86,6 +104,33 @@ class PrefillService:
             '/splitserve.v1.PrefillService/Prefill',
             splitserve_dot_proto_dot_splitserve__pb2.PrefillRequest.SerializeToString,
             splitserve_dot_proto_dot_splitserve__pb2.PrefillResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Abort(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/splitserve.v1.PrefillService/Abort',
+            splitserve_dot_proto_dot_splitserve__pb2.AbortRequest.SerializeToString,
+            splitserve_dot_proto_dot_splitserve__pb2.AbortResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -422,6 +467,11 @@ class EngineServiceStub:
         Args:
             channel: A grpc.Channel.
         """
+        self.GetInfo = channel.unary_unary(
+                '/splitserve.v1.EngineService/GetInfo',
+                request_serializer=splitserve_dot_proto_dot_splitserve__pb2.EngineInfoRequest.SerializeToString,
+                response_deserializer=splitserve_dot_proto_dot_splitserve__pb2.EngineInfo.FromString,
+                _registered_method=True)
         self.GetStats = channel.unary_unary(
                 '/splitserve.v1.EngineService/GetStats',
                 request_serializer=splitserve_dot_proto_dot_splitserve__pb2.StatsRequest.SerializeToString,
@@ -436,6 +486,12 @@ class EngineServiceStub:
 
 class EngineServiceServicer:
     """Missing associated documentation comment in .proto file."""
+
+    def GetInfo(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
 
     def GetStats(self, request, context):
         """Missing associated documentation comment in .proto file."""
@@ -452,6 +508,11 @@ class EngineServiceServicer:
 
 def add_EngineServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
+            'GetInfo': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetInfo,
+                    request_deserializer=splitserve_dot_proto_dot_splitserve__pb2.EngineInfoRequest.FromString,
+                    response_serializer=splitserve_dot_proto_dot_splitserve__pb2.EngineInfo.SerializeToString,
+            ),
             'GetStats': grpc.unary_unary_rpc_method_handler(
                     servicer.GetStats,
                     request_deserializer=splitserve_dot_proto_dot_splitserve__pb2.StatsRequest.FromString,
@@ -472,6 +533,33 @@ def add_EngineServiceServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class EngineService:
     """Missing associated documentation comment in .proto file."""
+
+    @staticmethod
+    def GetInfo(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/splitserve.v1.EngineService/GetInfo',
+            splitserve_dot_proto_dot_splitserve__pb2.EngineInfoRequest.SerializeToString,
+            splitserve_dot_proto_dot_splitserve__pb2.EngineInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
 
     @staticmethod
     def GetStats(request,

@@ -4,43 +4,68 @@ Starts the engine servers (``splitserve prefill`` / ``splitserve decode``, or ``
 with ``--colocated``) and a router over them as child processes, prints the URL once the router's
 ``/health`` says the pools are ready, and stops every child on Ctrl-C / SIGTERM (or when any child
 dies, since a half stack would only confuse).
+
+It fails fast and plainly: a port that is taken, a model that cannot be loaded or a bad flag is
+one line on stderr and exit status 2, before any child starts. "ready" is printed only when the
+router that answers /health is the one this command started (its instance id). Children die with
+this process even when it is SIGKILLed (``splitserve.processes``).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
+import uuid
 from dataclasses import dataclass
+
+from splitserve.processes import free_port, port_in_use, spawn, splitserve_argv, stop
+from splitserve.protocol.constants import API_KEYS_ENV, ROUTER_HTTP_PORT
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"port {value} is outside 1-65535")
+    return value
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="HF directory or .gguf (default: SmolLM2-135M)")
     p.add_argument("--host", default="127.0.0.1", help="router bind address")
-    p.add_argument("--port", type=int, default=8000, help="router HTTP port")
-    p.add_argument("--prefill-replicas", type=int, default=1)
-    p.add_argument("--decode-replicas", type=int, default=1)
+    p.add_argument("--port", type=_port, default=ROUTER_HTTP_PORT, help="router HTTP port")
+    p.add_argument("--prefill-replicas", type=_positive, default=1)
+    p.add_argument("--decode-replicas", type=_positive, default=1)
     p.add_argument("--colocated", action="store_true",
                    help="engines do prefill and decode themselves (no KV transfer)")  # fmt: skip
     p.add_argument("--kv-transport", choices=("nixl", "grpc"), default="grpc")
     p.add_argument("--policy", default="prefix",
                    choices=("prefix", "round_robin", "least_load", "session"))  # fmt: skip
     p.add_argument("--served-name", default=None)
-    p.add_argument("--api-key", action="append", default=[])
+    p.add_argument("--api-key", action="append", default=[],
+                   help=f"accepted API key (repeatable; also ${API_KEYS_ENV})")  # fmt: skip
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"))
-    p.add_argument("--max-model-len", type=int, default=None)
-    p.add_argument("--max-num-seqs", type=int, default=None)
-    p.add_argument("--block-size", type=int, default=None)
+    p.add_argument("--max-model-len", type=_positive, default=None)
+    p.add_argument("--max-num-seqs", type=_positive, default=None)
+    p.add_argument("--block-size", type=_positive, default=None)
     p.add_argument("--kv-cache-memory-gb", type=float, default=None)
-    p.add_argument("--threads-per-engine", type=int, default=None,
+    p.add_argument("--threads-per-engine", type=_positive, default=None,
                    help="torch threads per engine (default: cores / engines, >= 1)")  # fmt: skip
     p.add_argument("--ready-timeout", type=float, default=600.0)
     p.add_argument("--log-level", default="warning")
@@ -54,13 +79,7 @@ class Child:
     metrics_port: int = 0
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def plan(args: argparse.Namespace) -> tuple[list[Child], Child]:
+def plan(args: argparse.Namespace, instance_id: str = "") -> tuple[list[Child], Child]:
     """The engine children and the router child (argv without the interpreter prefix)."""
     engine_flags: list[str] = ["--host", "127.0.0.1", "--log-level", args.log_level.upper()]
     if args.model:
@@ -83,7 +102,7 @@ def plan(args: argparse.Namespace) -> tuple[list[Child], Child]:
         return Child(f"{role}-{i}", argv, port, mport)
 
     router = ["router", "--host", args.host, "--port", str(args.port), "--policy", args.policy]
-    router += ["--log-level", args.log_level]
+    router += ["--log-level", args.log_level, "--instance-id", instance_id]
     if args.colocated:
         n = max(1, args.decode_replicas)
         engines = [engine("decode", i, ["--colocated"]) for i in range(n)]
@@ -94,15 +113,21 @@ def plan(args: argparse.Namespace) -> tuple[list[Child], Child]:
         engines = pre + dec
         router += ["--prefill-endpoints", ",".join(f"127.0.0.1:{c.port}" for c in pre)]
         router += ["--decode-endpoints", ",".join(f"127.0.0.1:{c.port}" for c in dec)]
-    if args.model:
-        router += ["--model", args.model]
     if args.served_name:
         router += ["--served-name", args.served_name]
     if args.max_model_len:
         router += ["--max-model-len", str(args.max_model_len)]
-    for key in args.api_key:
-        router += ["--api-key", key]
+    # API keys go to the router in its environment (router_env), never on its command line,
+    # where any user of the machine could read them with ps.
     return engines, Child("router", router, args.port)
+
+
+def router_env(args: argparse.Namespace) -> dict[str, str]:
+    env = dict(os.environ, PYTHONSAFEPATH="1", OMP_NUM_THREADS="1")
+    keys = [k for k in (env.get(API_KEYS_ENV, ""), *args.api_key) if k]
+    if keys:
+        env[API_KEYS_ENV] = ",".join(keys)
+    return env
 
 
 class Stack:
@@ -112,10 +137,7 @@ class Stack:
         self.procs: list[tuple[Child, subprocess.Popen]] = []
 
     def start(self, child: Child, env: dict[str, str]) -> None:
-        cmd = [sys.executable, "-P", "-m", "splitserve", *child.argv]
-        # Own session: a terminal Ctrl-C reaches only us, and we stop the children in order.
-        proc = subprocess.Popen(cmd, env=env, start_new_session=True)
-        self.procs.append((child, proc))
+        self.procs.append((child, spawn(splitserve_argv(*child.argv), env=env)))
 
     def dead(self) -> tuple[Child, int] | None:
         for child, proc in self.procs:
@@ -125,27 +147,35 @@ class Stack:
 
     def stop(self, timeout: float = 15.0) -> None:
         # Router first (no new requests), then engines.
-        for _, proc in reversed(self.procs):
-            if proc.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + timeout
-        for _, proc in self.procs:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(max(0.0, deadline - time.monotonic()))
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+        stop([proc for _, proc in reversed(self.procs)], timeout)
 
 
-def _all_ready(url: str, prefill: int, decode: int) -> bool:
-    """The router is healthy AND sees every engine: "ready" means the whole stack is."""
+def _all_ready(url: str, prefill: int, decode: int, instance_id: str) -> bool:
+    """OUR router is healthy AND sees every engine: "ready" means the whole stack is."""
     try:
         with urllib.request.urlopen(url + "/health", timeout=2) as r:
             body = json.loads(r.read())
     except (urllib.error.URLError, OSError, ValueError):
         return False
-    return body.get("prefill_pods", 0) >= prefill and body.get("decode_pods", 0) >= decode
+    return (
+        body.get("instance_id") == instance_id
+        and body.get("prefill_pods", 0) >= prefill
+        and body.get("decode_pods", 0) >= decode
+    )
+
+
+def preflight(args: argparse.Namespace) -> str | None:
+    """Why the stack cannot start (one line), or None. Checks what children would die of."""
+    if port_in_use(args.host, args.port):
+        return f"port {args.port} on {args.host} is already in use (choose another with --port)"
+    # Convert the default model once here, not in every child at the same time.
+    from splitserve.engine.model.loader import resolve_model
+
+    try:
+        resolve_model(args.model)
+    except (ValueError, OSError) as exc:
+        return f"cannot load model {args.model!r}: {exc}"
+    return None
 
 
 def child_env(num_engines: int, threads: int | None) -> dict[str, str]:
@@ -158,14 +188,12 @@ def child_env(num_engines: int, threads: int | None) -> dict[str, str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.prefill_replicas < 1 or args.decode_replicas < 1:
-        print("serve: --prefill-replicas and --decode-replicas must be >= 1", file=sys.stderr)
+    problem = preflight(args)
+    if problem is not None:
+        print(f"splitserve serve: {problem}", file=sys.stderr)
         return 2
-    # Convert the default model once here, not in every child at the same time.
-    from splitserve.engine.model.loader import resolve_model
-
-    resolve_model(args.model)
-    engines, router = plan(args)
+    instance_id = uuid.uuid4().hex
+    engines, router = plan(args, instance_id)
     stack = Stack()
     stopping = []
 
@@ -178,12 +206,12 @@ def run(args: argparse.Namespace) -> int:
         env = child_env(len(engines), args.threads_per_engine)
         for child in engines:
             stack.start(child, env)
-        stack.start(router, dict(os.environ, PYTHONSAFEPATH="1", OMP_NUM_THREADS="1"))
+        stack.start(router, router_env(args))
         print(f"splitserve: starting {len(engines)} engine(s) and the router ...", flush=True)
         deadline = time.monotonic() + args.ready_timeout
         n_prefill = len(engines) if args.colocated else args.prefill_replicas
         n_decode = len(engines) if args.colocated else args.decode_replicas
-        while not _all_ready(url, n_prefill, n_decode):
+        while not _all_ready(url, n_prefill, n_decode, instance_id):
             if stopping:
                 return 130
             if (dead := stack.dead()) is not None:

@@ -8,6 +8,19 @@ from splitserve.engine.attention.base import AttentionBackend, AttentionStep
 from splitserve.engine.attention.metadata import AttentionMetadata
 
 
+def resolve_backend_name(name: str, device: str) -> str:
+    """The backend ``auto`` means here: triton on CUDA, else cpu where its C++ kernels load
+    (building them on first use, which is why this is a function the engine calls once and not
+    a config property), else torch."""
+    if name != "auto":
+        return name
+    if device.startswith("cuda"):
+        return "triton"
+    from splitserve.kernels import cpu
+
+    return "cpu" if cpu.available() else "torch"
+
+
 def get_attention_backend(name: str) -> AttentionBackend:
     if name == "torch":
         from splitserve.engine.attention.torch_backend import TorchAttentionBackend
@@ -24,4 +37,10 @@ def get_attention_backend(name: str) -> AttentionBackend:
     raise ValueError(f"attention_backend must be cpu, torch or triton, got {name!r}")
 
 
-__all__ = ["AttentionBackend", "AttentionMetadata", "AttentionStep", "get_attention_backend"]
+__all__ = [
+    "AttentionBackend",
+    "AttentionMetadata",
+    "AttentionStep",
+    "get_attention_backend",
+    "resolve_backend_name",
+]

@@ -37,7 +37,3 @@ class AttentionMetadata:
     @property
     def num_decodes(self) -> int:
         return self.num_decode_tokens
-
-    @property
-    def num_prefills(self) -> int:
-        return int(self.prefill_seq_lens.shape[0])

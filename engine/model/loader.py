@@ -29,6 +29,8 @@ from tqdm import tqdm
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+# What clients (and tokenizer-hub-aware tools such as guidellm) call the default model.
+DEFAULT_MODEL_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 _DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _READY_MARKER = ".splitserve-complete"
 
@@ -49,7 +51,7 @@ def default_gguf_path() -> Path:
 
 def resolve_model(model: str | os.PathLike[str] | None, revision: str | None = None) -> Path:
     """Return a local HF-format directory for ``model``, converting a GGUF once if needed."""
-    if model is None or str(model) in ("", "default", DEFAULT_MODEL_NAME):
+    if model is None or str(model) in ("", "default", DEFAULT_MODEL_NAME, DEFAULT_MODEL_HUB_ID):
         return _convert_gguf(default_gguf_path(), cache_root() / DEFAULT_MODEL_NAME)
     path = Path(str(model).removeprefix("file://")).expanduser()
     if path.is_dir():

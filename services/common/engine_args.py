@@ -7,26 +7,39 @@ import os
 import socket
 
 from splitserve.engine.config import CacheConfig, EngineConfig, SchedulerConfig
+from splitserve.protocol.constants import ENGINE_GRPC_PORT
+
+# A request that waited this long without running is dropped (RESOURCE_EXHAUSTED): a server
+# never lets a request wait forever. The offline LLM has no limit.
+DEFAULT_MAX_QUEUE_SECONDS = 120.0
 
 
-def add_engine_arguments(parser: argparse.ArgumentParser, default_port: int) -> None:
+def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of both engine servers; defaults come from the engine's config dataclasses."""
+    cache, sched = CacheConfig(), SchedulerConfig()
     parser.add_argument("--model", default=None, help="HF directory or .gguf (default: SmolLM2)")
-    parser.add_argument("--revision", default="", help="weights revision (compatibility hash)")
+    parser.add_argument("--revision", default="", help="weights revision (part of the KV hash)")
     parser.add_argument("--served-name", default=None, help="model name reported to clients")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--block-size", type=int, default=16)
+    parser.add_argument("--block-size", type=int, default=cache.block_size)
     parser.add_argument("--num-kv-blocks", type=int, default=None)
-    parser.add_argument("--kv-cache-memory-gb", type=float, default=2.0)
+    parser.add_argument(
+        "--kv-cache-memory-gb", type=float, default=cache.kv_cache_memory_bytes / (1 << 30)
+    )
     parser.add_argument("--max-model-len", type=int, default=None)
-    parser.add_argument("--max-num-seqs", type=int, default=128)
-    parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    parser.add_argument("--max-num-seqs", type=int, default=sched.max_num_seqs)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=sched.max_num_batched_tokens)
+    parser.add_argument(
+        "--max-queue-seconds", type=float, default=DEFAULT_MAX_QUEUE_SECONDS,
+        help="drop a request that waited this long without running (0: never)",
+    )  # fmt: skip
     parser.add_argument("--no-prefix-caching", action="store_true")
     parser.add_argument(
         "--attention-backend", default="auto", choices=["auto", "cpu", "torch", "triton"]
     )
     parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=default_port, help="gRPC port")
+    parser.add_argument("--port", type=int, default=ENGINE_GRPC_PORT, help="gRPC port")
     parser.add_argument(
         "--advertise-host",
         default=os.environ.get("POD_IP"),
@@ -59,7 +72,9 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
             enable_prefix_caching=not args.no_prefix_caching,
         ),
         scheduler=SchedulerConfig(
-            max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens
+            max_num_seqs=args.max_num_seqs,
+            max_num_batched_tokens=args.max_num_batched_tokens,
+            max_queue_seconds=args.max_queue_seconds or None,
         ),
     )
 

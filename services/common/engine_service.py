@@ -1,9 +1,10 @@
-"""EngineService (both pods): load stats and the KV-event stream the router's prefix index uses."""
+"""EngineService (both pods): model facts, load stats and the KV events of the prefix index."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 
@@ -11,14 +12,18 @@ from splitserve.engine.async_engine import AsyncEngine
 from splitserve.engine.block_pool import BlockStored, KVEvent
 from splitserve.proto import splitserve_pb2 as pb
 from splitserve.proto import splitserve_pb2_grpc as pb_grpc
+from splitserve.protocol.constants import PROTOCOL_VERSION
 
 log = logging.getLogger(__name__)
-PROTOCOL_VERSION = pb.PROTOCOL_VERSION
 _MAX_BACKLOG = 10_000  # batches; a subscriber this far behind is cut off and must resync
 
 
 class KVEventHub:
-    """Numbers KV event batches and fans them out. Mutated only on the engine thread."""
+    """Numbers KV event batches and fans them out to subscribers' queues.
+
+    ``publish`` and ``subscribe`` run on the engine thread (so a subscription's snapshot lines
+    up with the batches that follow it); ``unsubscribe`` may run anywhere.
+    """
 
     def __init__(self, engine_id: str, epoch: int, block_size: int) -> None:
         self.engine_id = engine_id
@@ -26,6 +31,7 @@ class KVEventHub:
         self.block_size = block_size
         self.sequence = 0
         self._subs: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._lock = threading.Lock()
 
     def _batch(self, events: list[KVEvent], snapshot: bool = False) -> pb.KVEventBatch:
         out = []
@@ -54,50 +60,55 @@ class KVEventHub:
 
     def publish(self, events: list[KVEvent]) -> None:
         self.sequence += 1
-        if not self._subs:
+        with self._lock:
+            subs = list(self._subs.items())
+        if not subs:
             return
         batch = self._batch(events)
-        for key, (loop, q) in list(self._subs.items()):
+        for key, (loop, q) in subs:
             if q.qsize() > _MAX_BACKLOG:
-                del self._subs[key]
+                self.unsubscribe(key)
                 loop.call_soon_threadsafe(q.put_nowait, None)  # cut off: it must resync
             else:
                 loop.call_soon_threadsafe(q.put_nowait, batch)
 
     def subscribe(self, key: int, loop, q: asyncio.Queue, snapshot: list[BlockStored] | None):
-        self._subs[key] = (loop, q)
+        with self._lock:
+            self._subs[key] = (loop, q)
         if snapshot is not None:
-            q.put_nowait(self._batch(list(snapshot), snapshot=True))
+            batch = self._batch(list(snapshot), snapshot=True)
+            loop.call_soon_threadsafe(q.put_nowait, batch)
 
     def unsubscribe(self, key: int) -> None:
-        self._subs.pop(key, None)
+        with self._lock:
+            self._subs.pop(key, None)
 
 
 class EngineServicer(pb_grpc.EngineServiceServicer):
+    """Model facts, load and KV events of one engine, for the router."""
+
     def __init__(
         self,
         engine: AsyncEngine,
-        role: str,
-        engine_id: str,
-        epoch: int,
-        model_name: str,
+        info: pb.EngineInfo,
         active_leases: Callable[[], int] = lambda: 0,
     ) -> None:
         self.engine = engine
-        self.role = role
-        self.engine_id = engine_id
-        self.epoch = epoch
-        self.model_name = model_name
+        self.info = info
         self.active_leases = active_leases
-        self.hub = KVEventHub(engine_id, epoch, engine.core.kv.block_size)
+        self.hub = KVEventHub(info.engine_id, info.epoch, info.block_size)
         engine.add_kv_event_sink(self.hub.publish)
 
+    async def GetInfo(self, request, context) -> pb.EngineInfo:
+        return self.info
+
     async def GetStats(self, request, context) -> pb.EngineStats:
-        s = self.engine.core.stats()
+        s = self.engine.stats()
+        health = self.engine.health()
         return pb.EngineStats(
-            engine_id=self.engine_id,
-            epoch=self.epoch,
-            role=self.role,
+            engine_id=self.info.engine_id,
+            epoch=self.info.epoch,
+            role=self.info.role,
             num_requests_running=s.num_running,
             num_requests_waiting=s.num_waiting,
             kv_cache_usage=s.kv_cache_usage,
@@ -107,21 +118,21 @@ class EngineServicer(pb_grpc.EngineServiceServicer):
             prefix_cache_hits=s.prefix_cache_hits,
             num_active_leases=self.active_leases(),
             protocol_version=PROTOCOL_VERSION,
-            model=self.model_name,
-            block_size=self.engine.core.kv.block_size,
+            model=self.info.served_model_name,
+            block_size=self.info.block_size,
             kv_events_sequence=self.hub.sequence,
+            serving=health.serving,
+            health_reason=health.reason,
+            kv_blocks_unaccounted=self.engine.audit().unaccounted,
         )
 
     async def SubscribeKVEvents(self, request, context) -> AsyncIterator[pb.KVEventBatch]:
         loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
         key = id(q)
-        pool = self.engine.core.kv.pool
-
-        def register() -> None:  # on the engine thread: snapshot and stream line up exactly
-            self.hub.subscribe(key, loop, q, pool.cached_blocks() if request.snapshot else None)
-
-        await self.engine.call(register)
+        await self.engine.kv_cache_snapshot(
+            lambda blocks: self.hub.subscribe(key, loop, q, blocks if request.snapshot else None)
+        )
         try:
             while True:
                 batch = await q.get()
@@ -129,4 +140,4 @@ class EngineServicer(pb_grpc.EngineServiceServicer):
                     return
                 yield batch
         finally:
-            self.engine.submit(lambda: self.hub.unsubscribe(key))
+            self.hub.unsubscribe(key)

@@ -8,24 +8,35 @@ in, so several servers can share one test process.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
+from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from splitserve.engine.engine_core import EngineStats
+from splitserve.engine.async_engine import EngineHealth
+from splitserve.engine.engine_core import EngineStats, KVAudit
+
+
+class EngineState(Protocol):
+    """What the metrics read at scrape time (``AsyncEngine`` offers it)."""
+
+    def stats(self) -> EngineStats: ...
+    def audit(self) -> KVAudit: ...
+    def health(self) -> EngineHealth: ...
+
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40)
 
 
 class _StatsCollector(Collector):
-    def __init__(self, stats: Callable[[], EngineStats], labels: dict[str, str]) -> None:
-        self._stats = stats
+    def __init__(self, engine: EngineState, labels: dict[str, str]) -> None:
+        self._engine = engine
         self._labels = labels
 
     def collect(self) -> Iterator:
-        s = self._stats()
+        s = self._engine.stats()
         names, values = list(self._labels), list(self._labels.values())
 
         def gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
@@ -54,19 +65,32 @@ class _StatsCollector(Collector):
             s.prefix_cache_hits,
         )  # fmt: skip
         yield counter("vllm:num_preemptions", "Preempted requests.", s.num_preemptions)
+        yield gauge(
+            "splitserve:kv_blocks_unaccounted",
+            "KV blocks in use that no request, hold or reservation accounts for (a leak; "
+            "counted when the engine goes idle).",
+            self._engine.audit().unaccounted,
+        )
+        yield gauge("splitserve:kv_requests_held", "Requests whose KV is held for a hand-off.",
+                    s.num_held)  # fmt: skip
+        yield gauge(
+            "splitserve:engine_serving",
+            "1 while the engine makes progress, 0 when it cannot (see its health reason).",
+            float(self._engine.health().serving),
+        )
 
 
 class EngineMetrics:
     def __init__(
         self,
         registry: CollectorRegistry,
-        stats: Callable[[], EngineStats],
+        engine: EngineState,
         model_name: str,
         role: str,
     ) -> None:
         labels = {"model_name": model_name, "role": role}
         self.registry = registry
-        registry.register(_StatsCollector(stats, labels))
+        registry.register(_StatsCollector(engine, labels))
         names = list(labels)
         self._labels = labels
         self.prompt_tokens = Counter(
@@ -95,6 +119,12 @@ class EngineMetrics:
             buckets=_LATENCY_BUCKETS,
             registry=registry,
         )
+        self.blocks_reclaimed = Counter(
+            "splitserve:kv_blocks_reclaimed",
+            "KV blocks the orphan reaper freed (held with no live lease: a bug elsewhere).",
+            names,
+            registry=registry,
+        ).labels(**labels)
         self.e2e = Histogram(
             "vllm:e2e_request_latency_seconds",
             "Request latency, arrival to finish.",

@@ -1,4 +1,4 @@
-"""What both engine servers build the same way: the engine, its identity and its KV facts."""
+"""What both engine servers build the same way: the engine, its identity, its model facts."""
 
 from __future__ import annotations
 
@@ -8,14 +8,19 @@ import logging
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 from prometheus_client import CollectorRegistry
 
 from splitserve.engine.async_engine import AsyncEngine
 from splitserve.engine.engine_core import EngineCore
+from splitserve.engine.model.loader import DEFAULT_MODEL_HUB_ID, DEFAULT_MODEL_NAME
 from splitserve.kvtransfer.pool import allocate_kv_pool
-from splitserve.protocol.kv_compat import CompatInfo
+from splitserve.proto import splitserve_pb2 as pb
+from splitserve.protocol.constants import PROTOCOL_VERSION
+from splitserve.protocol.kv_compat import CompatInfo, kv_compat_hash
+from splitserve.protocol.tokenizer_files import read_tokenizer_files, tokenizer_id
 from splitserve.services.common.engine_args import engine_config
 from splitserve.services.common.metrics import EngineMetrics
 from splitserve.services.common.serving import run_grpc_server
@@ -32,7 +37,9 @@ class EngineRuntime:
     compat: CompatInfo
     engine_id: str
     epoch: int
+    role: str
     model_name: str
+    info: pb.EngineInfo  # what GetInfo answers: the model facts the router relies on
     registry: CollectorRegistry
     metrics: EngineMetrics
 
@@ -41,8 +48,12 @@ class EngineRuntime:
         args: argparse.Namespace,
         services: dict[str, Callable[[grpc.aio.Server], None]],
         on_shutdown: Callable[[], None],
+        background: list[Callable[[], object]] = (),
     ) -> None:
-        """Serve ``services`` (full gRPC service name -> adder) until SIGTERM / SIGINT."""
+        """Serve ``services`` (full gRPC service name -> adder) until SIGTERM / SIGINT.
+
+        ``background``: coroutine functions run alongside the server (e.g. reapers).
+        """
 
         def shutdown() -> None:
             on_shutdown()
@@ -56,9 +67,24 @@ class EngineRuntime:
                 args.port,
                 args.metrics_port,
                 self.registry,
+                health=self.engine.health,
                 on_shutdown=shutdown,
+                background=background,
             )
         )
+
+
+def served_names(
+    served_name: str | None, model_arg: str | None, model: str
+) -> tuple[str, tuple[str, ...]]:
+    """The name clients use for the model, and aliases: ``--served-name`` if given; for the
+    default model its hub id with the short name as an alias; else the model argument."""
+    if served_name:
+        return served_name, ()
+    if model_arg in (None, "", "default", DEFAULT_MODEL_NAME, DEFAULT_MODEL_HUB_ID):
+        return DEFAULT_MODEL_HUB_ID, (DEFAULT_MODEL_NAME,)
+    short = Path(model).stem if model.endswith(".gguf") else Path(model).name
+    return model, (short,) if short != model else ()
 
 
 def build_runtime(args: argparse.Namespace, role: str) -> EngineRuntime:
@@ -81,26 +107,51 @@ def build_runtime(args: argparse.Namespace, role: str) -> EngineRuntime:
         return allocate_kv_pool(num_blocks, num_layers, block_size, num_kv_heads, head_dim, dtype)
 
     core = EngineCore(config, allocate_kv=allocate)
-    shape = core.shape
-    model_name = args.served_name or (args.model or core.model_dir.name)
+    engine = AsyncEngine(core)
+    facts = engine.facts
+    model = str(args.model or Path(facts.model_dir).name)
+    model_name, aliases = served_names(args.served_name, args.model, model)
     compat = CompatInfo(
-        model=str(args.model or core.model_dir.name),
+        model=model,
         revision=args.revision,
-        dtype=str(core.kv_cache.dtype).removeprefix("torch."),
-        block_size=core.kv.block_size,
-        num_layers=shape.num_layers,
-        num_kv_heads=shape.num_kv_heads,
-        head_dim=shape.head_dim,
+        dtype=facts.kv_dtype,
+        block_size=facts.block_size,
+        num_layers=facts.num_layers,
+        num_kv_heads=facts.num_kv_heads,
+        head_dim=facts.head_dim,
+    )
+    epoch = secrets.randbits(64)
+    files = read_tokenizer_files(facts.model_dir)
+    info = pb.EngineInfo(
+        protocol_version=PROTOCOL_VERSION,
+        engine_id=args.engine_id,
+        epoch=epoch,
+        role=role,
+        colocated=bool(getattr(args, "colocated", False)),
+        served_model_name=model_name,
+        served_model_aliases=list(aliases),
+        model=model,
+        max_model_len=facts.max_model_len,
+        vocab_size=facts.vocab_size,
+        block_size=facts.block_size,
+        kv_compat=compat.to_proto(),
+        kv_compat_hash=kv_compat_hash(compat),
+        tokenizer_id=tokenizer_id(files),
+        tokenizer_files=[pb.TokenizerFile(name=n, content=c) for n, c in files],
+        eos_token_ids=list(facts.eos_token_ids),
+        max_num_seqs=facts.max_num_seqs,
     )
     registry = CollectorRegistry()
-    metrics = EngineMetrics(registry, core.stats, model_name, role)
-    engine = AsyncEngine(core).start()
+    metrics = EngineMetrics(registry, engine, model_name, role)
+    engine.start()
     return EngineRuntime(
         engine=engine,
         compat=compat,
         engine_id=args.engine_id,
-        epoch=secrets.randbits(64),
+        epoch=epoch,
+        role=role,
         model_name=model_name,
+        info=info,
         registry=registry,
         metrics=metrics,
     )

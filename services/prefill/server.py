@@ -1,24 +1,36 @@
-"""The prefill server: runs prompts, samples the first token, leases the prompt's KV blocks.
+"""The prefill server: runs prompts, samples the first tokens, leases the prompt's KV blocks.
 
 gRPC services: PrefillService (this module), KVService (reads of leased blocks, from
-``splitserve.kvtransfer``), EngineService (stats, KV events) and grpc health.
-A lease ends on release by the decode pod, on expiry, or on abort; each frees the blocks once.
+``splitserve.kvtransfer``), EngineService (info, stats, KV events) and grpc health.
+
+Who frees a prompt's blocks, on every path:
+- the engine, while the prompt runs (a cancelled ``Prefill`` aborts it there);
+- this servicer, between the prompt's end and the lease grant (cancelled, or the grant failed);
+- the lease, once granted: released by the decode pod, by ``Abort`` (the router, when the client
+  left before a decode pod took the hand-off), by expiry, or at shutdown; each frees once;
+- the orphan reaper, last: blocks held with no live lease and no ``Prefill`` in flight for them
+  are reclaimed (and counted, since it means a bug elsewhere).
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import time
 
 import grpc
 
-from splitserve.engine.async_engine import AsyncEngine, EngineDeadError
+from splitserve.engine.async_engine import (
+    AsyncEngine,
+    EngineDeadError,
+    PrefillOutput,
+    RequestRejectedError,
+)
 from splitserve.kvtransfer.source import KVBlockSource
 from splitserve.proto import splitserve_pb2 as pb
 from splitserve.proto import splitserve_pb2_grpc as pb_grpc
-from splitserve.protocol.wire import logprobs_to_proto, params_from_proto
+from splitserve.protocol.constants import PROTOCOL_VERSION
+from splitserve.protocol.wire import finish_to_proto, logprobs_to_proto, params_from_proto
 from splitserve.services.common.metrics import EngineMetrics
 
 log = logging.getLogger(__name__)
@@ -30,72 +42,118 @@ class PrefillServicer(pb_grpc.PrefillServiceServicer):
         engine: AsyncEngine,
         source: KVBlockSource,
         metrics: EngineMetrics,
+        orphan_grace_s: float = 10.0,
     ) -> None:
         self.engine = engine
         self.source = source
         self.metrics = metrics
+        self.orphan_grace_s = orphan_grace_s
+        self._inflight: set[str] = set()  # Prefill calls not yet answered (their holds are owned)
 
     async def Prefill(self, request: pb.PrefillRequest, context) -> pb.PrefillResponse:
-        if request.protocol_version and request.protocol_version != pb.PROTOCOL_VERSION:
+        if request.protocol_version and request.protocol_version != PROTOCOL_VERSION:
             await context.abort(
                 grpc.StatusCode.FAILED_PRECONDITION,
-                f"protocol_version {request.protocol_version} != {pb.PROTOCOL_VERSION}",
+                f"protocol_version {request.protocol_version} != {PROTOCOL_VERSION}",
             )
         try:
             params = params_from_proto(request.sampling_params, request.extra_keys)
-            if params.n != 1:
-                raise ValueError("n must be 1 per prefill request (the router fans samples out)")
-            # Only the first token is sampled here; stop strings are the decode side's job.
-            first = dataclasses.replace(
-                params, max_tokens=1, min_tokens=min(params.min_tokens, 1), stop=()
-            )
         except ValueError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         rid = request.request_id
+        if rid in self._inflight:
+            await context.abort(grpc.StatusCode.ALREADY_EXISTS, f"request {rid!r} is running")
+        self._inflight.add(rid)
         start = time.monotonic()
-        final = None
         try:
-            async for delta in self.engine.generate(
-                rid, list(request.prompt_token_ids), first, hold_kv=True
-            ):
-                final = delta
-        except ValueError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        except EngineDeadError as exc:
-            await context.abort(grpc.StatusCode.INTERNAL, str(exc))
-        assert final is not None and final.finished
-        held = final.held_block_ids or ()
-        response = pb.PrefillResponse(
-            first_token_id=final.token_ids[0],
-            num_cached_tokens=final.num_cached_tokens,
-            num_prompt_tokens=final.num_prompt_tokens,
-        )
-        if final.logprobs:
-            response.first_logprobs.CopyFrom(logprobs_to_proto(final.logprobs[0]))
-        if final.prompt_logprobs:
-            response.prompt_logprobs.extend(logprobs_to_proto(lp) for lp in final.prompt_logprobs)
-        ended = final.finish_reason == "stop" or params.max_tokens == 1
-        if ended:
-            response.finish_reason = (
-                pb.FINISH_REASON_STOP if final.finish_reason == "stop" else pb.FINISH_REASON_LENGTH
-            )
-        self.metrics.finished(
-            "prefill",
-            final.num_prompt_tokens,
-            1,
-            time.monotonic() - start,
-            time.monotonic() - start,
-        )
-        if ended or not held:
-            await self.engine.call(self.engine.core.release_kv, rid)
+            try:
+                out = await self.engine.prefill(rid, list(request.prompt_token_ids), params)
+            except ValueError as exc:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            except RequestRejectedError as exc:
+                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+            except EngineDeadError as exc:
+                await context.abort(grpc.StatusCode.INTERNAL, str(exc))
+            seconds = time.monotonic() - start
+            self.metrics.finished("prefill", out.num_prompt_tokens, params.n, seconds, seconds)
+            response = _response(out)
+            if out.held_block_ids:
+                response.handoff.CopyFrom(await self._grant(out))
             return response
+        finally:
+            self._inflight.discard(rid)
+
+    async def _grant(self, out: PrefillOutput) -> pb.KVHandoff:
+        """Lease the held blocks. If anything fails or the caller is cancelled, they go back."""
+        rid = out.request_id
+        grant = asyncio.get_running_loop().run_in_executor(
+            None, self.source.grant, rid, list(out.held_block_ids), out.num_prompt_tokens
+        )
+
+        def give_back(_: asyncio.Future) -> None:
+            # After the grant thread is done (a lease may exist by then): end the lease, then
+            # make sure the hold is gone too (both are no-ops if already done).
+            self.source.release_request(rid)
+            self.engine.release_kv_soon(rid)
+
         try:
-            handoff = await asyncio.to_thread(
-                self.source.grant, rid, list(held), final.num_prompt_tokens
-            )
+            return await asyncio.shield(grant)
         except BaseException:
-            # Never strand blocks: whatever failed, give them back.
-            self.engine.submit(lambda: self.engine.core.release_kv(rid))
+            grant.add_done_callback(give_back)
             raise
-        response.handoff.CopyFrom(handoff)
-        return response
+
+    async def Abort(self, request: pb.AbortRequest, context) -> pb.AbortResponse:
+        """Stop requests now: their lease first (so nobody reads blocks being freed), then the
+        engine's prompt or hold."""
+        n = 0
+        for rid in request.request_ids:
+            released = await asyncio.to_thread(self.source.release_request, rid)
+            aborted = await self.engine.abort(rid)
+            n += bool(released or aborted)
+        return pb.AbortResponse(num_aborted=n)
+
+    async def reap_orphans(self, interval_s: float = 5.0) -> None:
+        """Forever: reclaim blocks held with no live lease and no Prefill answering for them."""
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                await self._reap_once()
+            except EngineDeadError:
+                return
+            except Exception:  # the reaper must survive whatever one pass meets
+                log.exception("orphan KV reaper failed")
+
+    async def _reap_once(self) -> int:
+        held = await self.engine.held_requests()
+        if not held:
+            return 0
+        leased = self.source.leased_requests()
+        now = time.monotonic()
+        reclaimed = 0
+        for rid, since in held.items():
+            if rid in leased or rid in self._inflight or now - since < self.orphan_grace_s:
+                continue
+            n = await self.engine.release_kv(rid)
+            reclaimed += n
+            log.error(
+                "reclaimed %d KV blocks held for request %s for %.0f s with no live lease",
+                n, rid, now - since,
+            )  # fmt: skip
+        if reclaimed:
+            self.metrics.blocks_reclaimed.inc(reclaimed)
+        return reclaimed
+
+
+def _response(out: PrefillOutput) -> pb.PrefillResponse:
+    response = pb.PrefillResponse(
+        num_cached_tokens=out.num_cached_tokens, num_prompt_tokens=out.num_prompt_tokens
+    )
+    for t in out.first_tokens:
+        first = response.first_tokens.add(
+            token_id=t.token_id, finish_reason=finish_to_proto(t.finish_reason)
+        )
+        if t.logprobs is not None:
+            first.logprobs.CopyFrom(logprobs_to_proto(t.logprobs))
+    if out.prompt_logprobs:
+        response.prompt_logprobs.extend(logprobs_to_proto(lp) for lp in out.prompt_logprobs)
+    return response

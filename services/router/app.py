@@ -18,12 +18,14 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ValidationError
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from splitserve.services.router.auth import ApiKeys
 from splitserve.services.router.dispatch import Dispatcher, backend_error_to_api
 from splitserve.services.router.errors import APIError, BackendError, NoBackendError, error_body
 from splitserve.services.router.metrics import RouterMetrics
+from splitserve.services.router.model_facts import ModelFacts
 from splitserve.services.router.pool import DECODE, PREFILL
 from splitserve.services.router.protocol import (
     ChatCompletionRequest,
@@ -45,6 +47,7 @@ class AppConfig:
     api_keys: ApiKeys = field(default_factory=ApiKeys)
     max_body_bytes: int = 8 << 20
     session_header: str = "x-session-id"
+    instance_id: str = ""  # reported by /health
 
 
 def _error_response(err: APIError) -> JSONResponse:
@@ -53,7 +56,7 @@ def _error_response(err: APIError) -> JSONResponse:
 
 def _validation_error(err: ValidationError) -> APIError:
     first = err.errors()[0] if err.errors() else {}
-    loc = ".".join(str(x) for x in first.get("loc", ()) if not isinstance(x, int) or True)
+    loc = ".".join(str(x) for x in first.get("loc", ()))
     message = "; ".join(
         f"{'.'.join(str(x) for x in e.get('loc', ()))}: {e.get('msg')}" for e in err.errors()[:5]
     )
@@ -82,7 +85,12 @@ def build_app(
         )
 
     async def parse(request: Request, model: type[M]) -> M:
-        body = await request.body()
+        try:
+            body = await request.body()
+        except ClientDisconnect:
+            # The client went away while sending its body: nothing to answer, nothing to abort.
+            log.info("client disconnected while sending %s", request.url.path)
+            raise APIError(499, "client closed the request") from None
         if len(body) > config.max_body_bytes:
             raise _too_large(config)
         try:
@@ -96,21 +104,19 @@ def build_app(
         except ValidationError as err:
             raise _validation_error(err) from err
 
+    def served_names() -> tuple[str, ...]:
+        """``--served-name`` if given, else every name the engines report (and aliases)."""
+        return config.served_names or serving.catalog.served_names()
+
     def check_model(name: str | None) -> None:
-        if name is not None and name not in config.served_names:
+        names = served_names()
+        if name is not None and name not in names:
             raise APIError(
                 404,
-                f"The model `{name}` does not exist. Served: {', '.join(config.served_names)}",
+                f"The model `{name}` does not exist. Served: {', '.join(names) or 'none yet'}",
                 param="model",
                 code="model_not_found",
             )
-
-    def check_ready() -> None:
-        prefill, decode = dispatcher.pool.ready(PREFILL), dispatcher.pool.ready(DECODE)
-        metrics.ready_pods.labels(PREFILL).set(len(prefill))
-        metrics.ready_pods.labels(DECODE).set(len(decode))
-        if not prefill or not decode:
-            raise NoBackendError("no ready backend pod: the engines are starting or down")
 
     async def run(request: Request, prepared: Prepared, stream: bool) -> Response:
         t0 = time.perf_counter()
@@ -134,7 +140,6 @@ def build_app(
         req = await parse(request, CompletionRequest)
         check_model(req.model)
         prepared = serving.prepare_completion(req, request.headers.get(config.session_header))
-        check_ready()
         return await run(request, prepared, req.stream)
 
     @app.post("/v1/chat/completions")
@@ -142,12 +147,20 @@ def build_app(
         req = await parse(request, ChatCompletionRequest)
         check_model(req.model)
         prepared = serving.prepare_chat(req, request.headers.get(config.session_header))
-        check_ready()
         return await run(request, prepared, req.stream)
+
+    def known_facts() -> ModelFacts:
+        """The newest engine generation the router has heard of (it may not be ready)."""
+        facts = serving.catalog.any()
+        if facts is None:
+            raise NoBackendError("no engine has reported its model yet: they are starting")
+        return facts
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
         created = int(time.time())
+        facts = serving.catalog.any()
+        limit = serving.max_model_len(facts) if facts is not None else None
         return {
             "object": "list",
             "data": [
@@ -156,9 +169,9 @@ def build_app(
                     "object": "model",
                     "created": created,
                     "owned_by": "splitserve",
-                    "max_model_len": serving.max_model_len,
+                    "max_model_len": limit,
                 }
-                for name in config.served_names
+                for name in served_names()
             ],
         }
 
@@ -178,29 +191,36 @@ def build_app(
         check_model(req.model)
         if (req.prompt is None) == (req.messages is None):
             raise APIError(400, "give exactly one of `prompt` and `messages`", param="prompt")
+        facts = known_facts()
         if req.messages is not None:
-            ids = serving.chat_prompt(req.messages, None, req.add_generation_prompt)
+            ids = serving.chat_prompt(facts, req.messages, None, req.add_generation_prompt)
         else:
-            ids = serving.tok.encode(req.prompt or "", req.add_special_tokens)
-        return {"tokens": ids, "count": len(ids), "max_model_len": serving.max_model_len}
+            ids = facts.tokenizer.encode(req.prompt or "", req.add_special_tokens)
+        return {"tokens": ids, "count": len(ids), "max_model_len": serving.max_model_len(facts)}
 
     @app.post("/detokenize")
     async def detokenize(request: Request) -> dict[str, Any]:
         req = await parse(request, DetokenizeRequest)
         check_model(req.model)
-        if any(t < 0 or t >= serving.tok.vocab_size for t in req.tokens):
+        facts = known_facts()
+        if any(t < 0 or t >= facts.vocab_size for t in req.tokens):
             raise APIError(400, "token ids out of the vocabulary", param="tokens")
-        return {"prompt": serving.tok.decode(req.tokens, skip_special_tokens=False)}
+        return {"prompt": facts.tokenizer.decode(req.tokens, skip_special_tokens=False)}
 
     @app.get("/health")
     async def health() -> Response:
+        """200 when some engine generation can serve a request end to end (a prefill-capable
+        pod with a decode pod it pairs with), 503 otherwise; ``instance_id`` names this process
+        (a launcher checks it is talking to the router it started)."""
         prefill, decode = dispatcher.pool.ready(PREFILL), dispatcher.pool.ready(DECODE)
+        ok = bool(dispatcher.usable_tokenizers())
         body = {
-            "status": "ok" if prefill and decode else "unavailable",
+            "status": "ok" if ok else "unavailable",
             "prefill_pods": len(prefill),
             "decode_pods": len(decode),
+            "instance_id": config.instance_id,
         }
-        return JSONResponse(body, status_code=200 if prefill and decode else 503)
+        return JSONResponse(body, status_code=200 if ok else 503)
 
     @app.get("/metrics")
     async def prom() -> Response:

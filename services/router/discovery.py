@@ -135,7 +135,7 @@ def merge_roles(prefill: list[Endpoint], decode: list[Endpoint]) -> list[Endpoin
     for e in [*prefill, *decode]:
         old = merged.get(e.address)
         merged[e.address] = (
-            e if old is None else Endpoint(e.address, old.roles | e.roles, e.compat_hash, e.name)
+            e if old is None else Endpoint(e.address, old.roles | e.roles, e.rollout_hash, e.name)
         )
     return list(merged.values())
 

@@ -1,13 +1,19 @@
 """One request's trip through the pools: pick pods, prefill, decode, retry, abort.
 
 Disaggregated: ``Prefill`` on a prefill pod (chosen by prefix match and load), then
-``Generate(request, prefill)`` on a decode pod with the same compatibility hash, which pulls the KV
-and streams every token (the first one included). Colocated pods get ``Generate(request)`` alone.
+``Generate(request, prefill)`` on a decode pod that pairs with it (same KV compatibility hash and
+tokenizer, as the engines report them, and the same rollout label), which pulls the KV once and
+streams every token of every one of the request's n samples (the first ones included).
+Colocated pods get ``Generate(request)`` alone.
 
 Retries: a pod-level failure (``BackendError.retryable``) is retried on another pod while the
 request's attempts and the router's retry budget allow. A stream retries only before its first
 token reached the client; ``complete`` (non-streaming) may restart at any point, since the client
 has seen nothing yet.
+
+Cancellation: an attempt that ends without its finish (client gone, pod failure) cancels the
+decode stream, aborts the request on the decode pod and, when one ran the prompt, on the prefill
+pod too, which releases a lease no decode pod took.
 """
 
 from __future__ import annotations
@@ -33,13 +39,15 @@ from splitserve.services.router.retry import RetryBudget
 
 log = logging.getLogger(__name__)
 
+
 @dataclass
 class EngineRequest:
-    """One sample of one API request, as the pods see it."""
+    """One prompt of one API request, with all its samples, as the pods see it."""
 
     request_id: str
     prompt_token_ids: list[int]
-    params: SamplingParams  # n == 1; the seed already offset for this sample
+    params: SamplingParams  # params.n samples; sample i uses seed + i
+    tokenizer_id: str  # the generation of engines whose tokenizer made prompt_token_ids
     session_key: str | None = None
     _hashes: dict[int, list[int]] = field(default_factory=dict, repr=False)
 
@@ -59,6 +67,16 @@ class EngineRequest:
             extra_keys=list(self.params.extra_keys),
             protocol_version=PROTOCOL_VERSION,
         )
+
+    def attempt(self, n: int) -> pb.PrefillRequest:
+        """The message of attempt ``n``: a retry gets its own id, so it can never collide with
+        the cancelled attempt a pod may still be winding down."""
+        if n == 1:
+            return self.proto
+        msg = pb.PrefillRequest()
+        msg.CopyFrom(self.proto)
+        msg.request_id = f"{self.request_id}.{n}"
+        return msg
 
 
 @dataclass(frozen=True)
@@ -91,26 +109,38 @@ class Dispatcher:
         self.stream_idle_timeout_s = stream_idle_timeout_s
         self._counter = itertools.count()
         self._decode_counter = itertools.count()
-        self.retries_total = 0
 
     # ---- choosing pods -------------------------------------------------------------------------
 
-    def route(self, req: EngineRequest, exclude: Sequence[str] = ()) -> Route:
-        """Choose the prefill-capable pod by policy, then a compatible decode pod by load.
+    def usable_tokenizers(self) -> set[str]:
+        """Tokenizer ids of the generations that can serve now (a ready prefill-capable pod with
+        a ready decode pod it pairs with, or a ready colocated pod)."""
+        decodes = self.pool.ready(DECODE)
+        out = set()
+        for p in self.pool.ready(PREFILL):
+            if p.endpoint.colocated or any(p.pairs_with(d) for d in decodes):
+                out.add(p.tokenizer_id)
+        return out
 
-        Pods that failed this request (``exclude``) are skipped while others remain. A prefill pod
-        with no ready decode pod of its compatibility hash is not a candidate (mid-rollout, old
-        and new pods coexist; a request never crosses versions).
+    def route(self, req: EngineRequest, exclude: Sequence[str] = ()) -> Route:
+        """Choose the prefill-capable pod by policy, then a decode pod that pairs with it by load.
+
+        Only pods of the request's tokenizer generation are candidates. Pods that failed this
+        request (``exclude``) are skipped while others remain. A prefill pod with no ready decode
+        pod to pair with is not a candidate (mid-rollout, old and new pods coexist; a request
+        never crosses versions).
         """
-        decodes = _prefer_others(self.pool.ready(DECODE), exclude)
+        mine = req.tokenizer_id
+        decodes = [p for p in _prefer_others(self.pool.ready(DECODE), exclude)
+                   if p.tokenizer_id == mine]  # fmt: skip
         first = [
             p
             for p in _prefer_others(self.pool.ready(PREFILL), exclude)
-            if p.endpoint.colocated
-            or any(_compatible(p.endpoint.compat_hash, d.endpoint.compat_hash) for d in decodes)
+            if p.tokenizer_id == mine
+            and (p.endpoint.colocated or any(p.pairs_with(d) for d in decodes))
         ]
         if not first:
-            raise NoBackendError("no ready prefill pod with a compatible decode pod")
+            raise NoBackendError("no ready prefill pod with a decode pod to pair with")
         block_size = first[0].block_size
         hashes = req.block_hashes(block_size)
         ids = [p.endpoint.pod_id for p in first]
@@ -127,9 +157,7 @@ class Dispatcher:
         pre = self.pool.pods[choice.pod_id]
         if pre.endpoint.colocated:
             return Route(None, pre, choice.matched_blocks)
-        decodes = [
-            p for p in decodes if _compatible(pre.endpoint.compat_hash, p.endpoint.compat_hash)
-        ]
+        decodes = [p for p in decodes if pre.pairs_with(p)]
         policy = "round_robin" if self.policy == "round_robin" else "least_load"
         d = choose(
             policy,
@@ -142,9 +170,7 @@ class Dispatcher:
 
     # ---- one attempt ---------------------------------------------------------------------------
 
-    async def _attempt(
-        self, req: EngineRequest, route: Route
-    ) -> AsyncIterator[pb.GenerateResponse]:
+    def _record(self, req: EngineRequest, route: Route) -> None:
         first_pod = route.prefill or route.decode
         self.pool.index.record_routed(
             first_pod.endpoint.pod_id, req.block_hashes(first_pod.block_size)
@@ -155,24 +181,40 @@ class Dispatcher:
             if route.prefill is not None:
                 m.routed.labels(route.prefill.endpoint.address, PREFILL).inc()
             m.routed.labels(route.decode.endpoint.address, DECODE).inc()
-        gen = pb.GenerateRequest(request=req.proto, protocol_version=PROTOCOL_VERSION)
-        if route.prefill is not None:
-            with track_inflight(route.prefill):
-                prefill = await route.prefill.client.prefill(req.proto, self.prefill_timeout_s)
-            gen.prefill.CopyFrom(prefill)
+
+    async def _attempt(
+        self, req: EngineRequest, route: Route, attempt: int
+    ) -> AsyncIterator[pb.GenerateResponse]:
+        """The request's messages from one route; raises BackendError if the route failed."""
+        self._record(req, route)
+        message = req.attempt(attempt)
+        rid = message.request_id
+        gen = pb.GenerateRequest(request=message, protocol_version=PROTOCOL_VERSION)
+        prefill: pb.PrefillResponse | None = None
         client = route.decode.client
-        call = client.generate(gen)
-        finished = False
+        call = None
+        remaining = req.params.n  # samples whose finish has not arrived
         try:
+            if route.prefill is not None:
+                with track_inflight(route.prefill):
+                    prefill = await route.prefill.client.prefill(message, self.prefill_timeout_s)
+                gen.prefill.CopyFrom(prefill)
+                del gen.prefill.prompt_logprobs[:]  # the router keeps those; decode needs none
+            call = client.generate(gen)
             with track_inflight(route.decode):
                 stream = client.iterate(call).__aiter__()
-                while True:
+                first = True
+                while remaining:
                     try:
                         msg = await asyncio.wait_for(
                             stream.__anext__(), timeout=self.stream_idle_timeout_s
                         )
                     except StopAsyncIteration:
-                        break
+                        raise BackendError(
+                            f"{client.address}: stream ended without a finish reason",
+                            retryable=True,
+                            pod=client.address,
+                        ) from None
                     except TimeoutError as err:
                         raise BackendError(
                             f"{client.address}: no token for {self.stream_idle_timeout_s:.0f} s",
@@ -185,26 +227,35 @@ class Dispatcher:
                             retryable=True,
                             pod=client.address,
                         )
+                    if first and prefill is not None:
+                        _adopt_prefill_facts(msg, prefill)
+                    first = False
                     if msg.finish_reason != pb.FINISH_REASON_UNSPECIFIED:
-                        finished = True
+                        remaining -= 1
+                        if prefill is not None and msg.HasField("usage"):
+                            msg.usage.cached_tokens = prefill.num_cached_tokens
                     yield msg
-                if not finished:
-                    raise BackendError(
-                        f"{client.address}: stream ended without a finish reason",
-                        retryable=True,
-                        pod=client.address,
-                    )
         finally:
-            if not finished:
-                # Client gone, or the pod failed: stop the work there (best effort).
-                call.cancel()
-                with contextlib.suppress(Exception):
-                    await asyncio.shield(client.abort([req.request_id]))
+            if remaining:
+                await asyncio.shield(self._stop(rid, route, call))
+
+    async def _stop(self, rid: str, route: Route, call) -> None:
+        """Stop the work on the pods (best effort): the client is gone or a pod failed."""
+        if call is not None:
+            call.cancel()
+        jobs = []
+        if call is not None:
+            jobs.append(route.decode.client.abort([rid]))
+        if route.prefill is not None:
+            # Still prefilling, or done with a lease no decode pod may ever take.
+            jobs.append(route.prefill.client.abort_prefill([rid]))
+        with contextlib.suppress(Exception):
+            await asyncio.gather(*jobs, return_exceptions=True)
 
     # ---- public --------------------------------------------------------------------------------
 
     async def stream(self, req: EngineRequest) -> AsyncIterator[pb.GenerateResponse]:
-        """Messages for one sample; retried on another pod until the first token is out."""
+        """The request's messages; retried on another pod until a first token is out."""
         self.budget.on_request()
         failed: list[str] = []
         attempt = 1
@@ -212,42 +263,47 @@ class Dispatcher:
             route = self.route(req, exclude=failed)
             sent = False
             try:
-                async for msg in self._attempt(req, route):
+                async for msg in self._attempt(req, route, attempt):
                     sent = sent or bool(msg.token_ids) or bool(msg.text)
                     yield msg
                 return
             except BackendError as err:
-                if err.pod and err.retryable:
-                    self.pool.mark_failed(err.pod)
-                    failed.append(err.pod)
                 attempt += 1
-                if sent or not err.retryable or not self.budget.try_retry(attempt):
+                if not self._may_retry(req, err, failed, attempt, sent):
                     raise
-                self.retries_total += 1
-                if self.metrics is not None:
-                    self.metrics.retries.inc()
-                log.warning("retrying %s after: %s", req.request_id, err)
 
     async def complete(self, req: EngineRequest) -> list[pb.GenerateResponse]:
-        """All messages of one sample; any pod failure restarts it elsewhere (nothing was sent)."""
+        """All messages of the request; any pod failure restarts it elsewhere (nothing sent)."""
         self.budget.on_request()
         failed: list[str] = []
         attempt = 1
         while True:
             route = self.route(req, exclude=failed)
             try:
-                return [msg async for msg in self._attempt(req, route)]
+                return [msg async for msg in self._attempt(req, route, attempt)]
             except BackendError as err:
-                if err.pod and err.retryable:
-                    self.pool.mark_failed(err.pod)
-                    failed.append(err.pod)
                 attempt += 1
-                if not err.retryable or not self.budget.try_retry(attempt):
+                if not self._may_retry(req, err, failed, attempt, sent=False):
                     raise
-                self.retries_total += 1
-                if self.metrics is not None:
-                    self.metrics.retries.inc()
-                log.warning("retrying %s after: %s", req.request_id, err)
+
+    def _may_retry(
+        self, req: EngineRequest, err: BackendError, failed: list[str], attempt: int, sent: bool
+    ) -> bool:
+        if err.pod and err.retryable:
+            self.pool.mark_failed(err.pod)
+            failed.append(err.pod)
+        if sent or not err.retryable or not self.budget.try_retry(attempt):
+            return False
+        if self.metrics is not None:
+            self.metrics.retries.inc()
+        log.warning("retrying %s after: %s", req.request_id, err)
+        return True
+
+
+def _adopt_prefill_facts(msg: pb.GenerateResponse, prefill: pb.PrefillResponse) -> None:
+    """What the client learns from the prefill pod, on the first message: prompt logprobs."""
+    if prefill.prompt_logprobs:
+        msg.prompt_logprobs.extend(prefill.prompt_logprobs)
 
 
 def _prefer_others(pods: list[PodState], exclude: Sequence[str]) -> list[PodState]:
@@ -256,12 +312,9 @@ def _prefer_others(pods: list[PodState], exclude: Sequence[str]) -> list[PodStat
     return others or pods
 
 
-def _compatible(a: str, b: str) -> bool:
-    """Equal compatibility hashes; unknown ("" in local mode) pairs with anything."""
-    return not a or not b or a == b
-
-
 def backend_error_to_api(err: BackendError) -> APIError:
     if err.http_status == 400:
         return APIError(400, str(err), code="invalid_request")
-    return APIError(502 if err.http_status == 502 else err.http_status, f"backend failed: {err}")
+    if err.http_status == 503:
+        return APIError(503, f"overloaded: {err}", code="overloaded", headers={"Retry-After": "1"})
+    return APIError(err.http_status, f"backend failed: {err}")

@@ -29,7 +29,6 @@ _RETRYABLE = {
 }
 
 
-
 def to_backend_error(err: grpc.RpcError, address: str) -> BackendError:
     code = err.code() if hasattr(err, "code") else grpc.StatusCode.UNKNOWN
     details = err.details() if hasattr(err, "details") else str(err)
@@ -42,6 +41,8 @@ def to_backend_error(err: grpc.RpcError, address: str) -> BackendError:
         f"{address}: {code.name if code else 'UNKNOWN'}: {details}",
         retryable=code in _RETRYABLE,
         pod=address,
+        # An overloaded pod (queue timeout) is the service being unavailable, not broken.
+        http_status=503 if code == grpc.StatusCode.RESOURCE_EXHAUSTED else 502,
     )
 
 
@@ -60,6 +61,23 @@ class EngineClient:
             return await self._prefill.Prefill(request, timeout=timeout)
         except grpc.RpcError as err:
             raise to_backend_error(err, self.address) from err
+
+    async def info(self, timeout: float = 10.0) -> pb.EngineInfo:
+        """The pod's model facts (tokenizer, limits, KV compatibility)."""
+        try:
+            return await self._engine.GetInfo(pb.EngineInfoRequest(), timeout=timeout)
+        except grpc.RpcError as err:
+            raise to_backend_error(err, self.address) from err
+
+    async def abort_prefill(self, request_ids: list[str], timeout: float = 2.0) -> int:
+        """Stop prefills and release their KV leases (best effort, like ``abort``)."""
+        try:
+            reply = await self._prefill.Abort(
+                pb.AbortRequest(request_ids=request_ids), timeout=timeout
+            )
+        except grpc.RpcError:
+            return 0
+        return reply.num_aborted
 
     def generate(self, request: pb.GenerateRequest) -> grpc.aio.UnaryStreamCall:
         """The raw stream call: the caller iterates it and may ``cancel()`` it (client gone)."""

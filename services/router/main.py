@@ -14,10 +14,10 @@ import logging
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 from fastapi import FastAPI
 
+from splitserve.protocol.constants import API_KEYS_ENV
 from splitserve.services.router.app import AppConfig, build_app
 from splitserve.services.router.auth import ApiKeys, parse_keys
 from splitserve.services.router.discovery import (
@@ -28,33 +28,30 @@ from splitserve.services.router.discovery import (
 )
 from splitserve.services.router.dispatch import Dispatcher
 from splitserve.services.router.metrics import RouterMetrics
+from splitserve.services.router.model_facts import ModelCatalog
 from splitserve.services.router.policy import POLICIES, Weights
 from splitserve.services.router.pool import Pool
 from splitserve.services.router.prefix_index import PrefixIndex
 from splitserve.services.router.retry import RetryBudget, RetryConfig
 from splitserve.services.router.serving import OpenAIServing
-from splitserve.services.router.tokenizer import RouterTokenizer, load_tokenizer
 
 log = logging.getLogger("splitserve.router")
-
-API_KEYS_ENV = "SPLITSERVE_API_KEYS"  # comma- or newline-separated
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument(
-        "--model", default=None, help="model dir or .gguf for the tokenizer (default: SmolLM2)"
-    )
-    p.add_argument(
         "--served-name",
         action="append",
         default=None,
-        help="model name clients send (repeatable; default: the model's name)",
+        help="model name clients send (repeatable; default: the names the engines report)",
     )
     p.add_argument(
-        "--max-model-len", type=int, default=None, help="context length (default: config)"
-    )
+        "--max-model-len", type=int, default=None,
+        help="cap the context length below the engines' own (default: theirs)",
+    )  # fmt: skip
+    p.add_argument("--instance-id", default="", help="reported by /health (launchers check it)")
     g = p.add_argument_group("discovery")
     g.add_argument("--discovery", choices=("static", "kubernetes"), default="static")
     g.add_argument("--prefill-endpoints", default="", help="host:port,... of prefill pods")
@@ -89,7 +86,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 class RouterSettings:
     """Everything `build_router` needs, independent of argparse (tests build it directly)."""
 
-    served_names: tuple[str, ...]
+    served_names: tuple[str, ...] = ()  # empty: the names the engines report
     policy: str = "prefix"
     weights: Weights = Weights()
     retry: RetryConfig = RetryConfig()
@@ -101,6 +98,7 @@ class RouterSettings:
     speculative_ttl_s: float = 10.0
     stats_interval_s: float = 0.5
     prefill_timeout_s: float = 120.0
+    instance_id: str = ""
 
 
 def read_api_keys(keys: list[str], key_file: str | None, env: str | None) -> ApiKeys:
@@ -110,24 +108,23 @@ def read_api_keys(keys: list[str], key_file: str | None, env: str | None) -> Api
 
 
 def build_router(
-    settings: RouterSettings,
-    tokenizer: RouterTokenizer,
-    start_discovery: Callable[[Pool], Awaitable[None]],
+    settings: RouterSettings, start_discovery: Callable[[Pool], Awaitable[None]]
 ) -> FastAPI:
-    """The app with its pool, dispatcher and metrics; discovery starts with the app's lifespan."""
+    """The app with its pool, dispatcher and metrics; discovery starts with the app's lifespan.
+
+    The router needs no model: each engine pod tells it its tokenizer and limits (GetInfo).
+    """
     metrics = RouterMetrics()
     index = PrefixIndex(speculative_ttl_s=settings.speculative_ttl_s)
-    max_len = settings.max_model_len or tokenizer.max_model_len
-    holder: dict[str, object] = {}
+    catalog = ModelCatalog()
 
     # Pool and dispatcher need the running loop (asyncio.Event, tasks): built in the lifespan.
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        pool = Pool(index, stats_interval_s=settings.stats_interval_s,
+        pool = Pool(index, catalog, stats_interval_s=settings.stats_interval_s,
                     use_kv_events=settings.use_kv_events)  # fmt: skip
         dispatcher.pool = pool
         task = asyncio.create_task(start_discovery(pool))
-        holder["pool"] = pool
         try:
             yield
         finally:
@@ -143,9 +140,10 @@ def build_router(
         prefill_timeout_s=settings.prefill_timeout_s,
         metrics=metrics,
     )
-    serving = OpenAIServing(tokenizer, dispatcher, metrics, max_model_len=max_len)
+    serving = OpenAIServing(catalog, dispatcher, metrics, max_model_len=settings.max_model_len)
     config = AppConfig(
         served_names=settings.served_names,
+        instance_id=settings.instance_id,
         api_keys=settings.api_keys
         if isinstance(settings.api_keys, ApiKeys)
         else ApiKeys(settings.api_keys),
@@ -211,8 +209,7 @@ def run(args: argparse.Namespace) -> int:
         if not args.prefill_selector or not args.decode_selector:
             raise SystemExit("router: --discovery kubernetes needs both selectors")
         start = kubernetes_discovery(args)
-    tokenizer = load_tokenizer(args.model)
-    names = tuple(args.served_name or [_default_name(args.model)])
+    names = tuple(args.served_name or ())
     settings = RouterSettings(
         served_names=names,
         policy=args.policy,
@@ -228,18 +225,12 @@ def run(args: argparse.Namespace) -> int:
         speculative_ttl_s=args.speculative_ttl,
         stats_interval_s=args.stats_interval,
         prefill_timeout_s=args.prefill_timeout,
+        instance_id=args.instance_id,
     )
-    app = build_router(settings, tokenizer, start)
+    app = build_router(settings, start)
     log.info(
-        "router on http://%s:%d serving %s (policy %s)", args.host, args.port, names, args.policy
-    )
+        "router on http://%s:%d serving %s (policy %s)", args.host, args.port,
+        names or "the engines' model", args.policy,
+    )  # fmt: skip
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
     return 0
-
-
-def _default_name(model: str | None) -> str:
-    from splitserve.engine.model.loader import DEFAULT_MODEL_NAME
-
-    if model is None or model in ("", "default"):
-        return DEFAULT_MODEL_NAME
-    return Path(model).stem if model.endswith(".gguf") else Path(model).name

@@ -1,9 +1,11 @@
 """The set of engine pods the router can use, their load and their cache contents.
 
 Discovery (static list or Kubernetes) calls ``set_endpoints``; the pool then keeps, per pod, a gRPC
-client, a stats poller (``GetStats``: queues, KV usage, block size) and a KV-event subscriber that
-feeds the precise prefix index. A pod is routable while it is listed by discovery AND its last
-stats poll succeeded; a failed call marks it unhealthy until the next successful poll.
+client, its model facts (``GetInfo``, asked once per pod incarnation, recorded in the
+``ModelCatalog``), a stats poller (``GetStats``: queues, KV usage, health) and a KV-event
+subscriber that feeds the precise prefix index. A pod is routable while it is listed by discovery,
+its facts are known, its last stats poll succeeded and it says it is serving; a failed call marks
+it unhealthy until the next successful poll.
 """
 
 from __future__ import annotations
@@ -16,15 +18,15 @@ from dataclasses import dataclass, field
 import grpc
 
 from splitserve.proto import splitserve_pb2 as pb
+from splitserve.protocol.labels import DECODE, PREFILL
 from splitserve.services.router.engine_client import EngineClient
 from splitserve.services.router.errors import BackendError
 from splitserve.services.router.kv_events import ResyncNeeded, StreamCursor, apply_batch
+from splitserve.services.router.model_facts import ModelCatalog
 from splitserve.services.router.policy import Candidate
 from splitserve.services.router.prefix_index import PrefixIndex
 
 log = logging.getLogger(__name__)
-
-PREFILL, DECODE = "prefill", "decode"
 
 
 @dataclass(frozen=True)
@@ -33,7 +35,7 @@ class Endpoint:
 
     address: str  # host:port of its gRPC server
     roles: frozenset[str]  # {"prefill"}, {"decode"} or both (colocated)
-    compat_hash: str = ""  # the pod's compatibility-hash label ("" when unknown: local mode)
+    rollout_hash: str = ""  # the pod's rollout-hash label ("" when unknown: local mode)
     name: str = ""  # pod name, for logs
 
     @property
@@ -49,15 +51,34 @@ class Endpoint:
 class PodState:
     endpoint: Endpoint
     client: EngineClient
+    info: pb.EngineInfo | None = None  # None until the pod answered GetInfo
     stats: pb.EngineStats | None = None
     healthy: bool = False
     inflight: int = 0
-    events_live: bool = False
     tasks: list[asyncio.Task] = field(default_factory=list)
 
     @property
     def block_size(self) -> int:
-        return self.stats.block_size if self.stats and self.stats.block_size else 16
+        return self.info.block_size if self.info else 16
+
+    @property
+    def tokenizer_id(self) -> str:
+        return self.info.tokenizer_id if self.info else ""
+
+    @property
+    def kv_compat_hash(self) -> str:
+        return self.info.kv_compat_hash if self.info else ""
+
+    def pairs_with(self, decode: PodState) -> bool:
+        """Whether this prefill pod's KV blocks mean the same thing on ``decode``: the engines'
+        own KV compatibility hashes and tokenizers match, and so do the operator's rollout
+        labels (no request crosses versions mid-rollout; unlabelled pods pair by facts alone)."""
+        a, b = self.endpoint.rollout_hash, decode.endpoint.rollout_hash
+        return (
+            self.kv_compat_hash == decode.kv_compat_hash
+            and self.tokenizer_id == decode.tokenizer_id
+            and (not a or not b or a == b)
+        )
 
     def candidate(self, matched_blocks: int) -> Candidate:
         s = self.stats
@@ -77,11 +98,13 @@ class Pool:
     def __init__(
         self,
         index: PrefixIndex,
+        catalog: ModelCatalog,
         *,
         stats_interval_s: float = 0.5,
         use_kv_events: bool = True,
     ) -> None:
         self.index = index
+        self.catalog = catalog
         self.stats_interval_s = stats_interval_s
         self.use_kv_events = use_kv_events
         self.pods: dict[str, PodState] = {}
@@ -102,14 +125,13 @@ class Pool:
         state = PodState(endpoint, EngineClient(endpoint.address))
         self.pods[endpoint.pod_id] = state
         state.tasks.append(asyncio.create_task(self._poll_stats(state)))
-        if self.use_kv_events:
-            state.tasks.append(asyncio.create_task(self._follow_kv_events(state)))
 
     def _remove(self, pod_id: str) -> None:
         state = self.pods.pop(pod_id)
         for task in state.tasks:
             task.cancel()
         self.index.drop_pod(pod_id)
+        self.catalog.remove_pod(pod_id)
         asyncio.get_running_loop().create_task(state.client.close())
 
     async def close(self) -> None:
@@ -128,19 +150,37 @@ class Pool:
 
     async def refresh(self, state: PodState) -> None:
         try:
-            state.stats = await state.client.stats()
-            state.healthy = True
+            stats = await state.client.stats()
+            if state.info is None or stats.epoch != state.info.epoch:
+                await self._learn(state)  # first contact, or the pod restarted
+            state.stats = stats
+            state.healthy = stats.serving and state.info is not None
         except BackendError:
             state.healthy = False
+
+    async def _learn(self, state: PodState) -> None:
+        """Ask a pod for its model facts; a pod whose facts are unusable stays out of routing."""
+        info = await state.client.info()
+        try:
+            self.catalog.add_pod(state.endpoint.pod_id, info)
+        except ValueError as err:
+            log.error("pod %s left out: %s", state.endpoint.address, err)
+            raise BackendError(str(err), retryable=True, pod=state.endpoint.pod_id) from err
+        first = state.info is None
+        state.info = info
+        if first and self.use_kv_events:
+            state.tasks.append(asyncio.create_task(self._follow_kv_events(state)))
 
     async def _poll_stats(self, state: PodState) -> None:
         while True:
             was = state.healthy
             await self.refresh(state)
             if was != state.healthy:
+                why = state.stats.health_reason if state.stats and not state.healthy else ""
                 log.info(
-                    "pod %s is %s", state.endpoint.address, "ready" if state.healthy else "down"
-                )
+                    "pod %s is %s%s", state.endpoint.address,
+                    "ready" if state.healthy else "down", f" ({why})" if why else "",
+                )  # fmt: skip
                 self.changed.set()
             await asyncio.sleep(self.stats_interval_s)
 
@@ -154,18 +194,18 @@ class Pool:
             try:
                 async for batch in call:
                     apply_batch(blocks, cursor, batch)
-                    blocks.live = state.events_live = True
+                    blocks.live = True
                     delay = 0.2
             except ResyncNeeded as why:
                 log.info("pod %s KV events resync: %s", state.endpoint.address, why)
             except grpc.RpcError as err:
                 if err.code() == grpc.StatusCode.UNIMPLEMENTED:
                     log.info("pod %s has no KV events: approximate index", state.endpoint.address)
-                    blocks.live = state.events_live = False
+                    blocks.live = False
                     return
             finally:
                 call.cancel()
-            blocks.live = state.events_live = False
+            blocks.live = False
             blocks.clear()
             await asyncio.sleep(delay)
             delay = min(delay * 2, 5.0)

@@ -1,8 +1,10 @@
 """OpenAI completions and chat completions on top of the dispatcher.
 
-Turns a validated request into engine samples (prompt tokens, validated sampling params, n samples
-fanned out with seed + i), runs them through the ``Dispatcher`` and assembles either one response
-or a stream of chunks. Per-sample streams of an n > 1 request are merged as they arrive.
+Turns a validated request into engine requests (one per prompt: its tokens, as the newest
+generation of engines that can serve tokenizes them, and validated sampling params with all n
+samples), runs them through the ``Dispatcher`` and assembles either one response or a stream of
+chunks. Sample i of prompt p is choice ``p * n + i``; streams of several prompts are merged as
+they arrive.
 """
 
 from __future__ import annotations
@@ -18,14 +20,14 @@ from splitserve.proto import splitserve_pb2 as pb
 from splitserve.services.router import responses as R
 from splitserve.services.router import tool_calls
 from splitserve.services.router.dispatch import Dispatcher, EngineRequest
-from splitserve.services.router.errors import APIError, BackendError, bad_request
+from splitserve.services.router.errors import APIError, BackendError, NoBackendError, bad_request
 from splitserve.services.router.metrics import RouterMetrics
+from splitserve.services.router.model_facts import ModelCatalog, ModelFacts
 from splitserve.services.router.protocol import (
     ChatCompletionRequest,
     ChatMessage,
     CompletionRequest,
 )
-from splitserve.services.router.tokenizer import RouterTokenizer
 from splitserve.services.router.tools import (
     ToolPlan,
     template_messages,
@@ -41,7 +43,9 @@ class Prepared:
     created: int
     model: str
     chat: bool
-    samples: list[EngineRequest]  # index i: prompt i // n, sample i % n
+    facts: ModelFacts  # the engine generation that tokenized the prompts and will serve them
+    requests: list[EngineRequest]  # one per prompt, each with n samples
+    n: int  # samples per prompt: choice p * n + i is sample i of prompt p
     prompt_lens: list[int]
     prompt_texts: list[str]  # for echo
     logprobs: int | None
@@ -55,32 +59,48 @@ class Prepared:
 class OpenAIServing:
     def __init__(
         self,
-        tokenizer: RouterTokenizer,
+        catalog: ModelCatalog,
         dispatcher: Dispatcher,
         metrics: RouterMetrics,
         *,
-        max_model_len: int,
+        max_model_len: int | None = None,
     ) -> None:
-        self.tok = tokenizer
+        self.catalog = catalog
         self.dispatcher = dispatcher
         self.metrics = metrics
-        self.max_model_len = max_model_len
+        self.max_model_len_cap = max_model_len  # the operator's limit, below the engines' own
+
+    # ---- model facts ---------------------------------------------------------------------------
+
+    def facts(self) -> ModelFacts:
+        """The newest generation of engines that can serve now; 503 while none can."""
+        facts = self.catalog.newest(self.dispatcher.usable_tokenizers())
+        if facts is None:
+            raise NoBackendError("no ready backend pod: the engines are starting or down")
+        return facts
+
+    def max_model_len(self, facts: ModelFacts) -> int:
+        cap = self.max_model_len_cap
+        return facts.max_model_len if cap is None else min(cap, facts.max_model_len)
 
     # ---- preparing -----------------------------------------------------------------------------
 
-    def _check_len(self, n_prompt: int, max_tokens: int | None, param: str) -> int | None:
+    def _check_len(
+        self, facts: ModelFacts, n_prompt: int, max_tokens: int | None, param: str
+    ) -> int | None:
+        limit = self.max_model_len(facts)
         if n_prompt == 0:
             raise bad_request("the prompt is empty", param=param)
-        if n_prompt >= self.max_model_len:
+        if n_prompt >= limit:
             raise bad_request(
-                f"This model's maximum context length is {self.max_model_len} tokens. However, "
+                f"This model's maximum context length is {limit} tokens. However, "
                 f"your prompt has {n_prompt} tokens.",
                 param=param,
                 code="context_length_exceeded",
             )
-        if max_tokens is not None and n_prompt + max_tokens > self.max_model_len:
+        if max_tokens is not None and n_prompt + max_tokens > limit:
             raise bad_request(
-                f"This model's maximum context length is {self.max_model_len} tokens. However, "
+                f"This model's maximum context length is {limit} tokens. However, "
                 f"you requested {n_prompt + max_tokens} tokens ({n_prompt} in the prompt, "
                 f"{max_tokens} for the completion).",
                 param="max_tokens",
@@ -88,38 +108,38 @@ class OpenAIServing:
             )
         return max_tokens
 
-    def _samples(
-        self, rid: str, prompts: list[list[int]], req: Any, max_tokens: int | None,
-        logprobs: int | None, default_max: int | None, session_key: str | None,
+    def _requests(
+        self, facts: ModelFacts, rid: str, prompts: list[list[int]], req: Any,
+        max_tokens: int | None, logprobs: int | None, default_max: int | None,
+        session_key: str | None,
     ) -> list[EngineRequest]:  # fmt: skip
         try:
             params = req.sampling_params(
                 max_tokens=max_tokens, logprobs=logprobs, default_max=default_max
             )
-            params.check_token_ids(self.tok.vocab_size)
+            params.check_token_ids(facts.vocab_size)
         except ValueError as err:
             raise bad_request(str(err), param=str(err).split(" ", 1)[0]) from err
-        samples = []
-        for p, ids in enumerate(prompts):
-            for i in range(params.n):
-                seed = None if params.seed is None else params.seed + i
-                one = replace(params, n=1, seed=seed)
-                samples.append(EngineRequest(f"{rid}-{p}-{i}", ids, one, session_key))
-        return samples
+        return [
+            EngineRequest(f"{rid}-{p}", ids, params, facts.tokenizer_id, session_key)
+            for p, ids in enumerate(prompts)
+        ]
 
     def prepare_completion(self, req: CompletionRequest, session_key: str | None) -> Prepared:
         rid = f"cmpl-{uuid.uuid4().hex}"
+        facts = self.facts()
+        tok = facts.tokenizer
         prompts, texts = [], []
         for prompt in req.prompts():
             if isinstance(prompt, str):
-                ids = self.tok.encode(prompt)
+                ids = tok.encode(prompt)
                 texts.append(prompt)
             else:
-                if any(t < 0 or t >= self.tok.vocab_size for t in prompt):
+                if any(t < 0 or t >= facts.vocab_size for t in prompt):
                     raise bad_request("prompt token ids out of the vocabulary", param="prompt")
                 ids = list(prompt)
-                texts.append(self.tok.decode(ids, skip_special_tokens=False) if req.echo else "")
-            self._check_len(len(ids), req.max_tokens, "prompt")
+                texts.append(tok.decode(ids, skip_special_tokens=False) if req.echo else "")
+            self._check_len(facts, len(ids), req.max_tokens, "prompt")
             prompts.append(ids)
         if req.logprobs is not None and not 0 <= req.logprobs <= 20:
             raise bad_request("logprobs must be an integer in [0, 20]", param="logprobs")
@@ -133,84 +153,100 @@ class OpenAIServing:
         # Ranking needs the sampled tokens' logprobs; the response shows them only if asked.
         logprobs = 0 if keep is not None and req.logprobs is None else req.logprobs
         fanned = req.model_copy(update={"n": per_prompt}) if keep is not None else req
-        samples = self._samples(rid, prompts, fanned, req.max_tokens, logprobs, 16, session_key)
+        requests = self._requests(
+            facts, rid, prompts, fanned, req.max_tokens, logprobs, 16, session_key
+        )
         if req.echo and req.logprobs is not None:  # the echoed prompt's tokens get logprobs too
-            for s in samples:
-                s.params = replace(s.params, prompt_logprobs=req.logprobs)
+            for r in requests:
+                r.params = replace(r.params, prompt_logprobs=req.logprobs)
         return Prepared(
-            rid, int(time.time()), req.model, False, samples, [len(p) for p in prompts], texts,
-            req.logprobs, req.echo, bool(req.stream_options and req.stream_options.include_usage),
+            rid, int(time.time()), req.model, False, facts, requests, per_prompt,
+            [len(p) for p in prompts], texts, req.logprobs, req.echo,
+            bool(req.stream_options and req.stream_options.include_usage),
             keep=keep, continuous_usage=_continuous_usage(req),
         )  # fmt: skip
 
     def chat_prompt(
-        self, messages: list[ChatMessage], plan: ToolPlan | None, add_generation_prompt: bool
+        self,
+        facts: ModelFacts,
+        messages: list[ChatMessage],
+        plan: ToolPlan | None,
+        add_generation_prompt: bool,
     ) -> list[int]:
         """The chat template's token ids for ``messages`` and the tools of ``plan``."""
+        tok = facts.tokenizer
         try:
-            msgs = template_messages(messages, native=self.tok.renders_tool_calls)
+            msgs = template_messages(messages, native=tok.renders_tool_calls)
         except ValueError as err:
             raise bad_request(str(err), param=str(err).split(" ", 1)[0]) from err
         tools = None
-        if plan is not None and self.tok.renders_tools:
+        if plan is not None and tok.renders_tools:
             tools = plan.template_tools()
         elif plan is not None and plan.mode != "none":
             msgs = with_tool_system_text(msgs, plan)
         try:
-            return self.tok.apply_chat_template(msgs, add_generation_prompt, tools=tools)
+            return tok.apply_chat_template(msgs, add_generation_prompt, tools=tools)
         except Exception as err:  # template errors (e.g. role order) are the client's input
             raise bad_request(f"chat template failed: {err}", param="messages") from err
 
     def prepare_chat(self, req: ChatCompletionRequest, session_key: str | None) -> Prepared:
         rid = f"chatcmpl-{uuid.uuid4().hex}"
+        facts = self.facts()
         try:
             plan = req.tool_plan()
         except ValueError as err:
             raise bad_request(str(err), param=str(err).split(" ", 1)[0]) from err
-        ids = self.chat_prompt(req.messages, plan, req.add_generation_prompt)
+        ids = self.chat_prompt(facts, req.messages, plan, req.add_generation_prompt)
         max_tokens = (
             req.max_tokens if req.max_completion_tokens is None else req.max_completion_tokens
         )
-        self._check_len(len(ids), max_tokens, "messages")
+        self._check_len(facts, len(ids), max_tokens, "messages")
         try:
             logprobs = req.requested_logprobs()
         except ValueError as err:
             raise bad_request(str(err), param="top_logprobs") from err
         # Chat's default is "as long as the context allows", like OpenAI / vLLM.
-        samples = self._samples(rid, [ids], req, max_tokens, logprobs, None, session_key)
+        requests = self._requests(facts, rid, [ids], req, max_tokens, logprobs, None, session_key)
         parsed = plan if plan is not None and plan.mode != "none" else None
-        if parsed is not None and parsed.mode == "auto" and self.tok.is_special("<tool_call>"):
-            for s in samples:  # the parser needs the tags in the text
-                s.params = replace(s.params, skip_special_tokens=False)
+        if (
+            parsed is not None
+            and parsed.mode == "auto"
+            and facts.tokenizer.is_special("<tool_call>")
+        ):
+            for r in requests:  # the parser needs the tags in the text
+                r.params = replace(r.params, skip_special_tokens=False)
         return Prepared(
-            rid, int(time.time()), req.model, True, samples, [len(ids)], [""], logprobs,
-            False, bool(req.stream_options and req.stream_options.include_usage), parsed,
+            rid, int(time.time()), req.model, True, facts, requests, requests[0].params.n,
+            [len(ids)], [""], logprobs, False,
+            bool(req.stream_options and req.stream_options.include_usage), parsed,
             continuous_usage=_continuous_usage(req),
         )  # fmt: skip
 
     # ---- running -------------------------------------------------------------------------------
 
-    def _account(self, results: list[R.SampleResult]) -> None:
+    def _account(self, p: Prepared, results: list[R.SampleResult]) -> None:
+        """Token counters: each prompt once (its n samples share it), every sample's output."""
+        usage = R.total_usage(results, p.prompt_lens)
         m = self.metrics
-        for r in results:
-            m.prompt_tokens.inc(r.prompt_tokens)
-            m.cached_tokens.inc(r.cached_tokens)
-            m.generation_tokens.inc(r.completion_tokens)
+        m.prompt_tokens.inc(usage["prompt_tokens"])
+        m.cached_tokens.inc(usage["prompt_tokens_details"]["cached_tokens"])
+        m.generation_tokens.inc(usage["completion_tokens"])
 
     async def complete(self, p: Prepared) -> dict[str, Any]:
-        """Run every sample to the end (retrying failed pods) and build the response."""
-        outs = await asyncio.gather(*(self.dispatcher.complete(s) for s in p.samples))
-        results = []
-        for i, msgs in enumerate(outs):
-            r = R.SampleResult(index=i)
+        """Run every prompt to the end (retrying failed pods) and build the response."""
+        outs = await asyncio.gather(*(self.dispatcher.complete(r) for r in p.requests))
+        results = [R.SampleResult(index=i) for i in range(len(p.requests) * p.n)]
+        for prompt, msgs in enumerate(outs):
             for msg in msgs:
-                r.add(msg)
-            results.append(r)
-        self._account(results)
+                results[prompt * p.n + msg.index].add(msg)
+            lps = next((list(m.prompt_logprobs) for m in msgs if m.prompt_logprobs), [])
+            for i in range(p.n):
+                results[prompt * p.n + i].prompt_logprobs = lps
+        self._account(p, results)
         usage = R.total_usage(results, p.prompt_lens)  # best_of: every sample is billed
-        n = len(p.samples) // len(p.prompt_lens)
         if p.keep is not None:
-            results = R.most_likely(results, n, p.keep)
+            results = R.most_likely(results, p.n, p.keep)
+        tok = p.facts.tokenizer
         choices = []
         for k, r in enumerate(results):  # k == r.index unless best_of dropped samples
             if p.chat:
@@ -218,143 +254,188 @@ class OpenAIServing:
                 choice = {
                     "index": k,
                     "message": message,
-                    "logprobs": R.chat_logprobs(self.tok, r.logprobs)
+                    "logprobs": R.chat_logprobs(tok, r.logprobs)
                     if p.logprobs is not None
                     else None,
                     "finish_reason": finish,
                 }
             else:
-                prefix = p.prompt_texts[r.index // n] if p.echo else ""
+                prefix = p.prompt_texts[r.index // p.n] if p.echo else ""
                 choice = {
                     "index": k,
                     "text": prefix + r.text,
-                    "logprobs": self._completion_logprobs(p, r, r.logprobs, len(prefix)),
+                    "logprobs": _completion_logprobs(p, r, r.logprobs, len(prefix)),
                     "finish_reason": r.finish_reason,
                 }
             choices.append(choice)
         build = R.chat_response if p.chat else R.completion_response
         return build(p.rid, p.created, p.model, choices, usage)
 
-    def _completion_logprobs(
-        self, p: Prepared, r: R.SampleResult, entries: list, text_offset: int
-    ) -> dict[str, Any] | None:
-        """Legacy completions logprobs of ``entries``; with echo, the prompt's come first."""
-        if p.logprobs is None:
-            return None
-        if p.echo:
-            prompt_ids = p.samples[r.index].prompt_token_ids
-            return R.echo_logprobs(self.tok, prompt_ids, r.prompt_logprobs, entries)
-        return R.completion_logprobs(self.tok, entries, text_offset)
-
     async def stream(self, p: Prepared, t_arrival: float) -> AsyncIterator[bytes]:
         """SSE bytes: role/echo preamble, token deltas as they come, usage, ``[DONE]``.
 
-        A sample that fails after it streamed tokens ends the stream with an error event (never a
-        silent truncation); the other samples are cancelled (and aborted on their pods).
+        A prompt that fails after it streamed tokens ends the stream with an error event (never
+        a silent truncation); the other prompts are cancelled (and aborted on their pods).
         """
         queue: asyncio.Queue[tuple[int, pb.GenerateResponse | BaseException | None]] = (
             asyncio.Queue()
         )
 
-        async def pump(i: int, sample: EngineRequest) -> None:
+        async def pump(prompt: int, request: EngineRequest) -> None:
             try:
-                async for msg in self.dispatcher.stream(sample):
-                    await queue.put((i, msg))
-                await queue.put((i, None))
+                async for msg in self.dispatcher.stream(request):
+                    await queue.put((prompt, msg))
+                await queue.put((prompt, None))
             except asyncio.CancelledError:
                 raise
             except BaseException as err:  # noqa: BLE001 - forwarded to the consumer
-                await queue.put((i, err))
+                await queue.put((prompt, err))
 
-        tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(p.samples)]
-        results = [R.SampleResult(index=i) for i in range(len(p.samples))]
-        n = len(p.samples) // len(p.prompt_lens)
-        chunk = R.chat_chunk if p.chat else R.completion_chunk
-        calls = [tool_calls.ToolCallStream(p.tools) for _ in p.samples] if p.tools else []
-        first_token = True
+        tasks = [asyncio.create_task(pump(i, r)) for i, r in enumerate(p.requests)]
+        chunks = _ChunkStream(p)
         try:
-            # Preamble: the assistant role for chat, the prompt for echo.
-            if p.chat:
-                content = None if p.tools is not None and p.tools.forced else ""
-                pre = [
-                    {"index": i, "delta": {"role": "assistant", "content": content},
-                     "logprobs": None, "finish_reason": None}
-                    for i in range(len(p.samples))
-                ]  # fmt: skip
-                yield R.sse(chunk(p.rid, p.created, p.model, pre))
-            elif p.echo and p.logprobs is None:
-                pre = [
-                    {"index": i, "text": p.prompt_texts[i // n], "logprobs": None,
-                     "finish_reason": None}
-                    for i in range(len(p.samples))
-                ]  # fmt: skip
-                yield R.sse(chunk(p.rid, p.created, p.model, pre))
-            offsets = [len(p.prompt_texts[i // n]) if p.echo else 0 for i in range(len(results))]
-            echoed = [False] * len(results)
+            if (pre := chunks.preamble()) is not None:
+                yield pre
             remaining = len(tasks)
             while remaining:
-                i, item = await queue.get()
+                prompt, item = await queue.get()
                 if item is None:
                     remaining -= 1
                     continue
                 if isinstance(item, BaseException):
                     raise item
-                r = results[i]
-                r.add(item)
-                if not item.token_ids and not item.text and not item.finish_reason:
-                    continue
-                if first_token and (item.token_ids or item.text):
-                    first_token = False
+                if chunks.first_token and (item.token_ids or item.text):
                     self.metrics.ttft.observe(time.perf_counter() - t_arrival)
-                finish = R.FINISH_REASONS[item.finish_reason]
-                if p.chat:
-                    lp = (
-                        R.chat_logprobs(self.tok, list(item.logprobs))
-                        if p.logprobs is not None
-                        else None
-                    )
-                    if calls:
-                        deltas, finish = calls[i].feed(item.text, finish)
-                        if not deltas and finish is None and lp is None:
-                            continue
-                        for d in deltas[:-1]:
-                            c = {"index": i, "delta": d, "logprobs": None, "finish_reason": None}
-                            yield R.sse(chunk(p.rid, p.created, p.model, [c]))
-                        delta = deltas[-1] if deltas else {}
-                    else:
-                        delta = {"content": item.text} if item.text or not finish else {}
-                    c = {"index": i, "delta": delta, "logprobs": lp, "finish_reason": finish}
-                else:
-                    if p.echo and p.logprobs is not None and not echoed[i]:
-                        # The echoed prompt, with its logprobs (they come with the first message).
-                        echoed[i] = True
-                        e = {"index": i, "text": p.prompt_texts[i // n], "finish_reason": None}
-                        e["logprobs"] = self._completion_logprobs(p, r, [], 0)
-                        yield R.sse(chunk(p.rid, p.created, p.model, [e]))
-                    lp = None
-                    if p.logprobs is not None:
-                        lp = R.completion_logprobs(self.tok, list(item.logprobs), offsets[i])
-                    offsets[i] += len(item.text)
-                    c = {"index": i, "text": item.text, "logprobs": lp, "finish_reason": finish}
-                running = R.total_usage(results, p.prompt_lens) if p.continuous_usage else None
-                yield R.sse(chunk(p.rid, p.created, p.model, [c], running))
-            self._account(results)
-            if p.include_usage:
-                usage = R.total_usage(results, p.prompt_lens)
-                yield R.sse(chunk(p.rid, p.created, p.model, [], usage))
+                for event in chunks.feed(prompt, item):
+                    yield event
+            self._account(p, chunks.results)
+            if (usage := chunks.usage_event()) is not None:
+                yield usage
         except (BackendError, APIError) as err:
-            message = str(err) if isinstance(err, BackendError) else err.message
-            status = err.http_status if isinstance(err, BackendError) else err.status
-            kind = "invalid_request_error" if status < 500 else "server_error"
-            yield R.sse(
-                {"error": {"message": message, "type": kind, "param": None, "code": status}}
-            )
+            yield _error_event(err)
         finally:
             for t in tasks:
                 t.cancel()
-            # Let the cancelled samples run their cleanup (stream cancel + Abort) before we go.
+            # Let the cancelled prompts run their cleanup (stream cancel + Abort) before we go.
             await asyncio.gather(*tasks, return_exceptions=True)
         yield R.SSE_DONE
+
+
+class _ChunkStream:
+    """Turns the pods' messages of one request into SSE events, choice by choice."""
+
+    def __init__(self, p: Prepared) -> None:
+        self.p = p
+        self.tok = p.facts.tokenizer
+        count = len(p.requests) * p.n
+        self.results = [R.SampleResult(index=i) for i in range(count)]
+        self.chunk = R.chat_chunk if p.chat else R.completion_chunk
+        self.calls = [tool_calls.ToolCallStream(p.tools) for _ in range(count)] if p.tools else []
+        self.offsets = [len(p.prompt_texts[i // p.n]) if p.echo else 0 for i in range(count)]
+        self.echoed = [False] * count
+        self.prompt_lps: dict[int, list[pb.TokenLogprobs]] = {}
+        self.first_token = True
+
+    def _event(self, choices: list[dict[str, Any]], usage: Any = None) -> bytes:
+        p = self.p
+        return R.sse(self.chunk(p.rid, p.created, p.model, choices, usage))
+
+    def preamble(self) -> bytes | None:
+        """The assistant role for chat, the prompt for echo (without logprobs)."""
+        p, count = self.p, len(self.results)
+        if p.chat:
+            content = None if p.tools is not None and p.tools.forced else ""
+            return self._event([
+                {"index": i, "delta": {"role": "assistant", "content": content},
+                 "logprobs": None, "finish_reason": None}
+                for i in range(count)
+            ])  # fmt: skip
+        if p.echo and p.logprobs is None:
+            return self._event([
+                {"index": i, "text": p.prompt_texts[i // p.n], "logprobs": None,
+                 "finish_reason": None}
+                for i in range(count)
+            ])  # fmt: skip
+        return None
+
+    def feed(self, prompt: int, msg: pb.GenerateResponse) -> list[bytes]:
+        p = self.p
+        if msg.prompt_logprobs:
+            self.prompt_lps[prompt] = list(msg.prompt_logprobs)
+        i = prompt * p.n + msg.index
+        r = self.results[i]
+        r.add(msg)
+        r.prompt_logprobs = self.prompt_lps.get(prompt, [])
+        if not msg.token_ids and not msg.text and not msg.finish_reason:
+            return []
+        if msg.token_ids or msg.text:
+            self.first_token = False
+        finish = R.FINISH_REASONS[msg.finish_reason]
+        events = self._chat(i, msg, finish) if p.chat else self._completion(i, r, msg, finish)
+        if events and p.continuous_usage:
+            running = R.total_usage(self.results, p.prompt_lens)
+            last = events.pop()
+            events.append(self._event(last, running))
+        return [e if isinstance(e, bytes) else self._event(e) for e in events]
+
+    def _chat(self, i: int, msg: pb.GenerateResponse, finish: str | None) -> list:
+        lp = R.chat_logprobs(self.tok, list(msg.logprobs)) if self.p.logprobs is not None else None
+        out: list = []
+        if self.calls:
+            deltas, finish = self.calls[i].feed(msg.text, finish)
+            if not deltas and finish is None and lp is None:
+                return []
+            out += [
+                [{"index": i, "delta": d, "logprobs": None, "finish_reason": None}]
+                for d in deltas[:-1]
+            ]
+            delta = deltas[-1] if deltas else {}
+        else:
+            delta = {"content": msg.text} if msg.text or not finish else {}
+        out.append([{"index": i, "delta": delta, "logprobs": lp, "finish_reason": finish}])
+        return out
+
+    def _completion(self, i: int, r: R.SampleResult, msg, finish: str | None) -> list:
+        p = self.p
+        out: list = []
+        if p.echo and p.logprobs is not None and not self.echoed[i]:
+            # The echoed prompt, with its logprobs (they came with the prompt's first message).
+            self.echoed[i] = True
+            e = {"index": i, "text": p.prompt_texts[i // p.n], "finish_reason": None}
+            e["logprobs"] = _completion_logprobs(p, r, [], 0)
+            out.append([e])
+        lp = None
+        if p.logprobs is not None:
+            lp = R.completion_logprobs(self.tok, list(msg.logprobs), self.offsets[i])
+        self.offsets[i] += len(msg.text)
+        out.append([{"index": i, "text": msg.text, "logprobs": lp, "finish_reason": finish}])
+        return out
+
+    def usage_event(self) -> bytes | None:
+        if not self.p.include_usage:
+            return None
+        return self._event([], R.total_usage(self.results, self.p.prompt_lens))
+
+
+def _completion_logprobs(
+    p: Prepared, r: R.SampleResult, entries: list, text_offset: int
+) -> dict[str, Any] | None:
+    """Legacy completions logprobs of ``entries``; with echo, the prompt's come first."""
+    if p.logprobs is None:
+        return None
+    tok = p.facts.tokenizer
+    if p.echo:
+        prompt_ids = p.requests[r.index // p.n].prompt_token_ids
+        return R.echo_logprobs(tok, prompt_ids, r.prompt_logprobs, entries)
+    return R.completion_logprobs(tok, entries, text_offset)
+
+
+def _error_event(err: BackendError | APIError) -> bytes:
+    """An error after the stream started: an SSE ``error`` event (then ``[DONE]``)."""
+    message = str(err) if isinstance(err, BackendError) else err.message
+    status = err.http_status if isinstance(err, BackendError) else err.status
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    return R.sse({"error": {"message": message, "type": kind, "param": None, "code": status}})
 
 
 def _continuous_usage(req: CompletionRequest | ChatCompletionRequest) -> bool:

@@ -3,13 +3,14 @@
 The router tokenizes every prompt itself, because routing needs the token ids (to hash prompt blocks
 exactly as the engines do) and because the prefill pod takes token ids, not text. The engine
 encodes string prompts with ``add_special_tokens=True`` and chats with the model's chat template;
-this mirrors both, so greedy output through the router equals the offline engine.
+this mirrors both, so greedy output through the router equals the offline engine. The files come
+from the engines (``EngineInfo``); a ``tokenizer.json`` loads without torch (the router process
+never maps libtorch), other tokenizers through ``AutoTokenizer``.
 """
 
 from __future__ import annotations
 
 import functools
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -19,10 +20,14 @@ class RouterTokenizer:
     """Prompt encoding, chat templating and per-token strings for logprobs."""
 
     def __init__(self, model_dir: Path) -> None:
-        from transformers import AutoTokenizer
+        if (Path(model_dir) / "tokenizer.json").is_file():
+            # AutoTokenizer would import torch (it resolves model classes); the fast tokenizer
+            # class alone reads the same files and encodes identically.
+            from transformers import PreTrainedTokenizerFast as Tokenizer
+        else:  # sentencepiece / vocab-file tokenizers
+            from transformers import AutoTokenizer as Tokenizer
 
-        self._tok = AutoTokenizer.from_pretrained(str(model_dir))
-        self.max_model_len = _max_model_len(model_dir)
+        self._tok = Tokenizer.from_pretrained(str(model_dir))
         self.eos_token_id = self._tok.eos_token_id
         self._token_text = functools.lru_cache(maxsize=65536)(self._decode_one)
 
@@ -79,10 +84,6 @@ class RouterTokenizer:
     def _decode_one(self, token_id: int) -> str:
         return self._tok.decode([token_id], skip_special_tokens=False)
 
-    @property
-    def vocab_size(self) -> int:
-        return len(self._tok)
-
 
 _PROBE_TOOL = {
     "type": "function",
@@ -92,22 +93,3 @@ _PROBE_TOOL = {
         "parameters": {"type": "object", "properties": {"a": {"type": "integer"}}},
     },
 }
-
-
-def _max_model_len(model_dir: Path) -> int:
-    """The model's context length from config.json (the engine's default max_model_len)."""
-    try:
-        config = json.loads((model_dir / "config.json").read_text())
-    except (OSError, ValueError):
-        return 2048
-    for key in ("max_position_embeddings", "n_positions", "max_seq_len"):
-        if isinstance(config.get(key), int):
-            return int(config[key])
-    return 2048
-
-
-def load_tokenizer(model: str | None) -> RouterTokenizer:
-    """Resolve ``model`` as the engines do (default: the embedded SmolLM2); load its tokenizer."""
-    from splitserve.engine.model.loader import resolve_model
-
-    return RouterTokenizer(resolve_model(model))

@@ -49,3 +49,10 @@ PREFILL_SERVICE = "splitserve.v1.PrefillService"
 DECODE_SERVICE = "splitserve.v1.DecodeService"
 KV_SERVICE = "splitserve.v1.KVService"
 ENGINE_SERVICE = "splitserve.v1.EngineService"
+
+# What a decode pod does when a KV pull fails: compute the prompt itself, or fail the request.
+KV_FAILURE_POLICIES = ("recompute", "fail")
+
+# The router reads its accepted API keys (comma- or newline-separated) from this variable:
+# launchers and pods pass keys there or in a file, never on a command line.
+API_KEYS_ENV = "SPLITSERVE_API_KEYS"

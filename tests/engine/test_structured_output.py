@@ -255,7 +255,7 @@ def test_adopted_first_token_advances_the_grammar(default_llm):
     (delta,) = _drain(engine, "p", prompt, first)
     assert delta.token_ids[0] == want.token_ids[0] and delta.finish_reason == "length"
     assert engine.reserve_import("d", prompt, params) is not None
-    out = [engine.recompute_import("d", prompt, params, delta.token_ids[0])]
+    out = engine.recompute_import("d", prompt, params, [(delta.token_ids[0], None)])
     while engine.has_unfinished():
         out += engine.step()
     assert "".join(d.text for d in out) == want.text

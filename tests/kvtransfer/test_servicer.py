@@ -22,7 +22,11 @@ from splitserve.kvtransfer import (
 )
 from splitserve.proto import splitserve_pb2 as pb
 from splitserve.proto import splitserve_pb2_grpc as pb_grpc
-from splitserve.protocol.constants import GRPC_CHANNEL_OPTIONS, GRPC_SERVER_OPTIONS
+from splitserve.protocol.constants import (
+    GRPC_CHANNEL_OPTIONS,
+    GRPC_SERVER_OPTIONS,
+    PROTOCOL_VERSION,
+)
 from splitserve.protocol.kv_compat import CompatInfo
 
 COMPAT = CompatInfo("tiny", "r0", "float32", 4, 2, 2, 8)
@@ -134,21 +138,25 @@ def test_handshake_names_the_difference(served) -> None:
     other = CompatInfo("tiny", "r0", "float32", 8, 2, 2, 8)
     with pytest.raises(grpc.RpcError) as info:
         stub.Handshake(
-            pb.HandshakeRequest(protocol_version=1, compat=other.to_proto(), transports=["grpc"]),
+            pb.HandshakeRequest(
+                protocol_version=PROTOCOL_VERSION, compat=other.to_proto(), transports=["grpc"]
+            ),
             timeout=5,
         )
     assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert "block_size: source=4 reader=8" in info.value.details()
     reply = stub.Handshake(
         pb.HandshakeRequest(
-            protocol_version=1, compat=COMPAT.to_proto(), transports=["nixl", "grpc"]
+            protocol_version=PROTOCOL_VERSION, compat=COMPAT.to_proto(), transports=["nixl", "grpc"]
         ),
         timeout=5,
     )
     assert reply.epoch == source.epoch and list(reply.endpoints.transports) == ["grpc"]
     with pytest.raises(grpc.RpcError) as info:  # we only offer grpc here
         stub.Handshake(
-            pb.HandshakeRequest(protocol_version=1, compat=COMPAT.to_proto(), transports=["nixl"]),
+            pb.HandshakeRequest(
+                protocol_version=PROTOCOL_VERSION, compat=COMPAT.to_proto(), transports=["nixl"]
+            ),
             timeout=5,
         )
     assert info.value.details().startswith("transport_unavailable: ")

@@ -1,9 +1,10 @@
 """Fixtures for the router tests: a fake engine pod (gRPC, no model) and a router in a thread.
 
-The fake pod speaks the real proto (Prefill / Generate / Abort / GetStats / SubscribeKVEvents),
-stores prompt blocks with the engine's own block hash and publishes them as KV events, and can be
-told to fail, so routing, retries, aborts and the HTTP layer are tested in seconds. Tests against
-real engine processes live in test_e2e_*.py.
+The fake pod speaks the real proto (GetInfo / Prefill / Generate / Abort / GetStats /
+SubscribeKVEvents), reports the default model's real tokenizer files, stores prompt blocks with
+the engine's own block hash and publishes them as KV events, and can be told to fail, so routing,
+retries, aborts and the HTTP layer are tested in seconds. Tests against real engine processes
+live in test_e2e_*.py.
 """
 
 from __future__ import annotations
@@ -12,10 +13,8 @@ import asyncio
 import contextlib
 import os
 import re
-import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -27,19 +26,20 @@ import httpx
 import pytest
 import uvicorn
 
+from splitserve.engine.model.loader import resolve_model
+from splitserve.processes import free_port, spawn, splitserve_argv
+from splitserve.processes import stop as stop_processes
 from splitserve.proto import splitserve_pb2 as pb
 from splitserve.proto import splitserve_pb2_grpc as pb_grpc
 from splitserve.protocol.block_hash import hash_prompt_blocks
+from splitserve.protocol.constants import PROTOCOL_VERSION
+from splitserve.protocol.tokenizer_files import read_tokenizer_files, tokenizer_id
 from splitserve.services.router.main import RouterSettings, build_router, static_discovery
-from splitserve.services.router.tokenizer import load_tokenizer
+from splitserve.services.router.tokenizer import RouterTokenizer
 
 BLOCK_SIZE = 16
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+VOCAB_SIZE = 49152
+MAX_MODEL_LEN = 8192
 
 
 class LoopThread:
@@ -67,12 +67,16 @@ class FakeEngine:
     fail_after_tokens: int | None = None  # Generate dies (UNAVAILABLE) after this many tokens
     fail_prefill: bool = False
     stats_fail: bool = False
+    not_serving: str = ""  # a health reason: the pod says it cannot serve
+    kv_compat_hash: str = "kv-1"
+    max_model_len: int = MAX_MODEL_LEN
     blocks: set[int] = field(default_factory=set)
     prefills: list[str] = field(default_factory=list)
     seeds: list[int | None] = field(default_factory=list)
     heads: list[tuple[int, ...]] = field(default_factory=list)  # first 32 tokens of each prompt
     generates: list[str] = field(default_factory=list)
     aborted: list[str] = field(default_factory=list)
+    prefill_aborted: list[str] = field(default_factory=list)
     cancelled: list[str] = field(default_factory=list)
     running: int = 0
     queries: int = 0
@@ -115,11 +119,25 @@ class FakeEngine:
         return 100 + (sum(prompt) + i) % 500
 
 
-class FakeServicer(
-    pb_grpc.PrefillServiceServicer, pb_grpc.DecodeServiceServicer, pb_grpc.EngineServiceServicer
-):
+class FakeServicer(pb_grpc.DecodeServiceServicer, pb_grpc.EngineServiceServicer):
     def __init__(self, engine: FakeEngine) -> None:
         self.e = engine
+
+    async def GetInfo(self, request, context):
+        files = _default_tokenizer_files()
+        return pb.EngineInfo(
+            protocol_version=PROTOCOL_VERSION,
+            engine_id=self.e.role,
+            epoch=7,
+            role=self.e.role,
+            served_model_name="m",
+            max_model_len=self.e.max_model_len,
+            vocab_size=VOCAB_SIZE,
+            block_size=BLOCK_SIZE,
+            kv_compat_hash=self.e.kv_compat_hash,
+            tokenizer_id=tokenizer_id(files),
+            tokenizer_files=[pb.TokenizerFile(name=n, content=c) for n, c in files],
+        )
 
     async def Prefill(self, request, context):
         e = self.e
@@ -131,8 +149,11 @@ class FakeServicer(
         prompt = list(request.prompt_token_ids)
         e.heads.append(tuple(prompt[:32]))
         cached = e._cache(prompt, list(request.extra_keys))
+        n = sp.n if sp.HasField("n") else 1
         return pb.PrefillResponse(
-            first_token_id=FakeEngine.token(prompt, 0),
+            first_tokens=[
+                pb.FirstToken(token_id=FakeEngine.token(prompt, 7 * i)) for i in range(n)
+            ],
             num_cached_tokens=cached,
             num_prompt_tokens=len(prompt),
             handoff=pb.KVHandoff(request_id=request.request_id, engine_id=e.role),
@@ -155,48 +176,56 @@ class FakeServicer(
         max_tokens = sp.max_tokens if sp.HasField("max_tokens") else 16
         if sp.max_tokens_unbounded:
             max_tokens = 20
+        n = sp.n if sp.HasField("n") else 1
         e.running += 1
         try:
-            for i in range(max_tokens):
-                if e.fail_after_tokens is not None and i >= e.fail_after_tokens:
+            live = set(range(n))  # sample j's token k is token(prompt, k + 7 * j)
+            for k in range(max_tokens):
+                if e.fail_after_tokens is not None and k >= e.fail_after_tokens:
                     await context.abort(grpc.StatusCode.UNAVAILABLE, "fake pod died")
                 if e.token_delay_s:
                     await asyncio.sleep(e.token_delay_s)
-                tok = FakeEngine.token(prompt, i)
-                text = f" w{tok}"
-                finish = pb.FINISH_REASON_UNSPECIFIED
-                stop_hit = next((s for s in sp.stop if s in text), None)
-                if stop_hit is not None:
-                    text = text[: text.index(stop_hit)]
-                    finish = pb.FINISH_REASON_STOP
-                elif i == max_tokens - 1:
-                    finish = pb.FINISH_REASON_LENGTH
-                msg = pb.GenerateResponse(
-                    request_id=rid, token_ids=[tok], text=text, finish_reason=finish
-                )
-                if sp.HasField("logprobs"):
-                    msg.logprobs.append(
-                        pb.TokenLogprobs(
-                            token_id=tok,
-                            logprob=-0.5,
-                            rank=1,
-                            top=[pb.TopLogprob(token_id=tok, logprob=-0.5, rank=1)][: sp.logprobs],
-                        )
-                    )
-                if finish:
-                    msg.usage.CopyFrom(
-                        pb.Usage(
-                            prompt_tokens=len(prompt), completion_tokens=i + 1, cached_tokens=cached
-                        )
-                    )
-                yield msg
-                if finish:
+                for j in sorted(live):
+                    msg = self._message(rid, j, prompt, k, max_tokens, sp, cached)
+                    if msg.finish_reason:
+                        live.discard(j)
+                    yield msg
+                if not live:
                     return
         except asyncio.CancelledError:
             e.cancelled.append(rid)
             raise
         finally:
             e.running -= 1
+
+    @staticmethod
+    def _message(rid, j, prompt, k, max_tokens, sp, cached) -> pb.GenerateResponse:
+        tok = FakeEngine.token(prompt, k + 7 * j)
+        text = f" w{tok}"
+        finish = pb.FINISH_REASON_UNSPECIFIED
+        stop_hit = next((s for s in sp.stop if s in text), None)
+        if stop_hit is not None:
+            text = text[: text.index(stop_hit)]
+            finish = pb.FINISH_REASON_STOP
+        elif k == max_tokens - 1:
+            finish = pb.FINISH_REASON_LENGTH
+        msg = pb.GenerateResponse(
+            request_id=rid, index=j, token_ids=[tok], text=text, finish_reason=finish
+        )
+        if sp.HasField("logprobs"):
+            msg.logprobs.append(
+                pb.TokenLogprobs(
+                    token_id=tok,
+                    logprob=-0.5,
+                    rank=1,
+                    top=[pb.TopLogprob(token_id=tok, logprob=-0.5, rank=1)][: sp.logprobs],
+                )
+            )
+        if finish:
+            msg.usage.CopyFrom(
+                pb.Usage(prompt_tokens=len(prompt), completion_tokens=k + 1, cached_tokens=cached)
+            )
+        return msg
 
     async def Abort(self, request, context):
         self.e.aborted.extend(request.request_ids)
@@ -209,6 +238,8 @@ class FakeServicer(
         return pb.EngineStats(
             engine_id=e.role,
             epoch=7,
+            serving=not e.not_serving,
+            health_reason=e.not_serving,
             role=e.role,
             num_requests_running=e.running,
             block_size=BLOCK_SIZE,
@@ -239,6 +270,29 @@ class FakeServicer(
             e._subscribers.remove(q)
 
 
+class FakePrefillService(pb_grpc.PrefillServiceServicer):
+    """PrefillService of a fake pod (its Abort is told apart from DecodeService.Abort)."""
+
+    def __init__(self, servicer: FakeServicer) -> None:
+        self.s = servicer
+
+    async def Prefill(self, request, context):
+        return await self.s.Prefill(request, context)
+
+    async def Abort(self, request, context):
+        self.s.e.prefill_aborted.extend(request.request_ids)
+        return pb.AbortResponse(num_aborted=len(request.request_ids))
+
+
+_TOKENIZER_FILES: list[tuple[str, bytes]] = []
+
+
+def _default_tokenizer_files() -> list[tuple[str, bytes]]:
+    if not _TOKENIZER_FILES:
+        _TOKENIZER_FILES.extend(read_tokenizer_files(resolve_model(None)))
+    return _TOKENIZER_FILES
+
+
 @dataclass
 class FakePod:
     engine: FakeEngine
@@ -250,7 +304,7 @@ async def start_fake(role: str, **kw) -> FakePod:
     engine = FakeEngine(role, **kw)
     server = grpc.aio.server()
     servicer = FakeServicer(engine)
-    pb_grpc.add_PrefillServiceServicer_to_server(servicer, server)
+    pb_grpc.add_PrefillServiceServicer_to_server(FakePrefillService(servicer), server)
     pb_grpc.add_DecodeServiceServicer_to_server(servicer, server)
     pb_grpc.add_EngineServiceServicer_to_server(servicer, server)
     port = server.add_insecure_port("127.0.0.1:0")
@@ -292,7 +346,8 @@ class RouterThread:
 
 @pytest.fixture(scope="session")
 def tokenizer():
-    return load_tokenizer(None)
+    """The default model's tokenizer, as the router loads it from the engines' files."""
+    return RouterTokenizer(resolve_model(None))
 
 
 @pytest.fixture(scope="session")
@@ -317,9 +372,7 @@ def fake_stack(
         by_role[pod.engine.role].append(pod.address)
     settings = settings or RouterSettings(served_names=("m",), stats_interval_s=0.1)
     app = build_router(
-        settings,
-        tokenizer,
-        static_discovery(by_role["prefill"], by_role["decode"], by_role["colocated"]),
+        settings, static_discovery(by_role["prefill"], by_role["decode"], by_role["colocated"])
     )
     router = RouterThread(app)
     try:
@@ -339,6 +392,21 @@ def stack_factory(grpc_loop, tokenizer):
         return fake_stack(grpc_loop, tokenizer, roles, settings, **engine_kw)
 
     return make
+
+
+@pytest.fixture
+def fake_pods(grpc_loop):
+    """``fake_pods(["prefill", "decode"]) -> [FakePod, ...]`` (stopped after the test)."""
+    started: list[FakePod] = []
+
+    def make(roles: list[str], **engine_kw) -> list[FakePod]:
+        pods = [grpc_loop.call(start_fake(role, **engine_kw)) for role in roles]
+        started.extend(pods)
+        return pods
+
+    yield make
+    for pod in started:
+        grpc_loop.call(pod.server.stop(None))
 
 
 @pytest.fixture(scope="module")
@@ -371,13 +439,7 @@ class ServeStack:
         return out
 
     def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_processes([self.proc], 30)
         return self.proc.returncode
 
 
@@ -387,9 +449,7 @@ ENGINE_TEST_FLAGS = ["--kv-cache-memory-gb", "0.25"]
 def start_serve(args: list[str], log: Path, timeout: float = 420.0) -> ServeStack:
     """`splitserve serve ARGS` on a free port; waits for its "ready at" line."""
     port = free_port()
-    cmd = [sys.executable, "-P", "-m", "splitserve", "serve", "--port", str(port), *args]
-    out = log.open("w")
-    proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+    proc = spawn(splitserve_argv("serve", "--port", str(port), *args), output=log.open("w"))
     deadline = time.monotonic() + timeout
     engines: dict[str, tuple[int, int]] = {}
     while True:
@@ -428,7 +488,7 @@ def serve_factory(tmp_path_factory):
 
     def make(args: list[str]) -> ServeStack:
         log = tmp_path_factory.mktemp("serve") / "serve.log"
-        return start_serve([*args, *ENGINE_TEST_FLAGS], log)
+        return start_serve([*ENGINE_TEST_FLAGS, *args], log)
 
     return make
 
@@ -439,13 +499,7 @@ class Proc:
     proc: subprocess.Popen
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_processes([self.proc], 20)
 
 
 def wait_health(url: str, timeout: float = 300.0, proc: subprocess.Popen | None = None) -> None:
@@ -468,8 +522,7 @@ def router_factory(tmp_path_factory):
     def make(args: list[str]) -> Proc:
         port = free_port()
         log = (tmp_path_factory.mktemp("router") / "router.log").open("w")
-        cmd = [sys.executable, "-P", "-m", "splitserve", "router", "--port", str(port), *args]
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        proc = spawn(splitserve_argv("router", "--port", str(port), *args), output=log)
         p = Proc(f"http://127.0.0.1:{port}", proc)
         started.append(p)
         wait_health(p.url, proc=proc)
@@ -488,10 +541,9 @@ def engine_factory(tmp_path_factory):
     def make(role: str, *flags: str) -> tuple[Proc, str, int]:
         port, mport = free_port(), free_port()
         log = (tmp_path_factory.mktemp(role) / "engine.log").open("w")
-        cmd = [sys.executable, "-P", "-m", "splitserve", role, "--host", "127.0.0.1"]
-        cmd += ["--port", str(port), "--metrics-port", str(mport), *ENGINE_TEST_FLAGS, *flags]
-        env = dict(os.environ, OMP_NUM_THREADS="1")
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        argv = splitserve_argv(role, "--host", "127.0.0.1", "--port", str(port))
+        argv += ["--metrics-port", str(mport), *ENGINE_TEST_FLAGS, *flags]
+        proc = spawn(argv, env=dict(os.environ, OMP_NUM_THREADS="1"), output=log)
         p = Proc(f"http://127.0.0.1:{mport}", proc)
         started.append(p)
         return p, f"127.0.0.1:{port}", mport

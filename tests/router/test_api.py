@@ -59,13 +59,16 @@ def test_sse_wire_format_ends_with_done(disagg):
     assert json.loads(events[0][6:])["object"] == "text_completion"
 
 
-def test_n2_fans_out_with_seed_offsets(disagg, tokenizer):
-    router, (prefill, _) = disagg
-    before = len(prefill.engine.prefills)
+def test_n2_is_one_prefill_and_one_hand_off(disagg, tokenizer):
+    """n samples of one prompt: one prefill (n first tokens), one Generate on one decode pod."""
+    router, (prefill, decode) = disagg
+    before, gen_before = len(prefill.engine.prefills), len(decode.engine.generates)
     r = client(router).completions.create(model="m", prompt="x y", max_tokens=2, n=2, seed=5)
     assert [c.index for c in r.choices] == [0, 1]
-    assert len(prefill.engine.prefills) - before == 2
-    assert sorted(prefill.engine.seeds[-2:]) == [5, 6]
+    assert r.choices[0].text != r.choices[1].text  # the fake's samples differ by index
+    assert len(prefill.engine.prefills) - before == 1
+    assert len(decode.engine.generates) - gen_before == 1
+    assert prefill.engine.seeds[-1] == 5  # the engines offset sample i's seed by i
     assert r.usage.completion_tokens == 4
     # The prompt is counted once for the request, as OpenAI does.
     assert r.usage.prompt_tokens == len(tokenizer.encode("x y"))
@@ -178,7 +181,7 @@ def test_sdk_raises_typed_errors(disagg):
 
 def test_logit_bias_and_allowed_token_ids_errors_name_the_field(disagg, tokenizer):
     c = client(disagg[0])
-    vocab = tokenizer.vocab_size
+    vocab = 49152  # what the fake pods report in EngineInfo (the default model's)
     ok = c.completions.create(
         model="m", prompt="x", max_tokens=1, logit_bias={"5": 100, str(vocab - 1): -100},
         extra_body={"allowed_token_ids": [5, 7]},
@@ -290,13 +293,13 @@ def test_no_backend_is_503_with_retry_after(stack_factory):
         assert r.json()["error"]["code"] == "no_backend"
 
 
-def test_best_of_fans_out_returns_n_and_checks_its_bounds(disagg):
+def test_best_of_runs_best_of_samples_returns_n_and_checks_its_bounds(disagg):
     router, (_, decode) = disagg
     before = len(decode.engine.generates)
     r = client(router).completions.create(
         model="m", prompt=["one", "two"], n=2, best_of=3, max_tokens=2
     )
-    assert len(decode.engine.generates) - before == 6  # 3 samples per prompt ran
+    assert len(decode.engine.generates) - before == 2  # one request of 3 samples per prompt
     assert [c.index for c in r.choices] == [0, 1, 2, 3]
     assert all(c.logprobs is None for c in r.choices)  # ranked by logprobs, not shown
     assert r.usage.completion_tokens == 12  # every sample is billed

@@ -84,7 +84,7 @@ def test_slice_endpoints_keeps_ready_pods_with_known_labels():
     pods = {n: pod(n, "h1") for n in ("p1", "p2", "p3", "p4")}
     eps = slice_endpoints([s], pods, frozenset({PREFILL}))
     assert sorted(e.address for e in eps) == ["10.0.0.1:50051", "10.0.0.4:50051"]
-    assert {e.compat_hash for e in eps} == {"h1"}
+    assert {e.rollout_hash for e in eps} == {"h1"}
     assert {e.name for e in eps} == {"p1", "p4"}
 
 
@@ -155,7 +155,7 @@ async def test_watch_follows_endpointslices_in_kmock():
                     pytest.fail(f"discovery never reported {what}: {seen[-1:]}")
 
                 def addrs(eps):
-                    return {(e.address, tuple(sorted(e.roles)), e.compat_hash) for e in eps}
+                    return {(e.address, tuple(sorted(e.roles)), e.rollout_hash) for e in eps}
 
                 await until(lambda e: addrs(e) == {("10.0.0.1:50051", ("prefill",), "h1")}, "pf")
                 dec = endpoint_slice(
@@ -163,7 +163,7 @@ async def test_watch_follows_endpointslices_in_kmock():
                 )
                 await put_slice(dec)
                 await until(lambda e: len(e) == 3, "decode pods")
-                assert {e.compat_hash for e in seen[-1] if e.address == "10.0.0.3:50051"} == {"h2"}
+                assert {e.rollout_hash for e in seen[-1] if e.address == "10.0.0.3:50051"} == {"h2"}
                 # dc-1 turns unready: removed.
                 dec2 = copy.deepcopy(dec)
                 dec2["endpoints"][0]["conditions"] = {"ready": False}

@@ -48,9 +48,10 @@ def test_colocated_plan_and_engine_flags():
     assert len(engines) == 2
     assert "--prefill-endpoints" not in router.argv
     assert len(_router_flag(router.argv, "--colocated-endpoints").split(",")) == 2
-    assert _router_flag(router.argv, "--model") == "/m"
+    assert "--model" not in router.argv  # the router learns the model from the engines
     assert _router_flag(router.argv, "--max-model-len") == "512"
-    assert _router_flag(router.argv, "--api-key") == "k"
+    assert "--api-key" not in router.argv and "k" not in router.argv  # never visible in ps
+    assert local_stack.router_env(args)["SPLITSERVE_API_KEYS"].split(",")[-1] == "k"
     assert _router_flag(router.argv, "--policy") == "least_load"
     assert _router_flag(engines[0].argv, "--kv-transport") == "nixl"
     assert _router_flag(engines[0].argv, "--model") == "/m"
@@ -129,6 +130,7 @@ def test_static_mode_needs_endpoints():
 
 
 def test_serve_rejects_zero_replicas(capsys):
-    args = parse(local_stack, ["--prefill-replicas", "0"])
-    assert local_stack.run(args) == 2
+    with pytest.raises(SystemExit) as exit_:
+        parse(local_stack, ["--prefill-replicas", "0"])
+    assert exit_.value.code == 2
     assert "must be >= 1" in capsys.readouterr().err

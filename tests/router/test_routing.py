@@ -111,7 +111,9 @@ def test_session_header_pins_a_pod(stack_factory):
 
 
 def test_incompatible_pods_are_never_paired():
-    """Compatibility hashes: a decode pod with another hash is not a candidate."""
+    """Pairing uses the engines' own facts: a decode pod with another KV compatibility hash or
+    another tokenizer is not a candidate, nor one with another rollout label."""
+    from splitserve.proto import splitserve_pb2 as pb
     from splitserve.protocol.sampling import SamplingParams
     from splitserve.services.router.dispatch import Dispatcher, EngineRequest
     from splitserve.services.router.errors import NoBackendError
@@ -130,24 +132,27 @@ def test_incompatible_pods_are_never_paired():
     class NoClient:
         address = ""
 
-    def state(addr, roles, compat):
-        s = PodState(Endpoint(addr, frozenset(roles), compat), NoClient())  # type: ignore[arg-type]
+    def state(addr, roles, kv, rollout="", tok="t1"):
+        s = PodState(Endpoint(addr, frozenset(roles), rollout), NoClient())  # type: ignore[arg-type]
+        s.info = pb.EngineInfo(kv_compat_hash=kv, tokenizer_id=tok, block_size=16)
         s.healthy = True
         return s
 
     pool = FakePool(
         [
-            state("p1", {PREFILL}, "A"),
-            state("d1", {DECODE}, "B"),
-            state("d2", {DECODE}, "A"),
-            state("d3", {DECODE}, "B"),
+            state("p1", {PREFILL}, "A", rollout="r1"),
+            state("d1", {DECODE}, "B", rollout="r1"),  # other KV layout
+            state("d2", {DECODE}, "A", rollout="r1"),
+            state("d3", {DECODE}, "A", rollout="r2"),  # other version of the stack
+            state("d4", {DECODE}, "A", rollout="r1", tok="t2"),  # other tokenizer
         ]
     )
     d = Dispatcher(pool, budget=RetryBudget(RetryConfig()))  # type: ignore[arg-type]
-    req = EngineRequest("r", list(range(40)), SamplingParams(max_tokens=1))
+    req = EngineRequest("r", list(range(40)), SamplingParams(max_tokens=1), "t1")
     for _ in range(6):
         route = d.route(req)
         assert route.prefill.endpoint.address == "p1" and route.decode.endpoint.address == "d2"
+    assert d.usable_tokenizers() == {"t1"}
     # Mid-rollout: a new prefill pod (hash C) with no decode partner yet is never chosen.
     pool.pods["p2"] = state("p2", {PREFILL}, "C")
     for _ in range(6):
@@ -156,3 +161,4 @@ def test_incompatible_pods_are_never_paired():
     del pool.pods["d2"]
     with pytest.raises(NoBackendError):
         d.route(req)
+    assert d.usable_tokenizers() == set()

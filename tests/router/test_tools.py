@@ -8,8 +8,9 @@ import json
 import jsonschema
 import pytest
 
+from splitserve.engine.model.loader import resolve_model
 from splitserve.services.router.protocol import ChatCompletionRequest, ChatMessage, Tool
-from splitserve.services.router.tokenizer import load_tokenizer
+from splitserve.services.router.tokenizer import RouterTokenizer
 from splitserve.services.router.tool_calls import (
     ParsedCall,
     ParsedOutput,
@@ -253,7 +254,7 @@ TOOL_TEMPLATE = (
 
 def test_the_tokenizer_passes_tools_to_templates_that_render_them(tokenizer):
     assert not tokenizer.renders_tools and not tokenizer.renders_tool_calls  # SmolLM2's
-    tok = load_tokenizer(None)
+    tok = RouterTokenizer(resolve_model(None))
     tok._tok.chat_template = TOOL_TEMPLATE
     assert tok.renders_tools and tok.renders_tool_calls
     ids = tok.apply_chat_template(

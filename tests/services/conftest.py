@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import os
 import signal
-import socket
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -16,16 +13,11 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from splitserve.processes import free_port, spawn, splitserve_argv
 from splitserve.proto import splitserve_pb2 as pb
 from splitserve.proto import splitserve_pb2_grpc as pb_grpc
 
 ENGINE_ARGS = ["--dtype", "float32", "--num-kv-blocks", "160", "--max-model-len", "2048"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
@@ -47,14 +39,13 @@ class Server:
         return self
 
     def launch(self) -> None:
-        cmd = [
-            sys.executable, "-P", "-m", "splitserve", self.role, *ENGINE_ARGS, *self.args,
+        argv = splitserve_argv(
+            self.role, *ENGINE_ARGS, *self.args,
             "--host", "127.0.0.1", "--port", str(self.port),
             "--metrics-port", str(self.metrics_port), "--engine-id", f"{self.role}-{self.port}",
-        ]  # fmt: skip
+        )  # fmt: skip
         log = open(self.log_path, "ab")  # noqa: SIM115 - lives as long as the process
-        env = dict(os.environ, PYTHONSAFEPATH="1")
-        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        self.proc = spawn(argv, output=log)
 
     def wait_ready(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout

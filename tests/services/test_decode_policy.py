@@ -15,6 +15,7 @@ from splitserve.proto import splitserve_pb2 as pb
 from splitserve.protocol.kv_compat import CompatInfo
 from splitserve.protocol.wire import params_to_proto
 from splitserve.services.common.metrics import EngineMetrics
+from splitserve.services.decode.kv_connector import KVConnector
 from splitserve.services.decode.server import DecodeServicer
 
 PROMPT = list(range(100, 140))  # 40 tokens: 3 blocks of 16
@@ -34,9 +35,10 @@ def make_servicer(llm, policy):
         head_dim=core.shape.head_dim,
     )  # fmt: skip
     puller = KVPuller(core.kv_cache, compat, "decode-test", transports=("grpc",))
-    metrics = EngineMetrics(CollectorRegistry(), core.stats, "tiny", "decode")
     engine = AsyncEngine(core).start()
-    return DecodeServicer(engine, puller, metrics, failure_policy=policy, transfer_timeout=2.0)
+    metrics = EngineMetrics(CollectorRegistry(), engine, "tiny", "decode")
+    connector = KVConnector(engine, puller, policy, transfer_timeout=2.0)
+    return DecodeServicer(engine, connector, metrics)
 
 
 def unreachable_handoff(puller: KVPuller, first_token: int) -> pb.PrefillResponse:
@@ -54,7 +56,9 @@ def unreachable_handoff(puller: KVPuller, first_token: int) -> pb.PrefillRespons
         endpoints=pb.TransportEndpoints(grpc_address="127.0.0.1:9", transports=["grpc"]),
     )
     return pb.PrefillResponse(
-        handoff=handoff, first_token_id=first_token, num_prompt_tokens=len(PROMPT)
+        handoff=handoff,
+        first_tokens=[pb.FirstToken(token_id=first_token)],
+        num_prompt_tokens=len(PROMPT),
     )
 
 
@@ -71,11 +75,12 @@ def test_unreachable_source(llm, policy):
     expected = llm.generate([PROMPT], PARAMS)[0].outputs[0].token_ids
     servicer = make_servicer(llm, policy)
     try:
-        prefill = unreachable_handoff(servicer.puller, expected[0])
+        puller = servicer.connector.puller
+        prefill = unreachable_handoff(puller, expected[0])
         messages = asyncio.run(asyncio.wait_for(generate(servicer, prefill), timeout=30))
     finally:
         servicer.engine.shutdown()
-        servicer.puller.close()
+        puller.close()
     if policy == "recompute":
         assert [t for m in messages for t in m.token_ids] == expected
         assert messages[0].kv_transfer.recomputed
