@@ -128,7 +128,7 @@ def children(pid: int) -> dict[str, int]:
 
 
 def slope_mb_per_min(samples: list[tuple[float, float]]) -> float:
-    """Least-squares slope of (seconds, MB) over the second half of the samples."""
+    """Least-squares slope of (seconds, MB) over the second half of the (post warm-up) samples."""
     half = samples[len(samples) // 2 :]
     if len(half) < 3:
         return 0.0
@@ -211,7 +211,9 @@ def run_load(args, url: str, ports: dict[str, int], procs: dict[str, int]) -> di
             name: {
                 "after_warmup": next((v for t, v in xs if t >= warm), xs[0][1] if xs else 0.0),
                 "end": xs[-1][1] if xs else 0.0,
-                "slope_second_half_mb_per_min": round(slope_mb_per_min(xs), 2),
+                "slope_second_half_mb_per_min": round(
+                    slope_mb_per_min([(t, v) for t, v in xs if t >= warm]), 2
+                ),
             }
             for name, xs in rss.items()
         },

@@ -25,6 +25,7 @@ from typing import Any, TypeVar
 
 from splitserve.engine.block_pool import BlockStored, KVEvent
 from splitserve.engine.engine_core import EngineCore, EngineStats, KVAudit
+from splitserve.engine.heap import HeapTrimmer
 from splitserve.engine.outputs import ImportReservation, SequenceDelta
 from splitserve.protocol.logprobs import TokenLogprobs
 from splitserve.protocol.sampling import SamplingParams
@@ -123,6 +124,7 @@ class AsyncEngine:
         self._last_progress = time.monotonic()
         self._stats = core.stats()
         self._audit = core.audit()
+        self._heap = HeapTrimmer()
         self.facts = EngineFacts(
             model_dir=str(core.model_dir),
             max_model_len=core.max_model_len,
@@ -373,6 +375,7 @@ class AsyncEngine:
                     for delta in core.step():
                         self._deliver(delta)
                     stuck = core.num_steps_run == before
+                    self._heap.maybe_trim(idle=False)
                     if (took := time.monotonic() - t0) > SLOW_STEP_S:
                         log.warning(
                             "slow engine step: %.1f s for %d tokens of %d sequences",
@@ -389,6 +392,7 @@ class AsyncEngine:
                         self._audit = core.audit()
                         if self._audit.unaccounted:
                             log.error("KV accounting broken when idle: %s", self._audit)
+                        self._heap.maybe_trim(idle=True)
                 self._stats = core.stats()
                 if self._event_sinks:
                     events = core.kv.pool.take_events()

@@ -61,17 +61,17 @@ def wait_engines_idle(stack, timeout: float = 30.0) -> dict[str, pb.EngineStats]
 
 async def one_aborted(client: httpx.AsyncClient, url: str, rng: random.Random) -> str:
     """A request given up at a random moment: before headers, mid-prefill, mid-pull, mid-decode."""
-    words = rng.choice([8, 60, 300, 600])
+    words = rng.choice([8, 40, 150, 400])
     body = {
         "model": MODEL,
         "prompt": " ".join(rng.choice(WORDS) for _ in range(words)),
-        "max_tokens": rng.choice([4, 24, 64]),
+        "max_tokens": rng.choice([4, 16, 32]),
         "stream": rng.random() < 0.5,
         "ignore_eos": True,
     }
     if rng.random() < 0.2:
         body["n"] = 2
-    give_up = rng.choice([0.0, 0.01, 0.05, 0.15, 0.4, 1.0, 2.0, 60.0])
+    give_up = rng.choice([0.0, 0.01, 0.05, 0.15, 0.4, 0.8, 1.5, 60.0])
 
     async def go() -> None:
         if body["stream"]:
