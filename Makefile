@@ -11,8 +11,12 @@ TOOLS := .cache/tools
 PORT ?= 8000
 SERVE_ARGS ?=
 PYTEST_ARGS ?=
+CLUSTER_BIN := .cache/cluster/bin
+# The cluster suites: control-plane facts, then the end-to-end scenarios (docs/testing.md).
+E2E_DIRS := tests/cluster tests/e2e
 
-.PHONY: install test test-fast serve proto lint format bench clean model tools cpu-kernels
+.PHONY: install test test-fast serve proto lint format bench clean model tools cpu-kernels \
+	cluster-bins cluster-deps e2e
 
 install: $(STAMP) model cpu-kernels tools
 
@@ -37,11 +41,51 @@ cpu-kernels: $(STAMP)
 tools:
 	bash scripts/install-tools.sh $(TOOLS)
 
-test: install
-	$(BIN)/pytest $(PYTEST_ARGS)
+# The whole suite, the local-cluster tests included (they fail, never skip, when the cluster
+# cannot come up: SPLITSERVE_REQUIRE_CLUSTER=1). The cluster's programs and its image venv are
+# prepared in the background while the rest of the suite runs (a cold build is the longest step;
+# it returns at once when cached), then the cluster suites run. Its log: $(CLUSTER_PREP_LOG).
+CLUSTER_PREP_LOG := .cache/cluster-prep.log
+test: install cluster-deps
+	@mkdir -p .cache; \
+	( bash cluster/go/build.sh $(CLUSTER_BIN) && \
+	  $(BIN)/python -P -m splitserve.cluster.image build ) >$(CLUSTER_PREP_LOG) 2>&1 & prep=$$!; \
+	echo "make test: preparing the cluster in the background (log: $(CLUSTER_PREP_LOG))"; \
+	SPLITSERVE_REQUIRE_CLUSTER=1 $(BIN)/pytest $(addprefix --ignore=,$(E2E_DIRS)) $(PYTEST_ARGS); \
+	rc=$$?; \
+	if ! wait $$prep; then \
+		tail -n 40 $(CLUSTER_PREP_LOG); echo "make test: preparing the cluster failed" >&2; exit 1; \
+	fi; \
+	tail -n 2 $(CLUSTER_PREP_LOG); \
+	SPLITSERVE_REQUIRE_CLUSTER=1 $(BIN)/pytest $(E2E_DIRS) $(PYTEST_ARGS) || rc=1; \
+	exit $$rc
 
 test-fast: install
 	$(BIN)/pytest -m "not slow" $(PYTEST_ARGS)
+
+# The local Kubernetes cluster (docs/testing.md). cluster-bins builds etcd and kube-* from the Go
+# modules in cluster/go/ into $(CLUSTER_BIN) (Go's own caches; the programs kept per recipe in
+# ~/.cache/splitserve/cluster-bin/, so other clones copy them); it returns at once when
+# built for the current go.mod/go.sum (a cold build: ~26 CPU-minutes, 15-27 min on 2 cores).
+cluster-bins:
+	bash cluster/go/build.sh $(CLUSTER_BIN)
+
+# System programs the cluster needs (Debian packages), installed only when missing.
+cluster-deps:
+	@missing=""; \
+	for need in ip:iproute2 openssl:openssl iptables:iptables conntrack:conntrack; do \
+		command -v $${need%%:*} >/dev/null || missing="$$missing $${need#*:}"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+		echo "cluster-deps: installing$$missing"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	fi
+
+# Only the cluster suites (tests/cluster, tests/e2e), against a cluster brought up or reused.
+# `install` brings what the scenarios need besides the cluster: helm and kubectl (tools) and the
+# converted default model (model), which they serve from a hostPath PersistentVolume.
+e2e: install cluster-deps cluster-bins
+	SPLITSERVE_REQUIRE_CLUSTER=1 $(BIN)/pytest $(E2E_DIRS) $(PYTEST_ARGS)
 
 serve: install
 	$(BIN)/splitserve serve --port $(PORT) $(SERVE_ARGS)
@@ -67,5 +111,7 @@ format: $(STAMP)
 bench: install
 	$(BIN)/python bench/throughput.py
 
+# Stops a running local cluster first: its programs run from .cache and hold the bridge.
 clean:
+	if [ -x $(BIN)/python ] && [ -d .cache/cluster/state/run ]; then bash scripts/cluster down; fi
 	rm -rf $(VENV) .cache build *.egg-info

@@ -1,13 +1,25 @@
-"""C++ CPU kernels (ATen ops under ``torch.ops.splitserve_cpu``), built on first use.
+"""C++ CPU kernels (ATen ops under ``torch.ops.splitserve_cpu``): prebuilt, or built on first use.
 
 ``paged_decode_attention`` reads each sequence's K/V blocks in place from the pool, where the
 pure-torch path first copies them out with ``index_select``; ``paged_prefill_attention`` is a
 tiled flash attention for prompts (bf16, AVX512-BF16), ~4x the throughput of torch's CPU SDPA
 here. Both are compiled from ``paged_decode.cpp`` and ``paged_prefill.cpp`` by
-``torch.utils.cpp_extension`` (a C++ compiler and ninja are needed; the build takes ~10-20 s once
-and is cached under ``~/.cache/splitserve/torch_extensions``, keyed by the sources, so concurrent
-processes wait for one build). ``make install`` builds them ahead of time. Where they cannot be
-built, ``load()`` returns ``None`` once with a logged reason and callers keep the torch path.
+``torch.utils.cpp_extension`` (a C++ compiler and ninja are needed); the instruction set is chosen
+at run time, so one build serves every x86-64 CPU.
+
+Where ``load()`` finds them, in order:
+
+1. A prebuilt library for exactly these sources and this torch: ``<dir>/splitserve_cpu-<digest>/
+   splitserve_cpu.so`` under ``$SPLITSERVE_CPU_KERNELS_DIR`` or the package's own ``prebuilt/``
+   folder. The image builds it there (``scripts/image-install.sh``, ``prebuild()``), so pods load
+   it in milliseconds and never need a compiler.
+2. Unless ``SPLITSERVE_CPU_KERNELS_JIT=0`` (the image sets it: a pod must not depend on what
+   compiler its node happens to have), a build on first use (~10-20 s once), cached under
+   ``~/.cache/splitserve/torch_extensions`` keyed by the sources, so concurrent processes wait for
+   one build. ``make install`` builds them ahead of time.
+
+Where neither works, ``load()`` returns ``None`` once with a logged reason and callers keep the
+torch path.
 """
 
 from __future__ import annotations
@@ -18,6 +30,7 @@ import logging
 import os
 import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -28,16 +41,38 @@ log = logging.getLogger(__name__)
 _HERE = Path(__file__).parent
 _SOURCES = [_HERE / "paged_decode.cpp", _HERE / "paged_prefill.cpp"]
 _NAME = "splitserve_cpu"
+PREBUILT_DIR_ENV = "SPLITSERVE_CPU_KERNELS_DIR"
+JIT_ENV = "SPLITSERVE_CPU_KERNELS_JIT"
+PACKAGE_PREBUILT_DIR = _HERE / "prebuilt"
+
+
+def source_digest() -> str:
+    """Names one build: the sources (and headers) and the torch version they build against."""
+    h = hashlib.sha256(torch.__version__.encode())
+    for path in sorted(_HERE.glob("*.cpp")) + sorted(_HERE.glob("*.h")):
+        h.update(path.name.encode() + path.read_bytes())
+    return h.hexdigest()[:16]
 
 
 def build_directory() -> Path:
     """Cache directory for these sources and torch version (a new source builds afresh)."""
-    h = hashlib.sha256(torch.__version__.encode())
-    for path in sorted(_HERE.glob("*.cpp")) + sorted(_HERE.glob("*.h")):
-        h.update(path.name.encode() + path.read_bytes())
-    digest = h.hexdigest()[:16]
     root = Path(os.environ.get("SPLITSERVE_CACHE", Path.home() / ".cache" / "splitserve"))
-    return root / "torch_extensions" / f"{_NAME}-{digest}"
+    return root / "torch_extensions" / f"{_NAME}-{source_digest()}"
+
+
+def prebuilt_roots() -> list[Path]:
+    """Folders searched for a prebuilt library: the env var's, then the package's."""
+    roots = [Path(d) for d in os.environ.get(PREBUILT_DIR_ENV, "").split(os.pathsep) if d]
+    return [*roots, PACKAGE_PREBUILT_DIR]
+
+
+def prebuilt_library() -> Path | None:
+    """The prebuilt library for these sources, if one exists."""
+    leaf = Path(f"{_NAME}-{source_digest()}") / f"{_NAME}.so"
+    for root in prebuilt_roots():
+        if (root / leaf).is_file():
+            return root / leaf
+    return None
 
 
 def _ensure_ninja_on_path() -> None:
@@ -47,27 +82,72 @@ def _ensure_ninja_on_path() -> None:
         os.environ["PATH"] = venv_bin + os.pathsep + os.environ.get("PATH", "")
 
 
+def _compile(directory: Path) -> Path:
+    """Build the library into ``directory`` (raises when no compiler/ninja); its path."""
+    from torch.utils.cpp_extension import load as build_and_load
+
+    _ensure_ninja_on_path()
+    directory.mkdir(parents=True, exist_ok=True)
+    build_and_load(
+        name=_NAME,
+        sources=[str(p) for p in _SOURCES],
+        extra_cflags=["-O3", "-fopenmp"],
+        extra_ldflags=["-fopenmp"],
+        build_directory=str(directory),
+        is_python_module=False,
+        verbose=False,
+    )
+    return directory / f"{_NAME}.so"
+
+
+def prebuild(dest: Path | None = None) -> Path:
+    """Compile the kernels into ``dest`` (default: the package's ``prebuilt/``), for ``load()``
+    to find without a compiler; returns the library. Image build time: raises on failure, and
+    removes libraries of other sources there."""
+    dest = (dest or PACKAGE_PREBUILT_DIR).resolve()
+    final = dest / f"{_NAME}-{source_digest()}"
+    library = final / f"{_NAME}.so"
+    if library.is_file():
+        return library
+    dest.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=dest, prefix=".build-") as scratch:
+        built = _compile(Path(scratch))
+        staging = Path(scratch) / "out"
+        staging.mkdir()
+        shutil.copy2(built, staging / library.name)
+        os.chmod(staging / library.name, 0o755)
+        for other in dest.glob(f"{_NAME}-*"):
+            shutil.rmtree(other, ignore_errors=True)
+        staging.rename(final)
+    return library
+
+
 @functools.cache
 def load() -> object | None:
-    """Build (once) and load the ops; ``torch.ops.splitserve_cpu`` or ``None`` if unavailable."""
+    """Load (building once if allowed) the ops; ``torch.ops.splitserve_cpu`` or ``None``."""
     if os.environ.get("SPLITSERVE_DISABLE_CPU_KERNELS", "").strip() in ("1", "true", "yes"):
         log.info("C++ CPU kernels disabled by SPLITSERVE_DISABLE_CPU_KERNELS")
         return None
-    try:
-        from torch.utils.cpp_extension import load as build_and_load
-
-        _ensure_ninja_on_path()
-        directory = build_directory()
-        directory.mkdir(parents=True, exist_ok=True)
-        build_and_load(
-            name=_NAME,
-            sources=[str(p) for p in _SOURCES],
-            extra_cflags=["-O3", "-fopenmp"],
-            extra_ldflags=["-fopenmp"],
-            build_directory=str(directory),
-            is_python_module=False,
-            verbose=False,
+    library = prebuilt_library()
+    if library is not None:
+        try:
+            torch.ops.load_library(str(library))
+        except Exception as exc:  # a foreign or damaged build: try the other ways
+            log.warning("prebuilt C++ CPU kernels %s do not load: %s", library, exc)
+        else:
+            log.info("C++ CPU kernels: prebuilt %s", library)
+            return torch.ops.splitserve_cpu
+    if os.environ.get(JIT_ENV, "").strip() in ("0", "false", "no"):
+        log.warning(
+            "C++ CPU kernels unavailable, using the torch attention path: no prebuilt build for "
+            "these sources (searched %s) and %s=0 forbids compiling",
+            ", ".join(map(str, prebuilt_roots())),
+            JIT_ENV,
         )
+        return None
+    try:
+        directory = build_directory()
+        _compile(directory)
     except Exception as exc:  # compiler / ninja missing, unsupported platform
         log.warning("C++ CPU kernels unavailable, using the torch attention path: %s", exc)
         return None
@@ -161,6 +241,8 @@ __all__ = [
     "available_impls",
     "build_directory",
     "load",
+    "prebuild",
+    "prebuilt_library",
     "paged_decode_attention",
     "paged_prefill_attention",
     "prefill_supported",
