@@ -115,6 +115,8 @@ def dump_yaml(objects: list[dict[str, Any]]) -> str:
 
 def _run_operator(args: argparse.Namespace) -> int:
     import asyncio
+    import os
+    import socket
 
     import kopf
 
@@ -123,9 +125,13 @@ def _run_operator(args: argparse.Namespace) -> int:
     kopf.configure(log_format=kopf.LogFormat.PLAIN)
     registry = make_registry(interval=args.interval)
     namespaces = args.namespace
+    # kopf would name itself after getpass.getuser(), which fails for a uid with no passwd entry
+    # (OpenShift's random UIDs, any image without the user): the pod's name says more anyway.
+    identity = os.environ.get("POD_NAME") or socket.gethostname()
     asyncio.run(
         kopf.operator(
             registry=registry,
+            identity=identity,
             standalone=True,  # one replica (Recreate strategy): no peering objects needed
             clusterwide=not namespaces,
             namespaces=namespaces,

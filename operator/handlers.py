@@ -18,6 +18,7 @@ import kopf
 from splitserve.operator import crd
 from splitserve.operator.kube import Credentials, KubeApi
 from splitserve.operator.labels import PREFIX
+from splitserve.operator.login import default_login
 from splitserve.operator.reconcile import ReconcileResult, delete_children, reconcile
 
 RETRY_DELAY_S = 15.0
@@ -34,23 +35,6 @@ def credentials_from(info: kopf.ConnectionInfo) -> Credentials:
         certificate_path=info.certificate_path,
         private_key_path=info.private_key_path,
     )
-
-
-def default_login() -> kopf.ConnectionInfo:
-    """In a pod: its service account; elsewhere: the kubeconfig (via the kubernetes client,
-    which also runs exec credential plugins, then kopf's own reader)."""
-    settings = kopf.OperatorSettings()
-    logger = logging.getLogger("splitserve.operator")
-    info = kopf.login_with_service_account(settings=settings)
-    if info is None:
-        try:
-            info = kopf.login_via_client(logger=logger, settings=settings)
-        except Exception:  # any failure: fall back to kopf's own kubeconfig reader
-            info = None
-    info = info or kopf.login_with_kubeconfig(settings=settings)
-    if info is None:
-        raise kopf.LoginError("neither a service account nor a kubeconfig is available")
-    return info
 
 
 def configure(settings: kopf.OperatorSettings) -> None:

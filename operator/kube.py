@@ -47,6 +47,8 @@ _KIND_LIST = [
 ]
 # The kinds an InferenceService owns (listed for pruning and deletion), by kind name.
 CHILD_KINDS: dict[str, KindInfo] = {info.kind: info for info in _KIND_LIST}
+# Read for status only (the Deployments own them): why pods fail to start or keep crashing.
+PODS = KindInfo("v1", "Pod", "pods")
 
 
 class ApiError(Exception):

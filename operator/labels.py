@@ -30,7 +30,6 @@ MANAGED_BY = "splitserve-operator"
 FIELD_MANAGER = "splitserve-operator"
 
 
-
 def child_name(isvc: InferenceService, suffix: str) -> str:
     return f"{isvc.name}-{suffix}"
 
@@ -60,13 +59,31 @@ def selector_labels(isvc: InferenceService, role: str) -> dict[str, str]:
 
 
 def role_labels(isvc: InferenceService, role: str) -> dict[str, str]:
-    """Labels of a role's objects and pods (adds component, model and rollout hash)."""
-    return ownership_labels(isvc) | {
-        "app.kubernetes.io/component": role,
-        ROLE_LABEL: role,
+    """Labels of a role's objects and pods: ownership, component and role.
+
+    Engine pods add the model and rollout hash (`engine_labels`); the router's pods do not,
+    so a new generation of engines never restarts the router that pairs them.
+    """
+    return ownership_labels(isvc) | {"app.kubernetes.io/component": role, ROLE_LABEL: role}
+
+
+def engine_labels(isvc: InferenceService, role: str) -> dict[str, str]:
+    """Labels of an engine Deployment and its pods: the role's plus model and rollout hash."""
+    return role_labels(isvc, role) | {
         MODEL_LABEL: label_value(isvc.spec.model.uri.split("://", 1)[1]),
         ROLLOUT_HASH_LABEL: isvc.spec.rollout_hash,
     }
+
+
+def generation_selector(isvc: InferenceService, role: str) -> dict[str, str]:
+    """The selector of one generation's engine Deployment: role and rollout hash, so two
+    generations' Deployments never adopt each other's pods."""
+    return selector_labels(isvc, role) | {ROLLOUT_HASH_LABEL: isvc.spec.rollout_hash}
+
+
+def engine_deployment_name(isvc: InferenceService, role: str) -> str:
+    """`NAME-ROLE-HASH`: one Deployment per role and generation (rollout hash)."""
+    return f"{isvc.name}-{role}-{isvc.spec.rollout_hash}"
 
 
 def selector_string(labels: dict[str, str]) -> str:

@@ -15,9 +15,15 @@ from typing import Any
 
 from splitserve.operator import labels as L
 from splitserve.operator.builders import build_desired
-from splitserve.operator.kube import CHILD_KINDS, ApiError, KubeApi
+from splitserve.operator.kube import CHILD_KINDS, PODS, ApiError, KubeApi
 from splitserve.operator.spec import SpecError, parse, short_hash
-from splitserve.operator.status import compute_status, invalid_spec_status
+from splitserve.operator.status import (
+    PODS_FAILING,
+    compute_status,
+    invalid_spec_status,
+    pod_problems,
+    role_state,
+)
 
 
 @dataclass(frozen=True)
@@ -38,6 +44,7 @@ class ReconcileResult:
     created: tuple[str, ...] = ()
     updated: tuple[str, ...] = ()
     pruned: tuple[str, ...] = ()
+    retained: tuple[str, ...] = ()  # no longer desired, serving until the new ones are ready
     retry: str = ""  # "" | "temporary" (retry soon) | "permanent" (wait for a spec change)
     error: str = ""
 
@@ -47,6 +54,7 @@ class _Plan:
     created: list[str] = field(default_factory=list)
     updated: list[str] = field(default_factory=list)
     pruned: list[str] = field(default_factory=list)
+    retained: list[str] = field(default_factory=list)  # not desired, kept until rolled out
     deployments: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
@@ -130,12 +138,27 @@ async def _apply_all(
         if obj["kind"] == "Deployment":
             plan.deployments[obj["metadata"]["labels"][L.ROLE_LABEL]] = stored
     wanted = {_ref(obj) for obj in desired}
-    for ref, obj in current.items():
-        if ref not in wanted:
-            meta = obj["metadata"]
-            await api.delete(CHILD_KINDS[obj["kind"]], meta["namespace"], meta["name"])
-            plan.pruned.append(ref)
+    stale = [(ref, obj) for ref, obj in current.items() if ref not in wanted]
+    # Objects no longer desired (a previous generation's engine Deployments, a prefill pool
+    # being removed) serve until every desired Deployment is rolled out: prefill and decode
+    # pods pair only within a generation, so the old one must keep both of its roles until
+    # the new one can take the traffic. Then they go, in the same pass.
+    if stale and not _rolled_out(plan.deployments):
+        plan.retained = [ref for ref, _ in stale]
+        return plan
+    for ref, obj in stale:
+        meta = obj["metadata"]
+        await api.delete(CHILD_KINDS[obj["kind"]], meta["namespace"], meta["name"])
+        plan.pruned.append(ref)
     return plan
+
+
+def _rolled_out(deployments: Mapping[str, Mapping[str, Any]]) -> bool:
+    """Every desired Deployment, as just stored, runs its template on all replicas, ready."""
+    return all(
+        role_state(role, int(dep.get("spec", {}).get("replicas") or 0), dep).rolled_out
+        for role, dep in deployments.items()
+    )
 
 
 def _warning_once(previous: Mapping[str, Any], reason: str, message: str) -> tuple[Event, ...]:
@@ -163,9 +186,7 @@ def _rollout_events(previous: Mapping[str, Any], status: Mapping[str, Any]) -> l
         )
     served = status.get("rolloutHash")
     if served and served != previous.get("rolloutHash"):
-        events.append(
-            Event("Normal", "RolloutComplete", f"all pods serve rollout hash {served}")
-        )
+        events.append(Event("Normal", "RolloutComplete", f"all pods serve rollout hash {served}"))
     return events
 
 
@@ -203,8 +224,17 @@ async def reconcile(api: KubeApi, body: Mapping[str, Any], now: str) -> Reconcil
             retry="temporary" if exc.transient else "permanent",
             error=message,
         )
-    status = compute_status(isvc, plan.deployments, previous, now)
+    try:
+        selector = f"{L.INSTANCE_LABEL}={isvc.name},{L.MANAGED_BY_LABEL}={L.MANAGED_BY}"
+        failing = pod_problems(await api.list(PODS, isvc.namespace, selector))
+    except ApiError:
+        failing = []  # status from the Deployments alone; the next pass reads pods again
+    status = compute_status(
+        isvc, plan.deployments, previous, now, failing=failing, retained=plan.retained
+    )
     events: list[Event] = []
+    if failing:
+        events += _warning_once(previous, PODS_FAILING, "; ".join(failing))
     if plan.created or plan.updated or plan.pruned:
         parts = [
             f"{verb} {', '.join(refs)}"
@@ -223,6 +253,7 @@ async def reconcile(api: KubeApi, body: Mapping[str, Any], now: str) -> Reconcil
         created=tuple(plan.created),
         updated=tuple(plan.updated),
         pruned=tuple(plan.pruned),
+        retained=tuple(plan.retained),
     )
 
 

@@ -6,7 +6,8 @@ health checks (Argo CD, Flux kstatus) can read them:
 
 - Ready: every role has all its replicas updated to the desired configuration and ready.
 - Progressing: a rollout is under way (some role has old pods, or not enough new ones).
-- Degraded: the spec is invalid, applying failed, or a rollout is stuck.
+- Degraded: the spec is invalid, applying failed, a rollout is stuck, or pods keep failing
+  (crash loops, configuration errors: `pod_problems`), with the failing container's last words.
 """
 
 from __future__ import annotations
@@ -20,6 +21,20 @@ from splitserve.operator.builders import endpoint_url, engine_roles
 from splitserve.operator.spec import InferenceService
 
 READY, PROGRESSING, DEGRADED = "Ready", "Progressing", "Degraded"
+PODS_FAILING = "PodsFailing"
+# Waiting reasons that mean a container will not come up by itself (kubelet's names).
+FAILING_WAITING_REASONS = frozenset(
+    {
+        "CrashLoopBackOff",
+        "CreateContainerConfigError",
+        "CreateContainerError",
+        "ErrImagePull",
+        "ImagePullBackOff",
+        "InvalidImageName",
+        "RunContainerError",
+    }
+)
+MESSAGE_CHARS = 300
 ROLES = (L.PREFILL, L.DECODE, L.ROUTER)
 
 
@@ -80,6 +95,45 @@ def role_state(role: str, desired: int, deployment: Mapping[str, Any] | None) ->
     )
 
 
+def _last_words(text: str) -> str:
+    """The last non-empty line of a termination message (a traceback's error line)."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    last = lines[-1] if lines else ""
+    return last if len(last) <= MESSAGE_CHARS else last[: MESSAGE_CHARS - 3] + "..."
+
+
+def pod_problems(pods: Sequence[Mapping[str, Any]]) -> list[str]:
+    """One line per container that will not come up by itself, sorted (stable across passes:
+    no restart counts or back-off delays, so an unchanged problem is not reported anew).
+
+    The engines' and router's containers use terminationMessagePolicy FallbackToLogsOnError, so
+    the last exit carries the tail of the output: the line that says why (e.g. a model path
+    that does not exist).
+    """
+    out = []
+    for pod in pods:
+        meta = pod.get("metadata") or {}
+        if meta.get("deletionTimestamp"):
+            continue
+        role = (meta.get("labels") or {}).get(L.ROLE_LABEL, "?")
+        for c in (pod.get("status") or {}).get("containerStatuses") or []:
+            waiting = (c.get("state") or {}).get("waiting") or {}
+            reason = waiting.get("reason", "")
+            if reason not in FAILING_WAITING_REASONS:
+                continue
+            line = f"pod {meta.get('name')} ({role}) container {c.get('name')}: {reason}"
+            last = (c.get("lastState") or {}).get("terminated") or {}
+            if last:
+                line += f", exit code {last.get('exitCode')}"
+                words = _last_words(str(last.get("message") or ""))
+                if words:
+                    line += f": {words}"
+            elif reason != "CrashLoopBackOff" and waiting.get("message"):
+                line += f": {_last_words(str(waiting['message']))}"
+            out.append(line)
+    return sorted(out)
+
+
 def _condition(
     kind: str,
     value: bool,
@@ -110,10 +164,14 @@ def compute_status(
     previous: Mapping[str, Any],
     now: str,
     problem: tuple[str, str] | None = None,
+    failing: Sequence[str] = (),
+    retained: Sequence[str] = (),
 ) -> dict[str, Any]:
     """The whole status from the role Deployments (by role) and the last status.
 
-    ``problem`` is (reason, message) when this pass could not apply the desired objects.
+    ``problem`` is (reason, message) when this pass could not apply the desired objects;
+    ``failing`` lists the pods that will not come up (``pod_problems``); ``retained`` the
+    objects of the previous generation still serving until this one is rolled out.
     The served model, revision and rollout hash move to the desired ones only when the
     rollout completes, so status never claims a version that is not fully serving.
     """
@@ -148,11 +206,17 @@ def compute_status(
     if rolled_out:
         progressing = _condition(PROGRESSING, False, "RolloutComplete", progress, gen, now, prev)
     else:
-        progressing = _condition(PROGRESSING, True, "RollingOut", progress, gen, now, prev)
+        message = progress
+        if retained:
+            message += "; the previous generation serves until then: " + ", ".join(retained)
+        progressing = _condition(PROGRESSING, True, "RollingOut", message, gen, now, prev)
     if problem is not None:
         degraded = _condition(DEGRADED, True, problem[0], problem[1], gen, now, prev)
     elif stuck:
         degraded = _condition(DEGRADED, True, "RolloutStuck", stuck, gen, now, prev)
+    elif failing:
+        message = "; ".join(failing)
+        degraded = _condition(DEGRADED, True, PODS_FAILING, message, gen, now, prev)
     elif rolled_out or not unavailable:
         degraded = _condition(DEGRADED, False, "AsExpected", ready_text, gen, now, prev)
     else:

@@ -42,11 +42,23 @@ def engine_args(isvc: InferenceService, role: str) -> list[str]:
         "--port", str(GRPC_PORT),
         "--metrics-port", str(METRICS_PORT),
         "--kv-transport", s.kv_transfer.transport,
-        "--lease-seconds", str(s.kv_transfer.lease_seconds),
     ]  # fmt: skip
-    if role == L.DECODE:
+    # Leases are the prefill side's (how long handed-off blocks are kept); the failure policy
+    # is the decode side's (what to do when a pull fails). Each server refuses the other's flag.
+    if role == L.PREFILL:
+        args += ["--lease-seconds", str(s.kv_transfer.lease_seconds)]
+    else:
         args += ["--kv-failure-policy", s.kv_transfer.failure_policy]
     return args + list(s.engine.extra_args)
+
+
+def _threads_env() -> dict[str, Any]:
+    """torch's CPU threads = the pod's CPU request, rounded up (torch would take every core of
+    the node, whatever the pod asked for; ``--threads`` in extraArgs still wins)."""
+    return {
+        "name": "SPLITSERVE_THREADS",
+        "valueFrom": {"resourceFieldRef": {"containerName": "engine", "resource": "requests.cpu"}},
+    }
 
 
 def _grpc_probe(period: int, failures: int) -> dict[str, Any]:
@@ -68,10 +80,13 @@ def _model_volumes(isvc: InferenceService) -> tuple[list[dict[str, Any]], list[d
 
 
 def build_engine_deployment(isvc: InferenceService, role: str) -> dict[str, Any]:
-    """The Deployment of one engine role (`prefill`, or `decode` which may be colocated)."""
+    """The Deployment of one engine role (`prefill`, or `decode` which may be colocated) for
+    the spec's generation: named and selected by its rollout hash. A new generation is a new
+    Deployment beside the old one, which the reconciler keeps until the new one serves
+    (pairs never cross generations, so both roles of the old one must stay until then)."""
     s = isvc.spec
     pool = s.prefill if role == L.PREFILL else s.decode
-    labels = L.role_labels(isvc, role)
+    labels = L.engine_labels(isvc, role)
     model_volumes, model_mounts = _model_volumes(isvc)
     container = {
         "name": "engine",
@@ -81,13 +96,17 @@ def build_engine_deployment(isvc: InferenceService, role: str) -> dict[str, Any]
             {"name": "grpc", "containerPort": GRPC_PORT, "protocol": "TCP"},
             {"name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP"},
         ],
-        "env": pod.base_env(),
+        "env": pod.base_env() + [_threads_env()],
         "resources": {k: dict(v) for k, v in pool.resources.items()},
-        # Model loading may take minutes: the startup probe holds liveness off until then.
-        "startupProbe": _grpc_probe(period=10, failures=180),
+        # Model loading may take minutes: the startup probe holds liveness off until then
+        # (30 min); probed often, so a pod is taken into service soon after it can serve.
+        "startupProbe": _grpc_probe(period=2, failures=900),
         "readinessProbe": _grpc_probe(period=5, failures=2),
         "livenessProbe": _grpc_probe(period=10, failures=3),
         "securityContext": pod.container_security_context(),
+        # A crash's last output lines become the container's termination message, which the
+        # operator reports in the Degraded condition (kubectl describe shows it too).
+        "terminationMessagePolicy": "FallbackToLogsOnError",
         "volumeMounts": pod.scratch_mounts()
         + [
             {"name": "shm", "mountPath": "/dev/shm"},
@@ -117,8 +136,8 @@ def build_engine_deployment(isvc: InferenceService, role: str) -> dict[str, Any]
             + model_volumes,
         },
     }
-    meta = L.metadata(isvc, L.child_name(isvc, role), labels)
-    return pod.deployment(isvc, meta, pool.replicas, L.selector_labels(isvc, role), template)
+    meta = L.metadata(isvc, L.engine_deployment_name(isvc, role), labels)
+    return pod.deployment(isvc, meta, pool.replicas, L.generation_selector(isvc, role), template)
 
 
 def build_engine_service_account(isvc: InferenceService) -> dict[str, Any]:

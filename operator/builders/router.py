@@ -54,9 +54,16 @@ def router_args(isvc: InferenceService) -> list[str]:
     return args
 
 
-def _http_probe(period: int, failures: int) -> dict[str, Any]:
+# Readiness: /health answers 503 until some engine generation can serve, so a router with no
+# engines takes no traffic. Liveness must not ask that (a router waiting for its engines is
+# alive; killing it would not bring them): /metrics answers 200 whenever the event loop runs.
+READINESS_PATH = "/health"
+LIVENESS_PATH = "/metrics"
+
+
+def _http_probe(path: str, period: int, failures: int) -> dict[str, Any]:
     return {
-        "httpGet": {"path": "/health", "port": "http"},
+        "httpGet": {"path": path, "port": "http"},
         "periodSeconds": period,
         "timeoutSeconds": 3,
         "failureThreshold": failures,
@@ -88,9 +95,12 @@ def build_router_deployment(isvc: InferenceService) -> dict[str, Any]:
         "ports": [{"name": "http", "containerPort": HTTP_PORT, "protocol": "TCP"}],
         "env": pod.base_env(),
         "resources": {k: dict(v) for k, v in r.pool.resources.items()},
-        "readinessProbe": _http_probe(period=5, failures=2),
-        "livenessProbe": _http_probe(period=10, failures=3),
+        "readinessProbe": _http_probe(READINESS_PATH, period=5, failures=2),
+        "livenessProbe": _http_probe(LIVENESS_PATH, period=10, failures=3),
         "securityContext": pod.container_security_context(),
+        # A crash's last output lines become the container's termination message, which the
+        # operator reports in the Degraded condition (kubectl describe shows it too).
+        "terminationMessagePolicy": "FallbackToLogsOnError",
         "volumeMounts": mounts,
     }
     template = {

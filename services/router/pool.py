@@ -28,6 +28,10 @@ from splitserve.services.router.prefix_index import PrefixIndex
 
 log = logging.getLogger(__name__)
 
+# How long requests in flight on a pod that left the endpoint set may run before its channel is
+# cancelled (its engine server drains in-flight work in a few seconds when terminated).
+REMOVED_POD_GRACE_S = 60.0
+
 
 @dataclass(frozen=True)
 class Endpoint:
@@ -132,7 +136,9 @@ class Pool:
             task.cancel()
         self.index.drop_pod(pod_id)
         self.catalog.remove_pod(pod_id)
-        asyncio.get_running_loop().create_task(state.client.close())
+        # A pod leaves the endpoint set when it starts terminating, while requests may still
+        # run on it (its server drains them): let them finish rather than cancel them.
+        asyncio.get_running_loop().create_task(state.client.close(grace=REMOVED_POD_GRACE_S))
 
     async def close(self) -> None:
         for pod_id in list(self.pods):

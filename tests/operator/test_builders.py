@@ -36,9 +36,18 @@ MATRIX = {
 
 
 def objects_of(make_isvc, change: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    return {
-        f"{o['kind']}/{o['metadata']['name']}": o for o in build_desired(parse(make_isvc(change)))
-    }
+    """The desired objects by `Kind/name`; engine Deployments, named `NAME-ROLE-HASH` (one per
+    generation), by `Deployment/NAME-ROLE` after their name is checked."""
+    isvc = parse(make_isvc(change))
+    out = {}
+    for o in build_desired(isvc):
+        name = o["metadata"]["name"]
+        role = o["metadata"]["labels"].get(L.ROLE_LABEL)
+        if o["kind"] == "Deployment" and role in L.ENGINE_ROLES:
+            assert name == f"{isvc.name}-{role}-{isvc.spec.rollout_hash}"
+            name = f"{isvc.name}-{role}"
+        out[f"{o['kind']}/{name}"] = o
+    return out
 
 
 def container(dep: dict[str, Any]) -> dict[str, Any]:
@@ -98,11 +107,11 @@ def test_engine_command_lines_follow_the_contract(make_isvc) -> None:
         "--model", "/models/weights/smollm2", "--revision", "abc123", "--served-name", "smollm2",
         "--dtype", "bfloat16", "--block-size", "16", "--max-model-len", "4096",
         "--max-num-seqs", "128", "--host", "0.0.0.0", "--port", "50051", "--metrics-port", "9090",
-        "--kv-transport", "nixl", "--lease-seconds", "30",
+        "--kv-transport", "nixl",
     ]  # fmt: skip
     prefill = container(objects["Deployment/chat-prefill"])["args"]
     decode = container(objects["Deployment/chat-decode"])["args"]
-    assert prefill == ["prefill", *common, "--enforce-eager"]
+    assert prefill == ["prefill", *common, "--lease-seconds", "30", "--enforce-eager"]
     assert decode == ["decode", *common, "--kv-failure-policy", "recompute", "--enforce-eager"]
 
 
@@ -141,15 +150,18 @@ def test_pods_are_secure_probed_and_labelled(make_isvc, case) -> None:
         template = dep["spec"]["template"]
         pod, c = template["spec"], container(dep)
         role = dep["metadata"]["labels"][L.ROLE_LABEL]
-        # The immutable selector uses only stable labels and matches the pods.
-        assert dep["spec"]["selector"]["matchLabels"] == {
-            L.INSTANCE_LABEL: "chat",
-            L.ROLE_LABEL: role,
-        }
+        # The immutable selector uses only labels stable for the Deployment's life (an engine
+        # Deployment is one generation: its rollout hash) and matches the pods.
+        stable = {L.INSTANCE_LABEL: "chat", L.ROLE_LABEL: role}
+        if role != L.ROUTER:
+            stable[L.ROLLOUT_HASH_LABEL] = isvc.spec.rollout_hash
+            assert template["metadata"]["labels"][L.ROLLOUT_HASH_LABEL] == isvc.spec.rollout_hash
+        else:
+            assert L.ROLLOUT_HASH_LABEL not in template["metadata"]["labels"]
+        assert dep["spec"]["selector"]["matchLabels"] == stable
         assert (
             dep["spec"]["selector"]["matchLabels"].items() <= template["metadata"]["labels"].items()
         )
-        assert template["metadata"]["labels"][L.ROLLOUT_HASH_LABEL] == isvc.spec.rollout_hash
         assert pod["securityContext"]["runAsNonRoot"] is True
         assert c["securityContext"] == {
             "allowPrivilegeEscalation": False,
@@ -165,7 +177,9 @@ def test_pods_are_secure_probed_and_labelled(make_isvc, case) -> None:
             "maxUnavailable": isvc.spec.rollout.max_unavailable,
         }
         if role == L.ROUTER:
-            assert c["livenessProbe"]["httpGet"]["path"] == "/health"
+            # Ready only with engines to route to; alive whenever it answers at all.
+            assert c["readinessProbe"]["httpGet"]["path"] == "/health"
+            assert c["livenessProbe"]["httpGet"]["path"] == "/metrics"
             continue
         for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
             assert c[probe]["grpc"] == {"port": 50051}
@@ -266,3 +280,50 @@ def test_long_model_names_make_valid_label_values() -> None:
     value = L.label_value("org/" + "x" * 200)
     assert len(value) <= 63 and value[0].isalnum() and value[-1].isalnum()
     assert L.label_value("org/name") == "org.name"
+
+
+@pytest.mark.parametrize("prefill_replicas", [0, 1])
+def test_pod_command_lines_parse_with_the_servers_own_flags(make_isvc, prefill_replicas) -> None:
+    """Every command line the operator renders is accepted by the real `splitserve` parser of
+    that subcommand (a flag the server does not know makes the pod crash-loop)."""
+    import argparse
+    import importlib
+
+    from splitserve.cli import COMMANDS
+
+    change = {"prefill": {"replicas": prefill_replicas}, "router": {"apiKeySecret": {"name": "k"}}}
+    objects = objects_of(make_isvc, change)
+    deployments = [obj for key, obj in objects.items() if key.startswith("Deployment/")]
+    assert deployments
+    for dep in deployments:
+        args = container(dep)["args"]
+        parser = argparse.ArgumentParser(prog=f"splitserve {args[0]}", exit_on_error=False)
+        importlib.import_module(COMMANDS[args[0]][0]).add_arguments(parser)
+        parsed, unknown = parser.parse_known_args(args[1:])
+        assert not unknown, f"{dep['metadata']['name']}: flags the server refuses: {unknown}"
+
+
+def test_each_generation_has_its_own_engine_deployments(make_isvc) -> None:
+    """A new rollout hash is a new Deployment beside the old (never adopting its pods); engine
+    settings that keep KV compatibility roll inside the same one; the router never rolls."""
+    before = {o["metadata"]["name"]: o for o in build_desired(parse(make_isvc()))}
+    after = {
+        o["metadata"]["name"]: o
+        for o in build_desired(parse(make_isvc({"model": {"revision": "v2"}})))
+    }
+    settings = {
+        o["metadata"]["name"]
+        for o in build_desired(parse(make_isvc({"engine": {"maxNumSeqs": 7}})))
+    }
+    engine = {n for n, o in before.items() if o["kind"] == "Deployment" and "router" not in n}
+    new_engine = {n for n, o in after.items() if o["kind"] == "Deployment" and "router" not in n}
+    assert len(engine) == 2 and not engine & new_engine
+    assert engine <= settings
+    for name in new_engine:
+        selector = after[name]["spec"]["selector"]["matchLabels"]
+        assert (
+            selector[L.ROLLOUT_HASH_LABEL]
+            == parse(make_isvc({"model": {"revision": "v2"}})).spec.rollout_hash
+        )
+    router = "chat-router"
+    assert before[router]["spec"]["template"] == after[router]["spec"]["template"]

@@ -237,20 +237,28 @@ async def test_operator_reconciles_rolls_out_restores_and_deletes() -> None:
         assert isvc["status"]["model"] == "pvc://models/smollm2"
         assert isvc["metadata"]["finalizers"] == [f"{L.PREFIX}/finalizer"]
 
-        # Update the model while no pod rolls: both roles get the new hash, status shows progress.
+        # Update the model while no pod rolls: a new generation of both roles comes up beside
+        # the old one, which stays (it serves until the new one is ready); status shows progress.
         cluster.controller_on = False
         patch = {"metadata": {"generation": 2}, "spec": {"model": {"revision": "v2"}}}
         await cluster.call("PATCH", f"{ISVC_PATH}/chat", patch)
 
-        def both_roles_new() -> bool:
-            hashes = {
-                d["spec"]["template"]["metadata"]["labels"][L.ROLLOUT_HASH_LABEL]
-                for d in cluster.objects("deployments")
-                if d["metadata"]["labels"][L.ROLE_LABEL] != L.ROUTER
-            }
-            return len(hashes) == 1 and first_hash not in hashes
+        def engine_hashes() -> dict[str, set[str]]:
+            out: dict[str, set[str]] = {}
+            for d in cluster.objects("deployments"):
+                role = d["metadata"]["labels"][L.ROLE_LABEL]
+                if role != L.ROUTER:
+                    labels = d["spec"]["template"]["metadata"]["labels"]
+                    out.setdefault(role, set()).add(labels[L.ROLLOUT_HASH_LABEL])
+            return out
 
-        await eventually(both_roles_new, "prefill and decode templates with the new hash")
+        def both_generations() -> bool:
+            hashes = engine_hashes()
+            return all(
+                len(hashes.get(r, ())) == 2 and first_hash in hashes[r] for r in L.ENGINE_ROLES
+            )
+
+        await eventually(both_generations, "new prefill and decode beside the old generation")
         for dep in cluster.objects("deployments"):
             assert dep["spec"]["strategy"]["rollingUpdate"] == {"maxSurge": 1, "maxUnavailable": 0}
         isvc = await eventually(
@@ -274,18 +282,24 @@ async def test_operator_reconciles_rolls_out_restores_and_deletes() -> None:
             "rollout complete",
         )
         assert isvc["status"]["revision"] == "v2"
-        assert isvc["status"]["rolloutHash"] == isvc["status"]["desiredRolloutHash"]
+        new_hash = isvc["status"]["rolloutHash"]
+        assert new_hash == isvc["status"]["desiredRolloutHash"]
+        await eventually(
+            lambda: engine_hashes() == {r: {new_hash} for r in L.ENGINE_ROLES},
+            "the old generation pruned",
+        )
 
         # Drift: a deleted child comes back, a hand scale is undone.
+        decode = f"chat-decode-{new_hash}"
         await cluster.call("DELETE", f"/api/v1/namespaces/{NS}/services/chat-decode")
         await cluster.call(
             "PATCH",
-            f"/apis/apps/v1/namespaces/{NS}/deployments/chat-decode",
+            f"/apis/apps/v1/namespaces/{NS}/deployments/{decode}",
             {"spec": {"replicas": 7}},
         )
         await eventually(lambda: cluster.get("services", "chat-decode"), "service restored")
         await eventually(
-            lambda: cluster.get("deployments", "chat-decode")["spec"]["replicas"] == 2,
+            lambda: cluster.get("deployments", decode)["spec"]["replicas"] == 2,
             "replicas restored",
         )
 
@@ -332,8 +346,10 @@ async def test_cli_run_uses_the_kubeconfig(tmp_path) -> None:
                 "Ready=True from the CLI-run operator",
                 timeout=30,
             )
-            names = {d["metadata"]["name"] for d in cluster.objects("deployments")}
-            assert names == {"chat-decode", "chat-router"}
+            names = {
+                d["metadata"]["name"].rsplit("-", 1)[0] for d in cluster.objects("deployments")
+            }
+            assert names == {"chat-decode", "chat"}  # chat-decode-<hash>, chat-router
         finally:
             process.terminate()
             try:

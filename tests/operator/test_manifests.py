@@ -52,7 +52,7 @@ def test_operator_base_is_valid(kubectl, validate_k8s) -> None:
 
 def test_examples_render_into_valid_objects(kubectl, validate_k8s) -> None:
     examples = kustomize(kubectl, "manifests/examples")
-    assert {o["metadata"]["name"] for o in examples} == {"smollm2", "llama-1p2d"}
+    assert {o["metadata"]["name"] for o in examples} == {"smollm2", "smollm2-1p2d"}
     for isvc in examples:
         assert crd.validate(isvc) == []
         objects = build_desired(parse(isvc))

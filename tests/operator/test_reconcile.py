@@ -57,6 +57,16 @@ class FakeApi:
     def deployments(self) -> dict[str, dict[str, Any]]:
         return {k[2]: v for k, v in self.store.items() if k[0] == "Deployment"}
 
+    def by_role(self, role: str) -> list[dict[str, Any]]:
+        """The Deployments of a role (engine roles: one per generation present)."""
+        return [
+            d for d in self.deployments().values() if d["metadata"]["labels"][L.ROLE_LABEL] == role
+        ]
+
+    def one(self, role: str) -> dict[str, Any]:
+        (dep,) = self.by_role(role)
+        return dep
+
     def controller(self) -> None:
         """Roll every Deployment to its spec (what the real controller eventually does)."""
         for dep in self.deployments().values():
@@ -102,54 +112,86 @@ async def test_create_applies_everything_then_is_idempotent(make_isvc) -> None:
     assert [e.reason for e in second.events] == ["RolloutComplete"]
 
 
-async def test_model_change_rolls_prefill_and_decode_together(make_isvc) -> None:
+async def test_model_change_brings_up_a_new_generation_beside_the_old(make_isvc) -> None:
+    """A new rollout hash is new prefill and decode Deployments; the old generation keeps both
+    its roles (pairs never cross generations) until the new one is rolled out, then goes."""
     api = FakeApi()
     body = await converge(api, make_isvc())
     old_hash = body["status"]["rolloutHash"]
+    old = {d["metadata"]["name"] for r in L.ENGINE_ROLES for d in api.by_role(r)}
+    router_template = copy.deepcopy(api.one("router")["spec"]["template"])
     changed = make_isvc({"model": {"revision": "v2"}, "rollout": {"maxSurge": 2}}) | {
         "status": body["status"]
     }
     result = await reconcile(api, changed, T0)
-    assert set(result.updated) == {
-        "ConfigMap/chat-engine", "Deployment/chat-prefill", "Deployment/chat-decode",
-        "Deployment/chat-router",
-    }  # fmt: skip
-    new_hashes = set()
-    for name in ("chat-prefill", "chat-decode"):
-        dep = api.deployments()[name]
-        new_hashes.add(dep["spec"]["template"]["metadata"]["labels"][L.ROLLOUT_HASH_LABEL])
-        assert dep["spec"]["strategy"]["rollingUpdate"] == {"maxSurge": 2, "maxUnavailable": 0}
-    assert len(new_hashes) == 1 and old_hash not in new_hashes
-    # The Deployment controller has not caught up: status says so and keeps the old hash.
+    new_hash = result.status["desiredRolloutHash"]
+    assert new_hash != old_hash
+    assert set(result.created) == {f"Deployment/chat-{r}-{new_hash}" for r in L.ENGINE_ROLES}
+    # The router's Deployment takes the new rollout limits, but its pods do not roll.
+    assert set(result.updated) == {"ConfigMap/chat-engine", "Deployment/chat-router"}
+    assert api.one("router")["spec"]["template"] == router_template
+    assert set(result.retained) == {f"Deployment/{n}" for n in old} and not result.pruned
+    for role in L.ENGINE_ROLES:
+        hashes = {d["metadata"]["labels"][L.ROLLOUT_HASH_LABEL] for d in api.by_role(role)}
+        assert hashes == {old_hash, new_hash}
+        new = api.deployments()[f"chat-{role}-{new_hash}"]
+        assert new["spec"]["strategy"]["rollingUpdate"] == {"maxSurge": 2, "maxUnavailable": 0}
+    # The new pods are not up: status says so, keeps the old hash as served.
     assert conditions(result.status)["Progressing"] == "True"
+    assert "previous generation" in next(
+        c["message"] for c in result.status["conditions"] if c["type"] == "Progressing"
+    )
     assert result.status["rolloutHash"] == old_hash
-    assert result.status["desiredRolloutHash"] in new_hashes
     assert "RolloutStarted" in [e.reason for e in result.events]
+    again = await reconcile(api, changed | {"status": result.status}, T0)
+    assert set(again.retained) == set(result.retained)  # still not rolled out
     api.controller()
-    done = await reconcile(api, changed | {"status": result.status}, T0)
-    assert done.status["rolloutHash"] in new_hashes and done.status["revision"] == "v2"
+    done = await reconcile(api, changed | {"status": again.status}, T0)
+    assert set(done.pruned) == {f"Deployment/{n}" for n in old}
+    assert done.status["rolloutHash"] == new_hash and done.status["revision"] == "v2"
     assert conditions(done.status)["Ready"] == "True"
+    assert {d["metadata"]["name"] for r in L.ENGINE_ROLES for d in api.by_role(r)} == {
+        f"chat-{r}-{new_hash}" for r in L.ENGINE_ROLES
+    }
+
+
+async def test_engine_setting_change_rolls_inside_the_generation(make_isvc) -> None:
+    api = FakeApi()
+    body = await converge(api, make_isvc())
+    names = set(api.deployments())
+    result = await reconcile(
+        api, make_isvc({"engine": {"maxNumSeqs": 7}}) | {"status": body["status"]}, T0
+    )
+    assert set(api.deployments()) == names and not result.created and not result.retained
+    assert {f"Deployment/{api.one(r)['metadata']['name']}" for r in L.ENGINE_ROLES} <= set(
+        result.updated
+    )
 
 
 async def test_drift_is_undone(make_isvc) -> None:
     api = FakeApi()
     body = await converge(api, make_isvc())
     del api.store[("Service", "ml", "chat-decode")]
-    api.deployments()["chat-decode"]["spec"]["replicas"] = 9
+    api.one("decode")["spec"]["replicas"] = 9
     result = await reconcile(api, body, T0)
     assert result.created == ("Service/chat-decode",)
-    assert result.updated == ("Deployment/chat-decode",)
-    assert api.deployments()["chat-decode"]["spec"]["replicas"] == 2
+    assert result.updated == (f"Deployment/{api.one('decode')['metadata']['name']}",)
+    assert api.one("decode")["spec"]["replicas"] == 2
 
 
 async def test_switching_to_colocated_prunes_the_prefill_pool(make_isvc) -> None:
     api = FakeApi()
     await converge(api, make_isvc())
-    result = await reconcile(api, make_isvc({"prefill": {"replicas": 0}}), T0)
-    assert set(result.pruned) == {
-        "Deployment/chat-prefill", "Service/chat-prefill", "PodDisruptionBudget/chat-prefill"
-    }  # fmt: skip
-    assert "chat-prefill" not in api.deployments()
+    prefill = api.one("prefill")["metadata"]["name"]
+    body = make_isvc({"prefill": {"replicas": 0}})
+    result = await reconcile(api, body, T0)
+    stale = {f"Deployment/{prefill}", "Service/chat-prefill", "PodDisruptionBudget/chat-prefill"}
+    # The prefill pool serves until the colocated decode pods are rolled out.
+    assert set(result.retained) == stale and not result.pruned
+    api.controller()
+    result = await reconcile(api, body | {"status": result.status}, T0)
+    assert set(result.pruned) == stale
+    assert not api.by_role("prefill")
 
 
 async def test_foreign_objects_are_never_pruned(make_isvc) -> None:
@@ -231,8 +273,8 @@ async def test_removed_fields_are_reapplied(make_isvc) -> None:
     api = FakeApi()
     await converge(api, make_isvc({"decode": {"nodeSelector": {"gpu": "a100"}}}))
     result = await reconcile(api, make_isvc(), T0)
-    assert "Deployment/chat-decode" in result.updated
-    pod = api.deployments()["chat-decode"]["spec"]["template"]["spec"]
+    assert f"Deployment/{api.one('decode')['metadata']['name']}" in result.updated
+    pod = api.one("decode")["spec"]["template"]["spec"]
     assert "nodeSelector" not in pod
 
 

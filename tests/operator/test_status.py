@@ -7,7 +7,12 @@ from typing import Any
 import pytest
 
 from splitserve.operator.spec import parse
-from splitserve.operator.status import compute_status, invalid_spec_status, role_state
+from splitserve.operator.status import (
+    compute_status,
+    invalid_spec_status,
+    pod_problems,
+    role_state,
+)
 
 T0, T1 = "2026-01-01T00:00:00Z", "2026-01-01T00:05:00Z"
 
@@ -128,3 +133,42 @@ def test_role_state_without_generation_is_current() -> None:
         "decode", 2, {"status": {"replicas": 2, "readyReplicas": 2, "updatedReplicas": 2}}
     )
     assert state.rolled_out
+
+
+def crashing_pod(name: str, role: str, reason: str = "CrashLoopBackOff") -> dict:
+    last = {"exitCode": 1, "message": "Traceback ...\n  ...\nValueError: no such model /m/x\n"}
+    return {
+        "metadata": {"name": name, "labels": {"serving.splitserve.io/role": role}},
+        "status": {
+            "containerStatuses": [
+                {
+                    "name": "engine",
+                    "state": {"waiting": {"reason": reason, "message": "back-off 20s ..."}},
+                    "lastState": {"terminated": last},
+                    "restartCount": 3,
+                }
+            ]
+        },
+    }
+
+
+def test_pod_problems_name_the_pod_and_its_last_words() -> None:
+    running = {"metadata": {"name": "ok"}, "status": {"containerStatuses": [{"state": {}}]}}
+    gone = crashing_pod("old", "decode") | {"metadata": {"name": "old", "deletionTimestamp": T0}}
+    lines = pod_problems([crashing_pod("b", "decode"), running, gone, crashing_pod("a", "prefill")])
+    assert lines == [
+        "pod a (prefill) container engine: CrashLoopBackOff, exit code 1: "
+        "ValueError: no such model /m/x",
+        "pod b (decode) container engine: CrashLoopBackOff, exit code 1: "
+        "ValueError: no such model /m/x",
+    ]
+
+
+def test_failing_pods_make_degraded(isvc) -> None:
+    deps = {"prefill": dep(1, 0, 1), "decode": dep(2, 0, 2), "router": dep(1, 1, 1)}
+    failing = pod_problems([crashing_pod("a", "decode")])
+    status = compute_status(isvc, deps, {}, T0, failing=failing)
+    by_type = {c["type"]: c for c in status["conditions"]}
+    assert (by_type["Degraded"]["status"], by_type["Degraded"]["reason"]) == ("True", "PodsFailing")
+    assert "no such model" in by_type["Degraded"]["message"]
+    assert by_type["Ready"]["status"] == "False"
