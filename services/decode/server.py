@@ -19,6 +19,8 @@ from splitserve.engine.async_engine import AsyncEngine, EngineDeadError, Request
 from splitserve.engine.outputs import SequenceDelta
 from splitserve.proto import splitserve_pb2 as pb
 from splitserve.proto import splitserve_pb2_grpc as pb_grpc
+from splitserve.protocol.constants import PROTOCOL_VERSION
+from splitserve.protocol.request_checks import check_generate_request
 from splitserve.protocol.wire import finish_to_proto, logprobs_to_proto, params_from_proto
 from splitserve.services.common.metrics import EngineMetrics
 from splitserve.services.decode.kv_connector import KVConnector, KVImportFailed
@@ -51,13 +53,21 @@ class DecodeServicer(pb_grpc.DecodeServiceServicer):
         req = request.request
         rid = req.request_id
         handed_off = request.HasField("prefill")
+        if request.protocol_version and request.protocol_version != PROTOCOL_VERSION:
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"protocol_version {request.protocol_version} != {PROTOCOL_VERSION}",
+            )
         try:
+            facts = self.engine.facts
+            check_generate_request(
+                request, vocab_size=facts.vocab_size, max_model_len=facts.max_model_len,
+                block_size=facts.block_size,
+            )  # fmt: skip
             params = params_from_proto(req.sampling_params, req.extra_keys)
-            if not req.prompt_token_ids:
-                raise ValueError("prompt must not be empty")
             if not handed_off and not self.colocated:
                 raise ValueError("this decode pod is not colocated: a prefill hand-off is required")
-        except ValueError as exc:
+        except (ValueError, TypeError, OverflowError) as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         start = time.monotonic()
         info = pb.KVTransferInfo()

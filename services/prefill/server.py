@@ -30,6 +30,7 @@ from splitserve.kvtransfer.source import KVBlockSource
 from splitserve.proto import splitserve_pb2 as pb
 from splitserve.proto import splitserve_pb2_grpc as pb_grpc
 from splitserve.protocol.constants import PROTOCOL_VERSION
+from splitserve.protocol.request_checks import check_prefill_request
 from splitserve.protocol.wire import finish_to_proto, logprobs_to_proto, params_from_proto
 from splitserve.services.common.metrics import EngineMetrics
 
@@ -57,12 +58,18 @@ class PrefillServicer(pb_grpc.PrefillServiceServicer):
                 f"protocol_version {request.protocol_version} != {PROTOCOL_VERSION}",
             )
         try:
+            facts = self.engine.facts
+            check_prefill_request(
+                request, vocab_size=facts.vocab_size, max_model_len=facts.max_model_len
+            )
             params = params_from_proto(request.sampling_params, request.extra_keys)
-        except ValueError as exc:
+        except (ValueError, TypeError, OverflowError) as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         rid = request.request_id
         if rid in self._inflight:
             await context.abort(grpc.StatusCode.ALREADY_EXISTS, f"request {rid!r} is running")
+        if rid in self.source.leased_requests():  # its blocks are still held under that id
+            await context.abort(grpc.StatusCode.ALREADY_EXISTS, f"request {rid!r} holds a lease")
         self._inflight.add(rid)
         start = time.monotonic()
         try:

@@ -1,44 +1,60 @@
-"""The FastAPI application: OpenAI routes, auth, body limits, errors, health and metrics.
+"""The FastAPI application: the OpenAI routes, vLLM's extras, health, metrics and errors.
 
-Bodies are read and validated here rather than by FastAPI's parameter injection so that every
-failure (bad JSON, wrong types, oversize) comes back in the OpenAI error shape with the right code.
+Bodies are read by the guard (``guard.py``: limits, content type, auth) and parsed and validated
+here rather than by FastAPI's parameter injection, so every failure (bad JSON, wrong types,
+oversize) comes back in the OpenAI error shape with the right code. ``/openapi.json`` is built
+from the same request and response models (``openapi.py``).
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
+import importlib.metadata
 import logging
 import time
-from collections.abc import Awaitable
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import BaseModel, ValidationError
-from starlette.requests import ClientDisconnect
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from pydantic import BaseModel
 
+from splitserve.services.router import response_models as M
 from splitserve.services.router.auth import ApiKeys
+from splitserve.services.router.body import parse_json, validate
 from splitserve.services.router.dispatch import Dispatcher, backend_error_to_api
-from splitserve.services.router.errors import APIError, BackendError, NoBackendError, error_body
+from splitserve.services.router.errors import APIError, BackendError, NoBackendError, render_error
+from splitserve.services.router.guard import GuardMiddleware, Limits, Routes
 from splitserve.services.router.metrics import RouterMetrics
 from splitserve.services.router.model_facts import ModelFacts
+from splitserve.services.router.openapi import JSON_ROUTES, install_openapi
 from splitserve.services.router.pool import DECODE, PREFILL
 from splitserve.services.router.protocol import (
+    DEFAULT_MAX_TEMPERATURE,
     ChatCompletionRequest,
     CompletionRequest,
     DetokenizeRequest,
     TokenizeRequest,
 )
+from splitserve.services.router.responses import to_json
 from splitserve.services.router.serving import OpenAIServing, Prepared
+from splitserve.services.router.unsupported import unsupported_endpoint
 
 log = logging.getLogger(__name__)
 
-M = TypeVar("M", bound=BaseModel)
-OPEN_PATHS = frozenset({"/health", "/metrics", "/ping"})
+Req = TypeVar("Req", bound=BaseModel)
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("splitserve")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+VERSION = _version()
 
 
 @dataclass(frozen=True)
@@ -48,61 +64,41 @@ class AppConfig:
     max_body_bytes: int = 8 << 20
     session_header: str = "x-session-id"
     instance_id: str = ""  # reported by /health
+    max_temperature: float = DEFAULT_MAX_TEMPERATURE  # OpenAI's 2 unless widened (vLLM takes more)
 
 
-def _error_response(err: APIError) -> JSONResponse:
-    return JSONResponse(err.body(), status_code=err.status, headers=err.headers or None)
+def _json(model: BaseModel, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(to_json(model), status, headers, media_type="application/json")
 
 
-def _validation_error(err: ValidationError) -> APIError:
-    first = err.errors()[0] if err.errors() else {}
-    loc = ".".join(str(x) for x in first.get("loc", ()))
-    message = "; ".join(
-        f"{'.'.join(str(x) for x in e.get('loc', ()))}: {e.get('msg')}" for e in err.errors()[:5]
-    )
-    return APIError(400, message or "invalid request", param=loc or None, code="invalid_value")
+def error_response(err: APIError) -> Response:
+    """The HTTP response of ``err`` (``render_error`` cannot fail)."""
+    return Response(render_error(err), err.status, err.headers or None, "application/json")
 
 
 def build_app(
     config: AppConfig, serving: OpenAIServing, dispatcher: Dispatcher, metrics: RouterMetrics
 ) -> FastAPI:
-    app = FastAPI(title="splitserve router", docs_url=None, redoc_url=None, openapi_url=None)
-
-    app.add_middleware(GuardMiddleware, config=config, metrics=metrics)
+    app = FastAPI(title="splitserve router", version=VERSION, docs_url=None, redoc_url=None)
+    context = {"max_temperature": config.max_temperature}
 
     @app.exception_handler(APIError)
-    async def api_error(_: Request, err: APIError) -> JSONResponse:
-        return _error_response(err)
+    async def api_error(_: Request, err: APIError) -> Response:
+        return error_response(err)
 
     @app.exception_handler(404)
-    async def not_found(_: Request, __: Exception) -> JSONResponse:
-        return JSONResponse(error_body("not found", "not_found_error"), status_code=404)
+    async def not_found(request: Request, _: Exception) -> Response:
+        return error_response(unsupported_endpoint(request.method, request.url.path))
 
     @app.exception_handler(405)
-    async def not_allowed(_: Request, __: Exception) -> JSONResponse:
-        return JSONResponse(
-            error_body("method not allowed", "invalid_request_error"), status_code=405
+    async def not_allowed(request: Request, _: Exception) -> Response:
+        return error_response(
+            APIError(405, f"method {request.method} is not allowed on {request.url.path[:200]}")
         )
 
-    async def parse(request: Request, model: type[M]) -> M:
-        try:
-            body = await request.body()
-        except ClientDisconnect:
-            # The client went away while sending its body: nothing to answer, nothing to abort.
-            log.info("client disconnected while sending %s", request.url.path)
-            raise APIError(499, "client closed the request") from None
-        if len(body) > config.max_body_bytes:
-            raise _too_large(config)
-        try:
-            data = json.loads(body)
-        except (ValueError, UnicodeDecodeError) as err:
-            raise APIError(400, f"invalid JSON body: {err}", code="invalid_json") from err
-        if not isinstance(data, dict):
-            raise APIError(400, "the request body must be a JSON object", code="invalid_json")
-        try:
-            return model.model_validate(data)
-        except ValidationError as err:
-            raise _validation_error(err) from err
+    async def parse(request: Request, model: type[Req]) -> Req:
+        # The guard read the body under the limit; this is that body, replayed.
+        return validate(model, parse_json(await request.body()), context)
 
     def served_names() -> tuple[str, ...]:
         """``--served-name`` if given, else every name the engines report (and aliases)."""
@@ -120,33 +116,43 @@ def build_app(
 
     async def run(request: Request, prepared: Prepared, stream: bool) -> Response:
         t0 = time.perf_counter()
-        if stream:
-            return StreamingResponse(
-                _counted(metrics, serving.stream(prepared, t0)),
-                media_type="text/event-stream",
-                headers={"Cache-Control": "no-cache", "X-Request-Id": prepared.rid},
-            )
         metrics.inflight.inc()
         try:
-            body = await _cancel_on_disconnect(request, serving.complete(prepared), metrics)
+            if stream:
+                # Every prompt's first message is in before the 200: errors are HTTP statuses.
+                events = await _cancel_on_disconnect(
+                    request, serving.open_stream(prepared, t0), metrics
+                )
+            else:
+                body = await _cancel_on_disconnect(request, serving.complete(prepared), metrics)
         except BackendError as err:
-            raise backend_error_to_api(err) from err
-        finally:
             metrics.inflight.dec()
-        return JSONResponse(body, headers={"X-Request-Id": prepared.rid})
+            raise backend_error_to_api(err) from err
+        except BaseException:
+            metrics.inflight.dec()
+            raise
+        if not stream:
+            metrics.inflight.dec()
+            return _json(body, headers={"X-Request-Id": prepared.rid})
+        return StreamingResponse(
+            _counted(metrics, events),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Request-Id": prepared.rid},
+        )
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
         req = await parse(request, CompletionRequest)
         check_model(req.model)
-        prepared = serving.prepare_completion(req, request.headers.get(config.session_header))
+        session = request.headers.get(config.session_header)
+        prepared = await serving.prepare_completion(req, session)
         return await run(request, prepared, req.stream)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
         req = await parse(request, ChatCompletionRequest)
         check_model(req.model)
-        prepared = serving.prepare_chat(req, request.headers.get(config.session_header))
+        prepared = await serving.prepare_chat(req, request.headers.get(config.session_header))
         return await run(request, prepared, req.stream)
 
     def known_facts() -> ModelFacts:
@@ -157,70 +163,83 @@ def build_app(
         return facts
 
     @app.get("/v1/models")
-    async def models() -> dict[str, Any]:
+    async def models() -> Response:
         created = int(time.time())
         facts = serving.catalog.any()
         limit = serving.max_model_len(facts) if facts is not None else None
-        return {
-            "object": "list",
-            "data": [
-                {
-                    "id": name,
-                    "object": "model",
-                    "created": created,
-                    "owned_by": "splitserve",
-                    "max_model_len": limit,
-                }
-                for name in served_names()
-            ],
-        }
+        cards = [
+            M.ModelCard(id=name, object="model", created=created, owned_by="splitserve",
+                        max_model_len=limit)
+            for name in served_names()
+        ]  # fmt: skip
+        return _json(M.ModelList(object="list", data=cards))
 
     @app.get("/v1/models/{name:path}")
-    async def model(name: str) -> dict[str, Any]:
+    async def model(name: str) -> Response:
         check_model(name)
-        return {
-            "id": name,
-            "object": "model",
-            "created": int(time.time()),
-            "owned_by": "splitserve",
-        }
+        card = M.ModelCard(id=name, object="model", created=int(time.time()), owned_by="splitserve")
+        return _json(card)
 
     @app.post("/tokenize")
-    async def tokenize(request: Request) -> dict[str, Any]:
+    async def tokenize(request: Request) -> Response:
         req = await parse(request, TokenizeRequest)
         check_model(req.model)
         if (req.prompt is None) == (req.messages is None):
             raise APIError(400, "give exactly one of `prompt` and `messages`", param="prompt")
         facts = known_facts()
         if req.messages is not None:
-            ids = serving.chat_prompt(facts, req.messages, None, req.add_generation_prompt)
+            ids = await serving.cpu.run(
+                serving.chat_prompt, facts, req.messages, None, req.add_generation_prompt
+            )
         else:
-            ids = facts.tokenizer.encode(req.prompt or "", req.add_special_tokens)
-        return {"tokens": ids, "count": len(ids), "max_model_len": serving.max_model_len(facts)}
+            ids = await serving.cpu.run(
+                serving.encode, facts, req.prompt or "", req.add_special_tokens, "prompt"
+            )
+        limit = serving.max_model_len(facts)
+        return _json(M.TokenizeResponse(tokens=ids, count=len(ids), max_model_len=limit))
 
     @app.post("/detokenize")
-    async def detokenize(request: Request) -> dict[str, Any]:
+    async def detokenize(request: Request) -> Response:
         req = await parse(request, DetokenizeRequest)
         check_model(req.model)
         facts = known_facts()
-        if any(t < 0 or t >= facts.vocab_size for t in req.tokens):
-            raise APIError(400, "token ids out of the vocabulary", param="tokens")
-        return {"prompt": facts.tokenizer.decode(req.tokens, skip_special_tokens=False)}
+        if any(t >= facts.vocab_size for t in req.tokens):
+            raise APIError(
+                400, f"token ids must be < the vocabulary size {facts.vocab_size}", param="tokens"
+            )
+        text = await serving.cpu.run(facts.tokenizer.decode, req.tokens, False)
+        return _json(M.DetokenizeResponse(prompt=text))
+
+    def health_body() -> tuple[M.HealthResponse, int]:
+        prefill, decode = dispatcher.pool.ready(PREFILL), dispatcher.pool.ready(DECODE)
+        ok = bool(dispatcher.usable_tokenizers())
+        body = M.HealthResponse(
+            status="ok" if ok else "unavailable",
+            prefill_pods=len(prefill),
+            decode_pods=len(decode),
+            instance_id=config.instance_id,
+        )
+        return body, 200 if ok else 503
 
     @app.get("/health")
     async def health() -> Response:
         """200 when some engine generation can serve a request end to end (a prefill-capable
         pod with a decode pod it pairs with), 503 otherwise; ``instance_id`` names this process
         (a launcher checks it is talking to the router it started)."""
-        prefill, decode = dispatcher.pool.ready(PREFILL), dispatcher.pool.ready(DECODE)
-        ok = bool(dispatcher.usable_tokenizers())
-        body = {
-            "status": "ok" if ok else "unavailable",
-            "prefill_pods": len(prefill),
-            "decode_pods": len(decode),
-            "instance_id": config.instance_id,
-        }
-        return JSONResponse(body, status_code=200 if ok else 503)
+        body, status = health_body()
+        return _json(body, status)
+
+    async def ping() -> Response:
+        """vLLM's (and SageMaker's) probe, GET or POST: as ``/health``."""
+        body, status = health_body()
+        return _json(body, status)
+
+    app.get("/ping")(ping)
+    app.post("/ping")(ping)
+
+    @app.get("/version")
+    async def version() -> Response:
+        return _json(M.VersionResponse(version=VERSION))
 
     @app.get("/metrics")
     async def prom() -> Response:
@@ -228,73 +247,29 @@ def build_app(
         metrics.ready_pods.labels(DECODE).set(len(dispatcher.pool.ready(DECODE)))
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
+    install_openapi(app, config.max_temperature, config.api_keys.enabled)
+    paths = [getattr(r, "path", "") for r in app.routes]
+    app.add_middleware(
+        GuardMiddleware,
+        api_keys=config.api_keys,
+        limits=Limits(max_body_bytes=config.max_body_bytes),
+        metrics=metrics,
+        routes=Routes.from_paths([p for p in paths if p], JSON_ROUTES),
+    )
     return app
 
 
-def _too_large(config: AppConfig) -> APIError:
-    return APIError(
-        413, f"request body exceeds {config.max_body_bytes} bytes", code="request_too_large"
-    )
-
-
-class GuardMiddleware:
-    """Auth, the body-size limit and request metrics as plain ASGI.
-
-    Plain ASGI rather than ``@app.middleware("http")``: Starlette's BaseHTTPMiddleware hides client
-    disconnects from the handlers (which must abort on the pods) and costs latency per request.
-    """
-
-    def __init__(self, app: ASGIApp, config: AppConfig, metrics: RouterMetrics) -> None:
-        self.app = app
-        self.config = config
-        self.metrics = metrics
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        path: str = scope["path"]
-        t0 = time.perf_counter()
-        status = [500]
-
-        async def send_wrapper(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                status[0] = message["status"]
-            await send(message)
-
-        error: APIError | None = None
-        if path not in OPEN_PATHS:
-            headers = {
-                k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]
-            }
-            keys = self.config.api_keys
-            if keys.enabled and not keys.check(headers.get("authorization", "")):
-                error = APIError(401, "invalid or missing API key", code="invalid_api_key")
-            length = headers.get("content-length", "")
-            if error is None and length.isdigit() and int(length) > self.config.max_body_bytes:
-                error = _too_large(self.config)
-        if error is not None:
-            await _error_response(error)(scope, receive, send_wrapper)
-        else:
-            await self.app(scope, receive, send_wrapper)
-        endpoint = path if path.startswith("/v1/") or path in OPEN_PATHS else "other"
-        if endpoint.startswith("/v1/models/"):
-            endpoint = "/v1/models/{name}"
-        self.metrics.requests.labels(endpoint, str(status[0])).inc()
-        self.metrics.latency.labels(endpoint).observe(time.perf_counter() - t0)
-
-
-async def _counted(metrics: RouterMetrics, agen):
-    metrics.inflight.inc()
+async def _counted(metrics: RouterMetrics, events: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    """The stream's events; ``inflight`` (raised by ``run``) comes down when it ends."""
     try:
-        async for item in agen:
+        async for item in events:
             yield item
     except (asyncio.CancelledError, GeneratorExit):
         metrics.aborts.inc()
         raise
     finally:
         metrics.inflight.dec()
-        await agen.aclose()
+        await events.aclose()  # type: ignore[attr-defined]
 
 
 async def _cancel_on_disconnect(request: Request, coro: Awaitable[Any], metrics: RouterMetrics):

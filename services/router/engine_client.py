@@ -46,8 +46,18 @@ def to_backend_error(err: grpc.RpcError, address: str) -> BackendError:
     )
 
 
+def closed_error(address: str) -> BackendError:
+    """A call on a pod whose channel the pool closed (the pod left the endpoint set after the
+    request was routed to it): another pod can take the request."""
+    return BackendError(f"{address}: the pod left the pool", retryable=True, pod=address)
+
+
 class EngineClient:
-    """Async stubs of one pod, sharing one channel."""
+    """Async stubs of one pod, sharing one channel.
+
+    A call on a closed channel (``grpc.aio.UsageError``: the pool closed it because the pod left)
+    is a retryable ``BackendError`` like a pod that is down, never an unexpected exception.
+    """
 
     def __init__(self, address: str) -> None:
         self.address = address
@@ -61,6 +71,8 @@ class EngineClient:
             return await self._prefill.Prefill(request, timeout=timeout)
         except grpc.RpcError as err:
             raise to_backend_error(err, self.address) from err
+        except grpc.aio.UsageError as err:
+            raise closed_error(self.address) from err
 
     async def info(self, timeout: float = 10.0) -> pb.EngineInfo:
         """The pod's model facts (tokenizer, limits, KV compatibility)."""
@@ -68,6 +80,8 @@ class EngineClient:
             return await self._engine.GetInfo(pb.EngineInfoRequest(), timeout=timeout)
         except grpc.RpcError as err:
             raise to_backend_error(err, self.address) from err
+        except grpc.aio.UsageError as err:
+            raise closed_error(self.address) from err
 
     async def abort_prefill(self, request_ids: list[str], timeout: float = 2.0) -> int:
         """Stop prefills and release their KV leases (best effort, like ``abort``)."""
@@ -75,13 +89,16 @@ class EngineClient:
             reply = await self._prefill.Abort(
                 pb.AbortRequest(request_ids=request_ids), timeout=timeout
             )
-        except grpc.RpcError:
+        except (grpc.RpcError, grpc.aio.UsageError):
             return 0
         return reply.num_aborted
 
     def generate(self, request: pb.GenerateRequest) -> grpc.aio.UnaryStreamCall:
         """The raw stream call: the caller iterates it and may ``cancel()`` it (client gone)."""
-        return self._decode.Generate(request)
+        try:
+            return self._decode.Generate(request)
+        except grpc.aio.UsageError as err:
+            raise closed_error(self.address) from err
 
     async def iterate(self, call: grpc.aio.UnaryStreamCall) -> AsyncIterator[pb.GenerateResponse]:
         try:
@@ -89,13 +106,15 @@ class EngineClient:
                 yield message
         except grpc.RpcError as err:
             raise to_backend_error(err, self.address) from err
+        except grpc.aio.UsageError as err:
+            raise closed_error(self.address) from err
 
     async def abort(self, request_ids: list[str], timeout: float = 2.0) -> int:
         try:
             reply = await self._decode.Abort(
                 pb.AbortRequest(request_ids=request_ids), timeout=timeout
             )
-        except grpc.RpcError:
+        except (grpc.RpcError, grpc.aio.UsageError):
             return 0  # best effort: the cancelled stream already told the pod
         return reply.num_aborted
 
@@ -104,9 +123,14 @@ class EngineClient:
             return await self._engine.GetStats(pb.StatsRequest(), timeout=timeout)
         except grpc.RpcError as err:
             raise to_backend_error(err, self.address) from err
+        except grpc.aio.UsageError as err:
+            raise closed_error(self.address) from err
 
     def subscribe_kv_events(self, snapshot: bool = True) -> grpc.aio.UnaryStreamCall:
         return self._engine.SubscribeKVEvents(pb.SubscribeKVEventsRequest(snapshot=snapshot))
 
-    async def close(self) -> None:
-        await self.channel.close(grace=None)
+    async def close(self, grace: float | None = None) -> None:
+        """Close the channel; with ``grace``, RPCs in flight may finish for that long first
+        (closing cancels them, and a cancelled grpc.aio call raises CancelledError, not
+        RpcError, in whoever is reading it)."""
+        await self.channel.close(grace=grace)

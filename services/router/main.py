@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from fastapi import FastAPI
 
 from splitserve.protocol.constants import API_KEYS_ENV
+from splitserve.services.router import http_server
 from splitserve.services.router.app import AppConfig, build_app
 from splitserve.services.router.auth import ApiKeys, parse_keys
 from splitserve.services.router.discovery import (
@@ -27,11 +28,13 @@ from splitserve.services.router.discovery import (
     static_endpoints,
 )
 from splitserve.services.router.dispatch import Dispatcher
+from splitserve.services.router.guard import Limits
 from splitserve.services.router.metrics import RouterMetrics
 from splitserve.services.router.model_facts import ModelCatalog
 from splitserve.services.router.policy import POLICIES, Weights
 from splitserve.services.router.pool import Pool
 from splitserve.services.router.prefix_index import PrefixIndex
+from splitserve.services.router.protocol import DEFAULT_MAX_TEMPERATURE
 from splitserve.services.router.retry import RetryBudget, RetryConfig
 from splitserve.services.router.serving import OpenAIServing
 
@@ -79,6 +82,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     a.add_argument("--api-key", action="append", default=[], help="accepted key (repeatable)")
     a.add_argument("--api-key-file", default=None, help="file with keys, one per line")
     a.add_argument("--max-body-bytes", type=int, default=8 << 20)
+    a.add_argument(
+        "--max-temperature", type=float, default=DEFAULT_MAX_TEMPERATURE,
+        help="highest temperature accepted (OpenAI: 2; up to the engine's 100, as vLLM allows)",
+    )  # fmt: skip
     p.add_argument("--log-level", default="info")
 
 
@@ -92,6 +99,7 @@ class RouterSettings:
     retry: RetryConfig = RetryConfig()
     api_keys: ApiKeys | frozenset[str] = frozenset()
     max_body_bytes: int = 8 << 20
+    max_temperature: float = DEFAULT_MAX_TEMPERATURE
     max_model_len: int | None = None
     session_header: str = "x-session-id"
     use_kv_events: bool = True
@@ -149,6 +157,7 @@ def build_router(
         else ApiKeys(settings.api_keys),
         max_body_bytes=settings.max_body_bytes,
         session_header=settings.session_header,
+        max_temperature=settings.max_temperature,
     )
     app = build_app(config, serving, dispatcher, metrics)
     app.router.lifespan_context = lifespan
@@ -190,8 +199,6 @@ def kubernetes_discovery(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    import uvicorn
-
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
@@ -219,6 +226,7 @@ def run(args: argparse.Namespace) -> int:
         retry=RetryConfig(max_attempts=args.retry_max_attempts, ratio=args.retry_ratio),
         api_keys=read_api_keys(args.api_key, args.api_key_file, os.environ.get(API_KEYS_ENV)),
         max_body_bytes=args.max_body_bytes,
+        max_temperature=args.max_temperature,
         max_model_len=args.max_model_len,
         session_header=args.session_header.lower(),
         use_kv_events=not args.no_kv_events,
@@ -232,5 +240,5 @@ def run(args: argparse.Namespace) -> int:
         "router on http://%s:%d serving %s (policy %s)", args.host, args.port,
         names or "the engines' model", args.policy,
     )  # fmt: skip
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
+    http_server.serve(app, args.host, args.port, Limits(max_body_bytes=args.max_body_bytes))
     return 0

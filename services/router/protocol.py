@@ -1,8 +1,12 @@
 """The OpenAI request schemas the router accepts (pydantic), and their mapping to engine params.
 
-Only the request side is modelled: validation is where typed schemas pay off (a bad field becomes a
-400 naming it). Responses are built by ``responses.py``. Unknown fields are ignored, as the OpenAI
-API does, so newer SDKs keep working.
+Validation is where typed schemas pay off: a bad field becomes a 400 naming it, and the same
+models build the OpenAPI document. Types are strict (``n: true`` or ``"2"`` is not an integer,
+as with OpenAI) and every number is bounded by what the wire and the engine accept: protobuf's
+integer widths (``top_k`` int32, ``seed`` int64, token ids and counts uint32) and the engine's
+``SamplingParams`` ranges (temperature narrowed to OpenAI's [0, 2] unless the router's
+``--max-temperature`` widens it, up to the engine's 100). Unknown fields are ignored, as the
+OpenAI API does, so newer SDKs keep working. Responses are modelled in ``responses.py``.
 """
 
 from __future__ import annotations
@@ -11,14 +15,60 @@ import json
 from typing import Annotated, Any, Literal
 
 import jsonschema
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationInfo,
+    field_validator,
+)
 
-from splitserve.protocol.sampling import SamplingParams, StructuredOutput
+from splitserve.protocol.sampling import MAX_LOGIT_BIAS, SamplingParams, StructuredOutput
 from splitserve.services.router.tools import ToolPlan, plan_tools
+
+INT32_MAX = 2**31 - 1
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+UINT32_MAX = 2**32 - 1
+# Temperatures the router accepts unless configured otherwise (OpenAI's range), and the most
+# the engine accepts (SamplingParams) whatever the configuration.
+DEFAULT_MAX_TEMPERATURE = 2.0
+ENGINE_MAX_TEMPERATURE = 100.0
+# JSON-valued fields (schemas, tool parameters) go through recursive code (the metaschema check,
+# the grammar compiler, chat templates): nesting is bounded well below Python's recursion limit.
+MAX_SCHEMA_DEPTH = 32
+MAX_SCHEMA_NODES = 100_000
+MAX_STOP = 16  # SamplingParams' bound
+MAX_TOOLS = 128  # OpenAI's
+
+TokenId = Annotated[int, Field(ge=0, le=UINT32_MAX)]
+Count = Annotated[int, Field(ge=1, le=UINT32_MAX)]
+NonEmptyStr = Annotated[str, Field(min_length=1)]
+
+
+def check_json_depth(value: Any, field: str, limit: int = MAX_SCHEMA_DEPTH) -> Any:
+    """``value`` unchanged; ValueError naming ``field`` when nested deeper than ``limit`` (or
+    bigger than ``MAX_SCHEMA_NODES`` values). Iterative: it cannot itself recurse too deep."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    nodes = 0
+    while stack:
+        item, depth = stack.pop()
+        nodes += 1
+        if depth > limit:
+            raise ValueError(f"{field} is nested deeper than {limit} levels")
+        if nodes > MAX_SCHEMA_NODES:
+            raise ValueError(f"{field} has more than {MAX_SCHEMA_NODES} values")
+        children = (
+            item.values() if isinstance(item, dict) else item if isinstance(item, list) else ()
+        )
+        stack.extend((child, depth + 1) for child in children if isinstance(child, dict | list))
+    return value
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    # strict: JSON types as written (no bool for int, no "2" for 2); ints are accepted as floats.
+    model_config = ConfigDict(extra="ignore", strict=True)
 
 
 class StreamOptions(_Model):
@@ -38,6 +88,11 @@ class FunctionDefinition(_Model):
     description: str | None = None
     parameters: dict[str, Any] | None = None
     strict: bool | None = None  # accepted; a forced call always matches its schema exactly
+
+    @field_validator("parameters")
+    @classmethod
+    def _bounded(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        return check_json_depth(value, "parameters")
 
 
 class Tool(_Model):
@@ -76,6 +131,24 @@ class ChatMessage(_Model):
     tool_calls: list[MessageToolCall] | None = None  # assistant messages
     tool_call_id: str | None = None  # tool messages: the call this is the result of
 
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_only(cls, value: Any) -> Any:
+        """One clear message for a non-text part instead of the union's per-member noise."""
+        if isinstance(value, list):
+            for part in value:
+                kind = part.get("type") if isinstance(part, dict) else None
+                if kind != "text":
+                    raise ValueError(
+                        f"content part of type {str(kind)[:40]!r} is not supported: this "
+                        "server takes text only ({'type': 'text', 'text': ...})"
+                    )
+                if not isinstance(part.get("text"), str):
+                    raise ValueError("a text content part needs a string `text`")
+        elif value is not None and not isinstance(value, str):
+            raise ValueError("content must be a string, a list of text parts or null")
+        return value
+
     def text(self) -> str:
         """Content as one string (list parts concatenated, as chat templates expect)."""
         if self.content is None:
@@ -94,6 +167,11 @@ class JsonSchemaFormat(_Model):
     schema_: dict[str, Any] | None = Field(default=None, alias="schema")
     strict: bool | None = None
 
+    @field_validator("schema_")
+    @classmethod
+    def _bounded(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        return check_json_depth(value, "schema")
+
 
 class ResponseFormat(_Model):
     """OpenAI ``response_format``: plain text, any JSON object, or JSON matching a schema."""
@@ -106,34 +184,43 @@ class _SamplingRequest(_Model):
     """Fields shared by completions and chat completions."""
 
     model: str
-    n: int = 1
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None
-    min_p: float | None = None
-    seed: int | None = None
-    stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    repetition_penalty: float | None = None
-    max_tokens: int | None = None
-    min_tokens: int = 0
+    n: Annotated[int, Field(ge=1, le=128)] = 1
+    # Bounded by the engine's 100 here; the router's configured maximum (OpenAI's 2 unless
+    # --max-temperature says otherwise) is checked against the validation context.
+    temperature: Annotated[float, Field(ge=0, le=ENGINE_MAX_TEMPERATURE)] | None = None
+    top_p: Annotated[float, Field(gt=0, le=1)] | None = None
+    top_k: Annotated[int, Field(ge=-1, le=INT32_MAX)] | None = None  # -1 / 0: disabled
+    min_p: Annotated[float, Field(ge=0, le=1)] | None = None
+    # int64 on the wire; sample i draws with seed + i (torch generators take any 64-bit value).
+    seed: Annotated[int, Field(ge=INT64_MIN, le=INT64_MAX)] | None = None
+    stop: NonEmptyStr | Annotated[list[NonEmptyStr], Field(max_length=MAX_STOP)] | None = None
+    stop_token_ids: list[TokenId] | None = None
+    presence_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
+    frequency_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
+    repetition_penalty: Annotated[float, Field(gt=0, le=2)] | None = None
+    max_tokens: Count | None = None
+    min_tokens: Annotated[int, Field(ge=0, le=UINT32_MAX)] = 0
     ignore_eos: bool = False
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     stream: bool = False
-    stream_options: StreamOptions | None = None
+    stream_options: StreamOptions | None = None  # only with stream: true
     user: str | None = None
     cache_salt: str | None = None  # isolates prefix-cache sharing (part of the block hashes)
-    logit_bias: dict[str, float] | None = None  # OpenAI: token id (as a string) -> bias
-    allowed_token_ids: list[int] | None = None  # vLLM extension
+    # OpenAI: token id (a decimal string) -> bias in [-100, 100].
+    logit_bias: (
+        Annotated[
+            dict[str, Annotated[float, Field(ge=-100, le=100)]], Field(max_length=MAX_LOGIT_BIAS)
+        ]
+        | None
+    ) = None
+    allowed_token_ids: Annotated[list[TokenId], Field(min_length=1)] | None = None  # vLLM
     response_format: ResponseFormat | None = None
     # vLLM's guided decoding extensions; at most one of them, and not with response_format.
     guided_json: dict[str, Any] | str | None = None
-    guided_regex: str | None = None
-    guided_choice: list[str] | None = None
-    guided_grammar: str | None = None
+    guided_regex: NonEmptyStr | None = None
+    guided_choice: Annotated[list[str], Field(min_length=1)] | None = None
+    guided_grammar: NonEmptyStr | None = None
 
     @field_validator("stop")
     @classmethod
@@ -141,6 +228,27 @@ class _SamplingRequest(_Model):
         if value is None:
             return []
         return [value] if isinstance(value, str) else list(value)
+
+    @field_validator("temperature")
+    @classmethod
+    def _temperature(cls, value: float | None, info: ValidationInfo) -> float | None:
+        limit = (info.context or {}).get("max_temperature", DEFAULT_MAX_TEMPERATURE)
+        if value is not None and value > limit:
+            raise ValueError(
+                f"temperature must be in [0, {limit:g}] (the router's --max-temperature widens "
+                f"the range up to {ENGINE_MAX_TEMPERATURE:g})"
+            )
+        return value
+
+    @field_validator("guided_json")
+    @classmethod
+    def _bounded(cls, value: dict[str, Any] | str | None) -> dict[str, Any] | str | None:
+        return check_json_depth(value, "guided_json") if isinstance(value, dict) else value
+
+    def check_fields(self) -> None:
+        """Rules between fields; raises ``ValueError`` whose first word names the field."""
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options is only allowed when stream is true")
 
     def sampling_params(
         self, *, max_tokens: int | None, logprobs: int | None, default_max: int | None
@@ -224,10 +332,11 @@ def _json_schema(schema: dict[str, Any] | str | None, field: str) -> str:
     if isinstance(schema, str):
         try:
             schema = json.loads(schema)
-        except ValueError as err:
+        except (ValueError, RecursionError) as err:
             raise ValueError(f"{field} is not valid JSON: {err}") from None
     if not isinstance(schema, dict):
         raise ValueError(f"{field} must be a JSON object (a JSON Schema)")
+    check_json_depth(schema, field)
     try:
         jsonschema.validators.validator_for(schema).check_schema(schema)
     except jsonschema.SchemaError as err:
@@ -242,7 +351,7 @@ def _token_id_keys(bias: dict[str, float] | None) -> dict[int, float] | None:
         return None
     out: dict[int, float] = {}
     for key, value in bias.items():
-        if not (key.isascii() and key.isdigit()):
+        if not (key.isascii() and key.isdigit() and len(key) <= 10):
             raise ValueError(f"logit_bias keys must be token ids (decimal strings), got {key!r}")
         if int(key) in out:
             raise ValueError(f"logit_bias has token id {int(key)} twice")
@@ -250,15 +359,43 @@ def _token_id_keys(bias: dict[str, float] | None) -> dict[int, float] | None:
     return out
 
 
-PromptInput = str | Annotated[list[str], Field(min_length=1)] | list[int] | list[list[int]]
+def _prompt_kind(value: Any) -> str | None:
+    """Which form a prompt takes, from its first element: the union is then checked against
+    that member alone (a million token ids would otherwise be tried, and fail one by one,
+    as strings first)."""
+    if isinstance(value, str):
+        return "prompt:text"
+    if not isinstance(value, list):
+        return None
+    first = value[0] if value else None
+    if isinstance(first, str):
+        return "prompt:texts"
+    if isinstance(first, list):
+        return "prompt:token_lists"
+    return "prompt:tokens"
+
+
+PromptInput = Annotated[
+    Annotated[str, Tag("prompt:text")]
+    | Annotated[list[str], Field(min_length=1), Tag("prompt:texts")]
+    | Annotated[list[TokenId], Tag("prompt:tokens")]
+    | Annotated[list[list[TokenId]], Tag("prompt:token_lists")],
+    Discriminator(
+        _prompt_kind,
+        custom_error_type="prompt",
+        custom_error_message="prompt must be a string, a list of strings, a list of token ids "
+        "or a list of lists of token ids",
+    ),
+]
 
 
 class CompletionRequest(_SamplingRequest):
     prompt: PromptInput
     echo: bool = False
-    logprobs: int | None = None
-    suffix: str | None = None
-    best_of: int | None = None  # sample this many per prompt, return the n most likely
+    logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
+    suffix: str | None = None  # refused (400) when not empty: no fill-in-the-middle
+    # Sample this many per prompt, return the n most likely.
+    best_of: Annotated[int, Field(ge=1, le=128)] | None = None
 
     def samples_per_prompt(self) -> int:
         """``best_of`` (default ``n``); raises ``ValueError`` naming the field (-> 400)."""
@@ -289,10 +426,10 @@ class CompletionRequest(_SamplingRequest):
 class ChatCompletionRequest(_SamplingRequest):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     logprobs: bool = False
-    top_logprobs: int | None = None
-    max_completion_tokens: int | None = None
+    top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
+    max_completion_tokens: Count | None = None
     add_generation_prompt: bool = True
-    tools: list[Tool] | None = None
+    tools: Annotated[list[Tool], Field(max_length=MAX_TOOLS)] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool = True
 
@@ -332,4 +469,4 @@ class TokenizeRequest(_Model):
 
 class DetokenizeRequest(_Model):
     model: str | None = None
-    tokens: list[int]
+    tokens: list[TokenId]

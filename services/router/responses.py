@@ -1,17 +1,27 @@
 """OpenAI response bodies and stream chunks, built from the decode pods' messages.
 
-Plain dicts (JSON-ready) in exactly the shapes the official SDK parses: completions, chat
-completions, their ``chunk`` variants, usage with ``prompt_tokens_details.cached_tokens`` and both
-logprobs formats (the legacy completions one and the chat ``content`` list).
+Typed models (``response_models.py``) in exactly the shapes the official SDK parses:
+completions, chat completions, their ``chunk`` variants, usage with
+``prompt_tokens_details.cached_tokens`` and both logprobs formats (the legacy completions one and
+the chat ``content`` list). The same models document the responses in ``/openapi.json``.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from pydantic import BaseModel
+
 from splitserve.proto import splitserve_pb2 as pb
+from splitserve.services.router.response_models import (
+    ChatLogprobs,
+    CompletionLogprobs,
+    PromptTokensDetails,
+    TokenLogprob,
+    TopLogprob,
+    Usage,
+)
 from splitserve.services.router.tokenizer import RouterTokenizer
 
 FINISH_REASONS = {
@@ -65,16 +75,16 @@ def most_likely(results: list[SampleResult], group: int, keep: int) -> list[Samp
     return out
 
 
-def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict[str, Any]:
-    return {
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion_tokens,
-        "total_tokens": prompt_tokens + completion_tokens,
-        "prompt_tokens_details": {"cached_tokens": cached_tokens},
-    }
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> Usage:
+    return Usage(
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion_tokens,
+        total_tokens=prompt_tokens + completion_tokens,
+        prompt_tokens_details=PromptTokensDetails(cached_tokens=cached_tokens),
+    )
 
 
-def total_usage(results: list[SampleResult], prompt_lens: list[int]) -> dict[str, Any]:
+def total_usage(results: list[SampleResult], prompt_lens: list[int]) -> Usage:
     """Usage of a request: each prompt counted once (n samples share it), every sample's output.
 
     Cached tokens: the best cache hit of each prompt's samples (the prompt was served once from
@@ -97,7 +107,7 @@ def total_usage(results: list[SampleResult], prompt_lens: list[int]) -> dict[str
 
 def completion_logprobs(
     tok: RouterTokenizer, entries: list[pb.TokenLogprobs], text_offset: int
-) -> dict[str, Any]:
+) -> CompletionLogprobs:
     """The legacy completions format: parallel lists plus per-position top dicts."""
     tokens, lps, tops, offsets = [], [], [], []
     offset = text_offset
@@ -108,7 +118,9 @@ def completion_logprobs(
         tops.append({tok.token_text(t.token_id): t.logprob for t in e.top} if e.top else None)
         offsets.append(offset)
         offset += len(text)
-    return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
+    return CompletionLogprobs(
+        tokens=tokens, token_logprobs=lps, top_logprobs=tops, text_offset=offsets
+    )
 
 
 def echo_logprobs(
@@ -116,87 +128,48 @@ def echo_logprobs(
     prompt_ids: list[int],
     prompt_entries: list[pb.TokenLogprobs],
     entries: list[pb.TokenLogprobs],
-) -> dict[str, Any]:
+) -> CompletionLogprobs:
     """Completions logprobs with ``echo``: the prompt's tokens first (the first one has no
     logprob: nothing precedes it, OpenAI sends null), then the completion's."""
     first = tok.token_text(prompt_ids[0])
     rest = completion_logprobs(tok, [*prompt_entries, *entries], len(first))
-    return {
-        "tokens": [first, *rest["tokens"]],
-        "token_logprobs": [None, *rest["token_logprobs"]],
-        "top_logprobs": [None, *rest["top_logprobs"]],
-        "text_offset": [0, *rest["text_offset"]],
-    }
+    return CompletionLogprobs(
+        tokens=[first, *rest.tokens],
+        token_logprobs=[None, *rest.token_logprobs],
+        top_logprobs=[None, *rest.top_logprobs],
+        text_offset=[0, *rest.text_offset],
+    )
 
 
-def chat_logprobs(tok: RouterTokenizer, entries: list[pb.TokenLogprobs]) -> dict[str, Any]:
+def chat_logprobs(tok: RouterTokenizer, entries: list[pb.TokenLogprobs]) -> ChatLogprobs:
     def item(token_id: int, logprob: float) -> dict[str, Any]:
         text = tok.token_text(token_id)
         return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
 
-    return {
-        "content": [
-            item(e.token_id, e.logprob)
-            | {"top_logprobs": [item(t.token_id, t.logprob) for t in e.top]}
+    return ChatLogprobs(
+        content=[
+            TokenLogprob(
+                **item(e.token_id, e.logprob),
+                top_logprobs=[TopLogprob(**item(t.token_id, t.logprob)) for t in e.top],
+            )
             for e in entries
         ]
-    }
+    )
 
 
-# ---- whole responses ---------------------------------------------------------------------------
+# ---- bodies -----------------------------------------------------------------------------------
 
 
-def completion_response(
-    rid: str, created: int, model: str, choices: list[dict[str, Any]], usage_: dict[str, Any]
-) -> dict[str, Any]:
-    return {
-        "id": rid,
-        "object": "text_completion",
-        "created": created,
-        "model": model,
-        "choices": choices,
-        "usage": usage_,
-    }
+def to_json(model: BaseModel) -> bytes:
+    """A response model as JSON bytes: the fields that were set (``null`` included), so optional
+    parts (a chunk's ``usage``, a message's ``tool_calls``) appear only when present."""
+    return model.model_dump_json(exclude_unset=True).encode()
 
 
-def chat_response(
-    rid: str, created: int, model: str, choices: list[dict[str, Any]], usage_: dict[str, Any]
-) -> dict[str, Any]:
-    return {
-        "id": rid,
-        "object": "chat.completion",
-        "created": created,
-        "model": model,
-        "choices": choices,
-        "usage": usage_,
-    }
-
-
-def _chunk(
-    kind: str, rid: str, created: int, model: str, choices: list[dict[str, Any]], usage_: Any
-) -> dict[str, Any]:
-    chunk = {"id": rid, "object": kind, "created": created, "model": model, "choices": choices}
-    if usage_ is not None:
-        chunk["usage"] = usage_
-    return chunk
-
-
-def completion_chunk(
-    rid: str, created: int, model: str, choices: list[dict[str, Any]], usage_: Any = None
-) -> dict[str, Any]:
-    return _chunk("text_completion", rid, created, model, choices, usage_)
-
-
-def chat_chunk(
-    rid: str, created: int, model: str, choices: list[dict[str, Any]], usage_: Any = None
-) -> dict[str, Any]:
-    return _chunk("chat.completion.chunk", rid, created, model, choices, usage_)
-
-
-def sse(payload: dict[str, Any] | str) -> bytes:
+def sse(payload: BaseModel | bytes) -> bytes:
     """One server-sent event (``data: ...`` and a blank line)."""
-    data = payload if isinstance(payload, str) else json.dumps(payload, separators=(",", ":"))
-    return f"data: {data}\n\n".encode()
+    data = payload if isinstance(payload, bytes) else to_json(payload)
+    return b"data: " + data + b"\n\n"
 
 
-SSE_DONE = sse("[DONE]")
+SSE_DONE = sse(b"[DONE]")

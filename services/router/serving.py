@@ -5,11 +5,18 @@ generation of engines that can serve tokenizes them, and validated sampling para
 samples), runs them through the ``Dispatcher`` and assembles either one response or a stream of
 chunks. Sample i of prompt p is choice ``p * n + i``; streams of several prompts are merged as
 they arrive.
+
+Tokenization and chat templates run on the ``CPUPool`` (never on the event loop), after a
+lower bound on the token count (``RouterTokenizer.min_tokens``) refused prompts that cannot fit
+the context without tokenizing them. A stream answers its HTTP status only once every prompt's
+first message came back from the pods (``open_stream``): a request the engines refuse (a regex
+their grammar compiler rejects) is a plain 400, not a 200 with an error inside.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -17,10 +24,19 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from splitserve.proto import splitserve_pb2 as pb
+from splitserve.protocol.wire import params_to_proto
+from splitserve.services.router import response_models as M
 from splitserve.services.router import responses as R
 from splitserve.services.router import tool_calls
-from splitserve.services.router.dispatch import Dispatcher, EngineRequest
-from splitserve.services.router.errors import APIError, BackendError, NoBackendError, bad_request
+from splitserve.services.router.dispatch import Dispatcher, EngineRequest, backend_error_to_api
+from splitserve.services.router.errors import (
+    APIError,
+    BackendError,
+    NoBackendError,
+    bad_request,
+    internal_error,
+    render_error,
+)
 from splitserve.services.router.metrics import RouterMetrics
 from splitserve.services.router.model_facts import ModelCatalog, ModelFacts
 from splitserve.services.router.protocol import (
@@ -33,6 +49,9 @@ from splitserve.services.router.tools import (
     template_messages,
     with_tool_system_text,
 )
+from splitserve.services.router.workers import CPUPool
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -64,11 +83,13 @@ class OpenAIServing:
         metrics: RouterMetrics,
         *,
         max_model_len: int | None = None,
+        cpu: CPUPool | None = None,
     ) -> None:
         self.catalog = catalog
         self.dispatcher = dispatcher
         self.metrics = metrics
         self.max_model_len_cap = max_model_len  # the operator's limit, below the engines' own
+        self.cpu = cpu or CPUPool()
 
     # ---- model facts ---------------------------------------------------------------------------
 
@@ -108,6 +129,24 @@ class OpenAIServing:
             )
         return max_tokens
 
+    def _check_min_len(self, facts: ModelFacts, text: str, param: str) -> None:
+        """Refuse ``text`` before tokenizing it when it has at least ``max_model_len`` tokens
+        for certain (a 7 MB prompt costs seconds of CPU to tokenize, for a 400)."""
+        limit = self.max_model_len(facts)
+        at_least = facts.tokenizer.min_tokens(text)
+        if at_least >= limit:
+            raise bad_request(
+                f"This model's maximum context length is {limit} tokens. However, your prompt "
+                f"has at least {at_least} tokens.",
+                param=param,
+                code="context_length_exceeded",
+            )
+
+    def encode(self, facts: ModelFacts, text: str, add_special_tokens: bool, param: str):
+        """Token ids of ``text`` (checked against the context first). Runs on a worker."""
+        self._check_min_len(facts, text, param)
+        return facts.tokenizer.encode(text, add_special_tokens)
+
     def _requests(
         self, facts: ModelFacts, rid: str, prompts: list[list[int]], req: Any,
         max_tokens: int | None, logprobs: int | None, default_max: int | None,
@@ -120,35 +159,52 @@ class OpenAIServing:
             params.check_token_ids(facts.vocab_size)
         except ValueError as err:
             raise bad_request(str(err), param=str(err).split(" ", 1)[0]) from err
+        try:
+            params_to_proto(params)  # what the wire cannot carry is refused here, not mid-call
+        except ValueError as err:
+            raise bad_request(f"a sampling field cannot be sent to the engines: {err}") from err
         return [
             EngineRequest(f"{rid}-{p}", ids, params, facts.tokenizer_id, session_key)
             for p, ids in enumerate(prompts)
         ]
 
-    def prepare_completion(self, req: CompletionRequest, session_key: str | None) -> Prepared:
-        rid = f"cmpl-{uuid.uuid4().hex}"
-        facts = self.facts()
+    def _completion_prompts(
+        self, facts: ModelFacts, req: CompletionRequest
+    ) -> tuple[list[list[int]], list[str]]:
+        """Each prompt's token ids and (for echo) text. Runs on a worker."""
         tok = facts.tokenizer
         prompts, texts = [], []
         for prompt in req.prompts():
             if isinstance(prompt, str):
-                ids = tok.encode(prompt)
+                ids = self.encode(facts, prompt, True, "prompt")
                 texts.append(prompt)
             else:
-                if any(t < 0 or t >= facts.vocab_size for t in prompt):
-                    raise bad_request("prompt token ids out of the vocabulary", param="prompt")
+                if any(t >= facts.vocab_size for t in prompt):
+                    raise bad_request(
+                        f"prompt token ids must be < the vocabulary size {facts.vocab_size}",
+                        param="prompt",
+                    )
                 ids = list(prompt)
                 texts.append(tok.decode(ids, skip_special_tokens=False) if req.echo else "")
             self._check_len(facts, len(ids), req.max_tokens, "prompt")
             prompts.append(ids)
-        if req.logprobs is not None and not 0 <= req.logprobs <= 20:
-            raise bad_request("logprobs must be an integer in [0, 20]", param="logprobs")
+        return prompts, texts
+
+    async def prepare_completion(self, req: CompletionRequest, session_key: str | None) -> Prepared:
+        rid = f"cmpl-{uuid.uuid4().hex}"
+        # Cheap checks first: nothing is tokenized for a request that fails them.
         if req.suffix:  # insertion needs fill-in-the-middle models; refuse rather than ignore
             raise bad_request("suffix is not supported", param="suffix")
+        try:
+            req.check_fields()
+        except ValueError as err:
+            raise bad_request(str(err), param=str(err).split(" ", 1)[0]) from err
         try:
             per_prompt = req.samples_per_prompt()
         except ValueError as err:
             raise bad_request(str(err), param="best_of") from err
+        facts = self.facts()
+        prompts, texts = await self.cpu.run(self._completion_prompts, facts, req)
         keep = req.n if per_prompt > req.n else None
         # Ranking needs the sampled tokens' logprobs; the response shows them only if asked.
         logprobs = 0 if keep is not None and req.logprobs is None else req.logprobs
@@ -173,8 +229,10 @@ class OpenAIServing:
         plan: ToolPlan | None,
         add_generation_prompt: bool,
     ) -> list[int]:
-        """The chat template's token ids for ``messages`` and the tools of ``plan``."""
+        """The chat template's token ids for ``messages`` and the tools of ``plan``, refused
+        early when the messages alone cannot fit the context. Runs on a worker."""
         tok = facts.tokenizer
+        self._check_min_len(facts, "".join(m.text() for m in messages), "messages")
         try:
             msgs = template_messages(messages, native=tok.renders_tool_calls)
         except ValueError as err:
@@ -189,22 +247,25 @@ class OpenAIServing:
         except Exception as err:  # template errors (e.g. role order) are the client's input
             raise bad_request(f"chat template failed: {err}", param="messages") from err
 
-    def prepare_chat(self, req: ChatCompletionRequest, session_key: str | None) -> Prepared:
+    async def prepare_chat(self, req: ChatCompletionRequest, session_key: str | None) -> Prepared:
         rid = f"chatcmpl-{uuid.uuid4().hex}"
-        facts = self.facts()
         try:
+            req.check_fields()
             plan = req.tool_plan()
         except ValueError as err:
             raise bad_request(str(err), param=str(err).split(" ", 1)[0]) from err
-        ids = self.chat_prompt(facts, req.messages, plan, req.add_generation_prompt)
-        max_tokens = (
-            req.max_tokens if req.max_completion_tokens is None else req.max_completion_tokens
-        )
-        self._check_len(facts, len(ids), max_tokens, "messages")
         try:
             logprobs = req.requested_logprobs()
         except ValueError as err:
             raise bad_request(str(err), param="top_logprobs") from err
+        facts = self.facts()
+        ids = await self.cpu.run(
+            self.chat_prompt, facts, req.messages, plan, req.add_generation_prompt
+        )
+        max_tokens = (
+            req.max_tokens if req.max_completion_tokens is None else req.max_completion_tokens
+        )
+        self._check_len(facts, len(ids), max_tokens, "messages")
         # Chat's default is "as long as the context allows", like OpenAI / vLLM.
         requests = self._requests(facts, rid, [ids], req, max_tokens, logprobs, None, session_key)
         parsed = plan if plan is not None and plan.mode != "none" else None
@@ -228,11 +289,11 @@ class OpenAIServing:
         """Token counters: each prompt once (its n samples share it), every sample's output."""
         usage = R.total_usage(results, p.prompt_lens)
         m = self.metrics
-        m.prompt_tokens.inc(usage["prompt_tokens"])
-        m.cached_tokens.inc(usage["prompt_tokens_details"]["cached_tokens"])
-        m.generation_tokens.inc(usage["completion_tokens"])
+        m.prompt_tokens.inc(usage.prompt_tokens)
+        m.cached_tokens.inc(usage.prompt_tokens_details.cached_tokens)
+        m.generation_tokens.inc(usage.completion_tokens)
 
-    async def complete(self, p: Prepared) -> dict[str, Any]:
+    async def complete(self, p: Prepared) -> M.CompletionResponse | M.ChatCompletionResponse:
         """Run every prompt to the end (retrying failed pods) and build the response."""
         outs = await asyncio.gather(*(self.dispatcher.complete(r) for r in p.requests))
         results = [R.SampleResult(index=i) for i in range(len(p.requests) * p.n)]
@@ -247,77 +308,133 @@ class OpenAIServing:
         if p.keep is not None:
             results = R.most_likely(results, p.n, p.keep)
         tok = p.facts.tokenizer
-        choices = []
-        for k, r in enumerate(results):  # k == r.index unless best_of dropped samples
-            if p.chat:
+        head = {"id": p.rid, "created": p.created, "model": p.model, "usage": usage}
+        if p.chat:
+            choices = []
+            for k, r in enumerate(results):
                 message, finish = tool_calls.chat_message(p.tools, r.text, r.finish_reason)
-                choice = {
-                    "index": k,
-                    "message": message,
-                    "logprobs": R.chat_logprobs(tok, r.logprobs)
-                    if p.logprobs is not None
-                    else None,
-                    "finish_reason": finish,
-                }
-            else:
-                prefix = p.prompt_texts[r.index // p.n] if p.echo else ""
-                choice = {
-                    "index": k,
-                    "text": prefix + r.text,
-                    "logprobs": _completion_logprobs(p, r, r.logprobs, len(prefix)),
-                    "finish_reason": r.finish_reason,
-                }
-            choices.append(choice)
-        build = R.chat_response if p.chat else R.completion_response
-        return build(p.rid, p.created, p.model, choices, usage)
+                lp = R.chat_logprobs(tok, r.logprobs) if p.logprobs is not None else None
+                choices.append(
+                    M.ChatChoice(
+                        index=k,
+                        message=M.AssistantMessage.model_validate(message),
+                        logprobs=lp,
+                        finish_reason=finish,
+                    )
+                )
+            return M.ChatCompletionResponse(object="chat.completion", choices=choices, **head)
+        texts = []
+        for k, r in enumerate(results):  # k == r.index unless best_of dropped samples
+            prefix = p.prompt_texts[r.index // p.n] if p.echo else ""
+            texts.append(
+                M.CompletionChoice(
+                    index=k,
+                    text=prefix + r.text,
+                    logprobs=_completion_logprobs(p, r, r.logprobs, len(prefix)),
+                    finish_reason=r.finish_reason,
+                )
+            )
+        return M.CompletionResponse(object="text_completion", choices=texts, **head)
 
-    async def stream(self, p: Prepared, t_arrival: float) -> AsyncIterator[bytes]:
-        """SSE bytes: role/echo preamble, token deltas as they come, usage, ``[DONE]``.
+    async def open_stream(self, p: Prepared, t_arrival: float) -> AsyncIterator[bytes]:
+        """Start the request's prompts on the pods and wait until each answered its first
+        message; raises ``APIError`` (or ``BackendError``) if one failed before that, so the
+        client gets a real HTTP status. Returns the SSE bytes of the whole stream."""
+        run = _StreamRun(self, p, t_arrival)
+        await run.start()
+        return run.events()
 
-        A prompt that fails after it streamed tokens ends the stream with an error event (never
-        a silent truncation); the other prompts are cancelled (and aborted on their pods).
-        """
-        queue: asyncio.Queue[tuple[int, pb.GenerateResponse | BaseException | None]] = (
+
+class _StreamRun:
+    """One streamed request: a pump task per prompt feeding one queue, merged into SSE."""
+
+    def __init__(self, serving: OpenAIServing, p: Prepared, t_arrival: float) -> None:
+        self.serving = serving
+        self.p = p
+        self.t_arrival = t_arrival
+        self.queue: asyncio.Queue[tuple[int, pb.GenerateResponse | BaseException | None]] = (
             asyncio.Queue()
         )
+        self.tasks: list[asyncio.Task] = []
+        self.early: list[tuple[int, pb.GenerateResponse | None]] = []  # read before the 200
 
-        async def pump(prompt: int, request: EngineRequest) -> None:
-            try:
-                async for msg in self.dispatcher.stream(request):
-                    await queue.put((prompt, msg))
-                await queue.put((prompt, None))
-            except asyncio.CancelledError:
-                raise
-            except BaseException as err:  # noqa: BLE001 - forwarded to the consumer
-                await queue.put((prompt, err))
+    async def _pump(self, prompt: int, request: EngineRequest) -> None:
+        try:
+            async for msg in self.serving.dispatcher.stream(request):
+                await self.queue.put((prompt, msg))
+            await self.queue.put((prompt, None))
+        except asyncio.CancelledError:
+            raise
+        except BaseException as err:  # noqa: BLE001 - forwarded to the consumer
+            await self.queue.put((prompt, err))
 
-        tasks = [asyncio.create_task(pump(i, r)) for i, r in enumerate(p.requests)]
+    async def start(self) -> None:
+        self.tasks = [asyncio.create_task(self._pump(i, r)) for i, r in enumerate(self.p.requests)]
+        waiting = set(range(len(self.tasks)))
+        try:
+            while waiting:
+                prompt, item = await self.queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                waiting.discard(prompt)
+                self.early.append((prompt, item))
+        except BaseException:
+            await self._stop()
+            raise
+
+    async def _stop(self) -> None:
+        for t in self.tasks:
+            t.cancel()
+        # Let the cancelled prompts run their cleanup (stream cancel + Abort) before we go.
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+
+    async def _items(self) -> AsyncIterator[tuple[int, pb.GenerateResponse]]:
+        """The pods' messages in arrival order; raises the first failure."""
+        remaining = len(self.tasks)
+        for prompt, item in self.early:
+            if item is None:
+                remaining -= 1
+            else:
+                yield prompt, item
+        self.early = []
+        while remaining:
+            prompt, item = await self.queue.get()
+            if item is None:
+                remaining -= 1
+                continue
+            if isinstance(item, BaseException):
+                raise item
+            yield prompt, item
+
+    async def events(self) -> AsyncIterator[bytes]:
+        """SSE bytes: role/echo preamble, token deltas as they come, usage, ``[DONE]``.
+
+        A prompt that fails after the 200 ends the stream with an error event, then ``[DONE]``
+        (never a silent truncation); the other prompts are cancelled (and aborted on their
+        pods). Only the client going away (cancellation) ends it without them.
+        """
+        p, metrics = self.p, self.serving.metrics
         chunks = _ChunkStream(p)
         try:
             if (pre := chunks.preamble()) is not None:
                 yield pre
-            remaining = len(tasks)
-            while remaining:
-                prompt, item = await queue.get()
-                if item is None:
-                    remaining -= 1
-                    continue
-                if isinstance(item, BaseException):
-                    raise item
+            async for prompt, item in self._items():
                 if chunks.first_token and (item.token_ids or item.text):
-                    self.metrics.ttft.observe(time.perf_counter() - t_arrival)
+                    metrics.ttft.observe(time.perf_counter() - self.t_arrival)
                 for event in chunks.feed(prompt, item):
                     yield event
-            self._account(p, chunks.results)
+            self.serving._account(p, chunks.results)
             if (usage := chunks.usage_event()) is not None:
                 yield usage
-        except (BackendError, APIError) as err:
-            yield _error_event(err)
+        except APIError as err:
+            yield error_event(err)
+        except BackendError as err:
+            yield error_event(backend_error_to_api(err))
+        except Exception:  # noqa: BLE001 - whatever broke, the client gets an event, not a cut
+            log.exception("stream %s failed", p.rid)
+            yield error_event(internal_error(p.rid))
         finally:
-            for t in tasks:
-                t.cancel()
-            # Let the cancelled prompts run their cleanup (stream cancel + Abort) before we go.
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await self._stop()
         yield R.SSE_DONE
 
 
@@ -329,31 +446,39 @@ class _ChunkStream:
         self.tok = p.facts.tokenizer
         count = len(p.requests) * p.n
         self.results = [R.SampleResult(index=i) for i in range(count)]
-        self.chunk = R.chat_chunk if p.chat else R.completion_chunk
         self.calls = [tool_calls.ToolCallStream(p.tools) for _ in range(count)] if p.tools else []
         self.offsets = [len(p.prompt_texts[i // p.n]) if p.echo else 0 for i in range(count)]
         self.echoed = [False] * count
         self.prompt_lps: dict[int, list[pb.TokenLogprobs]] = {}
         self.first_token = True
 
-    def _event(self, choices: list[dict[str, Any]], usage: Any = None) -> bytes:
+    def _event(self, choices: list[Any], usage: M.Usage | None = None) -> bytes:
         p = self.p
-        return R.sse(self.chunk(p.rid, p.created, p.model, choices, usage))
+        head: dict[str, Any] = {"id": p.rid, "created": p.created, "model": p.model}
+        if usage is not None:
+            head["usage"] = usage
+        if p.chat:
+            chunk: Any = M.ChatCompletionChunk(
+                object="chat.completion.chunk", choices=choices, **head
+            )
+        else:
+            chunk = M.CompletionChunk(object="text_completion", choices=choices, **head)
+        return R.sse(chunk)
 
     def preamble(self) -> bytes | None:
         """The assistant role for chat, the prompt for echo (without logprobs)."""
         p, count = self.p, len(self.results)
         if p.chat:
             content = None if p.tools is not None and p.tools.forced else ""
+            delta = M.ChatDelta(role="assistant", content=content)
             return self._event([
-                {"index": i, "delta": {"role": "assistant", "content": content},
-                 "logprobs": None, "finish_reason": None}
+                M.ChatChunkChoice(index=i, delta=delta, logprobs=None, finish_reason=None)
                 for i in range(count)
             ])  # fmt: skip
         if p.echo and p.logprobs is None:
             return self._event([
-                {"index": i, "text": p.prompt_texts[i // p.n], "logprobs": None,
-                 "finish_reason": None}
+                M.CompletionChoice(index=i, text=p.prompt_texts[i // p.n], logprobs=None,
+                                   finish_reason=None)
                 for i in range(count)
             ])  # fmt: skip
         return None
@@ -372,43 +497,45 @@ class _ChunkStream:
             self.first_token = False
         finish = R.FINISH_REASONS[msg.finish_reason]
         events = self._chat(i, msg, finish) if p.chat else self._completion(i, r, msg, finish)
-        if events and p.continuous_usage:
-            running = R.total_usage(self.results, p.prompt_lens)
-            last = events.pop()
-            events.append(self._event(last, running))
-        return [e if isinstance(e, bytes) else self._event(e) for e in events]
+        out = [self._event(e) for e in events[:-1]]
+        if events:
+            running = R.total_usage(self.results, p.prompt_lens) if p.continuous_usage else None
+            out.append(self._event(events[-1], running))
+        return out
 
-    def _chat(self, i: int, msg: pb.GenerateResponse, finish: str | None) -> list:
+    def _chat(self, i: int, msg: pb.GenerateResponse, finish: str | None) -> list[list[Any]]:
         lp = R.chat_logprobs(self.tok, list(msg.logprobs)) if self.p.logprobs is not None else None
-        out: list = []
+        out: list[list[Any]] = []
         if self.calls:
             deltas, finish = self.calls[i].feed(msg.text, finish)
             if not deltas and finish is None and lp is None:
                 return []
             out += [
-                [{"index": i, "delta": d, "logprobs": None, "finish_reason": None}]
+                [M.ChatChunkChoice(index=i, delta=M.ChatDelta.model_validate(d), logprobs=None,
+                                   finish_reason=None)]
                 for d in deltas[:-1]
-            ]
-            delta = deltas[-1] if deltas else {}
+            ]  # fmt: skip
+            delta = M.ChatDelta.model_validate(deltas[-1] if deltas else {})
         else:
-            delta = {"content": msg.text} if msg.text or not finish else {}
-        out.append([{"index": i, "delta": delta, "logprobs": lp, "finish_reason": finish}])
+            delta = M.ChatDelta(content=msg.text) if msg.text or not finish else M.ChatDelta()
+        out.append([M.ChatChunkChoice(index=i, delta=delta, logprobs=lp, finish_reason=finish)])
         return out
 
-    def _completion(self, i: int, r: R.SampleResult, msg, finish: str | None) -> list:
+    def _completion(self, i: int, r: R.SampleResult, msg, finish: str | None) -> list[list[Any]]:
         p = self.p
-        out: list = []
+        out: list[list[Any]] = []
         if p.echo and p.logprobs is not None and not self.echoed[i]:
             # The echoed prompt, with its logprobs (they came with the prompt's first message).
             self.echoed[i] = True
-            e = {"index": i, "text": p.prompt_texts[i // p.n], "finish_reason": None}
-            e["logprobs"] = _completion_logprobs(p, r, [], 0)
-            out.append([e])
+            out.append([
+                M.CompletionChoice(index=i, text=p.prompt_texts[i // p.n],
+                                   logprobs=_completion_logprobs(p, r, [], 0), finish_reason=None)
+            ])  # fmt: skip
         lp = None
         if p.logprobs is not None:
             lp = R.completion_logprobs(self.tok, list(msg.logprobs), self.offsets[i])
         self.offsets[i] += len(msg.text)
-        out.append([{"index": i, "text": msg.text, "logprobs": lp, "finish_reason": finish}])
+        out.append([M.CompletionChoice(index=i, text=msg.text, logprobs=lp, finish_reason=finish)])
         return out
 
     def usage_event(self) -> bytes | None:
@@ -419,7 +546,7 @@ class _ChunkStream:
 
 def _completion_logprobs(
     p: Prepared, r: R.SampleResult, entries: list, text_offset: int
-) -> dict[str, Any] | None:
+) -> M.CompletionLogprobs | None:
     """Legacy completions logprobs of ``entries``; with echo, the prompt's come first."""
     if p.logprobs is None:
         return None
@@ -430,12 +557,9 @@ def _completion_logprobs(
     return R.completion_logprobs(tok, entries, text_offset)
 
 
-def _error_event(err: BackendError | APIError) -> bytes:
+def error_event(err: APIError) -> bytes:
     """An error after the stream started: an SSE ``error`` event (then ``[DONE]``)."""
-    message = str(err) if isinstance(err, BackendError) else err.message
-    status = err.http_status if isinstance(err, BackendError) else err.status
-    kind = "invalid_request_error" if status < 500 else "server_error"
-    return R.sse({"error": {"message": message, "type": kind, "param": None, "code": status}})
+    return R.sse(render_error(err))
 
 
 def _continuous_usage(req: CompletionRequest | ChatCompletionRequest) -> bool:

@@ -31,6 +31,31 @@ class RouterTokenizer:
         self.eos_token_id = self._tok.eos_token_id
         self._token_text = functools.lru_cache(maxsize=65536)(self._decode_one)
 
+    @functools.cached_property
+    def max_token_bytes(self) -> int | None:
+        """The most UTF-8 bytes one token stands for, when the tokenizer maps text to tokens
+        without a normalizer (which could delete text); None when no such bound holds."""
+        backend = getattr(self._tok, "backend_tokenizer", None)
+        if backend is None or backend.normalizer is not None:
+            return None
+        keys = list(self._tok.get_vocab())
+        kinds = {type(backend.pre_tokenizer).__name__, type(backend.decoder).__name__}
+        if "ByteLevel" in kinds:
+            return max(map(len, keys), default=1)  # byte-level: one character per byte
+        return 4 * max(map(len, keys), default=1)  # at most 4 UTF-8 bytes per character
+
+    def min_tokens(self, text: str) -> int:
+        """A lower bound on ``len(encode(text))`` found without tokenizing (0: none known).
+
+        Lets the router refuse a prompt that cannot fit the context before spending seconds
+        of CPU on it.
+        """
+        per_token = self.max_token_bytes
+        if not per_token or not text:
+            return 0
+        n_bytes = len(text.encode("utf-8", "surrogatepass"))
+        return -(-n_bytes // per_token)
+
     def encode(self, prompt: str, add_special_tokens: bool = True) -> list[int]:
         return list(self._tok.encode(prompt, add_special_tokens=add_special_tokens))
 

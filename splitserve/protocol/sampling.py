@@ -13,6 +13,11 @@ _GREEDY_EPS = 1e-5
 # better written as allowed_token_ids.
 MAX_LOGIT_BIAS = 1024
 _STRUCTURED_KINDS = ("json_schema", "json_object", "regex", "choice", "grammar")
+# What the wire (proto/splitserve.proto SamplingParams) can carry: top_k is int32, seed int64,
+# counts and token ids uint32. A value outside could not reach an engine.
+_INT32_MAX = 2**31 - 1
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+_UINT32_MAX = 2**32 - 1
 
 
 @dataclass(frozen=True)
@@ -144,8 +149,8 @@ class SamplingParams:
             bad("temperature", "must be in [0, 100]")
         if not 0.0 < self.top_p <= 1.0:
             bad("top_p", "must be in (0, 1]")
-        if not isinstance(self.top_k, int) or self.top_k < 0:
-            bad("top_k", "must be -1 (disabled) or a positive integer")
+        if not isinstance(self.top_k, int) or not 0 <= self.top_k <= _INT32_MAX:
+            bad("top_k", f"must be -1 (disabled) or a positive integer <= {_INT32_MAX}")
         if not 0.0 <= self.min_p <= 1.0:
             bad("min_p", "must be in [0, 1]")
         if not -2.0 <= self.presence_penalty <= 2.0:
@@ -155,21 +160,23 @@ class SamplingParams:
         if not 0.0 < self.repetition_penalty <= 2.0:
             bad("repetition_penalty", "must be in (0, 2]")
         if self.max_tokens is not None and (
-            not isinstance(self.max_tokens, int) or self.max_tokens < 1
+            not isinstance(self.max_tokens, int) or not 1 <= self.max_tokens <= _UINT32_MAX
         ):
-            bad("max_tokens", "must be a positive integer")
-        if not isinstance(self.min_tokens, int) or self.min_tokens < 0:
-            bad("min_tokens", "must be a non-negative integer")
+            bad("max_tokens", f"must be a positive integer <= {_UINT32_MAX}")
+        if not isinstance(self.min_tokens, int) or not 0 <= self.min_tokens <= _UINT32_MAX:
+            bad("min_tokens", f"must be a non-negative integer <= {_UINT32_MAX}")
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             bad("min_tokens", "must not exceed max_tokens")
-        if self.seed is not None and not isinstance(self.seed, int):
-            bad("seed", "must be an integer")
+        if self.seed is not None and (
+            not isinstance(self.seed, int) or not _INT64_MIN <= self.seed <= _INT64_MAX
+        ):
+            bad("seed", "must be a 64-bit signed integer")
         if any(not isinstance(s, str) or not s for s in self.stop):
             bad("stop", "must be non-empty strings")
         if len(self.stop) > 16:
             bad("stop", "may hold at most 16 strings")
-        if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
-            bad("stop_token_ids", "must be non-negative integers")
+        if any(not _is_token_id(t) for t in self.stop_token_ids):
+            bad("stop_token_ids", "must be token ids (integers in [0, 2**32))")
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or not 0 <= value <= 20):
@@ -186,12 +193,14 @@ class SamplingParams:
             bad("structured_output", "must be a StructuredOutput")
 
     def check_token_ids(self, vocab_size: int) -> None:
-        """Raise ValueError naming the field if a logit_bias or allowed token id is not in the
-        vocabulary (only the engine and the router know its size)."""
+        """Raise ValueError naming the field if a logit_bias, allowed or stop token id is not in
+        the vocabulary (only the engine and the router know its size)."""
         if any(t >= vocab_size for t, _ in self.logit_bias or ()):
             raise ValueError(f"logit_bias token ids must be < the vocabulary size {vocab_size}")
         if any(t >= vocab_size for t in self.allowed_token_ids or ()):
             raise ValueError(f"allowed_token_ids must be < the vocabulary size {vocab_size}")
+        if any(t >= vocab_size for t in self.stop_token_ids):
+            raise ValueError(f"stop_token_ids must be < the vocabulary size {vocab_size}")
 
     @property
     def greedy(self) -> bool:
@@ -207,7 +216,7 @@ class SamplingParams:
 
 
 def _is_token_id(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= _UINT32_MAX
 
 
 def _bias_pairs(

@@ -9,6 +9,9 @@ import httpx
 import openai
 import pytest
 
+from splitserve.proto import splitserve_pb2 as pb
+from splitserve.services.router.engine_client import EngineClient
+from splitserve.services.router.errors import BackendError
 from splitserve.services.router.main import RouterSettings
 
 
@@ -97,3 +100,25 @@ def test_non_streaming_client_disconnect_aborts_on_the_pod(stack_factory):
             httpx.post(router.url + "/v1/completions", json=body, timeout=0.5)
         _wait(lambda: pod.engine.aborted and pod.engine.running == 0)
         assert pod.engine.aborted[-1] == pod.engine.generates[-1]
+
+
+def test_calls_on_a_pod_that_left_the_pool_are_retryable_failures(fake_pods, grpc_loop):
+    """A request routed to a pod that leaves the endpoint set before its call goes out finds the
+    channel closed by the pool: that must be a retryable BackendError (the dispatcher then tries
+    another pod), never an unexpected exception (a 500; seen in the end-to-end rollout test)."""
+    (pod,) = fake_pods(["colocated"])
+
+    async def scenario() -> None:
+        client = EngineClient(pod.address)
+        assert (await client.stats()).epoch  # the channel works ...
+        await client.close(grace=5.0)  # ... then the pool closes it, as when the pod leaves
+        with pytest.raises(BackendError) as err:
+            client.generate(pb.GenerateRequest())
+        assert err.value.retryable and err.value.pod == pod.address
+        for call in (client.prefill(pb.PrefillRequest(), 1.0), client.stats(), client.info()):
+            with pytest.raises(BackendError) as err:
+                await call
+            assert err.value.retryable
+        assert await client.abort(["r"]) == 0 and await client.abort_prefill(["r"]) == 0
+
+    grpc_loop.call(scenario())
