@@ -4,12 +4,17 @@ For ``--minutes`` (default 10), ``--concurrency`` clients (default 8) send compl
 prompts of 10-600 words, 16-128 output tokens, 90% streamed, and ``--abort-ratio`` (default 20%)
 of them given up at a random moment (before the answer starts, mid-prefill, mid-decode). Every
 2 s it samples each engine's KV usage and queues (GetStats) and the RSS of every process of the
-stack. At the end it checks that every engine went back to idle (nothing running, waiting, held
-or leased; no unaccounted block) and reports:
+stack (anonymous memory, ``RssAnon``: what a leak grows). At the end it checks that every
+engine went back to idle (nothing running, waiting, held or leased; no unaccounted block) and
+reports:
 
 - requests: completed, aborted on purpose, failed (an error status or a stream cut without
   ``[DONE]``; must be 0);
-- RSS of each process after warm-up and at the end, and the slope over the second half (MB/min);
+- anonymous RSS of each process after warm-up and at the end, and two slopes over the second half
+  of the run after warm-up (MB/min): of the samples themselves, and of the memory *retained*
+  (at each sample, the least RSS from then to the end: what was never given back). A heap that
+  rises under a burst and is trimmed later moves the first, not the second; a leak moves both;
+
 - KV usage over time; a plot (PNG) of RSS and KV usage per process when matplotlib is there.
 
     .venv/bin/python -P bench/soak.py [--minutes 10] [--out soak.json] [--plot soak.png]
@@ -99,9 +104,12 @@ def engine_stats(port: int) -> pb.EngineStats:
         return pb_grpc.EngineServiceStub(channel).GetStats(pb.StatsRequest(), timeout=5)
 
 
-def rss_mb(pid: int) -> float:
+def rss_mb(pid: int, field: str = "RssAnon") -> float:
+    """Resident memory of ``pid`` in MB. ``RssAnon`` (the default) is the process's own heap and
+    stacks: what a leak grows. ``VmRSS`` adds file-backed pages (mapped libraries), which the
+    kernel may page out on its own at any time (e.g. DAMON proactive reclaim)."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(f"{field}:"):
             return int(line.split()[1]) / 1024
     return 0.0
 
@@ -136,6 +144,15 @@ def slope_mb_per_min(samples: list[tuple[float, float]]) -> float:
     mx, my = statistics.fmean(xs), statistics.fmean(ys)
     den = sum((x - mx) ** 2 for x in xs) or 1.0
     return 60.0 * sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / den
+
+
+def retained(samples: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """At each sample, the least value from then to the end: memory that was never released."""
+    out, low = [], float("inf")
+    for t, v in reversed(samples):
+        low = min(low, v)
+        out.append((t, low))
+    return out[::-1]
 
 
 def main() -> int:
@@ -211,11 +228,11 @@ def run_load(args, url: str, ports: dict[str, int], procs: dict[str, int]) -> di
             name: {
                 "after_warmup": next((v for t, v in xs if t >= warm), xs[0][1] if xs else 0.0),
                 "end": xs[-1][1] if xs else 0.0,
-                "slope_second_half_mb_per_min": round(
-                    slope_mb_per_min([(t, v) for t, v in xs if t >= warm]), 2
-                ),
+                "slope_second_half_mb_per_min": round(slope_mb_per_min(post), 2),
+                "retained_slope_second_half_mb_per_min": round(slope_mb_per_min(retained(post)), 2),
             }
             for name, xs in rss.items()
+            for post in [[(t, v) for t, v in xs if t >= warm]]
         },
         "kv_usage_pct": {
             name: {"max": max(v for _, v in xs), "mean": statistics.fmean(v for _, v in xs)}
@@ -263,7 +280,7 @@ def plot(result: dict, path: Path) -> None:
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(9, 6), sharex=True)
     for name, xs in result["series"]["rss_mb"].items():
         top.plot([t / 60 for t, _ in xs], [v for _, v in xs], label=name)
-    top.set_ylabel("RSS (MB)")
+    top.set_ylabel("anonymous RSS (MB)")
     top.legend(loc="upper left", fontsize="small")
     for name, xs in result["series"]["kv_usage_pct"].items():
         bottom.plot([t / 60 for t, _ in xs], [v for _, v in xs], label=name)

@@ -81,7 +81,7 @@ def test_prefill_holds_until_released_and_n_samples_share_one_hold(engine):
         out = await engine.prefill("p", PROMPT, params)
         assert len(out.first_tokens) == 3 and not out.finished
         assert len(out.held_block_ids) == 5
-        assert engine.stats().num_held == 1
+        assert list(await engine.held_requests()) == ["p"]  # one hold for the three samples
         assert await engine.release_kv("p") == 5
         assert await engine.release_kv("p") == 0  # idempotent
         # A prefill whose every sample ends at once holds nothing.

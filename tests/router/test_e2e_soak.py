@@ -14,8 +14,11 @@ import pytest
 pytestmark = [pytest.mark.model, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[2]
-# MB per minute over the second half after warm-up. A leak like the one this guards against
-# (prefill +430 MB in 300 s, ~86 MB/min) fails; allocator noise of a busy engine stays below.
+# MB per minute over the second half after warm-up, of the memory each process retains (at each
+# sample, the least RSS from then to the end; bench/soak.py). A leak like the one this guards
+# against (prefill +430 MB in 300 s, ~86 MB/min) fails. The raw samples are not the measure: a
+# busy engine's heap rises by tens of MB between two heap trims (every 30 s), and over a
+# 30-second half that alone reads as 60 MB/min (seen in a run that ended below its warm-up RSS).
 ENGINE_SLOPE_LIMIT = 40.0
 ROUTER_SLOPE_LIMIT = 10.0
 
@@ -35,5 +38,5 @@ def test_short_soak_has_no_failures_no_leftovers_and_flat_memory(tmp_path):
     assert result["idle_after"], "an engine kept requests, blocks or leases after the load"
     for name, rss in result["rss_mb"].items():
         limit = ROUTER_SLOPE_LIMIT if name == "router" else ENGINE_SLOPE_LIMIT
-        assert rss["slope_second_half_mb_per_min"] < limit, (name, rss)
+        assert rss["retained_slope_second_half_mb_per_min"] < limit, (name, rss)
     assert run.returncode == 0, run.stderr[-3000:]
