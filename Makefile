@@ -43,13 +43,15 @@ tools:
 
 # The whole suite, the local-cluster tests included (they fail, never skip, when the cluster
 # cannot come up: SPLITSERVE_REQUIRE_CLUSTER=1). The cluster's programs and its image venv are
-# prepared in the background while the rest of the suite runs (a cold build is the longest step;
-# it returns at once when cached), then the cluster suites run. Its log: $(CLUSTER_PREP_LOG).
+# prepared in the background, at low priority, while the rest of the suite runs (a cold build is
+# the longest step; it returns at once when cached), then the cluster suites run. Its log:
+# $(CLUSTER_PREP_LOG).
 CLUSTER_PREP_LOG := .cache/cluster-prep.log
 test: install cluster-deps
 	@mkdir -p .cache; \
-	( bash cluster/go/build.sh $(CLUSTER_BIN) && \
-	  $(BIN)/python -P -m splitserve.cluster.image build ) >$(CLUSTER_PREP_LOG) 2>&1 & prep=$$!; \
+	( nice -n 15 bash cluster/go/build.sh $(CLUSTER_BIN) && \
+	  nice -n 15 $(BIN)/python -P -m splitserve.cluster.image build ) >$(CLUSTER_PREP_LOG) 2>&1 & \
+	prep=$$!; \
 	echo "make test: preparing the cluster in the background (log: $(CLUSTER_PREP_LOG))"; \
 	SPLITSERVE_REQUIRE_CLUSTER=1 $(BIN)/pytest $(addprefix --ignore=,$(E2E_DIRS)) $(PYTEST_ARGS); \
 	rc=$$?; \

@@ -1,6 +1,8 @@
 """Soak benchmark: mixed streaming load with client aborts against `splitserve serve`.
 
-For ``--minutes`` (default 10), ``--concurrency`` clients (default 8) send completions back to back:
+After one round of the largest requests from every client at once (``--no-prime`` skips it: it
+brings each heap to its working set before the clock starts), for ``--minutes`` (default 10),
+``--concurrency`` clients (default 8) send completions back to back:
 prompts of 10-600 words, 16-128 output tokens, 90% streamed, and ``--abort-ratio`` (default 20%)
 of them given up at a random moment (before the answer starts, mid-prefill, mid-decode). Every
 2 s it samples each engine's KV usage and queues (GetStats) and the RSS of every process of the
@@ -11,10 +13,10 @@ reports:
 - requests: completed, aborted on purpose, failed (an error status or a stream cut without
   ``[DONE]``; must be 0);
 - anonymous RSS of each process after warm-up and at the end, and two slopes over the second half
-  of the run after warm-up (MB/min): of the samples themselves, and of the memory *retained*
-  (at each sample, the least RSS from then to the end: what was never given back). A heap that
-  rises under a burst and is trimmed later moves the first, not the second; a leak moves both;
-
+  of the run after warm-up (MB/min): of the samples themselves, and of the *floor* (at each
+  sample, the least RSS over the 32 s before it, longer than the engines' 30-s heap-trim period:
+  the level the heap comes back to). A heap that rises between trims moves the first, not the
+  second; a leak moves both;
 - KV usage over time; a plot (PNG) of RSS and KV usage per process when matplotlib is there.
 
     .venv/bin/python -P bench/soak.py [--minutes 10] [--out soak.json] [--plot soak.png]
@@ -146,13 +148,13 @@ def slope_mb_per_min(samples: list[tuple[float, float]]) -> float:
     return 60.0 * sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / den
 
 
-def retained(samples: list[tuple[float, float]]) -> list[tuple[float, float]]:
-    """At each sample, the least value from then to the end: memory that was never released."""
-    out, low = [], float("inf")
-    for t, v in reversed(samples):
-        low = min(low, v)
-        out.append((t, low))
-    return out[::-1]
+FLOOR_WINDOW_S = 32.0  # longer than the engines' 30-s heap-trim period (engine/heap.py)
+
+
+def floor(samples: list[tuple[float, float]], window_s: float = FLOOR_WINDOW_S):
+    """At each sample, the least value over the ``window_s`` before it: the level the heap comes
+    back to after each trim. A heap that rises between trims leaves it flat; a leak raises it."""
+    return [(t, min(v for u, v in samples if t - window_s <= u <= t)) for t, _ in samples]
 
 
 def main() -> int:
@@ -162,6 +164,10 @@ def main() -> int:
     ap.add_argument("--abort-ratio", type=float, default=0.2)
     ap.add_argument("--warmup-s", type=float, default=60.0)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--no-prime", dest="prime", action="store_false",
+        help="skip the first round of largest requests (see prime())",
+    )  # fmt: skip
     ap.add_argument("--serve-args", default="")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--plot", type=Path, default=None)
@@ -189,7 +195,19 @@ def main() -> int:
     return 0 if result["requests"]["failed"] == 0 and result["idle_after"] else 1
 
 
+async def prime(url: str, concurrency: int) -> None:
+    """Every client at once sends the largest request the load will send (longest prompt, most
+    output tokens), so each process's heap reaches its working set before the clock starts: growth
+    after warm-up is then growth, not the first sight of the biggest step."""
+    body = {"model": MODEL, "prompt": " ".join(WORDS[i % len(WORDS)] for i in range(600)),
+            "max_tokens": 128, "stream": False, "ignore_eos": True}  # fmt: skip
+    async with httpx.AsyncClient(timeout=httpx.Timeout(300.0)) as http:
+        await asyncio.gather(*(_one(http, url, body) for _ in range(concurrency)))
+
+
 def run_load(args, url: str, ports: dict[str, int], procs: dict[str, int]) -> dict:
+    if args.prime:
+        asyncio.run(prime(url, args.concurrency))
     t0 = time.monotonic()
     deadline = t0 + args.minutes * 60
     tally = Tally()
@@ -229,7 +247,9 @@ def run_load(args, url: str, ports: dict[str, int], procs: dict[str, int]) -> di
                 "after_warmup": next((v for t, v in xs if t >= warm), xs[0][1] if xs else 0.0),
                 "end": xs[-1][1] if xs else 0.0,
                 "slope_second_half_mb_per_min": round(slope_mb_per_min(post), 2),
-                "retained_slope_second_half_mb_per_min": round(slope_mb_per_min(retained(post)), 2),
+                "floor_slope_second_half_mb_per_min": round(
+                    slope_mb_per_min([(t, v) for t, v in floor(xs) if t >= warm]), 2
+                ),
             }
             for name, xs in rss.items()
             for post in [[(t, v) for t, v in xs if t >= warm]]
