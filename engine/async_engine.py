@@ -20,13 +20,13 @@ import queue
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 from splitserve.engine.block_pool import BlockStored, KVEvent
 from splitserve.engine.engine_core import EngineCore, EngineStats, KVAudit
 from splitserve.engine.heap import HeapTrimmer
-from splitserve.engine.outputs import ImportReservation, SequenceDelta
+from splitserve.engine.outputs import ImportReservation, RequestTiming, SequenceDelta
 from splitserve.protocol.logprobs import TokenLogprobs
 from splitserve.protocol.sampling import SamplingParams
 
@@ -79,6 +79,7 @@ class PrefillOutput:
     num_prompt_tokens: int
     num_cached_tokens: int
     prompt_logprobs: tuple[TokenLogprobs, ...] | None
+    timing: RequestTiming | None = None  # the prompt's queue and compute time on this engine
 
     @property
     def finished(self) -> bool:
@@ -233,13 +234,11 @@ class AsyncEngine:
             last.num_prompt_tokens,
             last.num_cached_tokens,
             prompt_lp,
+            last.timing,
         )
         if out.finished and held:
             self.release_kv_soon(request_id)
-            out = PrefillOutput(
-                request_id, out.first_tokens, (), out.num_prompt_tokens,
-                out.num_cached_tokens, out.prompt_logprobs,
-            )  # fmt: skip
+            out = replace(out, held_block_ids=())
         return out
 
     def release_kv_soon(self, request_id: str) -> None:
@@ -459,9 +458,7 @@ def _pairs(first_tokens: Sequence[FirstToken]) -> list[tuple[int, TokenLogprobs 
 
 def _first_token_params(params: SamplingParams) -> SamplingParams:
     """Only the first token is sampled on a prefill; stop strings are the decode side's job."""
-    import dataclasses
-
-    return dataclasses.replace(params, max_tokens=1, min_tokens=min(params.min_tokens, 1), stop=())
+    return replace(params, max_tokens=1, min_tokens=min(params.min_tokens, 1), stop=())
 
 
 def _ends(delta: SequenceDelta, params: SamplingParams) -> bool:

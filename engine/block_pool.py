@@ -115,6 +115,11 @@ class BlockPool:
         return self.free_queue.num_free
 
     @property
+    def num_cached_blocks(self) -> int:
+        """Blocks findable by prefix hash (at most the pool: the cache lives in the pool)."""
+        return len(self._cached)
+
+    @property
     def usage(self) -> float:
         """Fraction of blocks held by live requests (cached-but-free blocks count as free)."""
         return 1.0 - self.num_free_blocks / self.num_blocks

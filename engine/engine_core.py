@@ -17,12 +17,13 @@ from transformers import AutoConfig, AutoTokenizer
 from splitserve.engine.attention import get_attention_backend, resolve_backend_name
 from splitserve.engine.config import EngineConfig, ModelShape
 from splitserve.engine.detokenizer import IncrementalDetokenizer
+from splitserve.engine.histogram import HistogramSnapshot, StepHistogram, token_buckets
 from splitserve.engine.kv_cache_manager import KVCacheManager
 from splitserve.engine.kv_memory import allocate_host_kv
 from splitserve.engine.model.llama import LlamaArch, LlamaForCausalLM
 from splitserve.engine.model.loader import iter_safetensors, resolve_model
 from splitserve.engine.model_runner import ModelRunner
-from splitserve.engine.outputs import ImportReservation, SequenceDelta
+from splitserve.engine.outputs import ImportReservation, RequestTiming, SequenceDelta
 from splitserve.engine.request import Request, RequestStatus
 from splitserve.engine.sampler import Sampler, SamplingRow, TokenLogprobs, skip_draw
 from splitserve.engine.scheduler import Scheduler
@@ -43,6 +44,11 @@ class EngineStats:
     prefix_cache_hits: int  # prompt tokens found
     num_preemptions: int
     num_held: int = 0  # requests whose blocks are held for a hand-off
+    step_tokens: HistogramSnapshot | None = None  # tokens per step that ran (vLLM iteration)
+    # bounded caches, by size: compiled grammars (count, bytes), prefix-cached KV blocks
+    grammar_cache_entries: int = 0
+    grammar_cache_bytes: int = 0
+    prefix_cached_blocks: int = 0
 
 
 @dataclass(frozen=True)
@@ -150,6 +156,7 @@ class EngineCore:
         self._reserved: dict[str, Request] = {}  # awaiting imported KV
         self.num_steps_run = 0  # steps that scheduled work (progress, for health checks)
         self.last_step_tokens = self.last_step_seqs = 0
+        self.step_tokens = StepHistogram(token_buckets(config.scheduler.max_num_batched_tokens))
         log.info(
             "engine ready: %s, %s, %d KV blocks x %d tokens, max_model_len %d, %s attention",
             self.model_dir.name, dtype, num_blocks, bs, self.max_model_len, backend.name,
@@ -356,6 +363,7 @@ class EngineCore:
         return self.scheduler.num_unfinished > 0
 
     def stats(self) -> EngineStats:
+        grammars, grammar_bytes = self.structured.cache_size
         return EngineStats(
             num_running=len(self.scheduler.running),
             num_waiting=len(self.scheduler.waiting),
@@ -366,6 +374,10 @@ class EngineCore:
             prefix_cache_hits=self.kv.prefix_hits,
             num_preemptions=self.scheduler.num_preemptions,
             num_held=len(self.kv.held),
+            step_tokens=self.step_tokens.snapshot(),
+            grammar_cache_entries=grammars,
+            grammar_cache_bytes=grammar_bytes,
+            prefix_cached_blocks=self.kv.pool.num_cached_blocks,
         )
 
     def audit(self) -> KVAudit:
@@ -391,6 +403,7 @@ class EngineCore:
             return dropped
         self.num_steps_run += 1
         self.last_step_tokens = sched.num_batched_tokens
+        self.step_tokens.observe(sched.num_batched_tokens)
         self.last_step_seqs = len(sched.scheduled)
         tables = {
             s.request.request_id: self.kv.block_ids(s.request.request_id) for s in sched.scheduled
@@ -459,6 +472,8 @@ class EngineCore:
 
     def _update(self, req: Request, token: int, lp: TokenLogprobs | None) -> SequenceDelta:
         req.append_output_token(token)
+        if req.first_token_at is None:
+            req.first_token_at = time.monotonic()
         params = req.params
         detok = self._detok[req.request_id]
         finish: RequestStatus | None = None
@@ -484,8 +499,9 @@ class EngineCore:
         ):
             finish = RequestStatus.FINISHED_LENGTH
             text += detok.finish()
-        held = None
+        held = timing = None
         if finish is not None:
+            timing = _timing(req, time.monotonic())
             if req.request_id in self._hold:
                 self._hold.discard(req.request_id)
                 held = tuple(self.kv.hold(req, req.request_id))
@@ -511,6 +527,7 @@ class EngineCore:
             num_prompt_tokens=req.num_prompt_tokens,
             num_cached_tokens=max(req.num_cached_tokens, 0),
             held_block_ids=held,
+            timing=timing,
         )
 
     def _forget(self, req: Request) -> None:
@@ -533,3 +550,15 @@ class EngineCore:
         assert set(self.kv.tables) <= live, "blocks held by a request that is not running"
         if not self.has_unfinished() and not self.kv.held and not self._reserved:
             assert self.kv.pool.num_free_blocks == self.kv.pool.num_blocks, "leaked KV blocks"
+
+
+def _timing(req: Request, now: float) -> RequestTiming:
+    scheduled = req.first_scheduled_at if req.first_scheduled_at is not None else now
+    first = req.first_token_at if req.first_token_at is not None else now
+    return RequestTiming(
+        queued=max(scheduled - req.arrival_time, 0.0),
+        prefill=max(first - scheduled, 0.0),
+        decode=max(now - first, 0.0),
+        inference=max(now - scheduled, 0.0),
+        num_preemptions=req.num_preemptions,
+    )

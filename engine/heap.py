@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
 import time
 
 try:
@@ -23,7 +24,12 @@ except (OSError, AttributeError):  # pragma: no cover - not glibc
 class HeapTrimmer:
     """Call ``maybe_trim`` between steps; it trims when due."""
 
-    def __init__(self, interval: float = 30.0, clock=time.monotonic) -> None:
+    def __init__(self, interval: float | None = None, clock=time.monotonic) -> None:
+        # SPLITSERVE_HEAP_TRIM_SECONDS: the period (default 30 s); 0 turns trimming off, which
+        # is how the growth it prevents is shown (docs/memory.md).
+        if interval is None:
+            interval = float(os.environ.get("SPLITSERVE_HEAP_TRIM_SECONDS", "30"))
+        self.enabled = interval > 0
         self.interval = interval
         self._clock = clock
         self._last = clock()
@@ -32,7 +38,7 @@ class HeapTrimmer:
     def maybe_trim(self, idle: bool) -> bool:
         """Trim now if the engine just went idle or ``interval`` passed; True if it did."""
         now = self._clock()
-        if _trim is None or not (idle or now - self._last >= self.interval):
+        if _trim is None or not self.enabled or not (idle or now - self._last >= self.interval):
             return False
         _trim(0)
         self._last = now

@@ -8,6 +8,23 @@ from splitserve.protocol.logprobs import TokenLogprobs
 
 
 @dataclass(frozen=True)
+class RequestTiming:
+    """Where a finished sequence's time went on this engine, in seconds (vLLM's intervals).
+
+    All from one process's monotonic clock: queued = arrival -> first scheduled, prefill = first
+    scheduled -> first token, decode = first token -> finish, inference = first scheduled ->
+    finish. On a decode pod after a hand-off, "scheduled" is when the imported prompt joined the
+    batch and the first token is the prefill pod's (adopted at that moment).
+    """
+
+    queued: float
+    prefill: float
+    decode: float
+    inference: float
+    num_preemptions: int = 0
+
+
+@dataclass(frozen=True)
 class SequenceDelta:
     """What one step added to one output sequence of one request."""
 
@@ -28,6 +45,8 @@ class SequenceDelta:
     # Set when the engine dropped the request instead of serving it (e.g. it waited in the queue
     # past the timeout); finish_reason is then "abort" and no tokens come.
     error: str | None = None
+    # With the finishing delta: the sequence's timing on this engine.
+    timing: RequestTiming | None = None
 
     @property
     def finished(self) -> bool:

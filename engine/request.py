@@ -66,6 +66,8 @@ class Request:
         self.block_size = block_size
         self.arrival_time = time.monotonic() if arrival_time is None else arrival_time
         self.queued_at = self.arrival_time  # when it last entered the waiting queue
+        self.first_scheduled_at: float | None = None  # (metrics: vLLM's queue/prefill split)
+        self.first_token_at: float | None = None
         self.all_token_ids: list[int] = list(prompt_token_ids)
         self.num_computed_tokens = 0
         self.num_cached_tokens = -1  # prompt tokens served by the prefix cache; -1 until known
@@ -135,6 +137,8 @@ class Request:
         child.block_hashes = list(self.block_hashes)
         child.num_computed_tokens = self.num_computed_tokens
         child.num_cached_tokens = self.num_cached_tokens
+        child.first_scheduled_at = self.first_scheduled_at
+        child.first_token_at = self.first_token_at
         child.status = self.status
         child.grammar = None if self.grammar is None else self.grammar.fork()
         return child

@@ -81,6 +81,8 @@ class Scheduler:
     def add_running(self, request: Request) -> None:
         """A forked sibling that already owns (shared) blocks joins the running batch."""
         request.status = RequestStatus.RUNNING
+        if request.first_scheduled_at is None:  # an imported prompt joins here
+            request.first_scheduled_at = time.monotonic()
         self.running.append(request)
 
     def finish(self, request: Request, status: RequestStatus) -> None:
@@ -141,6 +143,8 @@ class Scheduler:
                 break
             self.waiting.popleft()
             req.status = RequestStatus.RUNNING
+            if req.first_scheduled_at is None:
+                req.first_scheduled_at = time.monotonic()
             self.running.append(req)
             scheduled.append(ScheduledRequest(req, num_new))
             budget -= num_new

@@ -38,6 +38,8 @@ log = logging.getLogger(__name__)
 # Compiled grammars kept per engine (least recently used dropped first). A JSON-schema grammar
 # for a 49k vocabulary takes tens of kB; compiling one takes a few ms.
 _CACHE_SIZE = 256
+# ... and at most this many bytes of them (a large schema's grammar holds per-token tables).
+_CACHE_BYTES = 256 << 20
 # Compilation threads: the engine compiles between steps, on its own thread, so keep it small.
 _COMPILE_THREADS = 2
 
@@ -113,6 +115,7 @@ class StructuredOutputs:
         self._stop_token_ids = sorted(stop_token_ids)
         self._compiler: xgr.GrammarCompiler | None = None  # built on first use (~0.1 s)
         self._cache: OrderedDict[StructuredOutput, xgr.CompiledGrammar] = OrderedDict()
+        self._cache_bytes = 0
         self._bits: torch.Tensor | None = None  # reused across steps, grown as needed
 
     def compile(self, spec: StructuredOutput) -> xgr.CompiledGrammar:
@@ -139,9 +142,19 @@ class StructuredOutputs:
         except RuntimeError as exc:  # xgrammar reports every parse / conversion error this way
             raise ValueError(f"structured_output.{spec.kind} is invalid: {_reason(exc)}") from None
         self._cache[spec] = compiled
-        if len(self._cache) > _CACHE_SIZE:
-            self._cache.popitem(last=False)
+        self._cache_bytes += compiled.memory_size_bytes
+        # Evict least recently used; the newest stays (a live sequence holds it anyway).
+        while len(self._cache) > 1 and (
+            len(self._cache) > _CACHE_SIZE or self._cache_bytes > _CACHE_BYTES
+        ):
+            _, old = self._cache.popitem(last=False)
+            self._cache_bytes -= old.memory_size_bytes
         return compiled
+
+    @property
+    def cache_size(self) -> tuple[int, int]:
+        """(compiled grammars cached, their bytes)."""
+        return len(self._cache), self._cache_bytes
 
     def start(self, spec: StructuredOutput) -> SequenceGrammar:
         """A matcher at the start of ``spec``'s grammar, for a new sequence."""

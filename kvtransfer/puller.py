@@ -128,8 +128,7 @@ class KVPuller:
                 self._release_async(handoff)
             raise PeerError(f"KV pull failed: {type(error).__name__}: {error}") from error
         nbytes = len(dst_block_ids) * self.pool.block_nbytes
-        self.metrics.record_transfer(transport, "received", nbytes, len(dst_block_ids))
-        self.metrics.seconds.labels(transport).observe(seconds)
+        self.metrics.record_pull(transport, nbytes, len(dst_block_ids), seconds)
         if release:
             self._release_async(handoff)
         return TransferResult(transport, len(dst_block_ids), nbytes, seconds)

@@ -182,7 +182,7 @@ class KVBlockSource:
                 lease.request_id,
                 len(lease.block_ids),
             )
-            self.metrics.leases_expired.inc()
+            self.metrics.record_expired()
             self._free(lease)
         return expired
 

@@ -22,7 +22,7 @@ from splitserve.protocol.constants import PROTOCOL_VERSION
 from splitserve.protocol.kv_compat import CompatInfo, kv_compat_hash
 from splitserve.protocol.tokenizer_files import read_tokenizer_files, tokenizer_id
 from splitserve.services.common.engine_args import engine_config
-from splitserve.services.common.metrics import EngineMetrics
+from splitserve.services.common.metrics import CacheInfo, EngineMetrics
 from splitserve.services.common.serving import run_grpc_server
 
 
@@ -142,7 +142,16 @@ def build_runtime(args: argparse.Namespace, role: str) -> EngineRuntime:
         max_num_seqs=facts.max_num_seqs,
     )
     registry = CollectorRegistry()
-    metrics = EngineMetrics(registry, engine, model_name, role)
+    cache = CacheInfo(
+        block_size=facts.block_size,
+        num_blocks=facts.num_blocks,
+        cache_dtype=facts.kv_dtype,
+        enable_prefix_caching=config.cache.enable_prefix_caching,
+        kv_cache_memory_bytes=config.cache.kv_cache_memory_bytes,
+    )
+    metrics = EngineMetrics(
+        registry, engine, model_name, role, args.engine_id, facts.max_model_len, cache
+    )
     engine.start()
     return EngineRuntime(
         engine=engine,

@@ -22,7 +22,7 @@ from splitserve.proto import splitserve_pb2_grpc as pb_grpc
 from splitserve.protocol.constants import PROTOCOL_VERSION
 from splitserve.protocol.request_checks import check_generate_request
 from splitserve.protocol.wire import finish_to_proto, logprobs_to_proto, params_from_proto
-from splitserve.services.common.metrics import EngineMetrics
+from splitserve.services.common.metrics import EngineMetrics, FinishedRequest
 from splitserve.services.decode.kv_connector import KVConnector, KVImportFailed
 
 log = logging.getLogger(__name__)
@@ -80,7 +80,7 @@ class DecodeServicer(pb_grpc.DecodeServiceServicer):
         else:
             deltas = self.engine.generate(rid, prompt, params)
         try:
-            async for message in self._responses(rid, deltas, info, start, handed_off):
+            async for message in self._responses(rid, deltas, info, start, handed_off, params):
                 yield message
         except ValueError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
@@ -103,11 +103,13 @@ class DecodeServicer(pb_grpc.DecodeServiceServicer):
         info: pb.KVTransferInfo,
         start: float,
         handed_off: bool,
+        params,
     ) -> AsyncIterator[pb.GenerateResponse]:
         first = True
         last: dict[int, float] = {}  # sample -> time of its previous token
-        ttft = None
         num_out: dict[int, int] = {}
+        open_samples = params.n
+        timing = None  # sample 0's, for the request-level histograms
         async for delta in deltas:
             now = time.monotonic()
             i = delta.index
@@ -122,7 +124,7 @@ class DecodeServicer(pb_grpc.DecodeServiceServicer):
                 msg.logprobs.extend(logprobs_to_proto(lp) for lp in delta.logprobs)
             if first:
                 msg.kv_transfer.CopyFrom(info)
-                ttft = now - start
+                self.metrics.first_token(now - start)
                 if delta.prompt_logprobs and not handed_off:
                     msg.prompt_logprobs.extend(
                         logprobs_to_proto(lp) for lp in delta.prompt_logprobs
@@ -142,11 +144,24 @@ class DecodeServicer(pb_grpc.DecodeServiceServicer):
                         cached_tokens=0 if handed_off else delta.num_cached_tokens,
                     )
                 )
-                # Each prompt token is counted once in a prefill/decode pair: by the prefill pod.
-                prompt_tokens = 0 if handed_off or i else delta.num_prompt_tokens
-                self.metrics.finished(
-                    delta.finish_reason or "stop", prompt_tokens, num_out[i], ttft, now - start
-                )
+                self.metrics.sample_finished(num_out[i], delta.timing)
+                if i == 0:
+                    timing = delta.timing
+                open_samples -= 1
+                if not open_samples:
+                    self.metrics.request_finished(
+                        FinishedRequest(
+                            finish_reason=delta.finish_reason or "stop",
+                            num_prompt_tokens=delta.num_prompt_tokens,
+                            # each prompt token is counted once in a pair: by the pod that
+                            # computed it (docs: services/common/metrics.py)
+                            counted_prompt_tokens=0 if handed_off else delta.num_prompt_tokens,
+                            output_tokens=tuple(num_out.get(k, 0) for k in range(params.n)),
+                            e2e=now - start,
+                            max_tokens=params.max_tokens,
+                            timing=timing,
+                        )
+                    )
             first = False
             last[i] = now
             yield msg

@@ -82,7 +82,7 @@ class PrefillServicer(pb_grpc.PrefillServiceServicer):
             except EngineDeadError as exc:
                 await context.abort(grpc.StatusCode.INTERNAL, str(exc))
             seconds = time.monotonic() - start
-            self.metrics.finished("prefill", out.num_prompt_tokens, params.n, seconds, seconds)
+            self.metrics.prefill_done(out.num_prompt_tokens, seconds, out.timing)
             response = _response(out)
             if out.held_block_ids:
                 response.handoff.CopyFrom(await self._grant(out))

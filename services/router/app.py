@@ -116,6 +116,9 @@ def build_app(
 
     async def run(request: Request, prepared: Prepared, stream: bool) -> Response:
         t0 = time.perf_counter()
+        arrival = request.scope.get("state", {}).get("arrival")  # set by the guard
+        if arrival is not None:
+            metrics.queue.observe(t0 - arrival)
         metrics.inflight.inc()
         try:
             if stream:
@@ -245,6 +248,9 @@ def build_app(
     async def prom() -> Response:
         metrics.ready_pods.labels(PREFILL).set(len(dispatcher.pool.ready(PREFILL)))
         metrics.ready_pods.labels(DECODE).set(len(dispatcher.pool.ready(DECODE)))
+        precise, speculative = dispatcher.pool.index.size()
+        metrics.prefix_index_blocks.labels("precise").set(precise)
+        metrics.prefix_index_blocks.labels("speculative").set(speculative)
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     install_openapi(app, config.max_temperature, config.api_keys.enabled)

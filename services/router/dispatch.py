@@ -178,6 +178,11 @@ class Dispatcher:
         if self.metrics is not None:
             m = self.metrics
             m.matched_tokens.inc(route.matched_blocks * first_pod.block_size)
+            m.routing_decisions.labels(
+                self.policy,
+                "colocated" if route.prefill is None else "disaggregated",
+                "hit" if route.matched_blocks else "miss",
+            ).inc()
             if route.prefill is not None:
                 m.routed.labels(route.prefill.endpoint.address, PREFILL).inc()
             m.routed.labels(route.decode.endpoint.address, DECODE).inc()

@@ -108,7 +108,9 @@ class GuardMiddleware:
             return
         t0 = time.perf_counter()
         rid = f"req-{uuid.uuid4().hex}"
-        scope.setdefault("state", {})["request_id"] = rid
+        state = scope.setdefault("state", {})
+        state["request_id"] = rid
+        state["arrival"] = t0  # the app's queue-time histogram starts here
         status = [0]
 
         async def send_wrapper(message: Message) -> None:

@@ -55,11 +55,31 @@ class RouterMetrics:
         self.generation_tokens = Counter(
             "splitserve_router_generation_tokens", "Generated tokens", registry=r
         )
+        self.routing_decisions = Counter(
+            "splitserve_router_routing_decisions",
+            "Routing decisions by policy, serving mode (disaggregated / colocated) and whether "
+            "the chosen pod was expected to hold part of the prompt (prefix hit / miss)",
+            ["policy", "mode", "prefix"],
+            registry=r,
+        )
+        self.queue = Histogram(
+            "splitserve_router_queue_seconds",
+            "Arrival at the router to the request's dispatch to the engines (body, template, "
+            "tokenization, waiting for a worker thread)",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
         self.retries = Counter(
             "splitserve_router_retries", "Samples retried on another pod", registry=r
         )
         self.aborts = Counter(
             "splitserve_router_client_aborts", "Requests whose client went away", registry=r
+        )
+        self.prefix_index_blocks = Gauge(
+            "splitserve_router_prefix_index_blocks",
+            "Block hashes in the prefix index: from KV events (precise) or routing (speculative)",
+            ["kind"],
+            registry=r,
         )
         self.ready_pods = Gauge(
             "splitserve_router_ready_pods", "Ready pods by role", ["role"], registry=r

@@ -68,6 +68,10 @@ class PodBlocks:
     def __len__(self) -> int:
         return len(self.precise)
 
+    @property
+    def num_speculative(self) -> int:
+        return len(self._speculative)
+
 
 class PrefixIndex:
     """Per-pod block sets keyed by pod id."""
@@ -106,3 +110,9 @@ class PrefixIndex:
 
     def pod_ids(self) -> list[str]:
         return list(self._pods)
+
+    def size(self) -> tuple[int, int]:
+        """(blocks known from KV events, blocks recorded as routed) over all pods; the first is
+        bounded by the pods' own caches, the second by ``speculative_capacity`` per pod."""
+        pods = self._pods.values()
+        return sum(len(p) for p in pods), sum(p.num_speculative for p in pods)

@@ -22,3 +22,13 @@ def test_trims_when_idle_and_when_due(monkeypatch):
 def test_the_real_trim_runs():
     t = heap.HeapTrimmer()
     assert t.maybe_trim(idle=True) == (heap._trim is not None)
+
+
+def test_the_period_comes_from_the_environment_and_zero_turns_it_off(monkeypatch):
+    calls = []
+    monkeypatch.setattr(heap, "_trim", lambda pad: calls.append(pad) or 1)
+    monkeypatch.setenv("SPLITSERVE_HEAP_TRIM_SECONDS", "0")
+    off = heap.HeapTrimmer()
+    assert not off.maybe_trim(idle=True) and calls == []
+    monkeypatch.setenv("SPLITSERVE_HEAP_TRIM_SECONDS", "5")
+    assert heap.HeapTrimmer().interval == 5.0

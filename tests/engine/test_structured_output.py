@@ -290,3 +290,23 @@ def test_preemption_and_abort_keep_grammar_state(tiny_llama_dir):
     assert engine.abort_request("gone")
     engine.check_integrity()
     assert re.fullmatch(regex, llm.generate(prompts[:1], params)[0].outputs[0].text)
+
+
+def test_the_grammar_cache_is_bounded_by_count_and_bytes(default_model_dir, monkeypatch):
+    from transformers import AutoTokenizer
+
+    from splitserve.engine import structured_output as so
+
+    outputs = StructuredOutputs(AutoTokenizer.from_pretrained(default_model_dir), 49152, [2])
+    one = outputs.compile(StructuredOutput(regex="a{1}")).memory_size_bytes
+    monkeypatch.setattr(so, "_CACHE_BYTES", int(one * 2.5))
+    monkeypatch.setattr(so, "_CACHE_SIZE", 10)
+    for i in range(2, 8):
+        outputs.compile(StructuredOutput(regex=f"a{{{i}}}"))
+    entries, nbytes = outputs.cache_size
+    assert entries <= 3 and nbytes <= one * 2.5 * 1.5  # regexes of one size class
+    monkeypatch.setattr(so, "_CACHE_BYTES", 1 << 40)
+    monkeypatch.setattr(so, "_CACHE_SIZE", 4)
+    for i in range(8, 20):
+        outputs.compile(StructuredOutput(regex=f"b{{{i}}}"))
+    assert outputs.cache_size[0] == 4

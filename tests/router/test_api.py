@@ -108,6 +108,24 @@ def test_cached_tokens_reported(disagg):
     c.completions.create(model="m", prompt=prompt, max_tokens=1)
     r = c.completions.create(model="m", prompt=prompt, max_tokens=1)
     assert r.usage.prompt_tokens_details.cached_tokens >= 64
+    # the router's view: the second request was routed on a predicted prefix hit
+    from prometheus_client.parser import text_string_to_metric_families
+
+    families = {
+        f.name: f for f in text_string_to_metric_families(httpx.get(router.url + "/metrics").text)
+    }
+    decisions = {
+        s.labels["prefix"]: s.value
+        for s in families["splitserve_router_routing_decisions"].samples
+        if s.name.endswith("_total") and s.labels["mode"] == "disaggregated"
+    }
+    assert decisions.get("hit", 0) >= 1
+    queue = families["splitserve_router_queue_seconds"]
+    assert next(s.value for s in queue.samples if s.name.endswith("_count")) >= 2
+    index = {
+        s.labels["kind"]: s.value for s in families["splitserve_router_prefix_index_blocks"].samples
+    }
+    assert index["speculative"] >= 4 and "precise" in index
 
 
 def test_models_health_metrics_tokenize(disagg, tokenizer):

@@ -230,32 +230,126 @@ def test_prefill_killed_or_restarted_requests_still_complete(servers, reference,
     dec.wait_pool_full()
 
 
-def test_both_pods_export_vllm_and_transfer_metrics(servers):
+# vLLM's metric set (names and types as vLLM's v1 Prometheus logger and NIXL connector define
+# them: vllm/v1/metrics/loggers.py, docs/usage/metrics.md), every one on both engine roles.
+VLLM_METRICS = {
+    "vllm:num_requests_running": "gauge",
+    "vllm:num_requests_waiting": "gauge",
+    "vllm:kv_cache_usage_perc": "gauge",
+    "vllm:cache_config_info": "gauge",
+    "vllm:prefix_cache_queries": "counter",
+    "vllm:prefix_cache_hits": "counter",
+    "vllm:num_preemptions": "counter",
+    "vllm:prompt_tokens": "counter",
+    "vllm:generation_tokens": "counter",
+    "vllm:request_success": "counter",
+    "vllm:iteration_tokens_total": "histogram",
+    "vllm:time_to_first_token_seconds": "histogram",
+    "vllm:inter_token_latency_seconds": "histogram",
+    "vllm:time_per_output_token_seconds": "histogram",
+    "vllm:request_time_per_output_token_seconds": "histogram",
+    "vllm:e2e_request_latency_seconds": "histogram",
+    "vllm:request_queue_time_seconds": "histogram",
+    "vllm:request_inference_time_seconds": "histogram",
+    "vllm:request_prefill_time_seconds": "histogram",
+    "vllm:request_decode_time_seconds": "histogram",
+    "vllm:request_prompt_tokens": "histogram",
+    "vllm:request_generation_tokens": "histogram",
+    "vllm:request_max_num_generation_tokens": "histogram",
+    "vllm:request_params_n": "histogram",
+    "vllm:request_params_max_tokens": "histogram",
+}
+NIXL_METRICS = {
+    "vllm:nixl_xfer_time_seconds": "histogram",
+    "vllm:nixl_bytes_transferred": "histogram",
+    "vllm:nixl_num_descriptors": "histogram",
+    "vllm:nixl_num_failed_transfers": "counter",
+    "vllm:nixl_num_kv_expired_reqs": "counter",
+}
+
+
+def scrape(server) -> dict:
+    """family name -> family, from the server's /metrics."""
     import urllib.request
 
-    def scrape(server) -> str:
-        url = f"http://127.0.0.1:{server.metrics_port}/metrics"
-        with urllib.request.urlopen(url, timeout=5) as resp:
-            return resp.read().decode()
+    from prometheus_client.parser import text_string_to_metric_families
 
-    common = [
-        "vllm:num_requests_running",
-        "vllm:num_requests_waiting",
-        "vllm:kv_cache_usage_perc",
-        "vllm:prefix_cache_queries_total",
-        "vllm:prefix_cache_hits_total",
-        "vllm:prompt_tokens_total",
-        "vllm:generation_tokens_total",
-        "vllm:time_to_first_token_seconds_bucket",
-        "vllm:e2e_request_latency_seconds_bucket",
-    ]
-    prefill, decode = scrape(servers["prefill"]), scrape(servers["decode_nixl"])
-    for name in common:
-        assert name in prefill and name in decode, name
-    assert "vllm:inter_token_latency_seconds_bucket" in decode
-    assert 'splitserve:kv_transfer_bytes_total{direction="received",transport="nixl"}' in decode
-    assert "splitserve:kv_leases_expired_total" in prefill
-    assert "splitserve:kv_leases_granted_total" in prefill
+    url = f"http://127.0.0.1:{server.metrics_port}/metrics"
+    with urllib.request.urlopen(url, timeout=5) as resp:
+        return {f.name: f for f in text_string_to_metric_families(resp.read().decode())}
+
+
+def value(families: dict, name: str, sample: str | None = None, **labels) -> float:
+    """The sum of ``sample`` (default: the family's own name) over samples matching ``labels``."""
+    fam = families.get(name)
+    if fam is None:
+        return 0.0
+    want = sample or name
+    return sum(
+        s.value
+        for s in fam.samples
+        if s.name == want and all(s.labels.get(k) == v for k, v in labels.items())
+    )
+
+
+def test_both_pods_export_vllms_metric_set(servers):
+    for role in ("prefill", "decode_nixl"):
+        families = scrape(servers[role])
+        for name, kind in {**VLLM_METRICS, **NIXL_METRICS}.items():
+            assert name in families, f"{role}: {name} missing"
+            assert families[name].type == kind, f"{role}: {name} is {families[name].type}"
+        for name in VLLM_METRICS:  # vLLM's label convention
+            for s in families[name].samples:
+                assert {"model_name", "engine"} <= set(s.labels) or name.endswith("_info"), s
+        info = families["vllm:cache_config_info"].samples[0].labels
+        assert info["block_size"] == "16" and info["enable_prefix_caching"] == "true"
+        if role == "prefill":  # the transfer family of its own, beside vLLM's
+            assert "splitserve:kv_leases_granted" in families
+
+
+def test_each_token_and_request_is_counted_once_across_the_pair(servers, reference):
+    """Prompt tokens on the prefill pod, generated tokens and the request on the decode pod."""
+    _, ref = reference
+    prefill, dec = servers["prefill"], servers["decode_nixl"]
+    ids = ref[PROMPTS[3]][0] + [42, 43, 44]  # a fresh prompt: its blocks must move
+    before = {"p": scrape(prefill), "d": scrape(dec)}
+    _, messages = asyncio.run(run_one(prefill.address, dec.address, request("counted", ids)))
+    tokens, _, transfer, _ = collect(messages)
+    after = {"p": scrape(prefill), "d": scrape(dec)}
+
+    def delta(pod, name, sample=None, **labels):
+        return value(after[pod], name, sample, **labels) - value(
+            before[pod], name, sample, **labels
+        )
+
+    assert len(tokens) == MAX_TOKENS
+    assert delta("p", "vllm:prompt_tokens", "vllm:prompt_tokens_total") == len(ids)
+    assert delta("d", "vllm:prompt_tokens", "vllm:prompt_tokens_total") == 0
+    assert delta("p", "vllm:generation_tokens", "vllm:generation_tokens_total") == 0
+    assert delta("d", "vllm:generation_tokens", "vllm:generation_tokens_total") == MAX_TOKENS
+    success = "vllm:request_success_total"
+    assert delta("d", "vllm:request_success", success, finished_reason="length") == 1
+    assert delta("p", "vllm:request_success", success) == 0
+    for name in ("vllm:e2e_request_latency_seconds", "vllm:request_decode_time_seconds"):
+        assert delta("d", name, name + "_count") == 1, name
+        assert delta("p", name, name + "_count") == 0, name
+    # each pod's own view of the queue and the prompt (the decode pod's is the KV import)
+    for pod in ("p", "d"):
+        for name in ("vllm:request_queue_time_seconds", "vllm:request_prefill_time_seconds"):
+            assert delta(pod, name, name + "_count") == 1, (pod, name)
+    assert delta("d", "vllm:request_prompt_tokens", "vllm:request_prompt_tokens_sum") == len(ids)
+    assert delta("d", "vllm:inter_token_latency_seconds",
+                 "vllm:inter_token_latency_seconds_count") == MAX_TOKENS - 1  # fmt: skip
+    assert delta("p", "vllm:iteration_tokens_total", "vllm:iteration_tokens_total_sum") >= len(
+        ids
+    ) - 16 * (len(ids) // 16)  # at least the tokens it computed past any cached blocks
+    assert transfer.num_blocks > 0 and transfer.transport == "nixl"
+    xfer = "vllm:nixl_xfer_time_seconds"
+    assert delta("d", xfer, xfer + "_count", transport="nixl") == 1
+    moved = delta("d", "vllm:nixl_bytes_transferred", "vllm:nixl_bytes_transferred_sum")
+    assert moved == transfer.num_bytes
+    for server in servers.values():
+        server.wait_pool_full()
 
 
 def test_kv_events_carry_the_shared_block_hashes(servers, reference):
