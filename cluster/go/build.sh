@@ -24,6 +24,8 @@ if [[ "${1:-}" == "--check" ]]; then
     shift
 fi
 BIN="${1:-$ROOT/.cache/cluster/bin}"
+# Absolute: the builds below run from the module directories (`make test` passes a relative path).
+[[ "$BIN" == /* ]] || BIN="$PWD/$BIN"
 PROGRAMS=(etcd kube-apiserver kube-controller-manager kube-scheduler kube-proxy)
 
 # The release version stamped into the binaries (what `kubectl version` and helm's kubeVersion
