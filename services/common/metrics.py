@@ -176,7 +176,6 @@ class EngineMetrics:
     ) -> None:
         labels = {"model_name": model_name, "engine": engine_id, "role": role}
         self.registry = registry
-        self.role = role
         registry.register(_StatsCollector(engine, labels))
         names = list(labels)
         self._labels = labels

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import shutil
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,8 @@ import pytest
 from splitserve.operator import crd
 
 REPO = Path(__file__).resolve().parents[2]
+# helm_support.py, shared by the chart tests (--import-mode=importlib adds no test dir to the path)
+sys.path.insert(0, str(Path(__file__).parent))
 K8S_VERSION = "1.30.0"
 
 BASE_ISVC: dict[str, Any] = {

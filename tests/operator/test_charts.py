@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+from helm_support import helm_run
 
 from splitserve.operator import crd
 from splitserve.operator.builders import build_desired
@@ -38,10 +38,6 @@ ISVC_VALUES = {
         "--set", "engine.extraArgs={--enforce-eager}",
     ],
 }  # fmt: skip
-
-
-def helm_run(helm: str, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([helm, *args], capture_output=True, text=True, check=False, timeout=120)
 
 
 def template(helm: str, chart: Path, values: list[str]) -> list[dict[str, Any]]:

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
 from pathlib import Path
 from typing import Any
 
 import jsonschema
 import pytest
 import yaml
+from helm_support import helm_run
 
 from splitserve.operator import crd
 from splitserve.operator import labels as L
@@ -43,10 +43,7 @@ CASES = {
 
 
 def render(helm: str, *values: str) -> list[dict[str, Any]]:
-    done = subprocess.run(
-        [helm, "template", "rel", str(CHART), "-n", "ns", *values],
-        capture_output=True, text=True, check=False, timeout=120,
-    )  # fmt: skip
+    done = helm_run(helm, "template", "rel", str(CHART), "-n", "ns", *values)
     assert done.returncode == 0, done.stderr
     return [doc for doc in yaml.safe_load_all(done.stdout) if doc]
 
@@ -106,10 +103,7 @@ def test_each_object_renders_only_when_enabled(helm, flag, kind) -> None:
 
 def test_lint_passes_with_everything_enabled(helm) -> None:
     flags = [f"monitoring.{f}.enabled=true" for f in ("podMonitor", "networkPolicy", "dashboard")]
-    done = subprocess.run(
-        [helm, "lint", "--strict", str(CHART), *MONITORS_ON, "--set", ",".join(flags)],
-        capture_output=True, text=True, check=False, timeout=120,
-    )  # fmt: skip
+    done = helm_run(helm, "lint", "--strict", str(CHART), *MONITORS_ON, "--set", ",".join(flags))
     assert done.returncode == 0, done.stdout + done.stderr
 
 
@@ -123,10 +117,7 @@ def test_lint_passes_with_everything_enabled(helm) -> None:
     ],
 )
 def test_schema_rejects_bad_monitoring_values(helm, values, field) -> None:
-    done = subprocess.run(
-        [helm, "template", "rel", str(CHART), *values],
-        capture_output=True, text=True, check=False, timeout=120,
-    )  # fmt: skip
+    done = helm_run(helm, "template", "rel", str(CHART), *values)
     assert done.returncode != 0 and field in done.stderr
 
 
