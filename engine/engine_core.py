@@ -22,7 +22,7 @@ from splitserve.engine.kv_cache_manager import KVCacheManager
 from splitserve.engine.kv_memory import allocate_host_kv
 from splitserve.engine.model.llama import LlamaArch, LlamaForCausalLM
 from splitserve.engine.model.loader import iter_safetensors, resolve_model
-from splitserve.engine.model_runner import ModelRunner
+from splitserve.engine.model_runner import PROMPT_LOGPROB_ROWS, ModelRunner
 from splitserve.engine.outputs import ImportReservation, RequestTiming, SequenceDelta
 from splitserve.engine.request import Request, RequestStatus
 from splitserve.engine.sampler import Sampler, SamplingRow, TokenLogprobs, skip_draw
@@ -144,6 +144,15 @@ class EngineCore:
             resolve_backend_name(config.attention_backend, config.device)
         )
         self.runner = ModelRunner(self.model, self.kv_cache, backend, bs)
+        if torch.device(config.device).type == "cpu" and dtype != torch.float32:
+            # oneDNN's per-shape state: a fixed set of shapes, all made now (llama.py, forward)
+            t0 = time.monotonic()
+            self.model.bucket_rows = True
+            self.model.warm_up(
+                config.scheduler.max_num_batched_tokens,
+                max(config.scheduler.max_num_seqs, PROMPT_LOGPROB_ROWS),
+            )
+            log.info("matmul shapes warmed up in %.1f s", time.monotonic() - t0)
         self.eos_ids = eos_token_ids(self.hf_config, self.tokenizer)
         self.sampler = Sampler(arch.vocab_size, self.eos_ids or None)
         self.structured = StructuredOutputs(self.tokenizer, arch.vocab_size, self.eos_ids)

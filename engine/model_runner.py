@@ -14,7 +14,7 @@ from splitserve.engine.scheduler import ScheduledRequest, SchedulerOutput
 
 # Prompt-logprob rows go through the LM head in slices of this many (a [rows, vocab] float32
 # logits tensor each: 256 x 49152 x 4 B = 50 MB for SmolLM2).
-_PROMPT_LOGPROB_ROWS = 256
+PROMPT_LOGPROB_ROWS = 256
 
 
 @dataclass(frozen=True)
@@ -85,8 +85,8 @@ class ModelRunner:
                 continue
             base = end + 1 - item.num_new_tokens - start  # hidden row of prompt position 0
             out: list[TokenLogprobs] = []
-            for lo in range(first, stop, _PROMPT_LOGPROB_ROWS):
-                hi = min(lo + _PROMPT_LOGPROB_ROWS, stop)
+            for lo in range(first, stop, PROMPT_LOGPROB_ROWS):
+                hi = min(lo + PROMPT_LOGPROB_ROWS, stop)
                 rows = hidden[base + lo : base + hi]
                 logits = self.model.compute_logits(rows)[:, :vocab]
                 targets = torch.tensor(req.prompt_token_ids[lo + 1 : hi + 1], device=logits.device)

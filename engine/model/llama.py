@@ -131,6 +131,28 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return x * cos[:, None, :] + _rotate_half(x) * sin[:, None, :]
 
 
+def padded_rows(t: int) -> int:
+    """The row count a step of `t` tokens runs its matmuls at: `t` itself up to 32 (decode
+    batches), above that `t` rounded up to one of 8 steps per power of two (at most 12.5% extra
+    rows). 8,192 tokens take 96 distinct shapes in all."""
+    if t <= 32:
+        return t
+    step = 1 << (t.bit_length() - 4)
+    return -(-t // step) * step
+
+
+def logit_rows(n: int) -> int:
+    """The row count the LM head runs ``n`` rows at: ``n`` up to 8, then the next power of two.
+    Coarser than ``padded_rows``: each LM-head shape costs oneDNN ~2.6 MB here (its weight is
+    the largest), and extra rows cost little next to reading that weight."""
+    return n if n <= 8 else 1 << (n - 1).bit_length()
+
+
+def row_buckets(limit: int, rows=padded_rows) -> list[int]:
+    """Every row count ``rows`` gives for 1 to ``limit``."""
+    return sorted({rows(t) for t in range(1, limit + 1)})
+
+
 class Attention(nn.Module):
     def __init__(self, arch: LlamaArch, layer: int) -> None:
         super().__init__()
@@ -141,14 +163,19 @@ class Attention(nn.Module):
         )
         self.o_proj = nn.Linear(self.hq * self.d, arch.hidden_size, bias=False)
 
-    def forward(self, x, cos, sin, attn: AttentionStep) -> torch.Tensor:
-        t = x.shape[0]
-        qk, v = self.qkv_proj(x).split([(self.hq + self.hkv) * self.d, self.hkv * self.d], dim=-1)
+    def forward(self, x, cos, sin, attn: AttentionStep, t: int) -> torch.Tensor:
+        """x: [rows, hidden] with the step's `t` tokens first and padding rows after them
+        (`padded_rows`); attention sees the `t` tokens only."""
+        rows = x.shape[0]
+        qkv = self.qkv_proj(x)[:t]
+        qk, v = qkv.split([(self.hq + self.hkv) * self.d, self.hkv * self.d], dim=-1)
         # Rotate q and k heads together: one set of elementwise ops instead of two.
-        qk = apply_rotary(qk.view(t, self.hq + self.hkv, self.d), cos, sin)
+        qk = apply_rotary(qk.reshape(t, self.hq + self.hkv, self.d), cos[:t], sin[:t])
         q, k = qk.split([self.hq, self.hkv], dim=1)
-        out = attn(self.layer, q, k, v.view(t, self.hkv, self.d))
-        return self.o_proj(out.reshape(t, self.hq * self.d))
+        out = attn(self.layer, q, k, v.reshape(t, self.hkv, self.d)).reshape(t, self.hq * self.d)
+        if rows > t:
+            out = F.pad(out, (0, 0, 0, rows - t))
+        return self.o_proj(out)
 
 
 class MLP(nn.Module):
@@ -171,8 +198,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
         self.mlp = MLP(arch)
 
-    def forward(self, x, cos, sin, attn: AttentionStep) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn)
+    def forward(self, x, cos, sin, attn: AttentionStep, t: int) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn, t)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -188,6 +215,7 @@ class LlamaForCausalLM(nn.Module):
         inv_freq, scaling = rope_inv_freq(hf_config, arch.head_dim)
         self.rotary = Rotary(inv_freq, scaling, arch.max_position_embeddings)
         self.scale = 1.0 / math.sqrt(arch.head_dim)
+        self.bucket_rows = False  # pad matmul rows to a fixed set of shapes (see ``forward``)
 
     def tie_weights(self) -> None:
         """Share the embedding with the LM head (again after ``to_empty``, which unties them)."""
@@ -198,16 +226,49 @@ class LlamaForCausalLM(nn.Module):
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionStep
     ) -> torch.Tensor:
-        """input_ids, positions: [T]; returns the final hidden states [T, hidden]."""
+        """input_ids, positions: [T]; returns the final hidden states [T, hidden].
+
+        With ``bucket_rows`` the linear layers run on `padded_rows(T)` rows (the tokens, then
+        zero rows): oneDNN, which runs torch's bf16/fp16 matmuls on the CPU, keeps state for every
+        matmul shape it has run (primitives, JIT code; ~0.7-1 MB each here), so an engine that saw
+        every prompt length would grow by hundreds of MB. With the rows rounded up the shapes are
+        a small fixed set, made once by ``warm_up``. (float32 goes through MKL, which keeps no
+        such state: no padding there.)"""
+        t = input_ids.shape[0]
+        rows = padded_rows(t) if self.bucket_rows else t
+        if rows > t:
+            input_ids = F.pad(input_ids, (0, rows - t))
+            positions = F.pad(positions, (0, rows - t))
         x = self.embed_tokens(input_ids)
         cos, sin = self.rotary(positions, x.dtype)
         for layer in self.layers:
-            x = layer(x, cos, sin, attn)
-        return self.norm(x)
+            x = layer(x, cos, sin, attn, t)
+        return self.norm(x[:t])
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        rows = hidden.shape[0]
+        padded = logit_rows(rows) if self.bucket_rows else rows
+        if padded > rows:
+            return self.lm_head(F.pad(hidden, (0, 0, 0, padded - rows)))[:rows].float()
         return self.lm_head(hidden).float()
+
+    @torch.inference_mode()
+    def warm_up(self, max_tokens: int, max_logit_rows: int) -> None:
+        """Run every matmul shape the engine can meet once, at start: each linear layer's weight
+        shape at every ``padded_rows`` count up to ``max_tokens`` (the step's token budget), the
+        LM head up to ``max_logit_rows``. oneDNN builds its per-shape state now, so an engine's
+        memory is flat under load instead of growing as new prompt lengths arrive."""
+        by_shape: dict[tuple[int, ...], nn.Linear] = {}
+        for module in self.layers.modules():
+            if isinstance(module, nn.Linear):
+                by_shape.setdefault(tuple(module.weight.shape), module)
+        weight = self.lm_head.weight
+        for rows in row_buckets(max_tokens):
+            for linear in by_shape.values():
+                linear(weight.new_zeros(rows, linear.in_features))
+        for rows in row_buckets(max_logit_rows, logit_rows):
+            self.lm_head(weight.new_zeros(rows, self.arch.hidden_size))
 
     # --- weights ---------------------------------------------------------------------------
     def load_weights(self, weights) -> None:
