@@ -4,10 +4,11 @@ Two InferenceServices start together: 3 prefill + 1 decode pods with
 `kvTransfer.failurePolicy: recompute`, and 2 prefill + 1 decode with `fail` (NIXL). Client threads
 send completions back to back, with no client retries. A prefill pod is killed while a request's
 KV blocks wait on it for the decode pod, which is the moment the failure policy is about: the
-decode engine is paused (SIGSTOP) so the requests' hand-offs pile up as leases on the prefill
-pods (EngineService.GetStats), the first prefill pod holding one is killed, and the decode engine
-continues (SIGCONT) and pulls from a pod that is gone. The pause lasts about a second, shorter
-than the router's and the probes' timeouts. Two ways to kill:
+decode engine is paused (SIGSTOP) and a few fresh requests are sent, so their hand-offs pile up
+as leases on the prefill pods (EngineService.GetStats; the steady clients may all be past their
+hand-offs, waiting on the paused decode engine), the first prefill pod holding one is killed,
+and the decode engine continues (SIGCONT) and pulls from a pod that is gone. The pause lasts
+about a second, shorter than the router's and the probes' timeouts. Two ways to kill:
 
 - `kubectl delete pod --grace-period=0 --force` (the DeleteOptions gracePeriodSeconds=0 it
   sends: the object goes at once, the node agent kills the processes on the watch event);
@@ -73,14 +74,26 @@ class Clients:
     def _run(self, k: int) -> None:
         i = k
         while not self.stop.is_set():
-            prompt = S.PROMPTS[i % len(S.PROMPTS)]
+            self._one(S.PROMPTS[i % len(S.PROMPTS)])
             i += 1
-            begun = time.monotonic()
-            try:
-                text, error = S.complete(self.sdk, "smollm2", prompt), None
-            except Exception as exc:  # noqa: BLE001 - every outcome is checked
-                text, error = None, exc
-            self.results.append((begun, time.monotonic(), prompt, text, error))
+
+    def _one(self, prompt: str) -> None:
+        begun = time.monotonic()
+        try:
+            text, error = S.complete(self.sdk, "smollm2", prompt), None
+        except Exception as exc:  # noqa: BLE001 - every outcome is checked
+            text, error = None, exc
+        self.results.append((begun, time.monotonic(), prompt, text, error))
+
+    def kick(self, n: int) -> None:
+        """Send `n` more requests at once, each once (checked like the rest). While the decode
+        engine is paused the steady clients may all be waiting on it past their hand-offs; these
+        go through a prefill pod and leave their hand-offs there."""
+        for k in range(n):
+            t = threading.Thread(target=self._one, args=(S.PROMPTS[k % len(S.PROMPTS)],))
+            t.daemon = True
+            t.start()
+            self.threads.append(t)
 
     def __enter__(self) -> Clients:
         for t in self.threads:
@@ -117,14 +130,17 @@ def kill_during_handoff(
     node_state: Path,
     kill: Callable[[client.V1Pod], None],
     spare: set[str],
+    clients: Clients,
 ) -> str:
-    """Pause the decode engine, kill the first prefill pod (not in ``spare``) that holds a
-    hand-off lease, resume the decode engine; the killed pod's name."""
+    """Pause the decode engine, send a few fresh requests (their hand-offs wait on the prefill
+    pods), kill the first prefill pod (not in ``spare``) that holds a hand-off lease, resume the
+    decode engine; the killed pod's name."""
     (decode,) = ready_pods(core, isvc, "decode")
     engine = S.container_pids(node_state, decode, "engine")[1]
     candidates = [p for p in ready_pods(core, isvc, "prefill") if p.metadata.name not in spare]
     os.kill(engine, signal.SIGSTOP)
     try:
+        clients.kick(2 * len(candidates))
 
         def holding() -> client.V1Pod | None:
             for pod in candidates:
@@ -183,7 +199,9 @@ def test_prefill_pod_killed_mid_request(
         for how in KILLS[policy]:
             kill = force_delete(core) if how == "force delete" else sigkill(node_state)
             before = failed_pulls(core, isvc)
-            killed.add(kill_during_handoff(isvc, core, node_state, kill, spare=killed))
+            killed.add(
+                kill_during_handoff(isvc, core, node_state, kill, spare=killed, clients=clients)
+            )
             moment = time.monotonic()
             # The held hand-off fails at once (peer gone) or at the pull's deadline (10 s).
             wait_until(
