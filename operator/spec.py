@@ -124,6 +124,21 @@ class RolloutSpec:
 
 
 @dataclass(frozen=True)
+class TracingSpec:
+    """OpenTelemetry export of every pod's spans (the standard ``OTEL_*`` variables)."""
+
+    endpoint: str
+    protocol: str = "grpc"
+    sampling_ratio: float = 1.0
+
+
+@dataclass(frozen=True)
+class ObservabilitySpec:
+    log_format: str = "text"
+    tracing: TracingSpec | None = None  # None: no traces
+
+
+@dataclass(frozen=True)
 class InferenceServiceSpec:
     model: ModelSource
     image: str
@@ -135,6 +150,7 @@ class InferenceServiceSpec:
     router: RouterSpec
     kv_transfer: KvTransferSpec
     rollout: RolloutSpec
+    observability: ObservabilitySpec = ObservabilitySpec()
 
     @property
     def colocated(self) -> bool:
@@ -230,7 +246,18 @@ def _spec(s: dict[str, Any]) -> InferenceServiceSpec:
         ),
         kv_transfer=KvTransferSpec(kv["transport"], kv["failurePolicy"], kv["leaseSeconds"]),
         rollout=RolloutSpec(s["rollout"]["maxSurge"], s["rollout"]["maxUnavailable"]),
+        observability=_observability(s.get("observability") or {}),
     )
+
+
+def _observability(o: dict[str, Any]) -> ObservabilitySpec:
+    t = o.get("tracing") or {}
+    tracing = None
+    if t.get("endpoint"):
+        tracing = TracingSpec(
+            t["endpoint"], t.get("protocol", "grpc"), float(t.get("samplingRatio", 1.0))
+        )
+    return ObservabilitySpec(o.get("logFormat", "text"), tracing)
 
 
 def _pool(p: dict[str, Any], default_requests: dict[str, str]) -> PoolSpec:

@@ -24,7 +24,9 @@ import urllib.error
 import urllib.request
 import uuid
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
+from splitserve.observability.logs import LOG_FORMATS
 from splitserve.processes import free_port, port_in_use, spawn, splitserve_argv, stop
 from splitserve.protocol.constants import API_KEYS_ENV, ROUTER_HTTP_PORT
 
@@ -69,6 +71,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="torch threads per engine (default: cores / engines, >= 1)")  # fmt: skip
     p.add_argument("--ready-timeout", type=float, default=600.0)
     p.add_argument("--log-level", default="warning")
+    p.add_argument("--log-format", default="text", choices=LOG_FORMATS,
+                   help="text or JSON lines, for every process started")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -82,6 +86,7 @@ class Child:
 def plan(args: argparse.Namespace, instance_id: str = "") -> tuple[list[Child], Child]:
     """The engine children and the router child (argv without the interpreter prefix)."""
     engine_flags: list[str] = ["--host", "127.0.0.1", "--log-level", args.log_level.upper()]
+    engine_flags += ["--log-format", args.log_format]
     if args.model:
         engine_flags += ["--model", args.model]
     for flag, value in (
@@ -102,7 +107,8 @@ def plan(args: argparse.Namespace, instance_id: str = "") -> tuple[list[Child], 
         return Child(f"{role}-{i}", argv, port, mport)
 
     router = ["router", "--host", args.host, "--port", str(args.port), "--policy", args.policy]
-    router += ["--log-level", args.log_level, "--instance-id", instance_id]
+    router += ["--log-level", args.log_level, "--log-format", args.log_format]
+    router += ["--instance-id", instance_id]
     if args.colocated:
         n = max(1, args.decode_replicas)
         engines = [engine("decode", i, ["--colocated"]) for i in range(n)]
@@ -187,10 +193,23 @@ def child_env(num_engines: int, threads: int | None) -> dict[str, str]:
     return env
 
 
+def _say(args: argparse.Namespace, text: str, error: bool = False, stderr: bool = False) -> None:
+    """One status line of ``serve`` itself: ``splitserve: ...``, or a JSON line like the
+    children's with ``--log-format json`` (stdout; errors on stderr)."""
+    stream = sys.stderr if error or stderr else sys.stdout
+    if args.log_format == "json":
+        record = {"timestamp": datetime.now(UTC).isoformat(), "level": "ERROR" if error else "INFO",
+                  "logger": "splitserve.serve", "message": text, "request_id": None,
+                  "role": "serve", "engine_id": None}  # fmt: skip
+        print(json.dumps(record), file=stream, flush=True)
+    else:
+        print(f"splitserve: {text}", file=stream, flush=True)
+
+
 def run(args: argparse.Namespace) -> int:
     problem = preflight(args)
     if problem is not None:
-        print(f"splitserve serve: {problem}", file=sys.stderr)
+        _say(args, f"serve: {problem}", error=True)
         return 2
     instance_id = uuid.uuid4().hex
     engines, router = plan(args, instance_id)
@@ -207,7 +226,7 @@ def run(args: argparse.Namespace) -> int:
         for child in engines:
             stack.start(child, env)
         stack.start(router, router_env(args))
-        print(f"splitserve: starting {len(engines)} engine(s) and the router ...", flush=True)
+        _say(args, f"starting {len(engines)} engine(s) and the router ...")
         deadline = time.monotonic() + args.ready_timeout
         n_prefill = len(engines) if args.colocated else args.prefill_replicas
         n_decode = len(engines) if args.colocated else args.decode_replicas
@@ -215,23 +234,23 @@ def run(args: argparse.Namespace) -> int:
             if stopping:
                 return 130
             if (dead := stack.dead()) is not None:
-                print(f"splitserve: {dead[0].name} exited with {dead[1]}", file=sys.stderr)
+                _say(args, f"{dead[0].name} exited with {dead[1]}", error=True)
                 return 1
             if time.monotonic() > deadline:
-                print("splitserve: the stack did not become ready in time", file=sys.stderr)
+                _say(args, "the stack did not become ready in time", error=True)
                 return 1
             time.sleep(0.25)
         ports = ", ".join(f"{c.name} grpc:{c.port} metrics:{c.metrics_port}" for c in engines)
-        print(f"splitserve: engines {ports}", flush=True)
-        print(f"splitserve: ready at {url}/v1 (Ctrl-C to stop)", flush=True)
+        _say(args, f"engines {ports}")
+        _say(args, f"ready at {url}/v1 (Ctrl-C to stop)")
         while not stopping:
             if (dead := stack.dead()) is not None:
-                print(f"splitserve: {dead[0].name} exited with {dead[1]}", file=sys.stderr)
+                _say(args, f"{dead[0].name} exited with {dead[1]}", error=True)
                 return 1
             time.sleep(0.25)
         return 0
     finally:
-        print("splitserve: stopping ...", file=sys.stderr, flush=True)
+        _say(args, "stopping ...", stderr=True)
         stack.stop()
         for s, handler in old.items():
             signal.signal(s, handler)

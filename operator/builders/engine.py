@@ -42,6 +42,7 @@ def engine_args(isvc: InferenceService, role: str) -> list[str]:
         "--port", str(GRPC_PORT),
         "--metrics-port", str(METRICS_PORT),
         "--kv-transport", s.kv_transfer.transport,
+        "--log-format", s.observability.log_format,
     ]  # fmt: skip
     # Leases are the prefill side's (how long handed-off blocks are kept); the failure policy
     # is the decode side's (what to do when a pull fails). Each server refuses the other's flag.
@@ -96,7 +97,7 @@ def build_engine_deployment(isvc: InferenceService, role: str) -> dict[str, Any]
             {"name": "grpc", "containerPort": GRPC_PORT, "protocol": "TCP"},
             {"name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP"},
         ],
-        "env": pod.base_env() + [_threads_env()],
+        "env": pod.base_env() + [_threads_env()] + pod.observability_env(isvc, role),
         "resources": {k: dict(v) for k, v in pool.resources.items()},
         # Model loading may take minutes: the startup probe holds liveness off until then
         # (30 min); probed often, so a pod is taken into service soon after it can serve.

@@ -52,6 +52,23 @@ def base_env() -> list[dict[str, Any]]:
     ]
 
 
+def observability_env(isvc: InferenceService, role: str) -> list[dict[str, Any]]:
+    """The OpenTelemetry SDK's standard variables when the spec asks for traces (the servers
+    export only when an endpoint is set)."""
+    t = isvc.spec.observability.tracing
+    if t is None:
+        return []
+    return [
+        {"name": "OTEL_EXPORTER_OTLP_ENDPOINT", "value": t.endpoint},
+        {"name": "OTEL_EXPORTER_OTLP_PROTOCOL", "value": t.protocol},
+        {"name": "OTEL_SERVICE_NAME", "value": f"{isvc.name}-{role}"},
+        {"name": "OTEL_TRACES_SAMPLER", "value": "parentbased_traceidratio"},
+        {"name": "OTEL_TRACES_SAMPLER_ARG", "value": repr(t.sampling_ratio)},
+        {"name": "OTEL_RESOURCE_ATTRIBUTES",
+         "value": f"k8s.namespace.name={isvc.namespace},splitserve.inferenceservice={isvc.name}"},
+    ]  # fmt: skip
+
+
 def scheduling(pool: PoolSpec, spread_labels: dict[str, str]) -> dict[str, Any]:
     """nodeSelector, tolerations and affinity; by default, spread a role's pods across nodes."""
     affinity = dict(pool.affinity) or {

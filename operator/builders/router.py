@@ -48,6 +48,7 @@ def router_args(isvc: InferenceService) -> list[str]:
         "--prefill-selector", prefill_selector,
         "--decode-selector", decode_selector,
         "--served-name", isvc.spec.model.served_name,
+        "--log-format", isvc.spec.observability.log_format,
     ]  # fmt: skip
     if r.api_key_secret is not None:
         args += ["--api-key-file", f"{API_KEY_DIR}/{r.api_key_secret.key}"]
@@ -93,7 +94,7 @@ def build_router_deployment(isvc: InferenceService) -> dict[str, Any]:
         **pod.image_fields(isvc),
         "args": router_args(isvc),
         "ports": [{"name": "http", "containerPort": HTTP_PORT, "protocol": "TCP"}],
-        "env": pod.base_env(),
+        "env": pod.base_env() + pod.observability_env(isvc, L.ROUTER),
         "resources": {k: dict(v) for k, v in r.pool.resources.items()},
         "readinessProbe": _http_probe(READINESS_PATH, period=5, failures=2),
         "livenessProbe": _http_probe(LIVENESS_PATH, period=10, failures=3),

@@ -7,6 +7,7 @@ import os
 import socket
 
 from splitserve.engine.config import CacheConfig, EngineConfig, SchedulerConfig
+from splitserve.observability.logs import LOG_FORMATS
 from splitserve.protocol.constants import ENGINE_GRPC_PORT
 
 # A request that waited this long without running is dropped (RESOURCE_EXHAUSTED): a server
@@ -55,6 +56,12 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
         help="torch CPU threads (0: torch's default). Pods sharing few cores should split them.",
     )
     parser.add_argument("--log-level", default="INFO")
+    parser.add_argument(
+        "--log-format",
+        default="text",
+        choices=LOG_FORMATS,
+        help="text, or JSON lines (request id, role, engine id on each)",
+    )
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,6 +16,8 @@ from splitserve.engine.async_engine import AsyncEngine
 from splitserve.engine.engine_core import EngineCore
 from splitserve.engine.model.loader import DEFAULT_MODEL_HUB_ID, DEFAULT_MODEL_NAME
 from splitserve.kvtransfer.pool import allocate_kv_pool
+from splitserve.observability.logs import setup_logging
+from splitserve.observability.tracing import setup_tracing
 from splitserve.proto import splitserve_pb2 as pb
 from splitserve.protocol.constants import PROTOCOL_VERSION
 from splitserve.protocol.kv_compat import CompatInfo, kv_compat_hash
@@ -88,9 +89,8 @@ def served_names(
 
 
 def build_runtime(args: argparse.Namespace, role: str) -> EngineRuntime:
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    setup_logging(args.log_level, args.log_format, role, args.engine_id)
+    setup_tracing(role, args.engine_id)
     config = engine_config(args)
     if args.threads > 0:
         import torch

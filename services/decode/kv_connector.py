@@ -21,6 +21,7 @@ from splitserve.engine.async_engine import AsyncEngine, FirstToken, KVImport
 from splitserve.engine.outputs import SequenceDelta
 from splitserve.kvtransfer.errors import KVTransferError
 from splitserve.kvtransfer.puller import KVPuller
+from splitserve.observability import tracing
 from splitserve.proto import splitserve_pb2 as pb
 from splitserve.protocol.constants import KV_FAILURE_POLICIES
 from splitserve.protocol.sampling import SamplingParams
@@ -115,11 +116,15 @@ class KVConnector:
         pull = loop.run_in_executor(
             None, self.puller.pull, sub, list(reservation.block_ids), self.transfer_timeout, False
         )
-        try:
-            result = await _uncancellable(pull)
-        except KVTransferError as exc:
-            log.warning("request %s: KV pull failed (%s: %s)", imp.request_id, exc.reason, exc)
-            return self._give_up(imp.request_id, f"{exc.reason}: {exc}", info)
+        with tracing.span("kv.pull", {"splitserve.blocks": len(sub.block_ids)}) as span:
+            try:
+                result = await _uncancellable(pull)
+            except KVTransferError as exc:
+                log.warning("request %s: KV pull failed (%s: %s)", imp.request_id, exc.reason, exc)
+                tracing.set_error(span, exc.reason)
+                return self._give_up(imp.request_id, f"{exc.reason}: {exc}", info)
+            tracing.set_attributes(span, {"splitserve.transport": result.transport,
+                                          "splitserve.bytes": result.num_bytes})  # fmt: skip
         info.transport = result.transport
         info.num_bytes = result.num_bytes
         info.num_blocks = result.num_blocks

@@ -9,6 +9,7 @@ recomputed here (same greedy output), with ``fail`` the stream ends with an erro
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -16,7 +17,8 @@ from collections.abc import AsyncIterator
 import grpc
 
 from splitserve.engine.async_engine import AsyncEngine, EngineDeadError, RequestRejectedError
-from splitserve.engine.outputs import SequenceDelta
+from splitserve.engine.outputs import RequestTiming, SequenceDelta
+from splitserve.observability import logs, tracing
 from splitserve.proto import splitserve_pb2 as pb
 from splitserve.proto import splitserve_pb2_grpc as pb_grpc
 from splitserve.protocol.constants import PROTOCOL_VERSION
@@ -48,6 +50,26 @@ class DecodeServicer(pb_grpc.DecodeServiceServicer):
         return pb.AbortResponse(num_aborted=n)
 
     async def Generate(
+        self, request: pb.GenerateRequest, context
+    ) -> AsyncIterator[pb.GenerateResponse]:
+        metadata = tracing.call_metadata(context)
+        logs.bind_from_metadata(metadata)
+        attrs = {"splitserve.engine_request_id": request.request.request_id,
+                 "splitserve.handoff": request.HasField("prefill")}  # fmt: skip
+        span = tracing.start_server_span("decode", metadata, attrs)
+        try:
+            async with contextlib.aclosing(self._generate(request, context)) as messages:
+                while True:
+                    with tracing.using(span):  # current for the step only, never across yield
+                        try:
+                            message = await anext(messages)
+                        except StopAsyncIteration:
+                            break
+                    yield message
+        finally:
+            tracing.end_span(span)
+
+    async def _generate(
         self, request: pb.GenerateRequest, context
     ) -> AsyncIterator[pb.GenerateResponse]:
         req = request.request
@@ -147,8 +169,15 @@ class DecodeServicer(pb_grpc.DecodeServiceServicer):
                 self.metrics.sample_finished(num_out[i], delta.timing)
                 if i == 0:
                     timing = delta.timing
+                    _trace_sample(delta.timing, now, num_out[i])
                 open_samples -= 1
                 if not open_samples:
+                    log.info(
+                        "decode %s: %s tokens in %.1f ms (%s)%s", rid,
+                        "+".join(str(num_out.get(k, 0)) for k in range(params.n)),
+                        (now - start) * 1e3, delta.finish_reason,
+                        f", KV by {info.transport}" if handed_off else "",
+                    )  # fmt: skip
                     self.metrics.request_finished(
                         FinishedRequest(
                             finish_reason=delta.finish_reason or "stop",
@@ -165,6 +194,20 @@ class DecodeServicer(pb_grpc.DecodeServiceServicer):
             first = False
             last[i] = now
             yield msg
+
+
+def _trace_sample(t: RequestTiming | None, done: float, tokens: int) -> None:
+    """Sample 0's queue, first-token and stream spans from the engine's timing (to ``done``)."""
+    if t is None or not tracing.enabled():
+        return
+    scheduled = done - t.inference
+    first = scheduled + t.prefill
+    tracing.record_interval("decode.queue", scheduled - t.queued, scheduled)
+    tracing.record_interval("decode.first_token", scheduled, first)
+    tracing.record_interval(
+        "decode.stream", first, done,
+        {"splitserve.output_tokens": tokens, "splitserve.preemptions": t.num_preemptions},
+    )  # fmt: skip
 
 
 def _without_prompt_logprobs(params):

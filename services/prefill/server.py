@@ -27,6 +27,7 @@ from splitserve.engine.async_engine import (
     RequestRejectedError,
 )
 from splitserve.kvtransfer.source import KVBlockSource
+from splitserve.observability import logs, tracing
 from splitserve.proto import splitserve_pb2 as pb
 from splitserve.proto import splitserve_pb2_grpc as pb_grpc
 from splitserve.protocol.constants import PROTOCOL_VERSION
@@ -52,6 +53,14 @@ class PrefillServicer(pb_grpc.PrefillServiceServicer):
         self._inflight: set[str] = set()  # Prefill calls not yet answered (their holds are owned)
 
     async def Prefill(self, request: pb.PrefillRequest, context) -> pb.PrefillResponse:
+        metadata = tracing.call_metadata(context)
+        logs.bind_from_metadata(metadata)
+        with tracing.server_span(
+            "prefill", metadata, {"splitserve.engine_request_id": request.request_id}
+        ) as span:
+            return await self._prefill(request, context, span)
+
+    async def _prefill(self, request: pb.PrefillRequest, context, span) -> pb.PrefillResponse:
         if request.protocol_version and request.protocol_version != PROTOCOL_VERSION:
             await context.abort(
                 grpc.StatusCode.FAILED_PRECONDITION,
@@ -81,11 +90,18 @@ class PrefillServicer(pb_grpc.PrefillServiceServicer):
                 await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
             except EngineDeadError as exc:
                 await context.abort(grpc.StatusCode.INTERNAL, str(exc))
-            seconds = time.monotonic() - start
-            self.metrics.prefill_done(out.num_prompt_tokens, seconds, out.timing)
+            done = time.monotonic()
+            self.metrics.prefill_done(out.num_prompt_tokens, done - start, out.timing)
+            _trace_prefill(span, out, done)
             response = _response(out)
             if out.held_block_ids:
-                response.handoff.CopyFrom(await self._grant(out))
+                with tracing.span("kv.lease", {"splitserve.blocks": len(out.held_block_ids)}):
+                    response.handoff.CopyFrom(await self._grant(out))
+            log.info(
+                "prefill %s: %d prompt tokens (%d cached) in %.1f ms, %d blocks leased",
+                rid, out.num_prompt_tokens, out.num_cached_tokens, (done - start) * 1e3,
+                len(out.held_block_ids),
+            )  # fmt: skip
             return response
         finally:
             self._inflight.discard(rid)
@@ -149,6 +165,23 @@ class PrefillServicer(pb_grpc.PrefillServiceServicer):
         if reclaimed:
             self.metrics.blocks_reclaimed.inc(reclaimed)
         return reclaimed
+
+
+def _trace_prefill(span, out: PrefillOutput, done: float) -> None:
+    """The prompt's queue and compute spans, from the engine's timing (ending at ``done``)."""
+    if span is None:
+        return
+    tracing.set_attributes(span, {
+        "splitserve.prompt_tokens": out.num_prompt_tokens,
+        "splitserve.cached_tokens": out.num_cached_tokens,
+    })  # fmt: skip
+    t = out.timing
+    if t is not None:
+        scheduled = done - t.prefill
+        tracing.record_interval("prefill.queue", scheduled - t.queued, scheduled)
+        tracing.record_interval(
+            "prefill.compute", scheduled, done, {"splitserve.preemptions": t.num_preemptions}
+        )
 
 
 def _response(out: PrefillOutput) -> pb.PrefillResponse:

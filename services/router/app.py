@@ -136,11 +136,11 @@ def build_app(
             raise
         if not stream:
             metrics.inflight.dec()
-            return _json(body, headers={"X-Request-Id": prepared.rid})
+            return _json(body)  # X-Request-Id: the guard's, on every response
         return StreamingResponse(
             _counted(metrics, events),
             media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache", "X-Request-Id": prepared.rid},
+            headers={"Cache-Control": "no-cache"},
         )
 
     @app.post("/v1/completions")

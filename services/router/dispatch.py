@@ -26,6 +26,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 
+from splitserve.observability import tracing
 from splitserve.proto import splitserve_pb2 as pb
 from splitserve.protocol.block_hash import hash_prompt_blocks
 from splitserve.protocol.constants import PROTOCOL_VERSION
@@ -187,6 +188,23 @@ class Dispatcher:
                 m.routed.labels(route.prefill.endpoint.address, PREFILL).inc()
             m.routed.labels(route.decode.endpoint.address, DECODE).inc()
 
+    def _choose(self, req: EngineRequest, exclude: Sequence[str], attempt: int) -> Route:
+        """``route``, in a trace span of the decision when tracing."""
+        if not tracing.enabled():
+            return self.route(req, exclude)
+        with tracing.span("route") as s:
+            route = self.route(req, exclude)
+            first = route.prefill or route.decode
+            tracing.set_attributes(s, {
+                "splitserve.policy": self.policy,
+                "splitserve.attempt": attempt,
+                "splitserve.prefill_pod": route.prefill.endpoint.address if route.prefill else None,
+                "splitserve.decode_pod": route.decode.endpoint.address,
+                "splitserve.prompt_tokens": len(req.prompt_token_ids),
+                "splitserve.matched_tokens": route.matched_blocks * first.block_size,
+            })  # fmt: skip
+        return route
+
     async def _attempt(
         self, req: EngineRequest, route: Route, attempt: int
     ) -> AsyncIterator[pb.GenerateResponse]:
@@ -199,13 +217,18 @@ class Dispatcher:
         client = route.decode.client
         call = None
         remaining = req.params.n  # samples whose finish has not arrived
+        span = None  # the decode call's (never current: this generator yields inside it)
         try:
             if route.prefill is not None:
-                with track_inflight(route.prefill):
+                with (
+                    track_inflight(route.prefill),
+                    tracing.span("prefill", {"splitserve.pod": route.prefill.endpoint.address}),
+                ):
                     prefill = await route.prefill.client.prefill(message, self.prefill_timeout_s)
                 gen.prefill.CopyFrom(prefill)
                 del gen.prefill.prompt_logprobs[:]  # the router keeps those; decode needs none
-            call = client.generate(gen)
+            span = tracing.start_span("decode", {"splitserve.pod": client.address})
+            call = client.generate(gen, span)
             with track_inflight(route.decode):
                 stream = client.iterate(call).__aiter__()
                 first = True
@@ -234,6 +257,8 @@ class Dispatcher:
                         )
                     if first and prefill is not None:
                         _adopt_prefill_facts(msg, prefill)
+                    if first:
+                        tracing.add_event(span, "first message")
                     first = False
                     if msg.finish_reason != pb.FINISH_REASON_UNSPECIFIED:
                         remaining -= 1
@@ -241,8 +266,12 @@ class Dispatcher:
                             msg.usage.cached_tokens = prefill.num_cached_tokens
                     yield msg
         finally:
-            if remaining:
-                await asyncio.shield(self._stop(rid, route, call))
+            try:
+                if remaining:
+                    tracing.set_error(span, "ended before its finish")
+                    await asyncio.shield(self._stop(rid, route, call))
+            finally:  # a cancelled client re-raises in the shield's await: end it anyway
+                tracing.end_span(span)
 
     async def _stop(self, rid: str, route: Route, call) -> None:
         """Stop the work on the pods (best effort): the client is gone or a pod failed."""
@@ -265,7 +294,7 @@ class Dispatcher:
         failed: list[str] = []
         attempt = 1
         while True:
-            route = self.route(req, exclude=failed)
+            route = self._choose(req, failed, attempt)
             sent = False
             try:
                 async for msg in self._attempt(req, route, attempt):
@@ -283,7 +312,7 @@ class Dispatcher:
         failed: list[str] = []
         attempt = 1
         while True:
-            route = self.route(req, exclude=failed)
+            route = self._choose(req, failed, attempt)
             try:
                 return [msg async for msg in self._attempt(req, route, attempt)]
             except BackendError as err:

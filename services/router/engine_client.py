@@ -1,6 +1,7 @@
 """gRPC client of one engine pod: prefill, decode streams, abort, stats and KV events.
 
 One ``grpc.aio`` channel per pod carries every service (the pods serve them all on one port).
+Calls about a request carry its request id and trace context as metadata (``outgoing_metadata``).
 Failures are translated into ``BackendError`` with ``retryable`` set when another pod could
 succeed (the pod is down, overloaded or restarting), and unset when the request itself was bad.
 """
@@ -11,6 +12,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 
+from splitserve.observability.tracing import outgoing_metadata
 from splitserve.proto import splitserve_pb2 as pb
 from splitserve.proto import splitserve_pb2_grpc as pb_grpc
 from splitserve.protocol.constants import GRPC_CHANNEL_OPTIONS
@@ -68,7 +70,9 @@ class EngineClient:
 
     async def prefill(self, request: pb.PrefillRequest, timeout: float) -> pb.PrefillResponse:
         try:
-            return await self._prefill.Prefill(request, timeout=timeout)
+            return await self._prefill.Prefill(
+                request, timeout=timeout, metadata=outgoing_metadata()
+            )
         except grpc.RpcError as err:
             raise to_backend_error(err, self.address) from err
         except grpc.aio.UsageError as err:
@@ -87,16 +91,19 @@ class EngineClient:
         """Stop prefills and release their KV leases (best effort, like ``abort``)."""
         try:
             reply = await self._prefill.Abort(
-                pb.AbortRequest(request_ids=request_ids), timeout=timeout
+                pb.AbortRequest(request_ids=request_ids),
+                timeout=timeout,
+                metadata=outgoing_metadata(),
             )
         except (grpc.RpcError, grpc.aio.UsageError):
             return 0
         return reply.num_aborted
 
-    def generate(self, request: pb.GenerateRequest) -> grpc.aio.UnaryStreamCall:
-        """The raw stream call: the caller iterates it and may ``cancel()`` it (client gone)."""
+    def generate(self, request: pb.GenerateRequest, span=None) -> grpc.aio.UnaryStreamCall:
+        """The raw stream call: the caller iterates it and may ``cancel()`` it (client gone);
+        ``span``: the trace span the pod's spans go under (default: the current one)."""
         try:
-            return self._decode.Generate(request)
+            return self._decode.Generate(request, metadata=outgoing_metadata(span))
         except grpc.aio.UsageError as err:
             raise closed_error(self.address) from err
 
@@ -112,7 +119,9 @@ class EngineClient:
     async def abort(self, request_ids: list[str], timeout: float = 2.0) -> int:
         try:
             reply = await self._decode.Abort(
-                pb.AbortRequest(request_ids=request_ids), timeout=timeout
+                pb.AbortRequest(request_ids=request_ids),
+                timeout=timeout,
+                metadata=outgoing_metadata(),
             )
         except (grpc.RpcError, grpc.aio.UsageError):
             return 0  # best effort: the cancelled stream already told the pod

@@ -109,8 +109,7 @@ def internal_error(request_id: str) -> APIError:
         500,
         f"internal server error (request id {request_id}); the router logged the details",
         code="internal_error",
-        headers={"X-Request-Id": request_id},
-    )
+    )  # the guard puts X-Request-Id on every response
 
 
 class NoBackendError(APIError):

@@ -2,7 +2,10 @@
 
 In order, for every HTTP request:
 
-1. a request id (``X-Request-Id`` on errors, in the 500 body, in the log);
+1. a request id: the client's ``X-Request-Id`` when it sent a usable one, else a new one; on
+   every response (``X-Request-Id``), in the 500 body, on every log line about the request, and
+   sent on to the pods (``splitserve.observability``); with tracing on, the request's server
+   span (the client's ``traceparent`` honoured);
 2. path and header sizes (414 / 431; the HTTP server refuses far bigger ones itself, see
    ``http_server.py``);
 3. the API key, except on the open paths (401);
@@ -12,7 +15,9 @@ In order, for every HTTP request:
 5. the app, inside a catch-all: an exception nobody handled becomes an OpenAI-shaped 500 with the
    request id (its traceback logged), never Starlette's plain-text one;
 6. metrics labelled by route template from a closed set (unknown paths are ``other``), so no
-   client can add series.
+   client can add series;
+7. one access-log line per request (logger ``splitserve.access``, INFO): method, route, status,
+   latency and, for generation, the token counts.
 
 Plain ASGI rather than ``@app.middleware("http")``: Starlette's BaseHTTPMiddleware hides client
 disconnects from the handlers (which must abort on the pods) and costs latency per request.
@@ -23,12 +28,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from splitserve.observability import logs, tracing
 from splitserve.services.router.auth import ApiKeys
 from splitserve.services.router.body import (
     BodyTooLarge,
@@ -42,6 +47,7 @@ from splitserve.services.router.metrics import RouterMetrics
 from splitserve.services.router.workers import trim_heap
 
 log = logging.getLogger(__name__)
+access_log = logging.getLogger("splitserve.access")
 
 # Paths that need no API key (probes and scrapes; vLLM leaves the same ones open).
 OPEN_PATHS = frozenset({"/health", "/metrics", "/ping", "/version", "/openapi.json"})
@@ -107,42 +113,60 @@ class GuardMiddleware:
             await self.app(scope, receive, send)
             return
         t0 = time.perf_counter()
-        rid = f"req-{uuid.uuid4().hex}"
+        headers: list[tuple[bytes, bytes]] = scope["headers"]
+        client_id = _header(headers, logs.REQUEST_ID_KEY.encode(), None)
+        rid = logs.accept_request_id(None if client_id is None else client_id.decode("latin-1"))
         state = scope.setdefault("state", {})
         state["request_id"] = rid
         state["arrival"] = t0  # the app's queue-time histogram starts here
         status = [0]
+        rid_header = (logs.REQUEST_ID_KEY.encode(), rid.encode("latin-1"))
 
         async def send_wrapper(message: Message) -> None:
             if message["type"] == "http.response.start":
                 status[0] = message["status"]
+                message["headers"] = [*message.get("headers", ()), rid_header]
             await send(message)
 
         path: str = scope["path"]
+        label = self.routes.label(path)
+        method = scope.get("method", "")
         size = 0
-        try:
-            error, body = await self._admit(scope, receive)
-            if body is not None:
-                size = len(body)
-                receive = _replay(body, receive)
-            if error is not None:
-                await _send_error(send_wrapper, error)
-            else:
-                await self.app(scope, receive, send_wrapper)
-        except ClientGone:
-            status[0] = status[0] or 499  # nothing to answer: the client left mid-body
-        except Exception:  # noqa: BLE001 - the catch-all: no plain-text 500 leaves the router
-            log.exception("request %s %s %s failed", rid, scope.get("method"), path[:200])
-            if status[0] == 0:
-                await _send_error(send_wrapper, internal_error(rid))
-            else:
-                status[0] = 500  # the response had started: the stream ends as it is
-        finally:
-            label = self.routes.label(path)
-            self.metrics.requests.labels(label, str(status[0] or 500)).inc()
-            self.metrics.latency.labels(label).observe(time.perf_counter() - t0)
-            if size > TRIM_AFTER_BYTES:
-                asyncio.get_running_loop().run_in_executor(None, trim_heap)
+        with (
+            logs.bound(logs.RequestLog(rid)) as rec,
+            tracing.http_server_span(
+                f"{method} {label}", headers, {"http.request.method": method, "http.route": label}
+            ) as span,
+        ):
+            try:
+                error, body = await self._admit(scope, receive)
+                if body is not None:
+                    size = len(body)
+                    receive = _replay(body, receive)
+                if error is not None:
+                    await _send_error(send_wrapper, error)
+                else:
+                    await self.app(scope, receive, send_wrapper)
+            except ClientGone:
+                status[0] = status[0] or 499  # nothing to answer: the client left mid-body
+            except Exception:  # noqa: BLE001 - the catch-all: no plain-text 500 leaves the router
+                log.exception("request %s %s %s failed", rid, method, path[:200])
+                if status[0] == 0:
+                    await _send_error(send_wrapper, internal_error(rid))
+                else:
+                    status[0] = 500  # the response had started: the stream ends as it is
+            finally:
+                seconds = time.perf_counter() - t0
+                code = status[0] or 500
+                self.metrics.requests.labels(label, str(code)).inc()
+                self.metrics.latency.labels(label).observe(seconds)
+                tracing.set_attributes(span, {"http.response.status_code": code})
+                if code >= 500:
+                    tracing.set_error(span, f"HTTP {code}")
+                if label not in OPEN_PATHS:  # probes and scrapes would drown the rest
+                    _log_access(method, label, code, seconds, rec)
+                if size > TRIM_AFTER_BYTES:
+                    asyncio.get_running_loop().run_in_executor(None, trim_heap)
 
     async def _admit(self, scope: Scope, receive: Receive) -> tuple[APIError | None, bytes | None]:
         """The error that refuses this request before the app, and the body read (JSON routes)."""
@@ -183,6 +207,19 @@ class GuardMiddleware:
             err = too_large(limits.max_body_bytes)
             err.headers["Connection"] = "close"  # the rest of the body is never read
             return err, None
+
+
+def _log_access(method: str, route: str, status: int, seconds: float, rec: logs.RequestLog):
+    if not access_log.isEnabledFor(logging.INFO):
+        return
+    fields = {"method": method, "route": route, "status": status,
+              "latency_ms": round(seconds * 1e3, 2)}  # fmt: skip
+    tokens = ""
+    if rec.prompt_tokens is not None:
+        fields["prompt_tokens"] = rec.prompt_tokens
+        fields["completion_tokens"] = rec.completion_tokens
+        tokens = f" tokens={rec.prompt_tokens}+{rec.completion_tokens}"
+    access_log.info("%s %s %d %.1fms%s", method, route, status, seconds * 1e3, tokens, extra=fields)
 
 
 def _header(headers: list[tuple[bytes, bytes]], name: bytes, default=b"") -> bytes:

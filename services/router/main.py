@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 from fastapi import FastAPI
 
+from splitserve.observability.logs import LOG_FORMATS, setup_logging
+from splitserve.observability.tracing import setup_tracing
 from splitserve.protocol.constants import API_KEYS_ENV
 from splitserve.services.router import http_server
 from splitserve.services.router.app import AppConfig, build_app
@@ -87,6 +89,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="highest temperature accepted (OpenAI: 2; up to the engine's 100, as vLLM allows)",
     )  # fmt: skip
     p.add_argument("--log-level", default="info")
+    p.add_argument("--log-format", default="text", choices=LOG_FORMATS,
+                   help="text, or JSON lines (request id and role on each); the access log "
+                   "(logger splitserve.access) is on at INFO")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -199,9 +204,8 @@ def kubernetes_discovery(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    setup_logging(args.log_level, args.log_format, "router", args.instance_id or None)
+    setup_tracing("router", args.instance_id or None)
     if args.discovery == "static":
         prefill = parse_addresses(args.prefill_endpoints)
         decode = parse_addresses(args.decode_endpoints)

@@ -23,6 +23,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 from typing import Any
 
+from splitserve.observability import logs
 from splitserve.proto import splitserve_pb2 as pb
 from splitserve.protocol.wire import params_to_proto
 from splitserve.services.router import response_models as M
@@ -288,6 +289,9 @@ class OpenAIServing:
     def _account(self, p: Prepared, results: list[R.SampleResult]) -> None:
         """Token counters: each prompt once (its n samples share it), every sample's output."""
         usage = R.total_usage(results, p.prompt_lens)
+        if (rec := logs.current()) is not None:  # for the access log
+            rec.prompt_tokens = usage.prompt_tokens
+            rec.completion_tokens = usage.completion_tokens
         m = self.metrics
         m.prompt_tokens.inc(usage.prompt_tokens)
         m.cached_tokens.inc(usage.prompt_tokens_details.cached_tokens)
@@ -432,7 +436,7 @@ class _StreamRun:
             yield error_event(backend_error_to_api(err))
         except Exception:  # noqa: BLE001 - whatever broke, the client gets an event, not a cut
             log.exception("stream %s failed", p.rid)
-            yield error_event(internal_error(p.rid))
+            yield error_event(internal_error(logs.request_id() or p.rid))
         finally:
             await self._stop()
         yield R.SSE_DONE

@@ -107,7 +107,7 @@ def test_engine_command_lines_follow_the_contract(make_isvc) -> None:
         "--model", "/models/weights/smollm2", "--revision", "abc123", "--served-name", "smollm2",
         "--dtype", "bfloat16", "--block-size", "16", "--max-model-len", "4096",
         "--max-num-seqs", "128", "--host", "0.0.0.0", "--port", "50051", "--metrics-port", "9090",
-        "--kv-transport", "nixl",
+        "--kv-transport", "nixl", "--log-format", "text",
     ]  # fmt: skip
     prefill = container(objects["Deployment/chat-prefill"])["args"]
     decode = container(objects["Deployment/chat-decode"])["args"]
@@ -127,7 +127,8 @@ def test_router_command_line_and_api_keys(make_isvc) -> None:
         "serving.splitserve.io/inferenceservice=chat,serving.splitserve.io/role=prefill",
         "--decode-selector",
         "serving.splitserve.io/inferenceservice=chat,serving.splitserve.io/role=decode",
-        "--served-name", "smollm2", "--api-key-file", "/etc/splitserve/api-keys/api-keys",
+        "--served-name", "smollm2", "--log-format", "text",
+        "--api-key-file", "/etc/splitserve/api-keys/api-keys",
     ]  # fmt: skip
     volumes = {v["name"]: v for v in dep["spec"]["template"]["spec"]["volumes"]}
     assert volumes["api-keys"]["secret"]["secretName"] == "keys"
@@ -327,3 +328,46 @@ def test_each_generation_has_its_own_engine_deployments(make_isvc) -> None:
         )
     router = "chat-router"
     assert before[router]["spec"]["template"] == after[router]["spec"]["template"]
+
+
+def test_observability_sets_log_format_and_the_otel_environment(make_isvc) -> None:
+    """``spec.observability``: every server gets ``--log-format``; with a tracing endpoint,
+    every pod gets the OpenTelemetry SDK's standard variables, named per role; without one,
+    none (the servers then export nothing)."""
+    plain = objects_of(make_isvc, {})
+    traced = objects_of(
+        make_isvc,
+        {"observability": {"logFormat": "json", "tracing": {
+            "endpoint": "http://otel.monitoring:4317", "samplingRatio": 0.25}}},
+    )  # fmt: skip
+    for key in (
+        "Deployment/chat-prefill",
+        "Deployment/chat-decode",
+        "Deployment/chat-router",
+    ):
+        role = key.rsplit("-", 1)[1]
+        before, after = container(plain[key]), container(traced[key])
+        assert before["args"][before["args"].index("--log-format") + 1] == "text"
+        assert after["args"][after["args"].index("--log-format") + 1] == "json"
+        assert not [e for e in before["env"] if e["name"].startswith("OTEL_")]
+        env = {e["name"]: e.get("value") for e in after["env"]}
+        assert env["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://otel.monitoring:4317"
+        assert env["OTEL_EXPORTER_OTLP_PROTOCOL"] == "grpc"
+        assert env["OTEL_SERVICE_NAME"] == f"chat-{role}"
+        assert env["OTEL_TRACES_SAMPLER"] == "parentbased_traceidratio"
+        assert float(env["OTEL_TRACES_SAMPLER_ARG"]) == 0.25
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [{"logFormat": "xml"}, {"tracing": {"endpoint": "otel:4317"}},
+     {"tracing": {"endpoint": "http://o:4317", "samplingRatio": 2}},
+     {"tracing": {"endpoint": "http://o:4317", "protocol": "thrift"}}],
+    ids=str,
+)  # fmt: skip
+def test_bad_observability_is_a_spec_error_naming_the_field(make_isvc, bad) -> None:
+    from splitserve.operator.spec import SpecError
+
+    with pytest.raises(SpecError) as err:
+        parse(make_isvc({"observability": bad}))
+    assert "spec.observability" in str(err.value)
