@@ -115,7 +115,7 @@ def test_delete_collects_every_child(
     )
 
     # With the operator: its finalizer deletes its children, the garbage collector the rest.
-    delete = ["delete", "isvc", "chat", "-n", ns, "--timeout=120s"]
+    delete = ["delete", "ssvc", "chat", "-n", ns, "--timeout=120s"]
     S.checked(S.run_tool("kubectl", *delete, kubeconfig=kubeconfig))
     wait_until(
         "every child gone",

@@ -6,6 +6,9 @@ a. Each manifests/examples/*.yaml is `kubectl apply`-ed, as a user would, into i
    SDK, through the router's Service (`scripts/cluster url`), must get `splitserve generate`'s
    greedy text. One substitution: an `hf://` model is served from the claim, which holds the same
    model (no hub is reachable from the test cluster); everything else is the file as committed.
+   With a CRD of KServe's shape installed beside ours (kind InferenceService, plural
+   inferenceservices, short name isvc, group serving.kserve.io), `kubectl get ssvc` and the
+   `splitserve` category still name ours, unambiguously.
 b. 1 prefill + 2 decode pods over NIXL (the disaggregated example is exactly that) and over gRPC
    (an InferenceService of its own) give the colocated example's text for every prompt. The
    hand-offs are real: each decode pod's own metrics count KV blocks received over that
@@ -18,6 +21,7 @@ Everything is applied at once (the engines start together), then checked one by 
 from __future__ import annotations
 
 import secrets
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,6 +70,45 @@ def _apply_example(path: Path, namespaces: S.Namespaces, core, custom, kubeconfi
     return Served(S.Isvc(custom, ns, doc["metadata"]["name"]), served, key)
 
 
+# What KServe installs for its InferenceService, reduced to the names (which is what clashes).
+KSERVE_LIKE_CRD = """
+apiVersion: apiextensions.k8s.io/v1
+kind: CustomResourceDefinition
+metadata:
+  name: inferenceservices.serving.kserve.io
+spec:
+  group: serving.kserve.io
+  scope: Namespaced
+  names:
+    kind: InferenceService
+    listKind: InferenceServiceList
+    plural: inferenceservices
+    singular: inferenceservice
+    shortNames: [isvc]
+  versions:
+  - name: v1beta1
+    served: true
+    storage: true
+    schema:
+      openAPIV3Schema:
+        type: object
+        x-kubernetes-preserve-unknown-fields: true
+"""
+
+
+@pytest.fixture(scope="module")
+def kserve_crd(kubeconfig: Path) -> Iterator[None]:
+    """KServe's InferenceService names installed beside ours for the module."""
+    S.checked(S.run_tool("kubectl", "apply", "-f", "-", kubeconfig=kubeconfig,
+                         stdin=KSERVE_LIKE_CRD))  # fmt: skip
+    crd = "crd/inferenceservices.serving.kserve.io"
+    wait = ["wait", "--for=condition=Established", "--timeout=60s", crd]
+    S.checked(S.run_tool("kubectl", *wait, kubeconfig=kubeconfig))
+    yield
+    S.run_tool("kubectl", "delete", "crd", "inferenceservices.serving.kserve.io",
+               "--wait=false", kubeconfig=kubeconfig)  # fmt: skip
+
+
 @pytest.fixture(scope="module")
 def deployed(namespaces: S.Namespaces, core, custom, kubeconfig: Path) -> dict[str, Served]:
     out = {p.name: _apply_example(p, namespaces, core, custom, kubeconfig) for p in EXAMPLE_FILES}
@@ -80,13 +123,24 @@ def test_examples_are_all_tested() -> None:
 
 
 @pytest.mark.parametrize("example", [p.name for p in EXAMPLE_FILES])
-def test_example_serves_the_offline_text(example: str, deployed, kubeconfig: Path, offline) -> None:
+def test_example_serves_the_offline_text(
+    example: str, deployed, kubeconfig: Path, offline, kserve_crd
+) -> None:
     d: Served = deployed[example]
     obj = d.isvc.wait_ready()
     name, ns = d.isvc.name, d.isvc.namespace
 
-    # Printer columns, as `kubectl get isvc` shows them: all filled, the pools full.
-    out = S.checked(S.run_tool("kubectl", "get", "isvc", name, "-n", ns, kubeconfig=kubeconfig))
+    # Printer columns, as `kubectl get ssvc` shows them (KServe's CRD installed beside ours):
+    # all filled, the pools full. The category and the full name list ours too; `isvc` is KServe's.
+    def get(*what: str) -> str:
+        return S.checked(S.run_tool("kubectl", "get", *what, "-n", ns, kubeconfig=kubeconfig))
+
+    out = get("ssvc", name)
+    assert get("splitisvc", name) == out
+    assert name in get("inferenceservices.serving.splitserve.io")
+    assert name in get("splitserve")  # the category
+    theirs = S.run_tool("kubectl", "get", "isvc", name, "-n", ns, kubeconfig=kubeconfig)
+    assert theirs.returncode != 0 and "serving.kserve.io" in theirs.stderr, theirs
     header, row = out.splitlines()[:2]
     columns = dict(zip(header.split(), row.split(), strict=True))
     assert set(columns) == {"NAME", "MODEL", "PREFILL", "DECODE", "URL", "READY", "AGE"}

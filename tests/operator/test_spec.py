@@ -21,7 +21,7 @@ EXAMPLES = sorted((REPO / "manifests" / "examples").glob("*-*.yaml"))
 def test_crd_is_structural_enough_for_the_api_server() -> None:
     doc = crd.load_crd()
     assert doc["metadata"]["name"] == crd.CRD_NAME
-    assert doc["spec"]["names"]["shortNames"] == ["isvc"]
+    assert doc["spec"]["names"]["shortNames"] == ["ssvc", "splitisvc"]
     (version,) = doc["spec"]["versions"]
     assert version["subresources"] == {"status": {}}
     columns = [c["name"] for c in version["additionalPrinterColumns"]]
