@@ -22,6 +22,7 @@ from splitserve.engine.kv_cache_manager import KVCacheManager
 from splitserve.engine.kv_memory import allocate_host_kv
 from splitserve.engine.model.llama import LlamaArch, LlamaForCausalLM
 from splitserve.engine.model.loader import iter_safetensors, resolve_model
+from splitserve.engine.model.quant import apply_quantization
 from splitserve.engine.model_runner import PROMPT_LOGPROB_ROWS, ModelRunner
 from splitserve.engine.outputs import ImportReservation, RequestTiming, SequenceDelta
 from splitserve.engine.request import Request, RequestStatus
@@ -77,7 +78,10 @@ def load_model(config: EngineConfig):
         model = LlamaForCausalLM(arch, hf_config)
     # Built on meta (no random init of 100M+ parameters), then materialised and filled.
     model = model.to_empty(device=config.device).to(config.torch_dtype)
-    model.load_weights(iter_safetensors(model_dir))
+    if config.quantization != "gguf":  # gguf: every weight comes from the GGUF file itself
+        model.load_weights(iter_safetensors(model_dir))
+    if config.quantization is not None:
+        apply_quantization(model, config.quantization, config.model)
     model.rotary.rebuild(config.device)  # fp32 tables; rows are cast to the model dtype per step
     return model_dir, hf_config, tokenizer, model.eval()
 

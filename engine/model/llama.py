@@ -259,16 +259,16 @@ class LlamaForCausalLM(nn.Module):
         shape at every ``padded_rows`` count up to ``max_tokens`` (the step's token budget), the
         LM head up to ``max_logit_rows``. oneDNN builds its per-shape state now, so an engine's
         memory is flat under load instead of growing as new prompt lengths arrive."""
-        by_shape: dict[tuple[int, ...], nn.Linear] = {}
+        by_shape: dict[tuple[int, ...], nn.Module] = {}
         for module in self.layers.modules():
-            if isinstance(module, nn.Linear):
-                by_shape.setdefault(tuple(module.weight.shape), module)
-        weight = self.lm_head.weight
+            if hasattr(module, "in_features"):  # nn.Linear and the quantized linears
+                by_shape.setdefault((module.out_features, module.in_features), module)
+        like = self.norm.weight  # the model dtype and device
         for rows in row_buckets(max_tokens):
             for linear in by_shape.values():
-                linear(weight.new_zeros(rows, linear.in_features))
+                linear(like.new_zeros(rows, linear.in_features))
         for rows in row_buckets(max_logit_rows, logit_rows):
-            self.lm_head(weight.new_zeros(rows, self.arch.hidden_size))
+            self.lm_head(like.new_zeros(rows, self.arch.hidden_size))
 
     # --- weights ---------------------------------------------------------------------------
     def load_weights(self, weights) -> None:

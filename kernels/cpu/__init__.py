@@ -39,7 +39,7 @@ import torch
 log = logging.getLogger(__name__)
 
 _HERE = Path(__file__).parent
-_SOURCES = [_HERE / "paged_decode.cpp", _HERE / "paged_prefill.cpp"]
+_SOURCES = [_HERE / "paged_decode.cpp", _HERE / "paged_prefill.cpp", _HERE / "quant_linear.cpp"]
 _NAME = "splitserve_cpu"
 PREBUILT_DIR_ENV = "SPLITSERVE_CPU_KERNELS_DIR"
 JIT_ENV = "SPLITSERVE_CPU_KERNELS_JIT"
