@@ -43,8 +43,11 @@ __all__ = [
 
 def gguf_source(model: str | None) -> Path:
     """The GGUF file ``--quantization gguf`` reads for the configured model argument."""
-    from splitserve.engine.model.loader import DEFAULT_MODEL_HUB_ID, DEFAULT_MODEL_NAME
-    from splitserve.engine.model.loader import default_gguf_path
+    from splitserve.engine.model.loader import (
+        DEFAULT_MODEL_HUB_ID,
+        DEFAULT_MODEL_NAME,
+        default_gguf_path,
+    )
 
     if model is None or str(model) in ("", "default", DEFAULT_MODEL_NAME, DEFAULT_MODEL_HUB_ID):
         return default_gguf_path()
