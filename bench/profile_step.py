@@ -58,15 +58,21 @@ class _Clock:
     def __init__(self) -> None:
         self.total: dict[str, float] = collections.defaultdict(float)
         self.calls = 0
+        self._active: set[str] = set()
 
     @contextmanager
     def time(self, label: str):
+        if label in self._active:  # nested in itself (RMSNorm.add -> forward): count once
+            yield
+            return
+        self._active.add(label)
         start = time.thread_time()
         try:
             yield
         finally:
             self.total[label] += time.thread_time() - start
             self.calls += 1
+            self._active.discard(label)
 
     def wrap(self, obj, name: str, label: str) -> None:
         fn = getattr(obj, name)
@@ -86,7 +92,7 @@ def _timed_call(clock: _Clock, label: str, fn, *args, **kwargs):
 def _module_label(name: str, module: nn.Module) -> str | None:
     leaf = name.rsplit(".", 1)[-1]
     if leaf in ("input_layernorm", "post_attention_layernorm"):
-        return "rms norm"
+        return "rms norm"  # with the residual add before it
     if leaf in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"):
         return leaf
     if leaf in ("self_attn", "mlp"):
@@ -99,13 +105,15 @@ def _install_module_timers(model: nn.Module, clock: _Clock) -> None:
         label = _module_label(name, module)
         if label is None:
             continue
-        forward = module.forward
+        # RMSNorm.add (the residual add fused into the norm) is timed as the norm.
+        for method in ("forward", "add") if label == "rms norm" else ("forward",):
+            original = getattr(module, method)
 
-        def timed(*a, _f=forward, _l=label, **k):
-            with clock.time(_l):
-                return _f(*a, **k)
+            def timed(*a, _f=original, _l=label, **k):
+                with clock.time(_l):
+                    return _f(*a, **k)
 
-        module.forward = timed
+            setattr(module, method, timed)
 
 
 def _breakdown(engine, args) -> None:
@@ -163,14 +171,14 @@ def _breakdown(engine, args) -> None:
         ("  prepare inputs (tokens, positions, slots, tables)", ms["prepare inputs"]),
         ("  attention metadata (backend.prepare)", ms["attention metadata"]),
         ("  model forward", ms["model forward"] - inner_calls * per_call),
-        ("    rms norms (2 per layer)", ms["rms norm"]),
+        ("    residual add + rms norm (2 per layer)", ms["rms norm"]),
         ("    qkv_proj", ms["qkv_proj"]),
         ("    rope + KV write + attention + reshapes", attn_core),
         ("    o_proj", ms["o_proj"]),
         ("    gate_up_proj", ms["gate_up_proj"]),
         ("    silu * up", mlp_act),
         ("    down_proj", ms["down_proj"]),
-        ("    embed, rotary tables, residual adds, final norm", layer_rest),
+        ("    embed, rotary tables, layer calls, final norm", layer_rest),
         ("  LM head", ms["LM head"]),
         ("  sampler", ms["sampler"]),
         ("  detokenize + stop checks", ms["detokenize + stop checks"]),
@@ -196,6 +204,9 @@ def main() -> None:
     parser.add_argument(
         "--breakdown", action="store_true", help="stage/part table of decode steps instead"
     )
+    parser.add_argument(
+        "--unfused", action="store_true", help="torch ops for norms/rotary/SiLU (the old path)"
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -211,6 +222,8 @@ def main() -> None:
         for _ in range(args.batch)
     ]
     engine = llm.engine
+    if args.unfused:
+        engine.model.use_cpu_kernels(False)
     params = SamplingParams(
         temperature=0.0, max_tokens=args.skip_decode + 2 * args.steps + 16, ignore_eos=True
     )

@@ -115,6 +115,11 @@ class EngineConfig:
                 f"quantization must be one of {', '.join(QUANTIZATIONS)} (or None); "
                 f"got {self.quantization!r}"
             )
+        if self.quantization is not None and self.device != "cpu":
+            raise ValueError(
+                f"quantization {self.quantization!r} runs on the CPU only (its kernels are C++ "
+                f"CPU kernels); device is {self.device!r}"
+            )
         if self.attention_backend not in ("auto", "cpu", "torch", "triton"):
             raise ValueError(
                 "attention_backend must be auto, cpu, torch or triton; "

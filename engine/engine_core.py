@@ -29,6 +29,7 @@ from splitserve.engine.request import Request, RequestStatus
 from splitserve.engine.sampler import Sampler, SamplingRow, TokenLogprobs, skip_draw
 from splitserve.engine.scheduler import Scheduler
 from splitserve.engine.structured_output import StructuredOutputs
+from splitserve.kernels import cpu as cpu_kernels
 from splitserve.protocol.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -82,6 +83,8 @@ def load_model(config: EngineConfig):
         model.load_weights(iter_safetensors(model_dir))
     if config.quantization is not None:
         apply_quantization(model, config.quantization, config.model)
+    if torch.device(config.device).type == "cpu" and cpu_kernels.available():
+        model.use_cpu_kernels()  # per-layer elementwise steps as single C++ ops
     model.rotary.rebuild(config.device)  # fp32 tables; rows are cast to the model dtype per step
     return model_dir, hf_config, tokenizer, model.eval()
 

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 from splitserve.engine.attention.base import k_cache_view, v_cache_view
 from splitserve.engine.attention.metadata import AttentionMetadata
+from splitserve.kernels.cpu import fused
 
 _BLOCK_DIAGONAL_MAX_KV_HEADS = 8
 
@@ -176,8 +177,11 @@ class _TorchAttentionStep:
     ) -> torch.Tensor:
         k_cache = k_cache_view(self.kv_cache, layer)
         v_cache = v_cache_view(self.kv_cache, layer)
-        k_cache[self.write_block, self.write_offset] = k
-        v_cache[self.write_block, self.write_offset] = v
+        if self.kernels is not None:  # one C++ op: two row copies per token
+            fused.write_kv(k, v, k_cache, v_cache, self.meta.slot_mapping)
+        else:
+            k_cache[self.write_block, self.write_offset] = k
+            v_cache[self.write_block, self.write_offset] = v
         meta, nd, scale = self.meta, self.nd, q.shape[-1] ** -0.5
         if self.kernels is not None and self.np and self.prefill_kernel is None:
             self.prefill_kernel = self.kernels.prefill_supported(

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from splitserve.engine.attention.base import AttentionStep
+from splitserve.kernels.cpu import fused
 
 
 @dataclass(frozen=True)
@@ -89,13 +90,24 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(size))
         self.eps = eps
+        self.fused = False  # one C++ op (kernels/cpu/fused.py) instead of six torch ops
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused:
+            return fused.rms_norm(x, self.weight, self.eps)
         # Same order of operations as HF so fp32 results match bit for bit where possible.
         dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x.to(dtype)
+
+    def add(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """``residual += x`` in place (HF's residual connection, rounded in the dtype), then
+        the norm of the new residual."""
+        if self.fused:
+            return fused.add_rms_norm(x, residual, self.weight, self.eps)
+        residual.add_(x)
+        return self(residual)
 
 
 class Rotary(nn.Module):
@@ -162,6 +174,7 @@ class Attention(nn.Module):
             arch.hidden_size, (self.hq + 2 * self.hkv) * self.d, arch.qkv_bias
         )
         self.o_proj = nn.Linear(self.hq * self.d, arch.hidden_size, bias=False)
+        self.fused = False
 
     def forward(self, x, cos, sin, attn: AttentionStep, t: int) -> torch.Tensor:
         """x: [rows, hidden] with the step's `t` tokens first and padding rows after them
@@ -170,7 +183,11 @@ class Attention(nn.Module):
         qkv = self.qkv_proj(x)[:t]
         qk, v = qkv.split([(self.hq + self.hkv) * self.d, self.hkv * self.d], dim=-1)
         # Rotate q and k heads together: one set of elementwise ops instead of two.
-        qk = apply_rotary(qk.reshape(t, self.hq + self.hkv, self.d), cos[:t], sin[:t])
+        if self.fused:  # in place, in the projection's output
+            qk = qk.view(t, self.hq + self.hkv, self.d)
+            fused.rotary_(qk, cos, sin)
+        else:
+            qk = apply_rotary(qk.reshape(t, self.hq + self.hkv, self.d), cos[:t], sin[:t])
         q, k = qk.split([self.hq, self.hkv], dim=1)
         out = attn(self.layer, q, k, v.reshape(t, self.hkv, self.d)).reshape(t, self.hq * self.d)
         if rows > t:
@@ -184,8 +201,11 @@ class MLP(nn.Module):
         self.inter = arch.intermediate_size
         self.gate_up_proj = nn.Linear(arch.hidden_size, 2 * self.inter, bias=False)
         self.down_proj = nn.Linear(self.inter, arch.hidden_size, bias=False)
+        self.fused = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused:
+            return self.down_proj(fused.silu_mul(self.gate_up_proj(x)))
         gate, up = self.gate_up_proj(x).split(self.inter, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
@@ -198,9 +218,20 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
         self.mlp = MLP(arch)
 
-    def forward(self, x, cos, sin, attn: AttentionStep, t: int) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn, t)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(
+        self, x, residual: torch.Tensor | None, cos, sin, attn: AttentionStep, t: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: the previous layer's MLP output (the embeddings at layer 0, with ``residual``
+        None); ``residual``: the residual stream, which this layer adds x to in place. Returns
+        (this layer's MLP output, the residual stream): the add is deferred into the next norm
+        so that it fuses with it."""
+        if residual is None:
+            residual, h = x, self.input_layernorm(x)
+        else:
+            h = self.input_layernorm.add(x, residual)
+        h = self.self_attn(h, cos, sin, attn, t)
+        h = self.post_attention_layernorm.add(h, residual)
+        return self.mlp(h), residual
 
 
 class LlamaForCausalLM(nn.Module):
@@ -216,6 +247,15 @@ class LlamaForCausalLM(nn.Module):
         self.rotary = Rotary(inv_freq, scaling, arch.max_position_embeddings)
         self.scale = 1.0 / math.sqrt(arch.head_dim)
         self.bucket_rows = False  # pad matmul rows to a fixed set of shapes (see ``forward``)
+
+    def use_cpu_kernels(self, enabled: bool = True) -> None:
+        """Run norms, rotary, SiLU*up (and, in the cpu attention backend, the K/V write) as the
+        single C++ ops of ``kernels/cpu/fused.py`` instead of chains of torch ops. The engine
+        turns this on for CPU models where the kernels load; the torch code stays the
+        reference and the fallback."""
+        for module in self.modules():
+            if isinstance(module, (RMSNorm, Attention, MLP)):
+                module.fused = enabled
 
     def tie_weights(self) -> None:
         """Share the embedding with the LM head (again after ``to_empty``, which unties them)."""
@@ -241,9 +281,10 @@ class LlamaForCausalLM(nn.Module):
             positions = F.pad(positions, (0, rows - t))
         x = self.embed_tokens(input_ids)
         cos, sin = self.rotary(positions, x.dtype)
+        residual = None
         for layer in self.layers:
-            x = layer(x, cos, sin, attn, t)
-        return self.norm(x[:t])
+            x, residual = layer(x, residual, cos, sin, attn, t)
+        return self.norm.add(x[:t], residual[:t])
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
