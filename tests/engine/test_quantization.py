@@ -11,8 +11,8 @@ from torch import nn
 
 from splitserve import LLM, SamplingParams
 from splitserve.engine.config import EngineConfig
-from splitserve.engine.model.quant import BlockLinear, Int8Linear, W8A8Linear
 from splitserve.engine.model.loader import iter_safetensors
+from splitserve.engine.model.quant import BlockLinear, Int8Linear, W8A8Linear
 from splitserve.kernels import cpu
 from splitserve.kernels.cpu import quant
 
