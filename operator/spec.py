@@ -21,7 +21,8 @@ from splitserve.operator.crd import FieldError
 # Flags the operator sets on every engine/router pod; extraArgs must not fight over them.
 MANAGED_FLAGS = frozenset(
     {
-        "--model", "--revision", "--served-name", "--dtype", "--block-size", "--max-model-len",
+        "--model", "--revision", "--served-name", "--dtype", "--quantization", "--block-size",
+        "--max-model-len",
         "--max-num-seqs", "--host", "--port", "--metrics-port", "--kv-transport",
         "--lease-seconds", "--kv-failure-policy", "--colocated",
     }
@@ -79,6 +80,7 @@ class EngineSpec:
     max_model_len: int
     max_num_seqs: int
     extra_args: tuple[str, ...]
+    quantization: str = "none"  # none | int8 | w8a8 | gguf (engine --quantization)
 
 
 @dataclass(frozen=True)
@@ -161,10 +163,10 @@ class InferenceServiceSpec:
     def rollout_hash(self) -> str:
         """One version of the serving stack: what a rollout moves every engine pod to together.
 
-        Model, revision, image (the engine code), dtype, block size and KV transport. Pods carry
-        it as a label; the router pairs only pods with equal labels (and, independently, equal
-        KV compatibility hashes reported by the engines themselves), so no request crosses
-        versions during a rollout.
+        Model, revision, image (the engine code), dtype, quantization, block size and KV
+        transport. Pods carry it as a label; the router pairs only pods with equal labels (and,
+        independently, equal KV compatibility hashes reported by the engines themselves), so no
+        request crosses versions during a rollout.
         """
         key = {
             "model": self.model.uri,
@@ -174,6 +176,8 @@ class InferenceServiceSpec:
             "blockSize": self.engine.block_size,
             "transport": self.kv_transfer.transport,
         }
+        if self.engine.quantization != "none":  # absent when off: existing hashes stay as they are
+            key["quantization"] = self.engine.quantization
         return short_hash(key)
 
 
@@ -233,6 +237,7 @@ def _spec(s: dict[str, Any]) -> InferenceServiceSpec:
             max_model_len=engine["maxModelLen"],
             max_num_seqs=engine["maxNumSeqs"],
             extra_args=tuple(engine["extraArgs"]),
+            quantization=engine.get("quantization", "none"),
         ),
         prefill=_pool(s["prefill"], DEFAULT_ENGINE_REQUESTS),
         decode=_pool(s["decode"], DEFAULT_ENGINE_REQUESTS),

@@ -44,6 +44,8 @@ def engine_args(isvc: InferenceService, role: str) -> list[str]:
         "--kv-transport", s.kv_transfer.transport,
         "--log-format", s.observability.log_format,
     ]  # fmt: skip
+    if s.engine.quantization != "none":
+        args += ["--quantization", s.engine.quantization]
     # Leases are the prefill side's (how long handed-off blocks are kept); the failure policy
     # is the decode side's (what to do when a pull fails). Each server refuses the other's flag.
     if role == L.PREFILL:
