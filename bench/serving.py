@@ -247,6 +247,7 @@ def section_load(args, tmp: Path, colocated: bool, quantization: str = "") -> di
     flags = ["--kv-cache-memory-gb", "1", "--dtype", args.dtype]
     flags += ["--colocated", "--decode-replicas", "1"] if colocated else []
     flags += ["--quantization", quantization] if quantization else []
+    flags += args.serve_args.split()
     name = variant_key(colocated, quantization)
     proc, url, _ = serve(flags, tmp, name)
     out = {}
@@ -603,6 +604,8 @@ def main() -> int:
     p.add_argument("--quantizations", default="",
                    help="also run splitserve colocated with these --quantization values "
                    "(comma-separated, e.g. gguf,w8a8)")  # fmt: skip
+    p.add_argument("--serve-args", default="",
+                   help="more `splitserve serve` flags, e.g. '--threads-per-engine 1'")  # fmt: skip
     p.add_argument("--modes", default="disagg,colocated",
                    help="unquantized splitserve runs: disagg and/or colocated")  # fmt: skip
     p.add_argument("--cache", default=".cache/llama")
