@@ -20,7 +20,7 @@ from splitserve.engine.detokenizer import IncrementalDetokenizer
 from splitserve.engine.histogram import HistogramSnapshot, StepHistogram, token_buckets
 from splitserve.engine.kv_cache_manager import KVCacheManager
 from splitserve.engine.kv_memory import allocate_host_kv
-from splitserve.engine.lora import AdapterInfo, LoRAManager, LoRARequest
+from splitserve.engine.lora import AdapterInfo, LoadedAdapter, LoRAManager, LoRARequest
 from splitserve.engine.model.llama import LlamaArch, LlamaForCausalLM
 from splitserve.engine.model.loader import iter_safetensors, resolve_model
 from splitserve.engine.model_runner import PROMPT_LOGPROB_ROWS, ModelRunner
@@ -215,6 +215,11 @@ class EngineCore:
         """Load an adapter (PEFT format) under its name; raises ValueError naming the problem
         (``AdapterError``: files, rank, base model; ``LoRAExistsError``: the name is taken)."""
         return self._lora_manager().add(lora)
+
+    def register_lora(self, adapter: LoadedAdapter) -> AdapterInfo:
+        """Register an adapter already read (``lora.read`` on another thread, so the engine
+        thread does not wait on files); raises ``LoRAExistsError`` if the name is taken."""
+        return self._lora_manager().register(adapter)
 
     def remove_lora(self, name: str) -> bool:
         """Unload ``name`` (False if unknown); its running requests finish with it."""
