@@ -7,7 +7,13 @@ Baselines measured in the same process:
 Also reports the KV-cache waste: allocated-but-unused token slots / allocated slots, sampled
 after every engine step.
 
+With ``--loras N`` it measures multi-LoRA serving instead: the same requests spread round-robin
+over N random rank-16 adapters on all seven projections (PEFT format, written to a temporary
+directory), one batch mixing them all, against the base model alone in the same run (target:
+>= 0.7x of base throughput).
+
     .venv/bin/python -P bench/throughput.py [--num-requests 64] [--hf-single-sample 4]
+    .venv/bin/python -P bench/throughput.py --loras 4 [--lora-rank 16]
 """
 
 from __future__ import annotations
@@ -26,20 +32,27 @@ def make_prompts(n: int, vocab: int, seed: int) -> list[list[int]]:
     return [[rng.randrange(200, vocab) for _ in range(rng.randint(32, 512))] for _ in range(n)]
 
 
-def run_splitserve(prompts, out_len, args):
+def run_splitserve(prompts, out_len, args, loras=None):
+    """``loras``: LoRARequests spread round-robin over the requests (None: base model)."""
     from splitserve import LLM, SamplingParams
 
     llm = LLM(
-        dtype="bfloat16",
+        dtype=args.dtype,
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
         enable_prefix_caching=False,  # random prompts share nothing; keep the comparison plain
+        enable_lora=bool(loras),
+        max_loras=max(len(loras or ()), 1),
+        max_lora_rank=args.lora_rank,
     )
     params = SamplingParams(temperature=0.0, max_tokens=out_len, ignore_eos=True)
-    llm.generate([prompts[0][:16]], SamplingParams(max_tokens=2))  # warm-up
+    warm = SamplingParams(max_tokens=2)
+    for lora in loras or [None]:  # warm-up (and each adapter loaded before the clock starts)
+        llm.generate([prompts[0][:16]], warm, lora_request=lora)
     engine = llm.engine
     for i, p in enumerate(prompts):
-        engine.add_request(f"b{i}", p, params)
+        name = loras[i % len(loras)].lora_name if loras else None
+        engine.add_request(f"b{i}", p, params, lora_name=name)
     allocated = used = 0
     steps = 0
     generated = 0
@@ -77,6 +90,69 @@ def run_splitserve(prompts, out_len, args):
             else 0.0
         ),
     }, llm
+
+
+def make_adapters(root, count: int, rank: int, seed: int):
+    """``count`` random LoRA adapters for the default model in PEFT's format (all seven
+    projections, rank ``rank``), as LoRARequests."""
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+    from transformers import AutoConfig
+
+    from splitserve import LoRARequest
+    from splitserve.engine.model.loader import resolve_model
+
+    config = AutoConfig.from_pretrained(resolve_model(None))
+    h, inter = config.hidden_size, config.intermediate_size
+    d = config.hidden_size // config.num_attention_heads
+    q, kv = config.num_attention_heads * d, config.num_key_value_heads * d
+    shapes = {"self_attn.q_proj": (h, q), "self_attn.k_proj": (h, kv),
+              "self_attn.v_proj": (h, kv), "self_attn.o_proj": (q, h),
+              "mlp.gate_proj": (h, inter), "mlp.up_proj": (h, inter),
+              "mlp.down_proj": (inter, h)}  # fmt: skip
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for n in range(count):
+        tensors = {}
+        for layer in range(config.num_hidden_layers):
+            for module, (fan_in, fan_out) in shapes.items():
+                key = f"base_model.model.model.layers.{layer}.{module}"
+                tensors[f"{key}.lora_A.weight"] = torch.randn(rank, fan_in, generator=gen) * 0.02
+                tensors[f"{key}.lora_B.weight"] = torch.randn(fan_out, rank, generator=gen) * 0.02
+        path = Path(root) / f"adapter{n}"
+        path.mkdir(parents=True)
+        save_file(tensors, str(path / "adapter_model.safetensors"))
+        (path / "adapter_config.json").write_text(json.dumps({
+            "peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "bias": "none",
+            "target_modules": [m.split(".")[1] for m in shapes],
+        }))  # fmt: skip
+        out.append(LoRARequest(f"adapter{n}", n + 1, str(path)))
+    return out
+
+
+def run_loras(prompts, args) -> None:
+    """Base model alone vs requests spread over ``args.loras`` adapters, same run."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as root:
+        loras = make_adapters(root, args.loras, args.lora_rank, args.seed)
+        base, _ = run_splitserve(prompts, args.output_len, args)
+        multi, llm = run_splitserve(prompts, args.output_len, args, loras)
+        loads = llm.engine.lora.slots.num_loads
+    for label, r in (("base model", base), (f"{args.loras} LoRA adapters", multi)):
+        ms = r["decode_phase_ms_per_step"]
+        print(
+            f"splitserve {label:>16}: {r['tok_per_s']:8.1f} output tok/s "
+            f"({r['seconds']:.1f} s, {r['steps']} steps, {ms:.0f} ms per decode step)"
+        )
+    ratio = multi["tok_per_s"] / base["tok_per_s"]
+    print(f"adapter loads into slots: {loads}")
+    print(f"ratio {args.loras} LoRAs vs base: {ratio:.2f}x (target >= 0.7x)")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"base": base, "loras": multi, "ratio": ratio, "num_loras": args.loras}, f)
 
 
 def run_hf_single(model, prompts, out_len):
@@ -134,6 +210,14 @@ def main() -> None:
     parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", default=None, help="also write the results here")
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "auto"])
+    parser.add_argument(
+        "--loras",
+        type=int,
+        default=0,
+        help="spread the requests over this many LoRA adapters; compare to base",
+    )
+    parser.add_argument("--lora-rank", type=int, default=16)
     args = parser.parse_args()
 
     from transformers import AutoModelForCausalLM
@@ -143,6 +227,9 @@ def main() -> None:
     prompts = make_prompts(args.num_requests, 49152, args.seed)
     print(f"{len(prompts)} requests, prompt tokens {sum(map(len, prompts))}, "
           f"output {args.output_len} each, torch threads {torch.get_num_threads()}")  # fmt: skip
+    if args.loras:
+        run_loras(prompts, args)
+        return
     ours, _ = run_splitserve(prompts, args.output_len, args)
     print(f"splitserve LLM.generate : {ours['tok_per_s']:8.1f} output tok/s "
           f"({ours['output_tokens']} tokens, {ours['seconds']:.1f} s, {ours['steps']} steps, "

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from splitserve.protocol.lora import AdapterInfo, check_adapter_name
 from splitserve.protocol.wire import adapter_from_proto
-from splitserve.services.router.errors import APIError, BackendError, NoBackendError
+from splitserve.services.router.errors import APIError, BackendError
 from splitserve.services.router.model_facts import ModelFacts
 
 log = logging.getLogger(__name__)
@@ -104,8 +104,9 @@ class RouterAdapters:
             raise APIError(400, f"The lora adapter '{name}' has already been loaded.",
                            param="lora_name")  # fmt: skip
         pods = [p for p in self._pods(facts) if p.info.lora_enabled]
-        if not pods:
-            raise NoBackendError("no engine pod with LoRA enabled (--enable-lora)")
+        if not pods:  # how the engines were started, not a passing outage: the client's 400
+            raise APIError(400, "LoRA is not enabled on the engines (--enable-lora)",
+                           param="lora_name")  # fmt: skip
         int_id = len(self.loaded) + len(self.unloaded) + 1
         results = await asyncio.gather(
             *(p.client.load_lora_adapter(name, path, int_id) for p in pods),
