@@ -163,6 +163,8 @@ class EngineCore:
                 max(config.scheduler.max_num_seqs, PROMPT_LOGPROB_ROWS),
             )
             log.info("matmul shapes warmed up in %.1f s", time.monotonic() - t0)
+            if self.lora is not None:  # LoRA matmuls too: all slots, so only rows vary
+                self.lora.fixed_width = True
         self.eos_ids = eos_token_ids(self.hf_config, self.tokenizer)
         self.sampler = Sampler(arch.vocab_size, self.eos_ids or None)
         self.structured = StructuredOutputs(self.tokenizer, arch.vocab_size, self.eos_ids)
