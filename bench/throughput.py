@@ -19,6 +19,7 @@ directory), one batch mixing them all, against the base model alone in the same 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import random
 import time
@@ -32,8 +33,8 @@ def make_prompts(n: int, vocab: int, seed: int) -> list[list[int]]:
     return [[rng.randrange(200, vocab) for _ in range(rng.randint(32, 512))] for _ in range(n)]
 
 
-def run_splitserve(prompts, out_len, args, loras=None):
-    """``loras``: LoRARequests spread round-robin over the requests (None: base model)."""
+def build_llm(args, loras=None):
+    """The engine; with ``loras``, LoRA on and every adapter loaded (and warmed up)."""
     from splitserve import LLM, SamplingParams
 
     llm = LLM(
@@ -45,14 +46,28 @@ def run_splitserve(prompts, out_len, args, loras=None):
         max_loras=max(len(loras or ()), 1),
         max_lora_rank=args.lora_rank,
     )
-    params = SamplingParams(temperature=0.0, max_tokens=out_len, ignore_eos=True)
     warm = SamplingParams(max_tokens=2)
-    for lora in loras or [None]:  # warm-up (and each adapter loaded before the clock starts)
-        llm.generate([prompts[0][:16]], warm, lora_request=lora)
+    for lora in [None, *(loras or ())]:  # warm-up, each adapter loaded before the clock starts
+        llm.generate([[300 + i for i in range(16)]], warm, lora_request=lora)
+    return llm
+
+
+def run_splitserve(prompts, out_len, args):
+    llm = build_llm(args)
+    return run_workload(llm, prompts, out_len), llm
+
+
+def run_workload(llm, prompts, out_len, loras=None):
+    """Every prompt at once through ``llm``; ``loras``: adapters spread round-robin over the
+    requests (None: the base model)."""
+    from splitserve import SamplingParams
+
+    params = SamplingParams(temperature=0.0, max_tokens=out_len, ignore_eos=True)
     engine = llm.engine
+    tag = next(_RUNS)
     for i, p in enumerate(prompts):
         name = loras[i % len(loras)].lora_name if loras else None
-        engine.add_request(f"b{i}", p, params, lora_name=name)
+        engine.add_request(f"b{tag}-{i}", p, params, lora_name=name)
     allocated = used = 0
     steps = 0
     generated = 0
@@ -89,7 +104,10 @@ def run_splitserve(prompts, out_len, args, loras=None):
             if first_decode_only
             else 0.0
         ),
-    }, llm
+    }
+
+
+_RUNS = itertools.count()
 
 
 def make_adapters(root, count: int, rank: int, seed: int):
@@ -133,14 +151,26 @@ def make_adapters(root, count: int, rank: int, seed: int):
 
 
 def run_loras(prompts, args) -> None:
-    """Base model alone vs requests spread over ``args.loras`` adapters, same run."""
+    """Base model alone vs requests spread over ``args.loras`` adapters, on one engine, in
+    alternating rounds (base, LoRA, LoRA, base, ...) so that a machine whose speed drifts (other
+    load) weighs on both alike. A step without adapters runs exactly the base model's code (the
+    LoRA path costs nothing there), so the base rounds measure the base model."""
     import tempfile
 
     with tempfile.TemporaryDirectory() as root:
         loras = make_adapters(root, args.loras, args.lora_rank, args.seed)
-        base, _ = run_splitserve(prompts, args.output_len, args)
-        multi, llm = run_splitserve(prompts, args.output_len, args, loras)
+        llm = build_llm(args, loras)
+        runs: dict[str, list[dict]] = {"base": [], "lora": []}
+        for r in range(args.rounds):
+            order = ("base", "lora") if r % 2 == 0 else ("lora", "base")
+            for mode in order:
+                result = run_workload(
+                    llm, prompts, args.output_len, loras if mode == "lora" else None
+                )
+                runs[mode].append(result)
+                print(f"  round {r + 1} {mode:>4}: {result['tok_per_s']:8.1f} tok/s")
         loads = llm.engine.lora.slots.num_loads
+    base, multi = (_total(runs[m]) for m in ("base", "lora"))
     for label, r in (("base model", base), (f"{args.loras} LoRA adapters", multi)):
         ms = r["decode_phase_ms_per_step"]
         print(
@@ -153,6 +183,16 @@ def run_loras(prompts, args) -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"base": base, "loras": multi, "ratio": ratio, "num_loras": args.loras}, f)
+
+
+def _total(results: list[dict]) -> dict:
+    """Several runs of one workload as one: tokens and seconds summed."""
+    tokens = sum(r["output_tokens"] for r in results)
+    seconds = sum(r["seconds"] for r in results)
+    steps = sum(r["steps"] for r in results)
+    decode = sum(r["decode_phase_ms_per_step"] for r in results) / len(results)
+    return {"output_tokens": tokens, "seconds": seconds, "tok_per_s": tokens / seconds,
+            "steps": steps, "decode_phase_ms_per_step": decode}  # fmt: skip
 
 
 def run_hf_single(model, prompts, out_len):
@@ -218,6 +258,7 @@ def main() -> None:
         help="spread the requests over this many LoRA adapters; compare to base",
     )
     parser.add_argument("--lora-rank", type=int, default=16)
+    parser.add_argument("--rounds", type=int, default=2, help="with --loras: alternating rounds")
     args = parser.parse_args()
 
     from transformers import AutoModelForCausalLM
