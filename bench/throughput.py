@@ -259,7 +259,10 @@ def main() -> None:
     )
     parser.add_argument("--lora-rank", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=2, help="with --loras: alternating rounds")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     from transformers import AutoModelForCausalLM
 

@@ -2,21 +2,24 @@
 
 Layout, per decoder layer and fused target (``qkv``, ``o``, ``gate_up``, ``down``):
 
-    a[slot]:    [S * R, in]     rows s*R .. s*R + r_s: lora_A of the target's slice s
-    b_s[slot]:  [R, out_s]      rows .. r_s: (scaled lora_B of slice s)^T
+    a[slot]: [S * R, in]    rows s*R .. s*R + r_s: lora_A of the target's slice s
+    b[slot]: [S * R, out]   rows s*R .. s*R + r_s, columns of slice s: (scaled lora_B of s)^T
 
 S is the target's slice count (q/k/v: 3, gate/up: 2, else 1), R = max_lora_rank; smaller ranks
 and absent modules are zeros. Slots are slot-major, so the first ``k`` slots are one contiguous
-``[k * S * R, in]`` matrix and a whole step's update of a target is a fixed handful of tensor ops
-whatever the mix of requests:
+``[k * S * R, in]`` matrix and a whole step's update of a target is three tensor ops whatever the
+mix of requests:
 
     s = x @ a[:k].T                  # [rows, k*S*R]: every token against every resident adapter
     s *= mask                        # keep each token's own adapter's columns (one-hot by slot)
-    y[:, slice s] += s[.., s, ..] @ b_s[:k]    # per slice (at most 3): no block-diagonal zeros
+    y += s @ b[:k]                   # [rows, out]: B is block-diagonal over the slices
 
 A token without an adapter has an all-zero mask row. The dense shrink costs every token
-``k * S * R * in`` extra multiply-adds (a few percent of the base matmul per slot at rank 16), and
-in exchange there is no gather, no sort and no Python loop over requests.
+``k * S * R * in`` extra multiply-adds (a few percent of the base matmul at rank 16), and in
+exchange there is no gather, no sort and no Python loop over requests. The block-diagonal B
+wastes multiply-adds on zeros (S times the expand's), but keeps a target's update at three ops
+writing one contiguous output: per-slice expands measured slower here (strided writes and a
+copy per slice), and on a CPU every extra op per layer and step costs more than those zeros.
 """
 
 from __future__ import annotations
@@ -52,15 +55,14 @@ class LoRASlots:
         self.num_slots = num_slots
         self.rank = max_rank
         self.layout = target_layout(arch)
-        self.weights: list[dict[str, tuple[torch.Tensor, list[torch.Tensor]]]] = []
+        self.weights: list[dict[str, tuple[torch.Tensor, torch.Tensor]]] = []
         for _ in range(arch.num_layers):
             layer = {}
             for target, (fan_in, sizes, _) in self.layout.items():
                 rows = len(sizes) * max_rank
                 a = torch.zeros(num_slots, rows, fan_in, dtype=dtype, device=device)
-                bs = [torch.zeros(num_slots, max_rank, size, dtype=dtype, device=device)
-                      for size in sizes]  # fmt: skip
-                layer[target] = (a, bs)
+                b = torch.zeros(num_slots, rows, sum(sizes), dtype=dtype, device=device)
+                layer[target] = (a, b)
             self.weights.append(layer)
         self.resident: dict[str, int] = {}  # adapter cache key -> slot
         self._owner: list[str | None] = [None] * num_slots
@@ -107,17 +109,17 @@ class LoRASlots:
         if old is not None:
             del self.resident[old]
         for layer in self.weights:
-            for a, bs in layer.values():
+            for a, b in layer.values():
                 a[slot].zero_()
-                for b in bs:
-                    b[slot].zero_()
+                b[slot].zero_()
         R = self.rank
         for u in adapter.updates:
             target, s = MODULES[u.module]
-            a, bs = self.weights[u.layer][target]
+            a, b = self.weights[u.layer][target]
+            _, sizes, offsets = self.layout[target]
             r = u.a.shape[0]
             a[slot, s * R : s * R + r].copy_(u.a)
-            bs[s][slot, :r].copy_(u.b.T)
+            b[slot, s * R : s * R + r, offsets[s] : offsets[s] + sizes[s]].copy_(u.b.T)
         key = adapter.info.cache_key
         self._owner[slot] = key
         self.resident[key] = slot
@@ -150,7 +152,7 @@ class LayerLoRA:
 
     __slots__ = ("step", "weights")
 
-    def __init__(self, step: LoRAStep, weights) -> None:
+    def __init__(self, step: LoRAStep, weights: dict[str, tuple[torch.Tensor, torch.Tensor]]):
         self.step = step
         self.weights = weights
 
@@ -159,17 +161,8 @@ class LayerLoRA:
         step = self.step
         if target not in step.targets:
             return y
-        a, bs = self.weights[target]
-        k, rows, rank = step.k, x.shape[0], step.slots.rank
+        a, b = self.weights[target]
+        k, rows = step.k, x.shape[0]
         shrunk = F.linear(x, a[:k].view(-1, a.shape[-1]))
-        masked = shrunk.view(rows, k, len(bs), rank) * step.mask[:, :, None, None]
-        if len(bs) == 1:
-            return y.addmm_(masked.view(rows, k * rank), bs[0][:k].view(k * rank, -1))
-        offset = 0
-        for s, b in enumerate(bs):
-            size = b.shape[-1]
-            y[:, offset : offset + size].addmm_(
-                masked[:, :, s].reshape(rows, k * rank), b[:k].view(k * rank, size)
-            )
-            offset += size
-        return y
+        shrunk = (shrunk.view(rows, k, -1) * step.mask[:, :, None]).view(rows, -1)
+        return y.addmm_(shrunk, b[:k].view(-1, b.shape[-1]))
