@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from splitserve.engine.lora.config import LoRAConfig
 from splitserve.protocol.kv_compat import QUANTIZATIONS
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "auto": None}
@@ -108,6 +109,7 @@ class EngineConfig:
     quantization: str | None = None
     cache: CacheConfig = CacheConfig()
     scheduler: SchedulerConfig = SchedulerConfig()
+    lora: LoRAConfig | None = None  # None: no LoRA adapters (and no per-step cost)
 
     def __post_init__(self) -> None:
         if self.quantization is not None and self.quantization not in QUANTIZATIONS:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +17,9 @@ from torch import nn
 
 from splitserve.engine.attention.base import AttentionStep
 from splitserve.kernels.cpu import fused
+
+if TYPE_CHECKING:
+    from splitserve.engine.lora.slots import LayerLoRA, LoRAStep
 
 
 @dataclass(frozen=True)
@@ -176,11 +179,17 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.hq * self.d, arch.hidden_size, bias=False)
         self.fused = False
 
-    def forward(self, x, cos, sin, attn: AttentionStep, t: int) -> torch.Tensor:
+    def forward(
+        self, x, cos, sin, attn: AttentionStep, t: int, lora: LayerLoRA | None = None
+    ) -> torch.Tensor:
         """x: [rows, hidden] with the step's `t` tokens first and padding rows after them
-        (`padded_rows`); attention sees the `t` tokens only."""
+        (`padded_rows`); attention sees the `t` tokens only. ``lora``: the step's adapter
+        updates, added after each base projection."""
         rows = x.shape[0]
-        qkv = self.qkv_proj(x)[:t]
+        qkv = self.qkv_proj(x)
+        if lora is not None:
+            qkv = lora.apply("qkv", x, qkv)
+        qkv = qkv[:t]
         qk, v = qkv.split([(self.hq + self.hkv) * self.d, self.hkv * self.d], dim=-1)
         # Rotate q and k heads together: one set of elementwise ops instead of two.
         if self.fused:  # in place, in the projection's output
@@ -192,6 +201,8 @@ class Attention(nn.Module):
         out = attn(self.layer, q, k, v.reshape(t, self.hkv, self.d)).reshape(t, self.hq * self.d)
         if rows > t:
             out = F.pad(out, (0, 0, 0, rows - t))
+        if lora is not None:
+            return lora.apply("o", out, self.o_proj(out))
         return self.o_proj(out)
 
 
@@ -203,11 +214,19 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(self.inter, arch.hidden_size, bias=False)
         self.fused = False
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, lora: LayerLoRA | None = None) -> torch.Tensor:
+        if lora is None:
+            if self.fused:
+                return self.down_proj(fused.silu_mul(self.gate_up_proj(x)))
+            gate, up = self.gate_up_proj(x).split(self.inter, dim=-1)
+            return self.down_proj(F.silu(gate) * up)
+        gate_up = lora.apply("gate_up", x, self.gate_up_proj(x))
         if self.fused:
-            return self.down_proj(fused.silu_mul(self.gate_up_proj(x)))
-        gate, up = self.gate_up_proj(x).split(self.inter, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+            h = fused.silu_mul(gate_up)
+        else:
+            gate, up = gate_up.split(self.inter, dim=-1)
+            h = F.silu(gate) * up
+        return lora.apply("down", h, self.down_proj(h))
 
 
 class DecoderLayer(nn.Module):
@@ -219,19 +238,27 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(arch)
 
     def forward(
-        self, x, residual: torch.Tensor | None, cos, sin, attn: AttentionStep, t: int
+        self,
+        x,
+        residual: torch.Tensor | None,
+        cos,
+        sin,
+        attn: AttentionStep,
+        t: int,
+        lora: LoRAStep | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """x: the previous layer's MLP output (the embeddings at layer 0, with ``residual``
         None); ``residual``: the residual stream, which this layer adds x to in place. Returns
         (this layer's MLP output, the residual stream): the add is deferred into the next norm
         so that it fuses with it."""
+        own = None if lora is None else lora.layer(self.self_attn.layer)
         if residual is None:
             residual, h = x, self.input_layernorm(x)
         else:
             h = self.input_layernorm.add(x, residual)
-        h = self.self_attn(h, cos, sin, attn, t)
+        h = self.self_attn(h, cos, sin, attn, t, own)
         h = self.post_attention_layernorm.add(h, residual)
-        return self.mlp(h), residual
+        return self.mlp(h, own), residual
 
 
 class LlamaForCausalLM(nn.Module):
@@ -264,9 +291,14 @@ class LlamaForCausalLM(nn.Module):
 
     @torch.inference_mode()
     def forward(
-        self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionStep
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        attn: AttentionStep,
+        lora: LoRAStep | None = None,
     ) -> torch.Tensor:
-        """input_ids, positions: [T]; returns the final hidden states [T, hidden].
+        """input_ids, positions: [T]; returns the final hidden states [T, hidden]. ``lora``:
+        the step's LoRA adapters (one per token, or none), built once by the runner.
 
         With ``bucket_rows`` the linear layers run on `padded_rows(T)` rows (the tokens, then
         zero rows): oneDNN, which runs torch's bf16/fp16 matmuls on the CPU, keeps state for every
@@ -281,9 +313,11 @@ class LlamaForCausalLM(nn.Module):
             positions = F.pad(positions, (0, rows - t))
         x = self.embed_tokens(input_ids)
         cos, sin = self.rotary(positions, x.dtype)
+        if lora is not None:
+            lora = lora.for_rows(rows)
         residual = None
         for layer in self.layers:
-            x, residual = layer(x, residual, cos, sin, attn, t)
+            x, residual = layer(x, residual, cos, sin, attn, t, lora)
         return self.norm.add(x[:t], residual[:t])
 
     @torch.inference_mode()
