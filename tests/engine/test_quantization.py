@@ -134,3 +134,24 @@ def test_server_flag_reaches_the_engine_config():
     assert engine_config(parser.parse_args(["--quantization", "w8a8"])).quantization == "w8a8"
     with pytest.raises(SystemExit):
         parser.parse_args(["--quantization", "fp8"])
+
+
+def test_lora_deltas_compose_with_int8_weights(tiny_llama_dir, tmp_path, hf_greedy):
+    """A LoRA adapter's delta after each int8 projection: equal to HF + PEFT on a base model
+    whose weights are the int8 ones (the adapter's own weights stay float32)."""
+    from lora_adapters import hf_peft_model, make_peft_adapter
+
+    from splitserve import LoRARequest
+
+    adapter = make_peft_adapter(tiny_llama_dir, tmp_path / "a", r=8, alpha=16, seed=3)
+    base = _hf_with_int8_weights(tiny_llama_dir)
+    base.save_pretrained(tmp_path / "int8-base", safe_serialization=True)
+    hf = hf_peft_model(tmp_path / "int8-base", adapter)
+    llm = LLM(model=str(tiny_llama_dir), dtype="float32", quantization="int8",
+              num_kv_blocks=64, enable_lora=True)  # fmt: skip
+    request = LoRARequest("a", 1, str(adapter))
+    outs = llm.generate(PROMPTS, GREEDY, lora_request=request)
+    plain = llm.generate(PROMPTS, GREEDY)
+    for prompt, got, base_out in zip(PROMPTS, outs, plain, strict=True):
+        assert got.outputs[0].token_ids == hf_greedy(hf, prompt, 10)
+        assert got.outputs[0].token_ids != base_out.outputs[0].token_ids
