@@ -102,15 +102,3 @@ def _count(values) -> str:
     for v in values:
         counts[v] = counts.get(v, 0) + 1
     return ", ".join(f"{n} x {k}" for k, n in sorted(counts.items()))
-
-
-def quantized_bytes(model: nn.Module) -> int:
-    """Bytes of every parameter and buffer (what one forward pass reads at most)."""
-    seen: set[int] = set()
-    total = 0
-    for t in list(model.parameters()) + list(model.buffers()):
-        if t.data_ptr() in seen:
-            continue
-        seen.add(t.data_ptr())
-        total += t.numel() * t.element_size()
-    return total
