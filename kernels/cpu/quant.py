@@ -33,7 +33,8 @@ GGML_Q4_0, GGML_Q4_1, GGML_Q8_0 = 2, 3, 8
 _BLOCK_BYTES = {GGML_Q4_0: 18, GGML_Q4_1: 20, GGML_Q8_0: 34}
 
 
-def _ops():
+def ops():
+    """``torch.ops.splitserve_cpu`` (raises where the C++ kernels could not be built)."""
     ops = cpu.load()
     if ops is None:
         raise RuntimeError("splitserve C++ CPU kernels are not available (see the log)")
@@ -104,7 +105,7 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
 def int8_linear(x: torch.Tensor, w: Int8Weights, impl: int = -1) -> torch.Tensor:
     """``x @ dequantize(w).T`` in x's dtype, weights read as int8. x: [M, K]."""
     _check_x(x, w.in_features)
-    return _ops().int8_linear(_rows(x), w.weight, w.scale, impl)
+    return ops().int8_linear(_rows(x), w.weight, w.scale, impl)
 
 
 def int8_linear_ref(x: torch.Tensor, w: Int8Weights) -> torch.Tensor:
@@ -128,7 +129,7 @@ def quantize_rows(x: torch.Tensor, group: int, kp: int) -> tuple[torch.Tensor, t
 def w8a8_linear(x: torch.Tensor, w: Int8Weights, impl: int = -1) -> torch.Tensor:
     """``x @ dequantize(w).T`` with x quantized per row to int8 first (integer dot products)."""
     _check_x(x, w.in_features)
-    return _ops().w8a8_linear(_rows(x), w.weight, w.scale, w.wsum, impl)
+    return ops().w8a8_linear(_rows(x), w.weight, w.scale, w.wsum, impl)
 
 
 def w8a8_linear_ref(x: torch.Tensor, w: Int8Weights) -> torch.Tensor:
@@ -226,7 +227,7 @@ def pack_gguf(raw: np.ndarray | torch.Tensor, ggml_type: int, in_features: int) 
 def block_linear(x: torch.Tensor, w: BlockWeights, impl: int = -1) -> torch.Tensor:
     """``x @ dequantize(w).T`` with x quantized per 32-column block (integer dots per block)."""
     _check_x(x, w.in_features)
-    return _ops().block_linear(_rows(x), w.qs, w.d, w.m, w.bits, impl)
+    return ops().block_linear(_rows(x), w.qs, w.d, w.m, w.bits, impl)
 
 
 def block_linear_ref(x: torch.Tensor, w: BlockWeights) -> torch.Tensor:
