@@ -48,8 +48,8 @@ def build_engine_network_policy(isvc: InferenceService) -> dict[str, Any]:
     """Engine pods accept traffic only from this service's router and from each other.
 
     Router -> engines on the gRPC port only. Engine <-> engine on any port: the NIXL (UCX)
-    transport opens its own ports. NetworkPolicies are additive, so scraping metrics needs a
-    separate policy that admits the Prometheus namespace (see docs/operator.md).
+    transport opens its own ports. The peers of ``observability.metrics.allowFrom`` (the
+    monitoring namespace) reach the metrics port, and nothing else.
     """
     engines = {
         "matchLabels": {L.INSTANCE_LABEL: isvc.name},
@@ -70,9 +70,18 @@ def build_engine_network_policy(isvc: InferenceService) -> dict[str, Any]:
                     "ports": [{"protocol": "TCP", "port": GRPC_PORT}],
                 },
                 {"from": [{"podSelector": engines}]},
+                *_metrics_rules(isvc),
             ],
         },
     }
+
+
+def _metrics_rules(isvc: InferenceService) -> list[dict[str, Any]]:
+    peers = isvc.spec.observability.metrics.allow_from
+    if not peers:
+        return []
+    port = {"protocol": "TCP", "port": METRICS_PORT}
+    return [{"from": [dict(p) for p in peers], "ports": [port]}]
 
 
 def build_pdb(isvc: InferenceService, role: str) -> dict[str, Any]:
