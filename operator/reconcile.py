@@ -18,10 +18,11 @@ from splitserve.operator.builders import build_desired
 from splitserve.operator.kube import CHILD_KINDS, PODS, ApiError, KubeApi
 from splitserve.operator.spec import SpecError, parse, short_hash
 from splitserve.operator.status import (
-    PODS_FAILING,
     compute_status,
+    failing_reason,
     invalid_spec_status,
     pod_problems,
+    pods_pending,
     role_state,
 )
 
@@ -226,15 +227,22 @@ async def reconcile(api: KubeApi, body: Mapping[str, Any], now: str) -> Reconcil
         )
     try:
         selector = f"{L.INSTANCE_LABEL}={isvc.name},{L.MANAGED_BY_LABEL}={L.MANAGED_BY}"
-        failing = pod_problems(await api.list(PODS, isvc.namespace, selector))
+        pods = await api.list(PODS, isvc.namespace, selector)
     except ApiError:
-        failing = []  # status from the Deployments alone; the next pass reads pods again
+        pods = []  # status from the Deployments alone; the next pass reads pods again
+    failing, pending = pod_problems(pods), pods_pending(pods)
     status = compute_status(
-        isvc, plan.deployments, previous, now, failing=failing, retained=plan.retained
+        isvc,
+        plan.deployments,
+        previous,
+        now,
+        failing=failing,
+        retained=plan.retained,
+        pending=pending,
     )
     events: list[Event] = []
     if failing:
-        events += _warning_once(previous, PODS_FAILING, "; ".join(failing))
+        events += _warning_once(previous, failing_reason(failing), "; ".join(failing))
     if plan.created or plan.updated or plan.pruned:
         parts = [
             f"{verb} {', '.join(refs)}"
