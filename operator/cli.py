@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Any
 
@@ -32,10 +33,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--interval", type=float, default=30.0, help="seconds between drift-correcting passes"
     )
     run_p.add_argument(
-        "--liveness",
-        default="http://0.0.0.0:8080/healthz",
-        help="kopf liveness endpoint URL ('' disables it)",
+        "--health-port",
+        type=int,
+        default=8080,
+        help="port of /healthz, /readyz and /metrics (0: none)",
     )
+    run_p.add_argument(
+        "--leader-elect",
+        action="store_true",
+        help="reconcile only while holding a coordination.k8s.io Lease (run several replicas)",
+    )
+    run_p.add_argument(
+        "--lease-namespace",
+        default=os.environ.get("POD_NAMESPACE", "default"),
+        help="namespace of the Lease (default: $POD_NAMESPACE)",
+    )
+    run_p.add_argument("--lease-name", default="splitserve-operator")
+    run_p.add_argument("--lease-duration", type=float, default=15.0, help="seconds")
+    run_p.add_argument("--renew-deadline", type=float, default=10.0, help="seconds")
+    run_p.add_argument("--retry-period", type=float, default=2.0, help="seconds")
     render_p = sub.add_parser("render", help="validate an InferenceService and print its objects")
     render_p.add_argument("-f", "--filename", required=True, help="YAML file ('-' for stdin)")
     render_p.add_argument(
@@ -115,27 +131,83 @@ def dump_yaml(objects: list[dict[str, Any]]) -> str:
 
 def _run_operator(args: argparse.Namespace) -> int:
     import asyncio
-    import os
+
+    import kopf
+
+    kopf.configure(log_format=kopf.LogFormat.PLAIN)
+    return asyncio.run(_operate(args))
+
+
+async def _operate(args: argparse.Namespace) -> int:
+    """kopf's loop, under a Lease when ``--leader-elect``, beside the health/metrics server."""
+    import asyncio
+    import logging
+    import signal
     import socket
 
     import kopf
 
-    from splitserve.operator.handlers import make_registry
+    from splitserve.operator import health
+    from splitserve.operator.handlers import credentials_from, make_registry
+    from splitserve.operator.kube import KubeApi
+    from splitserve.operator.leader import LeaderElector, LeaseConfig, lead
+    from splitserve.operator.login import default_login
 
-    kopf.configure(log_format=kopf.LogFormat.PLAIN)
-    registry = make_registry(interval=args.interval)
-    namespaces = args.namespace
+    metrics = health.OperatorMetrics()
+    registry = make_registry(interval=args.interval, metrics=metrics)
     # kopf would name itself after getpass.getuser(), which fails for a uid with no passwd entry
     # (OpenShift's random UIDs, any image without the user): the pod's name says more anyway.
     identity = os.environ.get("POD_NAME") or socket.gethostname()
-    asyncio.run(
-        kopf.operator(
-            registry=registry,
+    state = health.HealthState(leader_election=args.leader_elect)
+    runner = None
+    if args.health_port:
+        runner = await health.serve(health.make_app(state, metrics), "0.0.0.0", args.health_port)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+
+    async def reconcile_until(work_stop: asyncio.Event) -> None:
+        state.reconciling = True
+        try:
+            await kopf.operator(
+                registry=registry,
+                identity=identity,
+                standalone=True,  # exclusivity comes from the Lease, not kopf's peering
+                clusterwide=not args.namespace,
+                namespaces=args.namespace,
+                stop_flag=work_stop,
+            )
+        finally:
+            state.reconciling = False
+
+    api = None
+    try:
+        if not args.leader_elect:
+            await reconcile_until(stop)
+            return 0
+        api = KubeApi(lambda: credentials_from(default_login()))
+        config = LeaseConfig(
+            namespace=args.lease_namespace,
             identity=identity,
-            standalone=True,  # one replica (Recreate strategy): no peering objects needed
-            clusterwide=not namespaces,
-            namespaces=namespaces,
-            liveness_endpoint=args.liveness or None,
+            name=args.lease_name,
+            lease_duration_s=args.lease_duration,
+            renew_deadline_s=args.renew_deadline,
+            retry_period_s=args.retry_period,
         )
-    )
-    return 0
+        elector = LeaderElector(api, config, on_change=lambda leading: metrics.leader.set(leading))
+        state.is_leader = lambda: elector.is_leader
+        state.api_reachable = lambda: elector.healthy
+        logging.getLogger("splitserve.operator").info(
+            "%s waits for the lease %s/%s", identity, config.namespace, config.name
+        )
+        if await lead(elector, stop, reconcile_until):
+            return 0
+        state.lease_lost = True
+        print("error: lost the leader lease; exiting so a fresh candidate starts", file=sys.stderr)
+        return 1
+    finally:
+        if api is not None:
+            await api.close()
+        if runner is not None:
+            await runner.cleanup()

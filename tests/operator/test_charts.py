@@ -63,6 +63,19 @@ def test_operator_chart_renders_valid_objects(helm, validate_k8s, case) -> None:
     assert c["args"][:2] == ["operator", "run"]
     assert c["securityContext"]["readOnlyRootFilesystem"] is True
     bindings = [o for o in objects if o["kind"] in ("RoleBinding", "ClusterRoleBinding")]
+    # Two replicas under a Lease in the release namespace, which only the Lease role reaches.
+    assert deployment["spec"]["replicas"] == 2 and "--leader-elect" in c["args"]
+    assert deployment["spec"]["strategy"]["type"] == "RollingUpdate"
+    (lease_role,) = [o for o in objects if o["kind"] == "Role"]
+    assert lease_role["metadata"]["namespace"] == "ns"
+    assert {g for r in lease_role["rules"] for g in r["apiGroups"]} == {"coordination.k8s.io"}
+    assert c["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    annotations = deployment["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/port"] == "8080"
+    assert "PodDisruptionBudget" in kinds
+    bindings = [
+        b for b in bindings if b["metadata"]["name"] != "rel-splitserve-operator-leader-election"
+    ]
     if case == "namespaced":
         assert c["args"].count("--namespace") == 2
         namespaced = [b for b in bindings if b["kind"] == "RoleBinding"]
@@ -71,6 +84,18 @@ def test_operator_chart_renders_valid_objects(helm, validate_k8s, case) -> None:
     else:
         assert "--namespace" not in c["args"]
         assert len([b for b in bindings if b["kind"] == "ClusterRoleBinding"]) == 2
+
+
+def test_operator_chart_refuses_replicas_without_leader_election(helm) -> None:
+    done = helm_run(
+        helm, "template", "rel", str(OPERATOR_CHART), "--set", "leaderElection.enabled=false"
+    )
+    assert done.returncode != 0 and "needs leaderElection.enabled" in done.stderr
+    one = ["--set", "leaderElection.enabled=false", "--set", "replicaCount=1"]
+    objects = template(helm, OPERATOR_CHART, one)
+    (deployment,) = [o for o in objects if o["kind"] == "Deployment"]
+    assert deployment["spec"]["strategy"] == {"type": "Recreate"}
+    assert not [o for o in objects if o["kind"] in ("Role", "PodDisruptionBudget")]
 
 
 def test_operator_chart_schema_rejects_bad_values(helm) -> None:
