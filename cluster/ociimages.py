@@ -30,8 +30,10 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-STORE = REPO / ".cache" / "cluster" / "image" / "oci"
+from splitserve.cluster import image
+
+# The node agent's store: `<--image-dir>/oci`, beside the image venv (same default folder).
+STORE = image.REPO / image.IMAGE_DIR / "oci"
 MANIFEST_TYPE = "application/vnd.oci.image.manifest.v1+json"
 CONFIG_TYPE = "application/vnd.oci.image.config.v1+json"
 LAYER_TYPE = "application/vnd.oci.image.layer.v1.tar+gzip"

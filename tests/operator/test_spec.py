@@ -15,7 +15,7 @@ from splitserve.operator.cli import render
 from splitserve.operator.spec import SpecError, parse
 
 REPO = Path(__file__).resolve().parents[2]
-EXAMPLES = sorted((REPO / "manifests" / "examples").glob("*-*.yaml"))
+EXAMPLES = sorted((REPO / "manifests" / "examples").rglob("*-*.yaml"))
 
 
 def test_crd_is_structural_enough_for_the_api_server() -> None:
