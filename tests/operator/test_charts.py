@@ -192,3 +192,43 @@ def test_every_value_is_documented() -> None:
             leaf = not stripped.endswith(":")
             assert documented or not leaf, (chart.name, line)
             parents.append((indent, documented))
+
+
+def _script(name: str, *args: str):
+    import subprocess
+    import sys
+
+    return subprocess.run(
+        [sys.executable, str(REPO / "scripts" / name), *args],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+
+
+def test_chart_readmes_list_every_documented_value() -> None:
+    done = _script("chart-docs", "--check")
+    assert done.returncode == 0, "run scripts/chart-docs: " + done.stderr
+    for chart in (OPERATOR_CHART, ISVC_CHART):
+        readme = (chart / "README.md").read_text()
+        values = yaml.safe_load((chart / "values.yaml").read_text())
+        for key in values:
+            if key != "global":
+                assert f"`{key}" in readme, (chart.name, key)
+
+
+def test_values_schema_is_the_crd_s(tmp_path) -> None:
+    done = _script("sync-chart-schema", "--check")
+    assert done.returncode == 0, "run scripts/sync-chart-schema"
+
+
+def test_charts_package_with_their_readme_and_crd(helm, tmp_path) -> None:
+    import tarfile
+
+    for chart in (OPERATOR_CHART, ISVC_CHART):
+        done = helm_run(helm, "package", str(chart), "-d", str(tmp_path))
+        assert done.returncode == 0, done.stderr
+    packaged = {p.name: p for p in tmp_path.glob("*.tgz")}
+    assert set(packaged) == {"splitserve-operator-0.1.0.tgz", "inferenceservice-0.1.0.tgz"}
+    with tarfile.open(packaged["splitserve-operator-0.1.0.tgz"]) as tar:
+        names = set(tar.getnames())
+    assert {"splitserve-operator/README.md",
+            "splitserve-operator/crds/inferenceservices.yaml"} <= names  # fmt: skip
