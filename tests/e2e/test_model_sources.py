@@ -27,7 +27,8 @@ from kubernetes import client
 from splitserve.cluster import models, ociimages
 from splitserve.cluster.controlplane.testing import wait_until
 
-pytestmark = [pytest.mark.slow, pytest.mark.cluster]
+# Several engines start at once on two shared cores: more than the suite's default 600 s.
+pytestmark = [pytest.mark.slow, pytest.mark.cluster, pytest.mark.timeout(1500)]
 
 OCI_REFERENCE = "registry.splitserve.test/models/smollm2:135m-instruct"
 BUCKET = "models"

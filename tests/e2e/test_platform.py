@@ -26,7 +26,8 @@ from kubernetes import client
 
 from splitserve.cluster.controlplane.testing import wait_until
 
-pytestmark = [pytest.mark.slow, pytest.mark.cluster]
+# Several engines start at once on two shared cores: more than the suite's default 600 s.
+pytestmark = [pytest.mark.slow, pytest.mark.cluster, pytest.mark.timeout(1500)]
 
 PRIORITY_CLASS = "splitserve-e2e-serving"
 RUNTIME_CLASS = "splitserve-e2e"
