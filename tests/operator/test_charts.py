@@ -37,6 +37,17 @@ ISVC_VALUES = {
         "--set", "decode.resources.limits.nvidia\\.com/gpu=1", "--set", "rollout.maxSurge=25%",
         "--set", "engine.extraArgs={--enforce-eager}",
     ],
+    "platform": [
+        "--set", "model.uri=hf://org/gated", "--set", "model.credentials.secretName=hf-token",
+        "--set", "model.cache.claimName=model-cache", "--set", "model.endpoint=http://mirror:80",
+        "--set-json", 'decode.env=[{"name": "TEAM", "value": "a"}]',
+        "--set-json", 'decode.envFrom=[{"configMapRef": {"name": "tuning"}}]',
+        "--set-json", 'decode.volumes=[{"name": "x", "emptyDir": {}}]',
+        "--set-json", 'decode.volumeMounts=[{"name": "x", "mountPath": "/x"}]',
+        "--set", "decode.priorityClassName=high", "--set", "router.runtimeClassName=gvisor",
+        "--set", "decode.shmSize=4Gi", "--set", "decode.podLabels.team=a",
+        "--set-json", 'observability.metrics.allowFrom=[{"namespaceSelector": {}}]',
+    ],
 }  # fmt: skip
 
 
@@ -116,6 +127,13 @@ def test_inferenceservice_chart_renders_a_valid_resource(helm, validate_k8s, cas
     if case == "disaggregated":
         assert isvc["metadata"]["name"] == "llama"
         assert isvc["spec"]["router"]["apiKeySecret"] == {"name": "keys"}
+    if case == "platform":
+        spec = isvc["spec"]
+        assert spec["model"]["cache"] == {"claimName": "model-cache"}
+        assert spec["decode"]["env"] == [{"name": "TEAM", "value": "a"}]
+        assert spec["decode"]["shmSize"] == "4Gi" and spec["router"]["runtimeClassName"] == "gvisor"
+    else:  # empty pass-through values are left out, the CRD's defaults apply
+        assert "env" not in isvc["spec"]["decode"] and "credentials" not in isvc["spec"]["model"]
 
 
 @pytest.mark.parametrize(
