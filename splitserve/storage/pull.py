@@ -62,6 +62,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     setup_logging(args.log_level, args.log_format, "model-download")
+    for noisy in ("httpx", "httpx2", "botocore", "urllib3"):  # one line per request otherwise
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     started = time.monotonic()
     try:
         pulled = pull(args.uri, Path(args.dest), args.revision)
