@@ -17,6 +17,7 @@ Every InferenceService is created at once (their engines start together), then c
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 import e2e_support as S
@@ -44,20 +45,21 @@ def colocated(name: str, model: dict, decode: int = 1) -> dict:
 
 @pytest.fixture(scope="module")
 def s3_endpoint(model_dir: Path, cluster) -> str:
-    """moto's S3 server on the host, holding the model under a prefix; its URL as pods see it."""
-    from moto.server import ThreadedMotoServer
-
+    """moto's S3 server on the host (its own process: it streams the weights to the pod while
+    this one polls), holding the model under a prefix; its URL as pods see it."""
+    from splitserve.processes import free_port, spawn, stop
     from splitserve.storage import s3 as s3_client
 
-    server = ThreadedMotoServer(ip_address="0.0.0.0", port=0, verbose=False)
-    server.start()
-    port = server.get_host_and_port()[1]
+    port = free_port()
+    moto = str(S.REPO / ".venv" / "bin" / "moto_server")
+    server = spawn([moto, "-H", "0.0.0.0", "-p", str(port)], output=subprocess.DEVNULL)
     env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "e2e",
            "AWS_SECRET_ACCESS_KEY": "e2e-secret"}  # fmt: skip
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:
         s3 = s3_client.client()
+        wait_until("moto's S3 server answers", lambda: s3.list_buckets() is not None, timeout=60)
         s3.create_bucket(Bucket=BUCKET)
         for path in model_dir.iterdir():
             if path.is_file() and not path.name.startswith("."):
@@ -66,7 +68,7 @@ def s3_endpoint(model_dir: Path, cluster) -> str:
         for key, value in saved.items():
             os.environ.pop(key) if value is None else os.environ.__setitem__(key, value)
     yield f"http://{cluster.spec.host_ip}:{port}"
-    server.stop()
+    stop([server], 10)
 
 
 @pytest.fixture(scope="module")
