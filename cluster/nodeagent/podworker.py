@@ -18,7 +18,7 @@ from typing import Any
 from splitserve.cluster.nodeagent import envvars, launchspec, network
 from splitserve.cluster.nodeagent.backoff import Backoff
 from splitserve.cluster.nodeagent.containers import ContainerSlot, SlotContext
-from splitserve.cluster.nodeagent.kube import describe, is_status
+from splitserve.cluster.nodeagent.kube import describe, is_status, is_transient
 from splitserve.cluster.nodeagent.launchspec import NodeServices
 from splitserve.cluster.nodeagent.objects import NotReady
 from splitserve.cluster.nodeagent.runtime import LaunchSpec, StartError
@@ -181,7 +181,16 @@ class PodWorker:
         if not self.terminal:
             self._make_sandbox()
             while not self._should_end():
-                self._step()
+                try:
+                    self._step()
+                except Exception as exc:
+                    # An API server too busy to answer (a read timeout under load) must not end
+                    # the worker: the pod would never start or be deleted. Retry the step.
+                    if not is_transient(exc):
+                        raise
+                    log.warning("pod %s: API call failed, retrying: %s", self.ref.name, exc)
+                    self._wake.wait(SANDBOX_RETRY_S)
+                    continue
                 self._publish()
                 self._wake.wait(self._sleep_for())
                 self._wake.clear()
