@@ -28,7 +28,8 @@ CRD = "customresourcedefinition/inferenceservices.serving.splitserve.io"
 
 
 def _crd(kubeconfig: Path) -> dict:
-    out = S.checked(S.run_tool("kubectl", "get", CRD, "-o", "json", kubeconfig=kubeconfig))
+    get = ["get", CRD, "-o", "json", "--show-managed-fields"]
+    out = S.checked(S.run_tool("kubectl", *get, kubeconfig=kubeconfig))
     return json.loads(out)
 
 
