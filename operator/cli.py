@@ -131,63 +131,19 @@ def dump_yaml(objects: list[dict[str, Any]]) -> str:
 
 def _run_operator(args: argparse.Namespace) -> int:
     import asyncio
-
-    import kopf
-
-    kopf.configure(log_format=kopf.LogFormat.PLAIN)
-    return asyncio.run(_operate(args))
-
-
-async def _operate(args: argparse.Namespace) -> int:
-    """kopf's loop, under a Lease when ``--leader-elect``, beside the health/metrics server."""
-    import asyncio
-    import logging
-    import signal
     import socket
 
     import kopf
 
-    from splitserve.operator import health
-    from splitserve.operator.handlers import credentials_from, make_registry
-    from splitserve.operator.kube import KubeApi
-    from splitserve.operator.leader import LeaderElector, LeaseConfig, lead
-    from splitserve.operator.login import default_login
+    from splitserve.operator.leader import LeaseConfig
+    from splitserve.operator.runner import RunConfig, operate
 
-    metrics = health.OperatorMetrics()
-    registry = make_registry(interval=args.interval, metrics=metrics)
     # kopf would name itself after getpass.getuser(), which fails for a uid with no passwd entry
     # (OpenShift's random UIDs, any image without the user): the pod's name says more anyway.
     identity = os.environ.get("POD_NAME") or socket.gethostname()
-    state = health.HealthState(leader_election=args.leader_elect)
-    runner = None
-    if args.health_port:
-        runner = await health.serve(health.make_app(state, metrics), "0.0.0.0", args.health_port)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, stop.set)
-
-    async def reconcile_until(work_stop: asyncio.Event) -> None:
-        state.reconciling = True
-        try:
-            await kopf.operator(
-                registry=registry,
-                identity=identity,
-                standalone=True,  # exclusivity comes from the Lease, not kopf's peering
-                clusterwide=not args.namespace,
-                namespaces=args.namespace,
-                stop_flag=work_stop,
-            )
-        finally:
-            state.reconciling = False
-
-    api = None
-    try:
-        if not args.leader_elect:
-            await reconcile_until(stop)
-            return 0
-        api = KubeApi(lambda: credentials_from(default_login()))
-        config = LeaseConfig(
+    lease = None
+    if args.leader_elect:
+        lease = LeaseConfig(
             namespace=args.lease_namespace,
             identity=identity,
             name=args.lease_name,
@@ -195,19 +151,12 @@ async def _operate(args: argparse.Namespace) -> int:
             renew_deadline_s=args.renew_deadline,
             retry_period_s=args.retry_period,
         )
-        elector = LeaderElector(api, config, on_change=lambda leading: metrics.leader.set(leading))
-        state.is_leader = lambda: elector.is_leader
-        state.api_reachable = lambda: elector.healthy
-        logging.getLogger("splitserve.operator").info(
-            "%s waits for the lease %s/%s", identity, config.namespace, config.name
-        )
-        if await lead(elector, stop, reconcile_until):
-            return 0
-        state.lease_lost = True
-        print("error: lost the leader lease; exiting so a fresh candidate starts", file=sys.stderr)
-        return 1
-    finally:
-        if api is not None:
-            await api.close()
-        if runner is not None:
-            await runner.cleanup()
+    config = RunConfig(
+        identity=identity,
+        namespaces=tuple(args.namespace),
+        interval=args.interval,
+        health_port=args.health_port,
+        lease=lease,
+    )
+    kopf.configure(log_format=kopf.LogFormat.PLAIN)
+    return asyncio.run(operate(config))
