@@ -16,6 +16,7 @@ from typing import Any
 import kopf
 
 from splitserve.operator import crd
+from splitserve.operator.adapters import AdapterProbe, GrpcAdapterProbe
 from splitserve.operator.health import OperatorMetrics
 from splitserve.operator.kube import Credentials, KubeApi
 from splitserve.operator.labels import PREFIX
@@ -87,10 +88,13 @@ def make_registry(
     login: Callable[[], kopf.ConnectionInfo] = default_login,
     *,
     interval: float = 30.0,
+    adapter_probe: AdapterProbe | None = None,
     metrics: OperatorMetrics | None = None,
 ) -> kopf.OperatorRegistry:
-    """A registry with every handler; ``login`` serves kopf and our own client alike, and
+    """A registry with every handler; ``login`` serves kopf and our own client alike.
+    ``adapter_probe`` asks engine pods for their LoRA adapters (default: their gRPC port);
     every pass is timed and counted in ``metrics``."""
+    adapter_probe = adapter_probe or GrpcAdapterProbe()
     registry = kopf.OperatorRegistry()
     metrics = metrics or OperatorMetrics()
     resource = (crd.GROUP, crd.VERSION, crd.PLURAL)
@@ -103,6 +107,7 @@ def make_registry(
     async def _startup(memo: kopf.Memo, settings: kopf.OperatorSettings, **_: Any) -> None:
         configure(settings)
         memo.api = KubeApi(lambda: credentials_from(login()))
+        memo.adapter_probe = adapter_probe
 
     @kopf.on.cleanup(registry=registry)
     async def _cleanup(memo: kopf.Memo, **_: Any) -> None:
@@ -113,7 +118,7 @@ def make_registry(
     @kopf.on.update(*resource, id="reconcile", registry=registry)
     async def on_change(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **_: Any) -> None:
         with metrics.observe("change") as report:
-            result = await reconcile(memo.api, body, _now())
+            result = await reconcile(memo.api, body, _now(), memo.adapter_probe)
             report(*outcome(result))
         metrics.set_ready(_key(body), _ready(result))
         _deliver(result, body, patch)
@@ -126,7 +131,7 @@ def make_registry(
         if body.get("metadata", {}).get("deletionTimestamp"):
             return
         with metrics.observe("timer") as report:
-            result = await reconcile(memo.api, body, _now())
+            result = await reconcile(memo.api, body, _now(), memo.adapter_probe)
             report(*outcome(result))
         metrics.set_ready(_key(body), _ready(result))
         _deliver(result, body, patch)

@@ -61,14 +61,16 @@ def parse_overrides(pool: Mapping[str, Any]) -> PodOverrides:
 # What the operator's templates use (a test checks every built pod against these): overrides
 # may not reuse a volume name or mount over one of these paths.
 RESERVED_VOLUMES = frozenset(
-    {"tmp", "cache", "shm", "engine-config", "model", "model-cache", "api-keys"}
+    {"tmp", "cache", "shm", "engine-config", "model", "model-cache", "api-keys", "adapters"}
 )
+RESERVED_VOLUME_PREFIXES = ("adapters-",)  # one per claim LoRA adapters live on
 RESERVED_MOUNT_PATHS = frozenset(
     {
         "/tmp", "/home/splitserve/.cache", "/dev/shm", "/etc/splitserve/engine",
-        "/etc/splitserve/api-keys", "/models/cache", "/models/image",
+        "/etc/splitserve/api-keys", "/models/cache", "/models/image", "/etc/splitserve/adapters",
     }
 )  # fmt: skip
+RESERVED_MOUNT_PREFIXES = ("/adapters/",)  # pvc:// LoRA adapters, /adapters/<claim>
 RESERVED_LABEL_PREFIXES = ("serving.splitserve.io/", "app.kubernetes.io/")
 RESERVED_ANNOTATION_PREFIXES = ("serving.splitserve.io/",)
 
@@ -89,7 +91,7 @@ def override_errors(role: str, o: PodOverrides, reserved: Reserved) -> list[Fiel
     errors: list[FieldError] = []
     names = [v["name"] for v in o.volumes]
     for i, name in enumerate(names):
-        if name in reserved.volumes:
+        if name in reserved.volumes or name.startswith(RESERVED_VOLUME_PREFIXES):
             errors.append(FieldError(f"{base}.volumes[{i}].name", f"{name!r} is the operator's"))
         elif names.index(name) != i:
             errors.append(FieldError(f"{base}.volumes[{i}].name", f"{name!r} is repeated"))
@@ -103,7 +105,7 @@ def override_errors(role: str, o: PodOverrides, reserved: Reserved) -> list[Fiel
                     f"{mount['name']!r} names no volume of spec.{role}.volumes",
                 )
             )
-        if path in reserved.mount_paths:
+        if path in reserved.mount_paths or (path + "/").startswith(RESERVED_MOUNT_PREFIXES):
             errors.append(
                 FieldError(f"{base}.volumeMounts[{i}].mountPath", f"{path} is the operator's")
             )

@@ -167,7 +167,7 @@ def pods_pending(pods: Sequence[Mapping[str, Any]]) -> list[str]:
     return sorted(out)
 
 
-def _condition(
+def condition(
     kind: str,
     value: bool,
     reason: str,
@@ -228,9 +228,9 @@ def compute_status(
     gen, prev = isvc.generation, previous.get("conditions") or []
 
     if problem is not None:
-        ready = _condition(READY, False, problem[0], problem[1], gen, now, prev)
+        ready = condition(READY, False, problem[0], problem[1], gen, now, prev)
     elif rolled_out:
-        ready = _condition(READY, True, "AllReplicasReady", ready_text, gen, now, prev)
+        ready = condition(READY, True, "AllReplicasReady", ready_text, gen, now, prev)
     else:
         rolling = any(
             not st.current or st.updated < st.desired or st.total > st.desired
@@ -240,25 +240,25 @@ def compute_status(
         message = f"{progress}; {ready_text}"
         if pending:
             message += "; " + "; ".join(pending)
-        ready = _condition(READY, False, reason, message, gen, now, prev)
+        ready = condition(READY, False, reason, message, gen, now, prev)
     if rolled_out:
-        progressing = _condition(PROGRESSING, False, "RolloutComplete", progress, gen, now, prev)
+        progressing = condition(PROGRESSING, False, "RolloutComplete", progress, gen, now, prev)
     else:
         message = progress
         if retained:
             message += "; the previous generation serves until then: " + ", ".join(retained)
-        progressing = _condition(PROGRESSING, True, "RollingOut", message, gen, now, prev)
+        progressing = condition(PROGRESSING, True, "RollingOut", message, gen, now, prev)
     if problem is not None:
-        degraded = _condition(DEGRADED, True, problem[0], problem[1], gen, now, prev)
+        degraded = condition(DEGRADED, True, problem[0], problem[1], gen, now, prev)
     elif stuck:
-        degraded = _condition(DEGRADED, True, "RolloutStuck", stuck, gen, now, prev)
+        degraded = condition(DEGRADED, True, "RolloutStuck", stuck, gen, now, prev)
     elif failing:
         message = "; ".join(failing)
-        degraded = _condition(DEGRADED, True, failing_reason(failing), message, gen, now, prev)
+        degraded = condition(DEGRADED, True, failing_reason(failing), message, gen, now, prev)
     elif rolled_out or not unavailable:
-        degraded = _condition(DEGRADED, False, "AsExpected", ready_text, gen, now, prev)
+        degraded = condition(DEGRADED, False, "AsExpected", ready_text, gen, now, prev)
     else:
-        degraded = _condition(DEGRADED, False, "RollingOut", ready_text, gen, now, prev)
+        degraded = condition(DEGRADED, False, "RollingOut", ready_text, gen, now, prev)
 
     status: dict[str, Any] = {
         "observedGeneration": gen,
@@ -286,8 +286,8 @@ def invalid_spec_status(
     return dict(previous) | {
         "observedGeneration": generation,
         "conditions": [
-            _condition(READY, False, "InvalidSpec", message, generation, now, prev),
-            _condition(PROGRESSING, False, "InvalidSpec", message, generation, now, prev),
-            _condition(DEGRADED, True, "InvalidSpec", message, generation, now, prev),
+            condition(READY, False, "InvalidSpec", message, generation, now, prev),
+            condition(PROGRESSING, False, "InvalidSpec", message, generation, now, prev),
+            condition(DEGRADED, True, "InvalidSpec", message, generation, now, prev),
         ],
     }

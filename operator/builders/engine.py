@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from splitserve.operator import labels as L
+from splitserve.operator.adapters import adapter_volumes, engine_lora_args
 from splitserve.operator.builders import pod
 from splitserve.operator.builders.config import (
     ENGINE_CONFIG_MOUNT,
@@ -60,7 +61,7 @@ def engine_args(isvc: InferenceService, role: str) -> list[str]:
     gpu = gpu_count(engine_pool(isvc, role).resources)
     if gpu is not None and not any(a.split("=", 1)[0] == "--device" for a in s.engine.extra_args):
         args += ["--device", "cuda"]
-    return args + list(s.engine.extra_args)
+    return args + engine_lora_args(isvc) + list(s.engine.extra_args)
 
 
 def _threads_env() -> dict[str, Any]:
@@ -89,6 +90,7 @@ def build_engine_deployment(isvc: InferenceService, role: str) -> dict[str, Any]
     pool = engine_pool(isvc, role)
     labels = L.engine_labels(isvc, role)
     model = model_mounts(isvc)
+    lora_volumes, lora_mounts = adapter_volumes(isvc)
     container = {
         "name": "engine",
         **pod.image_fields(isvc),
@@ -113,7 +115,8 @@ def build_engine_deployment(isvc: InferenceService, role: str) -> dict[str, Any]
             {"name": "shm", "mountPath": "/dev/shm"},
             {"name": "engine-config", "mountPath": ENGINE_CONFIG_MOUNT, "readOnly": True},
         ]
-        + model.mounts,
+        + model.mounts
+        + lora_mounts,
     }
     volumes = (
         pod.scratch_volumes()
@@ -123,6 +126,7 @@ def build_engine_deployment(isvc: InferenceService, role: str) -> dict[str, Any]
             {"name": "engine-config", "configMap": {"name": config_map_name(isvc)}},
         ]
         + model.volumes
+        + lora_volumes
     )
     container, volumes = pod.with_pool_extras(pool, container, volumes)
     annotations = {L.CONFIG_CHECKSUM_ANNOTATION: config_checksum(isvc)}

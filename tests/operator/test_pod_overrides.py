@@ -8,7 +8,12 @@ import pytest
 
 from splitserve.operator import labels as L
 from splitserve.operator.builders import build_desired
-from splitserve.operator.pod_overrides import RESERVED_MOUNT_PATHS, RESERVED_VOLUMES
+from splitserve.operator.pod_overrides import (
+    RESERVED_MOUNT_PATHS,
+    RESERVED_MOUNT_PREFIXES,
+    RESERVED_VOLUME_PREFIXES,
+    RESERVED_VOLUMES,
+)
 from splitserve.operator.spec import parse
 
 EVERYTHING = {
@@ -114,16 +119,22 @@ def test_engine_service_account_merges_both_roles(make_isvc) -> None:
 def test_reserved_names_cover_every_built_volume_and_mount(make_isvc) -> None:
     """The spec check refuses overrides on these names and paths; they must be all we use."""
     sources = ["pvc://weights/m", "hf://o/n", "oci://ghcr.io/a/m:1", "file:///m"]
+    adapters = [{"name": "sql", "uri": "pvc://loras/sql"}, {"name": "chat", "uri": "file:///a/c"}]
     for uri in sources:
-        change = {"model": {"uri": uri}, "router": {"apiKeySecret": {"name": "k"}}}
+        change = {"model": {"uri": uri}, "router": {"apiKeySecret": {"name": "k"}},
+                  "adapters": adapters}  # fmt: skip
         for dep in deployments(parse(make_isvc(change))).values():
             pod = dep["spec"]["template"]["spec"]
             for v in pod["volumes"]:
-                assert v["name"] in RESERVED_VOLUMES, (uri, v)
+                reserved = v["name"] in RESERVED_VOLUMES
+                assert reserved or v["name"].startswith(RESERVED_VOLUME_PREFIXES), (uri, v)
             for c in pod["containers"] + pod.get("initContainers", []):
                 for m in c["volumeMounts"]:
-                    assert m["mountPath"] in RESERVED_MOUNT_PATHS or m["mountPath"].startswith(
-                        "/models/"
+                    path = m["mountPath"]
+                    assert (
+                        path in RESERVED_MOUNT_PATHS
+                        or path.startswith("/models/")
+                        or path.startswith(RESERVED_MOUNT_PREFIXES)
                     ), (uri, m)
 
 
