@@ -21,7 +21,7 @@ from splitserve.engine.histogram import HistogramSnapshot, StepHistogram, token_
 from splitserve.engine.kv_cache_manager import KVCacheManager
 from splitserve.engine.kv_memory import allocate_host_kv
 from splitserve.engine.lora import AdapterInfo, LoadedAdapter, LoRAManager, LoRARequest
-from splitserve.engine.model.llama import LlamaArch, LlamaForCausalLM
+from splitserve.engine.model.llama import LlamaArch, LlamaForCausalLM, row_buckets
 from splitserve.engine.model.loader import iter_safetensors, resolve_model
 from splitserve.engine.model.quant import apply_quantization
 from splitserve.engine.model_runner import PROMPT_LOGPROB_ROWS, ModelRunner
@@ -172,6 +172,7 @@ class EngineCore:
             log.info("matmul shapes warmed up in %.1f s", time.monotonic() - t0)
             if self.lora is not None:  # LoRA matmuls too: all slots, so only rows vary
                 self.lora.fixed_width = True
+                self.lora.slots.warm_up(row_buckets(config.scheduler.max_num_batched_tokens))
         self.eos_ids = eos_token_ids(self.hf_config, self.tokenizer)
         self.sampler = Sampler(arch.vocab_size, self.eos_ids or None)
         self.structured = StructuredOutputs(self.tokenizer, arch.vocab_size, self.eos_ids)

@@ -70,6 +70,18 @@ class LoRASlots:
         self._tick = 0
         self.num_loads = 0
 
+    @torch.inference_mode()
+    def warm_up(self, row_counts: list[int]) -> None:
+        """Run each target's shrink and expand at every row count in ``row_counts``, all slots
+        wide (the engine's fixed-width steps), once at start: oneDNN makes its per-shape state
+        now rather than on the first adapter request of each new prompt length."""
+        for a, b in self.weights[0].values():
+            a_all = a.view(-1, a.shape[-1])
+            b_all = b.view(-1, b.shape[-1])
+            for rows in row_counts:
+                shrunk = F.linear(a_all.new_zeros(rows, a_all.shape[-1]), a_all)
+                b_all.new_zeros(rows, b_all.shape[-1]).addmm_(shrunk, b_all)
+
     def assign(self, adapters: list[LoadedAdapter]) -> dict[str, int]:
         """Make every adapter of a step resident (at most ``num_slots`` of them); returns
         cache key -> slot. Free slots are taken lowest first (so the slots in use stay a short

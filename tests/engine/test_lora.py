@@ -242,3 +242,16 @@ def test_lora_requests_need_enable_lora(tiny_llama_dir, tiny_llama_adapters):
         LoRARequest("a", 0, "/x")
     with pytest.raises(ValueError, match="lora_name must be"):
         LoRARequest("has space", 1, "/x")
+
+
+def test_bf16_engine_warms_lora_shapes_and_applies_adapters(tiny_llama_dir, lora_requests):
+    # bf16 on CPU: matmul shapes are bucketed and made at start, LoRA's all-slots shapes too
+    llm = LLM(
+        model=str(tiny_llama_dir), dtype="bfloat16", num_kv_blocks=64, block_size=8,
+        max_num_batched_tokens=64, enable_lora=True, max_loras=2, max_lora_rank=16,
+    )  # fmt: skip
+    assert llm.engine.lora.fixed_width
+    with_adapter = tokens(llm.generate(PROMPTS, GREEDY, lora_request=lora_requests["all"]))
+    base = tokens(llm.generate(PROMPTS, GREEDY))
+    assert with_adapter != base
+    llm.engine.check_integrity()
