@@ -16,7 +16,11 @@ Where ``load()`` finds them, in order:
 2. Unless ``SPLITSERVE_CPU_KERNELS_JIT=0`` (the image sets it: a pod must not depend on what
    compiler its node happens to have), a build on first use (~10-20 s once), cached under
    ``~/.cache/splitserve/torch_extensions`` keyed by the sources, so concurrent processes wait for
-   one build. ``make install`` builds them ahead of time.
+   one build. ``make install`` builds them ahead of time. The builders take turns by an
+   ``flock`` on ``build.flock`` there, which the kernel releases when its holder dies: torch's own
+   ``lock`` file outlives a builder killed mid-compile, and every later process would wait on it
+   forever (an engine that never became ready, with an empty log); under the flock such a file
+   can only be stale, and it is removed.
 
 Where neither works, ``load()`` returns ``None`` once with a logged reason and callers keep the
 torch path.
@@ -24,6 +28,7 @@ torch path.
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import hashlib
 import logging
@@ -103,6 +108,21 @@ def _compile(directory: Path) -> Path:
     return directory / f"{_NAME}.so"
 
 
+def _build_once(directory: Path) -> None:
+    """Build into the shared cache ``directory`` unless a finished build is there; one process at
+    a time (see the module docstring on the lock)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    with open(directory / "build.flock", "w") as turn:
+        fcntl.flock(turn, fcntl.LOCK_EX)  # released by the kernel if the holder dies
+        baton = directory / "lock"  # torch's FileBaton: only a dead builder's can exist now
+        if baton.exists():
+            log.warning("removing %s, left by a C++ kernel build that did not finish", baton)
+            baton.unlink(missing_ok=True)
+        if not (directory / f"{_NAME}.so").is_file():
+            log.info("building the C++ CPU kernels into %s (once per source change)", directory)
+        _compile(directory)  # loads the library; ninja rebuilds only what changed
+
+
 def prebuild(dest: Path | None = None) -> Path:
     """Compile the kernels into ``dest`` (default: the package's ``prebuilt/``), for ``load()``
     to find without a compiler; returns the library. Image build time: raises on failure, and
@@ -150,7 +170,7 @@ def load() -> object | None:
         return None
     try:
         directory = build_directory()
-        _compile(directory)
+        _build_once(directory)
     except Exception as exc:  # compiler / ninja missing, unsupported platform
         log.warning("C++ CPU kernels unavailable, using the torch attention path: %s", exc)
         return None

@@ -56,3 +56,36 @@ def test_no_prebuilt_and_no_jit_falls_back_to_torch(tmp_path: Path) -> None:
     env = {cpu.PREBUILT_DIR_ENV: str(tmp_path), cpu.JIT_ENV: "0"}
     out = _probe(env | {"SPLITSERVE_CACHE": str(tmp_path / "empty-cache")})
     assert "available False" in out and "forbids compiling" in out, out
+
+
+def test_a_dead_builders_lock_does_not_stop_the_next_build(tmp_path: Path, monkeypatch) -> None:
+    # torch's FileBaton `lock` outlives a builder killed mid-compile; before the flock, every
+    # later engine waited on it forever (never ready, empty log)
+    built: list[Path] = []
+
+    def fake_compile(directory: Path) -> Path:
+        assert not (directory / "lock").exists(), "the stale baton must be gone before building"
+        built.append(directory)
+        return directory / "splitserve_cpu.so"
+
+    monkeypatch.setattr(cpu, "_compile", fake_compile)
+    directory = tmp_path / "splitserve_cpu-x"
+    directory.mkdir()
+    (directory / "lock").touch()  # what a SIGKILLed build leaves
+    cpu._build_once(directory)
+    assert built == [directory]
+
+    # a live builder holds the flock: the next one waits for it (here: until the holder exits)
+    released = directory / "released"  # the holder writes it just before it lets go
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         "import fcntl, sys, time; f = open(sys.argv[1], 'w'); fcntl.flock(f, fcntl.LOCK_EX); "
+         "print('held', flush=True); time.sleep(1); open(sys.argv[2], 'w').close()",
+         str(directory / "build.flock"), str(released)],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+    cpu._build_once(directory)
+    assert released.exists(), "built while another process held the build lock"
+    assert built == [directory, directory]
+    holder.wait(10)
