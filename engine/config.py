@@ -6,6 +6,9 @@ from dataclasses import dataclass
 
 import torch
 
+from splitserve.engine.performance_mode import mode_settings
+from splitserve.engine.spec_decode.config import SpeculativeConfig
+
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "auto": None}
 
 
@@ -104,6 +107,11 @@ class EngineConfig:
     seed: int = 0
     cache: CacheConfig = CacheConfig()
     scheduler: SchedulerConfig = SchedulerConfig()
+    # Speculative decoding (vLLM's speculative_config); None: one token per step.
+    speculative: SpeculativeConfig | None = None
+    # The performance mode the settings above were resolved from (performance_mode.py); the
+    # mode's choices are already in them: this only records it (logs, EngineInfo).
+    performance_mode: str | None = None
 
     def __post_init__(self) -> None:
         if self.attention_backend not in ("auto", "cpu", "torch", "triton"):
@@ -114,6 +122,7 @@ class EngineConfig:
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be positive, got {self.max_model_len}")
         parse_dtype(self.dtype, self.device)
+        mode_settings(self.performance_mode)  # a ValueError naming the choices
 
     @property
     def torch_dtype(self) -> torch.dtype:

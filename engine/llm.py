@@ -11,6 +11,8 @@ from tqdm import tqdm
 from splitserve.engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from splitserve.engine.engine_core import EngineCore
 from splitserve.engine.outputs import CompletionOutput, RequestOutput
+from splitserve.engine.performance_mode import resolve as resolve_mode
+from splitserve.engine.spec_decode import SpeculativeConfig
 from splitserve.protocol.sampling import SamplingParams
 
 # A prompt: text, token ids, or vLLM's dict forms {"prompt": ...} / {"prompt_token_ids": [...]}.
@@ -33,15 +35,29 @@ class LLM:
         block_size: int = 16,
         num_kv_blocks: int | None = None,
         kv_cache_memory_bytes: int = 2 << 30,
-        max_num_seqs: int = 128,
-        max_num_batched_tokens: int = 2048,
+        max_num_seqs: int | None = None,
+        max_num_batched_tokens: int | None = None,
         enable_prefix_caching: bool = True,
         enable_chunked_prefill: bool = True,
         max_model_len: int | None = None,
         attention_backend: str = "auto",
         device: str = "cpu",
         seed: int = 0,
+        speculative_config: dict[str, Any] | SpeculativeConfig | str | None = None,
+        performance_mode: str | None = None,
     ) -> None:
+        """``speculative_config``: vLLM's dict, e.g. ``{"method": "ngram",
+        "num_speculative_tokens": 4, "prompt_lookup_max": 4}`` (see ``SpeculativeConfig``);
+        ``{}`` or ``"none"`` turns off what a performance mode would turn on.
+        ``performance_mode``: "interactivity", "balanced" or "throughput" sets the defaults of
+        ``max_num_seqs``, ``max_num_batched_tokens`` and speculation (``performance_mode.py``);
+        None: 128 sequences, 2048 tokens per step, no speculation."""
+        settings = resolve_mode(
+            performance_mode,
+            max_num_seqs=max_num_seqs,
+            max_num_batched_tokens=max_num_batched_tokens,
+            **({} if speculative_config is None else {"speculative": speculative_config}),
+        )
         config = EngineConfig(
             model=model,
             dtype=dtype,
@@ -56,10 +72,12 @@ class LLM:
                 enable_prefix_caching=enable_prefix_caching,
             ),
             scheduler=SchedulerConfig(
-                max_num_seqs=max_num_seqs,
-                max_num_batched_tokens=max_num_batched_tokens,
+                max_num_seqs=settings.max_num_seqs,
+                max_num_batched_tokens=settings.max_num_batched_tokens,
                 enable_chunked_prefill=enable_chunked_prefill,
             ),
+            speculative=settings.speculative,
+            performance_mode=performance_mode,
         )
         self.engine = EngineCore(config)
         self._ids = itertools.count()

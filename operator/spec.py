@@ -22,7 +22,8 @@ from splitserve.operator.crd import FieldError
 MANAGED_FLAGS = frozenset(
     {
         "--model", "--revision", "--served-name", "--dtype", "--block-size", "--max-model-len",
-        "--max-num-seqs", "--host", "--port", "--metrics-port", "--kv-transport",
+        "--max-num-seqs", "--performance-mode", "--host", "--port", "--metrics-port",
+        "--kv-transport",
         "--lease-seconds", "--kv-failure-policy", "--colocated",
     }
 )  # fmt: skip
@@ -77,8 +78,9 @@ class EngineSpec:
     dtype: str
     block_size: int
     max_model_len: int
-    max_num_seqs: int
+    max_num_seqs: int | None  # None: the performance mode's, else the engine's default
     extra_args: tuple[str, ...]
+    performance_mode: str | None = None  # --performance-mode (docs/performance.md)
 
 
 @dataclass(frozen=True)
@@ -231,8 +233,9 @@ def _spec(s: dict[str, Any]) -> InferenceServiceSpec:
             dtype=engine["dtype"],
             block_size=engine["blockSize"],
             max_model_len=engine["maxModelLen"],
-            max_num_seqs=engine["maxNumSeqs"],
+            max_num_seqs=engine.get("maxNumSeqs"),
             extra_args=tuple(engine["extraArgs"]),
+            performance_mode=engine.get("performanceMode"),
         ),
         prefill=_pool(s["prefill"], DEFAULT_ENGINE_REQUESTS),
         decode=_pool(s["decode"], DEFAULT_ENGINE_REQUESTS),

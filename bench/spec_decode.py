@@ -1,0 +1,144 @@
+"""Speculative decoding (n-gram prompt lookup): speed-up and acceptance, baseline in the same run.
+
+Two workloads of chat prompts to SmolLM2-135M-Instruct, greedy, ``--max-tokens`` each:
+
+  edit   "rewrite this code / text with a small change": the answer copies long runs of the
+         prompt, which is where prompt lookup pays (code edits, RAG answers quoting sources);
+  open   open-ended questions: little to copy, drafts are mostly rejected (the cost side).
+
+Each workload runs offline (``LLM.generate``) at concurrency 1 (one request at a time) and 8
+(a batch), once without speculation and once with ``--spec`` (default ngram, 4 drafts, lookup
+2-4), in one process on one engine configuration. Reported: output tokens/s, the speed-up,
+acceptance rate (accepted / draft tokens), mean tokens per verification (1 + accepted drafts),
+and how many outputs are token-identical to the baseline's (greedy: all of them, up to
+floating-point ties in bf16, where a verification's matmul shapes differ from a decode's).
+
+    .venv/bin/python -P bench/spec_decode.py [--dtype auto] [--max-tokens 128]
+        [--spec '{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4,
+                  "prompt_lookup_min": 2}'] [--out spec-decode.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+CODE = '''def merge_sorted(a, b):
+    """Merge two sorted lists into one sorted list."""
+    out = []
+    i = j = 0
+    while i < len(a) and j < len(b):
+        if a[i] <= b[j]:
+            out.append(a[i])
+            i += 1
+        else:
+            out.append(b[j])
+            j += 1
+    out.extend(a[i:])
+    out.extend(b[j:])
+    return out
+'''
+TEXT = (
+    "The committee met on Tuesday to review the budget for the new library. Members agreed "
+    "that the children's section needs more space, that the opening hours should be extended "
+    "on weekends, and that the reading room will get new chairs and better lighting. The "
+    "final plan will be presented to the city council next month."
+)
+EDIT = [
+    f"Rename the function merge_sorted to merge_lists in this code and return the full code:\n\n"
+    f"{CODE}",
+    f"Add a type hint (list[int]) to both parameters of this function. Return the whole "
+    f"function:\n\n{CODE}",
+    f"Copy this paragraph, replacing 'Tuesday' with 'Monday':\n\n{TEXT}",
+    f"Repeat the following text exactly, then add one sentence at the end:\n\n{TEXT}",
+]
+OPEN = [
+    "Why is the sky blue?",
+    "Write a short poem about the sea.",
+    "What are three tips for learning a new language?",
+    "Explain what a hash table is.",
+]
+DEFAULT_SPEC = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4,
+                "prompt_lookup_min": 2}  # fmt: skip
+
+
+def run(llm, prompts: list[list[int]], params, concurrency: int) -> tuple[float, list, int]:
+    """(seconds, token ids per prompt, output tokens) for prompts run ``concurrency`` at a time."""
+    outs, tokens = [], 0
+    t0 = time.perf_counter()
+    for start in range(0, len(prompts), concurrency):
+        for o in llm.generate(prompts[start : start + concurrency], params):
+            outs.append(o.outputs[0].token_ids)
+            tokens += len(o.outputs[0].token_ids)
+    return time.perf_counter() - t0, outs, tokens
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--spec", default=json.dumps(DEFAULT_SPEC))
+    ap.add_argument("--concurrency", default="1,8")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+
+    from splitserve import LLM, SamplingParams
+
+    base = LLM(dtype=args.dtype, kv_cache_memory_bytes=256 << 20, max_num_seqs=8)
+    spec = LLM(dtype=args.dtype, kv_cache_memory_bytes=256 << 20, max_num_seqs=8,
+               speculative_config=json.loads(args.spec))  # fmt: skip
+    params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens)
+    results = {"dtype": str(base.engine.config.torch_dtype), "spec": json.loads(args.spec),
+               "max_tokens": args.max_tokens, "runs": []}  # fmt: skip
+    warm = [base.apply_chat_template([{"role": "user", "content": "hi"}])]
+    run(base, warm, params, 1)
+    run(spec, warm, params, 1)
+    for name, texts in (("edit", EDIT), ("open", OPEN)):
+        prompts = [base.apply_chat_template([{"role": "user", "content": t}]) for t in texts]
+        for c in (int(x) for x in args.concurrency.split(",")):
+            b_s, b_out, b_tok = run(base, prompts, params, c)
+            before = spec.engine.stats().spec_decode
+            s_s, s_out, s_tok = run(spec, prompts, params, c)
+            after = spec.engine.stats().spec_decode
+            drafts = after.num_draft_tokens - before.num_draft_tokens
+            accepted = after.num_accepted_tokens - before.num_accepted_tokens
+            verifications = after.num_drafts - before.num_drafts
+            row = {
+                "workload": name,
+                "concurrency": c,
+                "baseline_tok_s": b_tok / b_s,
+                "spec_tok_s": s_tok / s_s,
+                "speedup": (s_tok / s_s) / (b_tok / b_s),
+                "acceptance_rate": accepted / drafts if drafts else 0.0,
+                "tokens_per_verification": 1 + accepted / verifications if verifications else 1,
+                "identical_outputs": sum(a == b for a, b in zip(b_out, s_out, strict=True)),
+                "outputs": len(b_out),
+            }
+            results["runs"].append(row)
+            print(json.dumps(row), flush=True)
+    print(render_markdown(results))
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=2))
+    return 0
+
+
+def render_markdown(results: dict) -> str:
+    lines = [
+        "| workload | concurrency | baseline tok/s | ngram tok/s | speed-up | acceptance "
+        "| tokens per verification | identical outputs |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results["runs"]:
+        lines.append(
+            f"| {r['workload']} | {r['concurrency']} | {r['baseline_tok_s']:.1f} "
+            f"| {r['spec_tok_s']:.1f} | {r['speedup']:.2f}x | {100 * r['acceptance_rate']:.0f}% "
+            f"| {r['tokens_per_verification']:.2f} | {r['identical_outputs']}/{r['outputs']} |"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
