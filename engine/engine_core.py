@@ -444,7 +444,6 @@ class EngineCore:
         # a request verifying s drafts has s + 1 rows, row j seeing drafts[:j] as its output.
         row_index: list[int] = []
         rows: list[SamplingRow] = []
-        grammars: list = []
         groups: list[tuple[Request, int, tuple[int, ...]]] = []  # (seq, first row, drafts)
         logit_row = 0
         for item in result.sampled:
@@ -460,13 +459,16 @@ class EngineCore:
                     rows.append(SamplingRow(
                         seq.params, seq.prompt_token_ids, out_ids + list(drafts[:j]), seq.generator
                     ))  # fmt: skip
-                    grammars.append(seq.grammar)  # (requests with a grammar never draft)
             logit_row += len(drafts) + 1
         logits = (
             result.logits if len(row_index) == logit_row else result.logits[torch.tensor(row_index)]
         )
         rewind = self._seeded_states(groups)
-        out = self.sampler(logits, rows, self.structured.fill_bitmask(grammars))
+        bitmask = self.structured.fill_bitmask(
+            [seq.grammar for seq, _, _ in groups],
+            [drafts for _, _, drafts in groups] if len(rows) > len(groups) else None,
+        )
+        out = self.sampler(logits, rows, bitmask)
         deltas = dropped
         for seq, first, drafts in groups:
             tokens = out.token_ids[first : first + len(drafts) + 1]

@@ -8,10 +8,9 @@ after that run. Rejected drafts roll back ``num_computed_tokens`` (and their KV 
 trimmed); they never reach ``all_token_ids``, so prefix-cache hashes only cover accepted tokens.
 
 Which requests speculate: every running request that has sampled its first token and is caught
-up, except grammar-constrained ones (their matcher would have to walk each draft and roll
-back; they simply decode one token per step). Everything else composes because each verified
-position is sampled as its own row with exactly the state non-speculative decoding would have
-there: penalties and min_tokens see the drafts before it as output tokens, logit_bias,
+up. Every sampling feature composes because each verified position is sampled as its own row
+with exactly the state non-speculative decoding would have there: grammar masks are filled for
+each position by walking the drafts before it and rolling the matcher back, penalties and min_tokens see the drafts before it as output tokens, logit_bias,
 allowed_token_ids, temperature, top-k/p and min-p apply per row, logprobs are of each row's raw
 logits, stop strings / stop tokens / max_tokens are checked token by token (what follows a
 finish is dropped), n > 1 samples draft independently, and a seeded row's generator is wound
@@ -83,8 +82,6 @@ class Speculator:
         if req.num_output_tokens == 0 or req.num_computed_tokens != req.num_tokens - 1:
             return 0  # prompt not done, or catching up after preemption
         params = req.params
-        if params.structured_output is not None:
-            return 0
         limit = min(self.k, self.max_model_len - req.num_tokens)  # KV positions must exist
         if params.max_tokens is not None:  # one more token always comes from the target
             limit = min(limit, params.max_tokens - req.num_output_tokens - 1)

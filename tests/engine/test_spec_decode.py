@@ -208,14 +208,19 @@ def test_stop_strings_stop_tokens_and_max_tokens_inside_accepted_drafts(tiny_lla
     spec.engine.check_integrity()
 
 
-def test_grammar_constrained_requests_run_without_speculation(tiny_llama_dir):
+@pytest.mark.parametrize("kw", [dict(temperature=0.0), dict(temperature=1.0, seed=3)])
+def test_grammar_constrained_requests_speculate_and_keep_their_output(tiny_llama_dir, kw):
     plain, spec = _llm(tiny_llama_dir), _llm(tiny_llama_dir, SPEC)
     params = SamplingParams(
-        temperature=0.0, max_tokens=12,
-        structured_output=StructuredOutput(regex="(ab|cd){1,5}"),
-    )  # fmt: skip
-    assert _tokens(spec.generate([LOOP], params)) == _tokens(plain.generate([LOOP], params))
-    assert _spec_counts(spec) == (0, 0)
+        max_tokens=48, structured_output=StructuredOutput(regex="(ab |cd ){12,30}x"), **kw
+    )
+    prompts = [LOOP, LOOP[::-1]]
+    expected = plain.generate(prompts, params)
+    got = spec.generate(prompts, params)
+    assert _tokens(got) == _tokens(expected)
+    assert [o.outputs[0].text for o in got] == [o.outputs[0].text for o in expected]
+    _assert_saw_accept_and_reject(spec)  # drafts walked through the grammar
+    spec.engine.check_integrity()
 
 
 # --- unseeded: the target's distribution ----------------------------------------------------------
