@@ -155,10 +155,7 @@ class EngineCore:
                 max(self._max_logit_rows(config), PROMPT_LOGPROB_ROWS),
             )
             log.info("matmul shapes warmed up in %.1f s", time.monotonic() - t0)
-        self.speculator = (
-            None if config.speculative is None
-            else Speculator(config.speculative, self.max_model_len)
-        )  # fmt: skip
+        self.speculator = self._speculator(config, backend, num_blocks)
         self.eos_ids = eos_token_ids(self.hf_config, self.tokenizer)
         self.sampler = Sampler(arch.vocab_size, self.eos_ids or None)
         self.structured = StructuredOutputs(self.tokenizer, arch.vocab_size, self.eos_ids)
@@ -176,6 +173,20 @@ class EngineCore:
             "engine ready: %s, %s, %d KV blocks x %d tokens, max_model_len %d, %s attention",
             self.model_dir.name, dtype, num_blocks, bs, self.max_model_len, backend.name,
         )  # fmt: skip
+
+    def _speculator(self, config: EngineConfig, backend, num_blocks: int) -> Speculator | None:
+        spec = config.speculative
+        if spec is None:
+            return None
+        proposer = None
+        if spec.method == "draft_model":
+            from splitserve.engine.spec_decode.draft_model import DraftModelProposer
+
+            proposer = DraftModelProposer(
+                spec.model, config, backend, num_blocks, self.shape.vocab_size,
+                config.scheduler.max_num_seqs,
+            )  # fmt: skip
+        return Speculator(spec, self.max_model_len, proposer)
 
     @staticmethod
     def _max_logit_rows(config: EngineConfig) -> int:
@@ -618,6 +629,8 @@ class EngineCore:
     def check_integrity(self) -> None:
         """Assert the KV bookkeeping is consistent (tests call this after every scenario)."""
         self.kv.check_integrity()
+        if self.speculator is not None:
+            self.speculator.check_integrity()
         live = {r.request_id for r in self.scheduler.running} | set(self._reserved)
         assert set(self.kv.tables) <= live, "blocks held by a request that is not running"
         if not self.has_unfinished() and not self.kv.held and not self._reserved:

@@ -12,6 +12,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from splitserve.engine.request import Request
+
 
 def ngram_draft(tokens: Sequence[int], min_n: int, max_n: int, k: int) -> list[int]:
     """Up to ``k`` tokens that followed the earliest earlier occurrence of the longest suffix
@@ -53,9 +55,9 @@ class NgramProposer:
         self.min_n = min_n
         self.max_n = max_n
 
-    def propose(self, sequences: Sequence[Sequence[int]], limits: Sequence[int]) -> list[list[int]]:
-        """``limits[i]``: the most drafts sequence i may take (0: none)."""
+    def propose(self, requests: Sequence[Request], limits: Sequence[int]) -> list[list[int]]:
+        """``limits[i]``: the most drafts request i may take (0: none)."""
         return [
-            ngram_draft(seq, self.min_n, self.max_n, k) if k > 0 else []
-            for seq, k in zip(sequences, limits, strict=True)
+            ngram_draft(r.all_token_ids, self.min_n, self.max_n, k) if k > 0 else []
+            for r, k in zip(requests, limits, strict=True)
         ]

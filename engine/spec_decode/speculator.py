@@ -10,10 +10,11 @@ trimmed); they never reach ``all_token_ids``, so prefix-cache hashes only cover 
 Which requests speculate: every running request that has sampled its first token and is caught
 up. Every sampling feature composes because each verified position is sampled as its own row
 with exactly the state non-speculative decoding would have there: grammar masks are filled for
-each position by walking the drafts before it and rolling the matcher back, penalties and min_tokens see the drafts before it as output tokens, logit_bias,
-allowed_token_ids, temperature, top-k/p and min-p apply per row, logprobs are of each row's raw
-logits, stop strings / stop tokens / max_tokens are checked token by token (what follows a
-finish is dropped), n > 1 samples draft independently, and a seeded row's generator is wound
+each position by walking the drafts before it and rolling the matcher back, penalties and
+min_tokens see the drafts before it as output tokens, logit_bias, allowed_token_ids,
+temperature, top-k/p and min-p apply per row, logprobs are of each row's raw logits, stop
+strings / stop tokens / max_tokens are checked token by token (what follows a finish is
+dropped), n > 1 samples draft independently, and a seeded row's generator is wound
 back to the draws of the tokens it kept (so seeded output equals non-speculative output).
 """
 
@@ -21,10 +22,17 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 from splitserve.engine.request import Request
 from splitserve.engine.spec_decode.config import SpeculativeConfig
 from splitserve.engine.spec_decode.ngram import NgramProposer
+
+
+class Proposer(Protocol):
+    def propose(self, requests: Sequence[Request], limits: Sequence[int]) -> list[list[int]]:
+        """Up to ``limits[i]`` draft tokens to follow request i's tokens (0: none)."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -67,13 +75,19 @@ def accepted_prefix(targets: Sequence[int], drafts: Sequence[int]) -> int:
 class Speculator:
     """One per engine with a ``speculative_config``: proposes drafts and counts acceptance."""
 
-    def __init__(self, config: SpeculativeConfig, max_model_len: int) -> None:
+    def __init__(
+        self, config: SpeculativeConfig, max_model_len: int, proposer: Proposer | None = None
+    ) -> None:
+        """``proposer``: the draft model's (method draft_model, made by the engine, which owns
+        the attention backend and pool size); n-gram lookup needs none."""
         self.config = config
         self.k = config.num_speculative_tokens
         self.max_model_len = max_model_len
-        if config.method != "ngram":
-            raise ValueError(f"speculative method {config.method!r} is not available")
-        self.proposer = NgramProposer(config.prompt_lookup_min, config.prompt_lookup_max)
+        if proposer is None:
+            if config.method != "ngram":
+                raise ValueError(f"speculative method {config.method!r} needs its proposer")
+            proposer = NgramProposer(config.prompt_lookup_min, config.prompt_lookup_max)
+        self.proposer = proposer
         self._num_drafts = self._num_draft_tokens = self._num_accepted = 0
         self._per_position = [0] * self.k
 
@@ -95,7 +109,7 @@ class Speculator:
                 req.spec_token_ids = []
             return
         limits = [self.draft_limit(r) for r in running]
-        drafts = self.proposer.propose([r.all_token_ids for r in running], limits)
+        drafts = self.proposer.propose(running, limits)
         for req, draft in zip(running, drafts, strict=True):
             req.spec_token_ids = draft
 
@@ -106,6 +120,12 @@ class Speculator:
         self._num_accepted += num_accepted
         for i in range(num_accepted):
             self._per_position[i] += 1
+
+    def check_integrity(self) -> None:
+        """The proposer's own books, where it keeps any (a draft model's KV pool)."""
+        check = getattr(self.proposer, "check_integrity", None)
+        if check is not None:
+            check()
 
     def stats(self) -> SpecDecodeStats:
         return SpecDecodeStats(

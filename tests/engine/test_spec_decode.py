@@ -14,6 +14,7 @@ and rejected drafts occur (each test asserts that it saw both).
 
 from __future__ import annotations
 
+import shutil
 from collections import Counter
 
 import pytest
@@ -400,3 +401,79 @@ def test_decode_engine_speculates_after_a_kv_hand_off(tiny_llama_dir):
     assert [[t for d in out for t in d.token_ids]] == expected
     _assert_saw_accept_and_reject(decode)
     a.check_integrity()
+
+
+# --- draft model ---------------------------------------------------------------------------------
+
+
+def _draft(model_dir, k=3) -> dict:
+    return {"method": "draft_model", "model": str(model_dir), "num_speculative_tokens": k}
+
+
+def test_a_draft_equal_to_the_target_has_every_draft_accepted(tiny_llama_dir):
+    params = SamplingParams(temperature=0.0, max_tokens=24, min_tokens=24)
+    prompts = [LOOP, list(range(300, 340)), [7] * 19]
+    expected = _tokens(_llm(tiny_llama_dir).generate(prompts, params))
+    spec = _llm(tiny_llama_dir, _draft(tiny_llama_dir))
+    assert _tokens(spec.generate(prompts, params)) == expected
+    drafts, accepted = _spec_counts(spec)
+    assert drafts > 0 and accepted == drafts
+    stats = spec.engine.stats().spec_decode
+    assert stats.mean_accepted_length == pytest.approx(1 + drafts / stats.num_drafts)
+    spec.engine.check_integrity()
+
+
+@pytest.mark.parametrize("kw", [dict(temperature=0.0), dict(temperature=0.8, seed=4, n=2)])
+def test_a_different_draft_model_never_changes_the_output(tiny_llama_dir, tiny_qwen2_dir, kw):
+    params = SamplingParams(max_tokens=20, allowed_token_ids=VOCAB, ignore_eos=True, **kw)
+    prompts = [LOOP, LOOP[::-1], [100, 200] * 7]
+    expected = _tokens(_llm(tiny_llama_dir).generate(prompts, params))
+    spec = _llm(tiny_llama_dir, _draft(tiny_qwen2_dir))
+    assert _tokens(spec.generate(prompts, params)) == expected
+    _assert_saw_accept_and_reject(spec)
+    spec.engine.check_integrity()
+
+
+def test_draft_model_through_preemption_and_a_hand_off(tiny_llama_dir):
+    params = SamplingParams(temperature=0.0, max_tokens=40, allowed_token_ids=VOCAB,
+                            ignore_eos=True)  # fmt: skip
+    prompts = [LOOP, LOOP[1:], [100, 200] * 5, LOOP[::-1]]
+    expected = _tokens(_llm(tiny_llama_dir).generate(prompts, params))
+    spec = _llm(tiny_llama_dir, _draft(tiny_llama_dir, 3), num_kv_blocks=30, block_size=2,
+                max_num_batched_tokens=16)  # fmt: skip
+    for i, prompt in enumerate(prompts):
+        spec.engine.add_request(f"r{i}", prompt, params)
+    deltas = _step_checking_books(spec)
+    got = [[[t for d in deltas if d.request_id == f"r{i}" for t in d.token_ids]]
+           for i in range(len(prompts))]  # fmt: skip
+    assert got == expected
+    assert spec.engine.scheduler.num_preemptions > 0
+    # a decode engine with a draft: the draft computes the imported prompt itself
+    prefill, decode = _llm(tiny_llama_dir), _llm(tiny_llama_dir, _draft(tiny_llama_dir))
+    a, b = prefill.engine, decode.engine
+    a.add_request("h", LOOP, SamplingParams(**{**params.__dict__, "max_tokens": 1}), hold_kv=True)
+    first = []
+    while a.has_unfinished():
+        first += a.step()
+    held = next(d.held_block_ids for d in first if d.held_block_ids)
+    reservation = b.reserve_import("h", LOOP, params)
+    for s, d in zip(held[reservation.first_block :], reservation.block_ids, strict=True):
+        b.kv_cache[d].copy_(a.kv_cache[s])
+    a.release_kv("h")
+    out = b.commit_import("h", [(first[0].token_ids[0], None)]) + _step_checking_books(decode)
+    assert [t for d in out for t in d.token_ids] == expected[0][0]
+    assert _spec_counts(decode)[1] > 0
+
+
+def test_a_draft_with_another_vocabulary_is_refused(tiny_llama_dir, tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=1000, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1,
+    )  # fmt: skip
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "other", safe_serialization=True)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tiny_llama_dir / name, tmp_path / "other" / name)
+    with pytest.raises(ValueError, match="share the target's tokenizer"):
+        _llm(tiny_llama_dir, _draft(tmp_path / "other"))
