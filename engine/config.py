@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from splitserve.engine.lora.config import LoRAConfig
 from splitserve.engine.performance_mode import mode_settings
 from splitserve.engine.spec_decode.config import SpeculativeConfig
 
@@ -112,6 +113,7 @@ class EngineConfig:
     # The performance mode the settings above were resolved from (performance_mode.py); the
     # mode's choices are already in them: this only records it (logs, EngineInfo).
     performance_mode: str | None = None
+    lora: LoRAConfig | None = None  # None: no LoRA adapters (and no per-step cost)
 
     def __post_init__(self) -> None:
         if self.attention_backend not in ("auto", "cpu", "torch", "triton"):

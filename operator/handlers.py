@@ -16,6 +16,7 @@ from typing import Any
 import kopf
 
 from splitserve.operator import crd
+from splitserve.operator.adapters import AdapterProbe, GrpcAdapterProbe
 from splitserve.operator.kube import Credentials, KubeApi
 from splitserve.operator.labels import PREFIX
 from splitserve.operator.login import default_login
@@ -63,8 +64,11 @@ def make_registry(
     login: Callable[[], kopf.ConnectionInfo] = default_login,
     *,
     interval: float = 30.0,
+    adapter_probe: AdapterProbe | None = None,
 ) -> kopf.OperatorRegistry:
-    """A registry with every handler; ``login`` serves kopf and our own client alike."""
+    """A registry with every handler; ``login`` serves kopf and our own client alike.
+    ``adapter_probe`` asks engine pods for their LoRA adapters (default: their gRPC port)."""
+    adapter_probe = adapter_probe or GrpcAdapterProbe()
     registry = kopf.OperatorRegistry()
     resource = (crd.GROUP, crd.VERSION, crd.PLURAL)
 
@@ -76,6 +80,7 @@ def make_registry(
     async def _startup(memo: kopf.Memo, settings: kopf.OperatorSettings, **_: Any) -> None:
         configure(settings)
         memo.api = KubeApi(lambda: credentials_from(login()))
+        memo.adapter_probe = adapter_probe
 
     @kopf.on.cleanup(registry=registry)
     async def _cleanup(memo: kopf.Memo, **_: Any) -> None:
@@ -85,7 +90,7 @@ def make_registry(
     @kopf.on.create(*resource, id="reconcile", registry=registry)
     @kopf.on.update(*resource, id="reconcile", registry=registry)
     async def on_change(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **_: Any) -> None:
-        result = await reconcile(memo.api, body, _now())
+        result = await reconcile(memo.api, body, _now(), memo.adapter_probe)
         _deliver(result, body, patch)
         if result.retry == "permanent":
             # Nothing to retry until the spec changes; the timer keeps status current.
@@ -95,7 +100,7 @@ def make_registry(
     async def on_timer(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **_: Any) -> None:
         if body.get("metadata", {}).get("deletionTimestamp"):
             return
-        _deliver(await reconcile(memo.api, body, _now()), body, patch)
+        _deliver(await reconcile(memo.api, body, _now(), memo.adapter_probe), body, patch)
 
     @kopf.on.delete(*resource, id="cleanup", registry=registry)
     async def on_delete(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:

@@ -47,7 +47,8 @@ def build_headless_service(isvc: InferenceService, role: str) -> dict[str, Any]:
 def build_engine_network_policy(isvc: InferenceService) -> dict[str, Any]:
     """Engine pods accept traffic only from this service's router and from each other.
 
-    Router -> engines on the gRPC port only. Engine <-> engine on any port: the NIXL (UCX)
+    Router -> engines on the gRPC port only; with LoRA on, the operator too (it asks which
+    adapters each pod has loaded, for status). Engine <-> engine on any port: the NIXL (UCX)
     transport opens its own ports. NetworkPolicies are additive, so scraping metrics needs a
     separate policy that admits the Prometheus namespace (see docs/operator.md).
     """
@@ -70,9 +71,19 @@ def build_engine_network_policy(isvc: InferenceService) -> dict[str, Any]:
                     "ports": [{"protocol": "TCP", "port": GRPC_PORT}],
                 },
                 {"from": [{"podSelector": engines}]},
+                *_operator_ingress(isvc),
             ],
         },
     }
+
+
+def _operator_ingress(isvc: InferenceService) -> list[dict[str, Any]]:
+    """With LoRA on, the operator's pods (any namespace) may ask the engines' gRPC port which
+    adapters they have loaded (status.adapters)."""
+    if not isvc.spec.lora_enabled:
+        return []
+    source = {"namespaceSelector": {}, "podSelector": {"matchLabels": L.OPERATOR_POD_LABELS}}
+    return [{"from": [source], "ports": [{"protocol": "TCP", "port": GRPC_PORT}]}]
 
 
 def build_pdb(isvc: InferenceService, role: str) -> dict[str, Any]:

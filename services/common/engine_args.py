@@ -7,6 +7,7 @@ import os
 import socket
 
 from splitserve.engine.config import CacheConfig, EngineConfig, SchedulerConfig
+from splitserve.engine.lora.config import LoRAConfig
 from splitserve.engine.performance_mode import PERFORMANCE_MODES, speculative_flag
 from splitserve.engine.performance_mode import resolve as resolve_mode
 from splitserve.observability.logs import LOG_FORMATS
@@ -74,6 +75,25 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
         default=int(os.environ.get("SPLITSERVE_THREADS", "0")),
         help="torch CPU threads (0: torch's default). Pods sharing few cores should split them.",
     )
+    lora = LoRAConfig()
+    parser.add_argument(
+        "--enable-lora", action="store_true", help="serve LoRA adapters (vLLM's flag)"
+    )
+    parser.add_argument(
+        "--lora-modules", nargs="+", default=[], metavar="NAME=PATH",
+        help="adapters to load at start (PEFT directories; vLLM's JSON form also accepted); "
+        "implies --enable-lora",
+    )  # fmt: skip
+    parser.add_argument(
+        "--lora-modules-file", default=None, metavar="PATH",
+        help="JSON list of {name, path}, watched: adapters it adds are loaded and those it "
+        "drops unloaded, without a restart (the operator mounts one); implies --enable-lora",
+    )  # fmt: skip
+    parser.add_argument("--max-loras", type=int, default=lora.max_loras,
+                        help="distinct adapters one batch may mix (resident slots)")  # fmt: skip
+    parser.add_argument("--max-lora-rank", type=int, default=lora.max_lora_rank)
+    parser.add_argument("--max-cpu-loras", type=int, default=None,
+                        help="unused adapters kept in memory (default: all)")  # fmt: skip
     parser.add_argument("--log-level", default="INFO")
     parser.add_argument(
         "--log-format",
@@ -110,7 +130,14 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         ),
         speculative=settings.speculative,
         performance_mode=args.performance_mode,
+        lora=lora_config(args),
     )
+
+
+def lora_config(args: argparse.Namespace) -> LoRAConfig | None:
+    if not (args.enable_lora or args.lora_modules or args.lora_modules_file):
+        return None
+    return LoRAConfig(args.max_loras, args.max_lora_rank, args.max_cpu_loras)
 
 
 def advertised_address(args: argparse.Namespace, port: int) -> str:
