@@ -14,7 +14,7 @@ Sections (each can be skipped):
   llama     the same `load` workload against llama.cpp's `llama-server` (continuous batching,
             one slot per concurrent request) on the same model requantized to BF16.
 
-    .venv/bin/python -P bench/serving.py [--sections overhead,load,prefix,llama]
+    .venv/bin/python -P bench/serving.py [--sections overhead,load,prefix,llama] [--serve-args ARGS]
         [--llama-dir .cache/llama/.../build/bin] [--out bench-serving.json]
 """
 
@@ -26,6 +26,7 @@ import contextlib
 import json
 import os
 import random
+import shlex
 import signal
 import statistics
 import subprocess
@@ -241,7 +242,7 @@ def scrape(metrics_port: int) -> dict[str, float]:
 
 
 def section_load(args, tmp: Path, colocated: bool) -> dict:
-    flags = ["--kv-cache-memory-gb", "1", "--dtype", "bfloat16"]
+    flags = ["--kv-cache-memory-gb", "1", "--dtype", "bfloat16", *shlex.split(args.serve_args)]
     flags += ["--colocated", "--decode-replicas", "1"] if colocated else []
     proc, url, _ = serve(flags, tmp, "colocated" if colocated else "disagg")
     out = {}
@@ -553,6 +554,9 @@ def main() -> int:
     p.add_argument("--per-group", type=int, default=5)
     p.add_argument("--prefix-concurrency", type=int, default=4)
     p.add_argument("--overhead-requests", type=int, default=200)
+    p.add_argument("--serve-args", default="",
+                   help="more `splitserve serve` flags for the load section, e.g. "
+                   "'--performance-mode interactivity'")  # fmt: skip
     p.add_argument("--llama-dir", default="")
     p.add_argument("--llama-threads", default="1,2", help="llama-server -t values to run")
     p.add_argument("--cache", default=".cache/llama")

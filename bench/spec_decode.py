@@ -7,13 +7,15 @@ Two workloads of chat prompts to SmolLM2-135M-Instruct, greedy, ``--max-tokens``
   open   open-ended questions: little to copy, drafts are mostly rejected (the cost side).
 
 Each workload runs offline (``LLM.generate``) at concurrency 1 (one request at a time) and 8
-(a batch), once without speculation and once with ``--spec`` (default ngram, 4 drafts, lookup
-2-4), in one process on one engine configuration. Reported: output tokens/s, the speed-up,
-acceptance rate (accepted / draft tokens), mean tokens per verification (1 + accepted drafts),
-and how many outputs are token-identical to the baseline's (greedy: all of them, up to
-floating-point ties in bf16, where a verification's matmul shapes differ from a decode's).
+(a batch), without speculation and with ``--spec`` (default ngram, 4 drafts, lookup 2-4), in
+one process on one engine configuration, in ``--rounds`` alternating rounds (median time of
+each side: other jobs' load drifts over minutes on a shared machine). Reported: output
+tokens/s, the speed-up, acceptance rate (accepted / draft tokens), mean tokens per
+verification (1 + accepted drafts), and how many outputs are token-identical to the baseline's
+(greedy: all of them, up to floating-point ties in bf16, where a verification's matmul shapes
+differ from a decode's).
 
-    .venv/bin/python -P bench/spec_decode.py [--dtype auto] [--max-tokens 128]
+    .venv/bin/python -P bench/spec_decode.py [--dtype auto] [--max-tokens 128] [--rounds 3]
         [--spec '{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4,
                   "prompt_lookup_min": 2}'] [--out spec-decode.json]
 """
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -82,6 +85,7 @@ def main() -> int:
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--spec", default=json.dumps(DEFAULT_SPEC))
     ap.add_argument("--concurrency", default="1,8")
+    ap.add_argument("--rounds", type=int, default=3, help="alternating baseline/ngram rounds")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
 
@@ -99,9 +103,15 @@ def main() -> int:
     for name, texts in (("edit", EDIT), ("open", OPEN)):
         prompts = [base.apply_chat_template([{"role": "user", "content": t}]) for t in texts]
         for c in (int(x) for x in args.concurrency.split(",")):
-            b_s, b_out, b_tok = run(base, prompts, params, c)
+            # Alternating rounds, median of each side: load from other jobs drifts over minutes.
+            b_times, s_times = [], []
             before = spec.engine.stats().spec_decode
-            s_s, s_out, s_tok = run(spec, prompts, params, c)
+            for _ in range(args.rounds):
+                b_s, b_out, b_tok = run(base, prompts, params, c)
+                s_s, s_out, s_tok = run(spec, prompts, params, c)
+                b_times.append(b_s)
+                s_times.append(s_s)
+            b_s, s_s = statistics.median(b_times), statistics.median(s_times)
             after = spec.engine.stats().spec_decode
             drafts = after.num_draft_tokens - before.num_draft_tokens
             accepted = after.num_accepted_tokens - before.num_accepted_tokens
