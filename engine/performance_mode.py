@@ -5,7 +5,7 @@ The modes (``markdown_table()`` renders them; docs/performance.md holds the same
 keeps the two equal):
 
 - interactivity: 16 sequences, 512 tokens per step, n-gram speculation (4 drafts), int8 weights;
-- balanced: 128 sequences, 2048 tokens per step, n-gram speculation (3 drafts) only while at most
+- balanced: 128 sequences, 2048 tokens per step, n-gram speculation (2 drafts) only while at most
   4 requests run;
 - throughput: 256 sequences, 4096 tokens per step, no speculation;
 - no mode: 128 sequences, 2048 tokens per step, no speculation (the engine's own defaults).
@@ -54,8 +54,11 @@ _MODES = {
     "balanced": ModeSettings(
         max_num_seqs=128,
         max_num_batched_tokens=2048,
+        # 2 drafts: never a loss in docs/benchmarks.md's runs on a float32 CPU, where a step of
+        # 3 rows costs ~1.1x one row and 5 rows 2.2x (interactivity takes 4: more when drafts
+        # hit, and rows are nearly free on AMX / GPUs)
         speculative=SpeculativeConfig(
-            num_speculative_tokens=3,
+            num_speculative_tokens=2,
             method="ngram",
             prompt_lookup_max=4,
             prompt_lookup_min=2,
