@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from pathlib import Path
 
 import pytest
 
@@ -41,7 +42,7 @@ def test_colocated_plan_and_engine_flags():
     args = parse(
         local_stack,
         ["--colocated", "--decode-replicas", "2", "--kv-transport", "nixl", "--model", "/m",
-         "--max-model-len", "512", "--api-key", "k", "--policy", "least_load"],
+         "--max-model-len", "512", "--api-key-file", "keys.txt", "--policy", "least_load"],
     )  # fmt: skip
     engines, router = local_stack.plan(args)
     assert all(c.argv[0] == "decode" and "--colocated" in c.argv for c in engines)
@@ -50,8 +51,9 @@ def test_colocated_plan_and_engine_flags():
     assert len(_router_flag(router.argv, "--colocated-endpoints").split(",")) == 2
     assert "--model" not in router.argv  # the router learns the model from the engines
     assert _router_flag(router.argv, "--max-model-len") == "512"
-    assert "--api-key" not in router.argv and "k" not in router.argv  # never visible in ps
-    assert local_stack.router_env(args)["SPLITSERVE_API_KEYS"].split(",")[-1] == "k"
+    # The router gets the key file's path; keys themselves never appear on a command line.
+    assert _router_flag(router.argv, "--api-key-file") == str(Path("keys.txt").resolve())
+    assert "--api-key" not in router.argv
     assert _router_flag(router.argv, "--policy") == "least_load"
     assert _router_flag(engines[0].argv, "--kv-transport") == "nixl"
     assert _router_flag(engines[0].argv, "--model") == "/m"
@@ -93,15 +95,21 @@ def test_router_parses_the_argv_the_operator_builds(colocated):
     assert "serving.splitserve.io/role=decode" in args.decode_selector
 
 
-def test_api_keys_from_flag_file_and_env(tmp_path):
+def test_api_keys_from_file_and_env(tmp_path):
     f = tmp_path / "keys"
     f.write_text("k2\n\n  k3 \n")
-    keys = router_main.read_api_keys(["k1"], str(f), "k4,k5\nk6")
-    assert keys.current() == frozenset({"k1", "k2", "k3", "k4", "k5", "k6"})
+    keys = router_main.read_api_keys(str(f), "k4,k5\nk6")
+    assert keys.current() == frozenset({"k2", "k3", "k4", "k5", "k6"})
     assert keys.check("Bearer k3") and keys.check("bearer  k6 ")
-    assert not keys.check("Bearer k7") and not keys.check("k1") and not keys.check("Basic k1")
-    none = router_main.read_api_keys([], None, None)
+    assert not keys.check("Bearer k7") and not keys.check("k2") and not keys.check("Basic k2")
+    none = router_main.read_api_keys(None, None)
     assert not none.enabled and none.current() == frozenset()
+
+
+def test_the_router_refuses_a_key_on_its_command_line():
+    args = parse(router_main, ["--colocated-endpoints", "127.0.0.1:1", "--api-key", "sk-x"])
+    with pytest.raises(SystemExit, match="api-key-file"):
+        router_main.run(args)
 
 
 def test_key_file_is_reread_when_the_secret_changes(tmp_path):
@@ -134,3 +142,24 @@ def test_serve_rejects_zero_replicas(capsys):
         parse(local_stack, ["--prefill-replicas", "0"])
     assert exit_.value.code == 2
     assert "must be >= 1" in capsys.readouterr().err
+
+
+def test_api_keys_never_go_on_a_command_line(tmp_path, monkeypatch):
+    """`serve --api-key` is refused with what to use instead; the environment is inherited."""
+    args = parse(local_stack, ["--api-key", "sk-secret"])
+    problem = local_stack.preflight(args)
+    assert problem is not None and "--api-key-file" in problem and "SPLITSERVE_API_KEYS" in problem
+    monkeypatch.setenv("SPLITSERVE_API_KEYS", "k1,k2")
+    args = parse(local_stack, [])
+    _, router = local_stack.plan(args)
+    assert not [a for a in router.argv if "k1" in a]
+    assert local_stack.router_env(args)["SPLITSERVE_API_KEYS"] == "k1,k2"
+    missing = parse(local_stack, ["--api-key-file", str(tmp_path / "none")])
+    assert "no such file" in local_stack.preflight(missing)
+
+
+def test_served_names_are_repeatable_for_aliases():
+    args = parse(local_stack, ["--served-name", "org/model", "--served-name", "model"])
+    _, router = local_stack.plan(args)
+    names = [router.argv[i + 1] for i, a in enumerate(router.argv) if a == "--served-name"]
+    assert names == ["org/model", "model"]
