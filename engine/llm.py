@@ -88,6 +88,8 @@ class LLM:
                 enable_chunked_prefill=enable_chunked_prefill,
             ),
             speculative=settings.speculative,
+            # TODO(quant): quantization=settings.quantization once EngineConfig.quantization
+            # exists (an explicit LLM(quantization=...) passed to resolve_mode overrides it)
             performance_mode=performance_mode,
             lora=lora,
         )

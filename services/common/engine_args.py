@@ -129,6 +129,8 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
             max_queue_seconds=args.max_queue_seconds or None,
         ),
         speculative=settings.speculative,
+        # TODO(quant): quantization=settings.quantization once EngineConfig.quantization exists
+        # (with --quantization passed to resolve_mode as an explicit override)
         performance_mode=args.performance_mode,
         lora=lora_config(args),
     )
