@@ -39,9 +39,9 @@ __all__ = [
 # Flags the operator sets on every engine/router pod; extraArgs must not fight over them.
 MANAGED_FLAGS = frozenset(
     {
-        "--model", "--revision", "--served-name", "--dtype", "--block-size", "--max-model-len",
-        "--max-num-seqs", "--performance-mode", "--host", "--port", "--metrics-port",
-        "--kv-transport",
+        "--model", "--revision", "--served-name", "--dtype", "--quantization", "--block-size",
+        "--max-model-len", "--max-num-seqs", "--performance-mode", "--host", "--port",
+        "--metrics-port", "--kv-transport",
         "--lease-seconds", "--kv-failure-policy", "--colocated",
         "--enable-lora", "--lora-modules", "--lora-modules-file", "--max-loras", "--max-lora-rank",
     }
@@ -74,6 +74,7 @@ class EngineSpec:
     extra_args: tuple[str, ...]
     performance_mode: str | None = None  # --performance-mode (docs/performance.md)
     lora: LoRASpec = field(default_factory=lambda: LoRASpec())
+    quantization: str = "none"  # none | int8 | w8a8 | gguf (engine --quantization)
 
 
 @dataclass(frozen=True)
@@ -208,10 +209,10 @@ class InferenceServiceSpec:
     def rollout_hash(self) -> str:
         """One version of the serving stack: what a rollout moves every engine pod to together.
 
-        Model, revision, image (the engine code), dtype, block size and KV transport. Pods carry
-        it as a label; the router pairs only pods with equal labels (and, independently, equal
-        KV compatibility hashes reported by the engines themselves), so no request crosses
-        versions during a rollout.
+        Model, revision, image (the engine code), dtype, quantization, block size and KV
+        transport. Pods carry it as a label; the router pairs only pods with equal labels (and,
+        independently, equal KV compatibility hashes reported by the engines themselves), so no
+        request crosses versions during a rollout.
         """
         key = {
             "model": self.model.uri,
@@ -221,6 +222,8 @@ class InferenceServiceSpec:
             "blockSize": self.engine.block_size,
             "transport": self.kv_transfer.transport,
         }
+        if self.engine.quantization != "none":  # absent when off: existing hashes stay as they are
+            key["quantization"] = self.engine.quantization
         return short_hash(key)
 
 
@@ -277,6 +280,7 @@ def _spec(s: dict[str, Any]) -> InferenceServiceSpec:
             max_num_seqs=engine.get("maxNumSeqs"),
             extra_args=tuple(engine["extraArgs"]),
             performance_mode=engine.get("performanceMode"),
+            quantization=engine.get("quantization", "none"),
             lora=LoRASpec(
                 enabled=bool(engine["lora"]["enabled"]),
                 max_loras=engine["lora"]["maxLoras"],
