@@ -61,19 +61,23 @@ class LLM:
         "num_speculative_tokens": 4, "prompt_lookup_max": 4}`` (see ``SpeculativeConfig``);
         ``{}`` or ``"none"`` turns off what a performance mode would turn on.
         ``performance_mode``: "interactivity", "balanced" or "throughput" sets the defaults of
-        ``max_num_seqs``, ``max_num_batched_tokens`` and speculation (``performance_mode.py``);
-        None: 128 sequences, 2048 tokens per step, no speculation."""
+        ``max_num_seqs``, ``max_num_batched_tokens``, speculation and (on the CPU)
+        ``quantization`` (``performance_mode.py``); None: 128 sequences, 2048 tokens per step,
+        no speculation, weights in ``dtype``. ``quantization="none"`` keeps the weights in
+        ``dtype`` under a mode that would quantize them."""
         settings = resolve_mode(
             performance_mode,
             max_num_seqs=max_num_seqs,
             max_num_batched_tokens=max_num_batched_tokens,
             **({} if speculative_config is None else {"speculative": speculative_config}),
+            **({} if quantization is None else {"quantization": quantization}),
+            device=device,
         )
         lora = LoRAConfig(max_loras, max_lora_rank, max_cpu_loras) if enable_lora else None
         config = EngineConfig(
             model=model,
             dtype=dtype,
-            quantization=quantization,
+            quantization=settings.quantization,
             device=device,
             attention_backend=attention_backend,
             max_model_len=max_model_len,
@@ -90,8 +94,6 @@ class LLM:
                 enable_chunked_prefill=enable_chunked_prefill,
             ),
             speculative=settings.speculative,
-            # TODO(quant): quantization=settings.quantization once EngineConfig.quantization
-            # exists (an explicit LLM(quantization=...) passed to resolve_mode overrides it)
             performance_mode=performance_mode,
             lora=lora,
         )

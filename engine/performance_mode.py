@@ -4,10 +4,11 @@ quantization defaults. Whatever is set explicitly (a flag, an ``LLM()`` argument
 The modes (``markdown_table()`` renders them; docs/performance.md holds the same table, a test
 keeps the two equal):
 
-- interactivity: 16 sequences, 512 tokens per step, n-gram speculation (4 drafts), int8 weights;
+- interactivity: 16 sequences, 512 tokens per step, n-gram speculation (4 drafts), int8
+  weight-only weights (on the CPU);
 - balanced: 128 sequences, 2048 tokens per step, n-gram speculation (2 drafts) only while at most
-  4 requests run;
-- throughput: 256 sequences, 4096 tokens per step, no speculation;
+  4 requests run, weights in the model dtype;
+- throughput: 256 sequences, 4096 tokens per step, no speculation, weights in the model dtype;
 - no mode: 128 sequences, 2048 tokens per step, no speculation (the engine's own defaults).
 
 Why, on CPUs: a batch of one is bound by weight bytes and per-step overhead, so spending
@@ -15,9 +16,14 @@ compute on verifying drafts (up to 5 tokens per forward pass for nearly the pric
 fewer weight bytes (int8) buys latency; a small token budget cuts long prompts into chunks so
 running streams never wait long for their next token. Large batches are bound by arithmetic:
 there every draft is a token of work that may be thrown away, so throughput mode does not
-speculate, and a larger budget and batch keep the matmuls large. Balanced speculates only while
-few requests run (``disable_by_batch_size``): interactivity for a few users, throughput under
-load. Torch-free: ``splitserve serve`` checks its flags with it before starting anything.
+speculate, and a larger budget and batch keep the matmuls large. int8 weight-only is 2-4x faster
+than float32 per projection below 16 rows and no faster from 16 rows (measured,
+docs/benchmarks.md), so only interactivity takes it; w8a8 is faster at every batch size on VNNI
+CPUs but changes answers more (91% first-token agreement), so no mode picks it implicitly.
+Balanced speculates only while few requests run (``disable_by_batch_size``): interactivity for a
+few users, throughput under load. Quantization runs on the CPU only, so a mode's quantization
+applies only where the engine's device is the CPU. Torch-free: ``splitserve serve`` and the
+operator check their settings with it before starting anything.
 """
 
 from __future__ import annotations
@@ -36,9 +42,7 @@ class ModeSettings:
     max_num_seqs: int = 128
     max_num_batched_tokens: int = 2048
     speculative: SpeculativeConfig | None = None
-    # TODO(quant): EngineConfig.quantization ("int8", "w8a8", "gguf") lands with issue 13 item 2;
-    # until then this column is documented but not applied (``resolve`` returns it for the lead
-    # to wire into EngineConfig).
+    # One of protocol.kv_compat.QUANTIZATIONS, applied on CPU engines only; None: model dtype.
     quantization: str | None = None
 
 
@@ -70,6 +74,8 @@ _MODES = {
 
 # "no speculation", spelled explicitly (``--speculative-config none``) to override a mode's
 _OFF = ("", "none", "null", "off", "{}")
+# "weights in the model dtype", spelled explicitly (``--quantization none``) over a mode's
+QUANTIZATION_OFF = "none"
 
 
 def mode_settings(mode: str | None) -> ModeSettings:
@@ -101,16 +107,25 @@ def resolve(
     max_num_batched_tokens: int | None = None,
     speculative: SpeculativeConfig | dict | str | None | object = _UNSET,
     quantization: str | None | object = _UNSET,
+    device: str = "cpu",
 ) -> ResolvedSettings:
     """The settings to run with: each explicit argument (not None; for ``speculative`` and
     ``quantization`` anything but the default ``_UNSET``, so None turns them off) over the mode's.
 
-    ``speculative`` may be a ``SpeculativeConfig``, vLLM's dict, its JSON text, or "none".
+    ``speculative`` may be a ``SpeculativeConfig``, vLLM's dict, its JSON text, or "none";
+    ``quantization`` a scheme name, or "none" / None for weights in the model dtype. The mode's
+    quantization applies only when ``device`` is the CPU (its kernels are C++ CPU kernels): on a
+    GPU a mode sets everything else; an explicit scheme is passed on as given (EngineConfig
+    refuses it there, naming the device).
     """
     base = mode_settings(mode)
     spec = base.speculative
     if speculative is not _UNSET:
         spec = parse_speculative(speculative)  # type: ignore[arg-type]
+    if quantization is _UNSET:
+        quant = base.quantization if device == "cpu" else None
+    else:
+        quant = None if quantization in (None, QUANTIZATION_OFF) else quantization
     return ResolvedSettings(
         max_num_seqs=base.max_num_seqs if max_num_seqs is None else max_num_seqs,
         max_num_batched_tokens=(
@@ -119,7 +134,7 @@ def resolve(
             else max_num_batched_tokens
         ),  # fmt: skip
         speculative=spec,
-        quantization=base.quantization if quantization is _UNSET else quantization,  # type: ignore[arg-type]
+        quantization=quant,  # type: ignore[arg-type]
     )
 
 
@@ -163,8 +178,9 @@ def markdown_table() -> str:
             )
             if c.disable_by_batch_size is not None:
                 spec += f", only while <= {c.disable_by_batch_size} requests run"
+        quant = f"{m.quantization} (CPU engines)" if m.quantization else "none (model dtype)"
         rows.append(
             f"| {name or '(none)'} | {m.max_num_seqs} | {m.max_num_batched_tokens} | {spec} "
-            f"| {m.quantization or 'none (model dtype)'} |"
+            f"| {quant} |"
         )
     return "\n".join(rows)

@@ -26,7 +26,11 @@ import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from splitserve.engine.performance_mode import PERFORMANCE_MODES, speculative_flag
+from splitserve.engine.performance_mode import (
+    PERFORMANCE_MODES,
+    QUANTIZATION_OFF,
+    speculative_flag,
+)
 from splitserve.engine.spec_decode.config import SpeculativeConfig
 from splitserve.observability.logs import LOG_FORMATS
 from splitserve.processes import free_port, port_in_use, spawn, splitserve_argv, stop
@@ -75,14 +79,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--quantization",
         default=None,
-        choices=QUANTIZATIONS,
-        help="weights stay quantized in every engine (docs/quantization.md)",
+        choices=(QUANTIZATION_OFF, *QUANTIZATIONS),
+        help="weights stay quantized in every engine (docs/quantization.md); none: the model "
+        "dtype (default: the performance mode's, else none)",
     )
     p.add_argument("--max-model-len", type=_positive, default=None)
     p.add_argument("--max-num-seqs", type=_positive, default=None)
     p.add_argument("--max-num-batched-tokens", type=_positive, default=None)
     p.add_argument("--performance-mode", default=None, choices=PERFORMANCE_MODES,
-                   help="batch limits, token budget and speculation defaults for every engine "
+                   help="batch limits, token budget, speculation and quantization defaults for "
+                   "every engine "
                    "(docs/performance.md); explicit flags override them")  # fmt: skip
     p.add_argument("--speculative-config", default=None, metavar="JSON", type=speculative_flag,
                    help="vLLM's speculative_config for the engines (the decode side speculates); "

@@ -54,7 +54,7 @@ def engine_args(isvc: InferenceService, role: str) -> list[str]:
         args += ["--max-num-seqs", str(s.engine.max_num_seqs)]
     if s.engine.performance_mode is not None:
         args += ["--performance-mode", s.engine.performance_mode]
-    if s.engine.quantization != "none":
+    if s.engine.quantization is not None:  # "none" too: it overrides a mode's scheme
         args += ["--quantization", s.engine.quantization]
     # Leases are the prefill side's (how long handed-off blocks are kept); the failure policy
     # is the decode side's (what to do when a pull fails). Each server refuses the other's flag.

@@ -1,6 +1,6 @@
-"""``--performance-mode``: one choice sets batch limits, token budget and speculation; explicit
-settings win; the same on ``LLM()``, the engine servers and ``splitserve serve``; the documented
-table is the code's."""
+"""``--performance-mode``: one choice sets batch limits, token budget, speculation and
+quantization; explicit settings win; the same on ``LLM()``, the engine servers and ``splitserve
+serve``; the documented table is the code's."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from splitserve import LLM
+from splitserve.engine.model.quant import Int8Linear, QuantLinear, W8A8Linear
 from splitserve.engine.performance_mode import (
     PERFORMANCE_MODES,
     markdown_table,
@@ -44,6 +45,19 @@ def test_modes_set_defaults_and_explicit_settings_win():
         mode_settings("fast")
 
 
+def test_the_modes_quantization_and_explicit_schemes():
+    assert [resolve(m).quantization for m in PERFORMANCE_MODES] == ["int8", None, None]
+    assert resolve(None).quantization is None
+    # explicit wins both ways: another scheme, or "none" (the flag's spelling) / None
+    assert resolve("interactivity", quantization="w8a8").quantization == "w8a8"
+    assert resolve("interactivity", quantization="none").quantization is None
+    assert resolve("throughput", quantization="int8").quantization == "int8"
+    assert resolve(None, quantization="none").quantization is None
+    # the kernels are CPU kernels: on a GPU the mode sets everything else
+    gpu = resolve("interactivity", device="cuda")
+    assert gpu.quantization is None and gpu.max_num_seqs == 16 and gpu.speculative is not None
+
+
 def test_the_documented_table_is_the_codes():
     assert markdown_table() in DOCS.read_text()
 
@@ -56,9 +70,18 @@ def test_llm_takes_a_mode_and_explicit_arguments(tiny_llama_dir):
     assert cfg.speculative == mode_settings("interactivity").speculative
     assert cfg.performance_mode == "interactivity"
     assert llm.engine.speculator is not None
+    # the mode's quantization is applied: the projections hold int8 weights
+    assert cfg.quantization == "int8"
+    assert isinstance(llm.engine.model.layers[0].mlp.down_proj, Int8Linear)
     off = LLM(model=str(tiny_llama_dir), dtype="float32", num_kv_blocks=32,
-              performance_mode="interactivity", speculative_config={})  # fmt: skip
+              performance_mode="interactivity", speculative_config={},
+              quantization="none")  # fmt: skip
     assert off.engine.speculator is None
+    assert off.engine.config.quantization is None
+    assert not any(isinstance(m, QuantLinear) for m in off.engine.model.modules())
+    other = LLM(model=str(tiny_llama_dir), dtype="float32", num_kv_blocks=32,
+                performance_mode="interactivity", quantization="w8a8")  # fmt: skip
+    assert isinstance(other.engine.model.layers[0].mlp.down_proj, W8A8Linear)
     with pytest.raises(ValueError, match="performance_mode"):
         LLM(model=str(tiny_llama_dir), performance_mode="fast")
 
@@ -73,6 +96,17 @@ def test_engine_server_flags():
     cfg = engine_config(_server_args("--performance-mode", "throughput", "--max-num-seqs", "7"))
     assert (cfg.scheduler.max_num_seqs, cfg.scheduler.max_num_batched_tokens) == (7, 4096)
     assert cfg.speculative is None and cfg.performance_mode == "throughput"
+    assert cfg.quantization is None
+    cfg = engine_config(_server_args("--performance-mode", "interactivity"))
+    assert cfg.quantization == "int8" and cfg.scheduler.max_num_seqs == 16
+    cfg = engine_config(
+        _server_args("--performance-mode", "interactivity", "--quantization", "none")
+    )
+    assert cfg.quantization is None and cfg.speculative is not None
+    cfg = engine_config(_server_args("--performance-mode", "throughput", "--quantization", "w8a8"))
+    assert cfg.quantization == "w8a8"
+    cfg = engine_config(_server_args("--performance-mode", "interactivity", "--device", "cuda"))
+    assert cfg.quantization is None  # the mode's scheme is a CPU one
     spec = json.dumps({"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4})
     cfg = engine_config(_server_args("--speculative-config", spec))
     assert cfg.speculative == SpeculativeConfig(4, "ngram", prompt_lookup_max=4)
@@ -94,7 +128,9 @@ def test_serve_passes_the_choice_to_every_engine():
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     spec = '{"num_speculative_tokens": 3, "prompt_lookup_max": 3}'
-    args = parser.parse_args(["--performance-mode", "balanced", "--speculative-config", spec])
+    args = parser.parse_args(
+        ["--performance-mode", "balanced", "--speculative-config", spec, "--quantization", "none"]
+    )
     engines, _ = plan(args)
     assert {c.name for c in engines} == {"prefill-0", "decode-0"}
     for child in engines:
@@ -102,4 +138,5 @@ def test_serve_passes_the_choice_to_every_engine():
         assert argv[argv.index("--performance-mode") + 1] == "balanced"
         passed = json.loads(argv[argv.index("--speculative-config") + 1])
         assert SpeculativeConfig.from_dict(passed) == SpeculativeConfig.from_dict(spec)
+        assert argv[argv.index("--quantization") + 1] == "none"
     assert set(PERFORMANCE_MODES) == {"interactivity", "balanced", "throughput"}

@@ -133,6 +133,20 @@ def test_performance_mode_and_max_num_seqs_reach_both_engines(make_isvc) -> None
     )
 
 
+def test_quantization_renders_only_when_set_and_none_overrides_a_mode(make_isvc) -> None:
+    def args(change: dict, role: str = "decode") -> list[str]:
+        return container(objects_of(make_isvc, change)[f"Deployment/chat-{role}"])["args"]
+
+    assert "--quantization" not in args({})  # unset: the engine's default (none)
+    moded = args({"engine": {"performanceMode": "interactivity"}})
+    assert "--quantization" not in moded  # the mode's (int8) is resolved by the engine
+    for role in ("prefill", "decode"):  # both roles: their KV must stay compatible
+        off = args({"engine": {"performanceMode": "interactivity", "quantization": "none"}}, role)
+        assert off[off.index("--quantization") + 1] == "none"
+    isvc = parse(make_isvc({"engine": {"performanceMode": "interactivity"}}))
+    assert isvc.spec.engine.effective_quantization == "int8"
+
+
 def test_router_command_line_and_api_keys(make_isvc) -> None:
     change = {"router": {"apiKeySecret": {"name": "keys"}, "policy": "least_load"}}
     objects = objects_of(make_isvc, change)
@@ -282,6 +296,10 @@ def test_config_checksum_ignores_everything_else(make_isvc, change) -> None:
         ({"engine": {"blockSize": 32}}, True),
         ({"engine": {"quantization": "gguf"}}, True),
         ({"engine": {"quantization": "none"}}, False),  # the default, spelled out
+        # a mode that quantizes changes the KV the engines write; one that does not, nothing
+        ({"engine": {"performanceMode": "interactivity"}}, True),
+        ({"engine": {"performanceMode": "interactivity", "quantization": "none"}}, False),
+        ({"engine": {"performanceMode": "throughput"}}, False),
         ({"kvTransfer": {"transport": "grpc"}}, True),
         ({"engine": {"maxNumSeqs": 7}}, False),
         ({"decode": {"replicas": 9}}, False),

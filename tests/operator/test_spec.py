@@ -75,7 +75,7 @@ def test_defaults_come_from_the_crd(make_isvc) -> None:
     # unset: the engines' performance mode (or their own default, 128) decides
     assert s.engine.max_num_seqs is None and s.engine.extra_args == ()
     assert s.engine.performance_mode is None
-    assert s.engine.quantization == "none"
+    assert s.engine.quantization is None and s.engine.effective_quantization == "none"
     assert (s.router.pool.replicas, s.router.policy, s.router.service_port) == (1, "prefix", 80)
     assert (s.kv_transfer.transport, s.kv_transfer.failure_policy) == ("nixl", "recompute")
     assert s.kv_transfer.lease_seconds == 30
