@@ -175,23 +175,27 @@ class ModelRunner:
         return input_ids, positions.to(dev), meta
 
     def _prepare_decodes(self, batch: list[ScheduledRequest], block_tables):
-        """``_prepare`` for a step of decodes only (one token each), the common small-batch
-        step: positions and slots come straight from Python ints, no tensor arithmetic."""
+        """``_prepare`` for a step of decodes only (one token each, plus the drafts it
+        verifies), the common small-batch step: positions and slots come straight from Python
+        ints, no tensor arithmetic. Each draft is a decode row of its own whose sequence ends at
+        its position (as in ``_prepare``)."""
         bs = self.block_size
         tokens, positions, slots, seq_lens, tables = [], [], [], [], []
         for item in batch:
             req = item.request
-            pos = req.num_computed_tokens
+            start = req.num_computed_tokens
             table = block_tables[req.request_id]
-            tokens.append(req.all_token_ids[pos])
-            positions.append(pos)
-            slots.append(table[pos // bs] * bs + pos % bs)
-            seq_lens.append(pos + 1)
-            tables.append(table)
+            tokens.append(req.all_token_ids[start])
+            tokens.extend(item.spec_token_ids)
+            for pos in range(start, start + 1 + item.num_spec_tokens):
+                positions.append(pos)
+                slots.append(table[pos // bs] * bs + pos % bs)
+                seq_lens.append(pos + 1)
+                tables.append(table)
         max_blocks = max(len(t) for t in tables)
         table = torch.tensor([t + [0] * (max_blocks - len(t)) for t in tables], dtype=torch.int32)
         dev = self.device
-        n = len(batch)
+        n = len(tokens)
         meta = AttentionMetadata(
             block_size=bs,
             slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),

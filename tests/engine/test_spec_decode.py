@@ -133,6 +133,27 @@ def test_greedy_is_token_identical_to_plain_decoding_and_hf(tiny_llama_dir, hf_g
     spec.engine.check_integrity()
 
 
+def test_interactivity_speculates_over_int8_weights_and_keeps_greedy_output(tiny_llama_dir):
+    """The interactivity mode's defaults together (int8 weights, 4 n-gram drafts) and the
+    issue's own vLLM spelling: greedy output equals plain decoding with the same int8 weights."""
+    prompts = [LOOP, LOOP[3:] + LOOP, [100, 200] * 9]
+    params = SamplingParams(temperature=0.0, max_tokens=20, allowed_token_ids=VOCAB,
+                            ignore_eos=True)  # fmt: skip
+    expected = _tokens(_llm(tiny_llama_dir, quantization="int8").generate(prompts, params))
+    mode = _llm(tiny_llama_dir, performance_mode="interactivity")
+    assert mode.engine.config.quantization == "int8" and mode.engine.speculator is not None
+    assert _tokens(mode.generate(prompts, params)) == expected
+    _assert_saw_accept_and_reject(mode)
+    vllm = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4}
+    issue = _llm(tiny_llama_dir, vllm, quantization="int8")
+    assert issue.engine.config.speculative == SpeculativeConfig(
+        num_speculative_tokens=4, method="ngram", prompt_lookup_min=4, prompt_lookup_max=4
+    )
+    assert _tokens(issue.generate(prompts, params)) == expected
+    assert _spec_counts(issue)[0] > 0
+    mode.engine.check_integrity()
+
+
 @pytest.mark.model
 def test_default_model_greedy_with_ngram_matches_hf(default_model_dir, hf_default_model, hf_greedy):
     prompts = [

@@ -1,6 +1,7 @@
 """Speculative decoding through the whole stack: `splitserve serve --speculative-config` (the decode
 pod speculates after a KV hand-off) and `--performance-mode interactivity --colocated`, driven
-by the official `openai` SDK. Greedy output must equal the offline engine without speculation;
+by the official `openai` SDK. Greedy output must equal the offline engine without speculation
+(with the same weights: interactivity runs int8 weights, so its reference does too);
 the decode engine must report drafts and acceptances in vLLM's metrics; streams carry several
 tokens in one chunk when a step accepted drafts (the per-token path outside the engine)."""
 
@@ -28,20 +29,34 @@ CHAT = [{"role": "user", "content": "Repeat exactly: the cat sat on the mat, the
          "the mat, the cat sat on the mat."}]  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def oracle() -> LLM:
-    return LLM(kv_cache_memory_bytes=64 << 20, max_num_seqs=8)
+# stack -> (serve flags, the quantization its engines run: the mode's for interactivity)
+STACKS = {
+    "disaggregated": (["--speculative-config", json.dumps(SPEC)], None),
+    "colocated-interactivity": (["--colocated", "--performance-mode", "interactivity"], "int8"),
+}
 
 
-@pytest.fixture(scope="module", params=["disaggregated", "colocated-interactivity"])
+@pytest.fixture(scope="module", params=list(STACKS))
 def stack(request, serve_factory):
-    if request.param == "disaggregated":
-        args = ["--speculative-config", json.dumps(SPEC)]
-    else:
-        args = ["--colocated", "--performance-mode", "interactivity"]
-    s = serve_factory(args)
+    s = serve_factory(STACKS[request.param][0])
     yield s
     assert s.stop() == 0
+
+
+@pytest.fixture(scope="module")
+def oracles() -> dict:
+    return {}
+
+
+@pytest.fixture
+def oracle(request, stack, oracles) -> LLM:
+    """The offline engine without speculation, with the weights the stack's engines run."""
+    quantization = STACKS[request.node.callspec.params["stack"]][1]
+    if quantization not in oracles:
+        oracles[quantization] = LLM(
+            kv_cache_memory_bytes=64 << 20, max_num_seqs=8, quantization=quantization
+        )
+    return oracles[quantization]
 
 
 def _spec_counts(stack) -> tuple[float, float]:
