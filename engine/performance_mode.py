@@ -28,9 +28,12 @@ operator check their settings with it before starting anything.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 from splitserve.engine.spec_decode.config import SpeculativeConfig
+
+log = logging.getLogger(__name__)
 
 PERFORMANCE_MODES = ("interactivity", "balanced", "throughput")
 
@@ -92,6 +95,13 @@ def mode_settings(mode: str | None) -> ModeSettings:
 _UNSET = object()
 
 
+def _quant_kernels_load() -> bool:
+    # Imported here: the rest of this module stays torch-free (serve, operator).
+    from splitserve.kernels import cpu
+
+    return cpu.available()
+
+
 @dataclass(frozen=True)
 class ResolvedSettings:
     max_num_seqs: int
@@ -114,9 +124,10 @@ def resolve(
 
     ``speculative`` may be a ``SpeculativeConfig``, vLLM's dict, its JSON text, or "none";
     ``quantization`` a scheme name, or "none" / None for weights in the model dtype. The mode's
-    quantization applies only when ``device`` is the CPU (its kernels are C++ CPU kernels): on a
-    GPU a mode sets everything else; an explicit scheme is passed on as given (EngineConfig
-    refuses it there, naming the device).
+    quantization applies only when ``device`` is the CPU and the C++ CPU kernels load (they are
+    the only implementation of the quantized matmuls): elsewhere a mode sets everything else
+    and says so in the log. An explicit scheme is passed on as given (the engine refuses it
+    where it cannot run, naming why).
     """
     base = mode_settings(mode)
     spec = base.speculative
@@ -124,6 +135,14 @@ def resolve(
         spec = parse_speculative(speculative)  # type: ignore[arg-type]
     if quantization is _UNSET:
         quant = base.quantization if device == "cpu" else None
+        if quant is not None and not _quant_kernels_load():
+            log.warning(
+                "performance mode %s: weights stay in the model dtype, not %s: the C++ CPU "
+                "kernels could not be built or loaded here (see the log above)",
+                mode,
+                quant,
+            )
+            quant = None
     else:
         quant = None if quantization in (None, QUANTIZATION_OFF) else quantization
     return ResolvedSettings(

@@ -58,6 +58,18 @@ def test_the_modes_quantization_and_explicit_schemes():
     assert gpu.quantization is None and gpu.max_num_seqs == 16 and gpu.speculative is not None
 
 
+def test_a_modes_quantization_falls_back_where_the_kernels_do_not_load(monkeypatch, caplog):
+    from splitserve.kernels import cpu
+
+    monkeypatch.setattr(cpu, "available", lambda: False)
+    with caplog.at_level("WARNING"):
+        settings = resolve("interactivity")
+    assert settings.quantization is None and settings.speculative is not None
+    assert "C++ CPU kernels" in caplog.text
+    # an explicit scheme is not second-guessed: the engine refuses it, naming why
+    assert resolve("interactivity", quantization="int8").quantization == "int8"
+
+
 def test_the_documented_table_is_the_codes():
     assert markdown_table() in DOCS.read_text()
 
