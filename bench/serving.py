@@ -16,7 +16,7 @@ Sections (each can be skipped):
             one slot per concurrent request) on the same model requantized to BF16 (and, with
             `--llama-types BF16,Q8_0,Q4_0,Q4_1`, its quantized types), in the same run.
 
-    .venv/bin/python -P bench/serving.py [--sections overhead,load,prefix,llama]
+    .venv/bin/python -P bench/serving.py [--sections overhead,load,prefix,llama] [--serve-args ARGS]
         [--llama-dir .cache/llama/.../build/bin] [--out bench-serving.json]
         [--dtype auto] [--quantizations gguf,w8a8] [--llama-types BF16,Q4_0]
 """
@@ -29,6 +29,7 @@ import contextlib
 import json
 import os
 import random
+import shlex
 import signal
 import statistics
 import subprocess
@@ -247,7 +248,7 @@ def section_load(args, tmp: Path, colocated: bool, quantization: str = "") -> di
     flags = ["--kv-cache-memory-gb", "1", "--dtype", args.dtype]
     flags += ["--colocated", "--decode-replicas", "1"] if colocated else []
     flags += ["--quantization", quantization] if quantization else []
-    flags += args.serve_args.split()
+    flags += shlex.split(args.serve_args)
     name = variant_key(colocated, quantization)
     proc, url, _ = serve(flags, tmp, name)
     out = {}
@@ -605,7 +606,8 @@ def main() -> int:
                    help="also run splitserve colocated with these --quantization values "
                    "(comma-separated, e.g. gguf,w8a8)")  # fmt: skip
     p.add_argument("--serve-args", default="",
-                   help="more `splitserve serve` flags, e.g. '--threads-per-engine 1'")  # fmt: skip
+                   help="more `splitserve serve` flags for the load section, e.g. "
+                   "'--performance-mode interactivity'")  # fmt: skip
     p.add_argument("--modes", default="disagg,colocated",
                    help="unquantized splitserve runs: disagg and/or colocated")  # fmt: skip
     p.add_argument("--cache", default=".cache/llama")

@@ -26,7 +26,12 @@ from typing import Any, TypeVar
 from splitserve.engine.block_pool import BlockStored, KVEvent
 from splitserve.engine.engine_core import EngineCore, EngineStats, KVAudit
 from splitserve.engine.heap import HeapTrimmer
-from splitserve.engine.outputs import ImportReservation, RequestTiming, SequenceDelta
+from splitserve.engine.outputs import (
+    ImportReservation,
+    RequestTiming,
+    SequenceDelta,
+    coalesce_deltas,
+)
 from splitserve.protocol.logprobs import TokenLogprobs
 from splitserve.protocol.lora import AdapterInfo, LoRARequest
 from splitserve.protocol.sampling import SamplingParams
@@ -391,16 +396,24 @@ class AsyncEngine:
                 self._submit(lambda: self._core.abort_request(request_id))
 
     async def _iterate(self, stream: _Stream) -> AsyncIterator[SequenceDelta]:
+        """The stream's deltas. A consumer that fell behind gets what waits for it merged per
+        sample (``coalesce_deltas``): the same tokens, text and logprobs in fewer messages, so
+        the per-token cost downstream (gRPC, SSE) is paid per message, not per token."""
         while stream.remaining > 0:
-            item = await stream.queue.get()
-            if item is _ERROR:
-                raise EngineDeadError(f"engine failed: {self.error!r}")
-            if item.error is not None:
-                stream.remaining = 0  # the engine already dropped it
-                raise RequestRejectedError(item.error)
-            if item.finished:
-                stream.remaining -= 1
-            yield item
+            items = [await stream.queue.get()]
+            while not stream.queue.empty():
+                items.append(stream.queue.get_nowait())
+            if _ERROR not in items:
+                items = coalesce_deltas(items)
+            for item in items:
+                if item is _ERROR:
+                    raise EngineDeadError(f"engine failed: {self.error!r}")
+                if item.error is not None:
+                    stream.remaining = 0  # the engine already dropped it
+                    raise RequestRejectedError(item.error)
+                if item.finished:
+                    stream.remaining -= 1
+                yield item
 
     def _deliver(self, delta: SequenceDelta) -> None:
         stream = self._streams.get(delta.request_id)

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 import torch
 
 from splitserve.engine.lora.config import LoRAConfig
+from splitserve.engine.performance_mode import mode_settings
+from splitserve.engine.spec_decode.config import SpeculativeConfig
 from splitserve.protocol.kv_compat import QUANTIZATIONS
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "auto": None}
@@ -109,6 +111,11 @@ class EngineConfig:
     quantization: str | None = None
     cache: CacheConfig = CacheConfig()
     scheduler: SchedulerConfig = SchedulerConfig()
+    # Speculative decoding (vLLM's speculative_config); None: one token per step.
+    speculative: SpeculativeConfig | None = None
+    # The performance mode the settings above were resolved from (performance_mode.py); the
+    # mode's choices are already in them: this only records it (logs, EngineInfo).
+    performance_mode: str | None = None
     lora: LoRAConfig | None = None  # None: no LoRA adapters (and no per-step cost)
 
     def __post_init__(self) -> None:
@@ -130,6 +137,7 @@ class EngineConfig:
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be positive, got {self.max_model_len}")
         parse_dtype(self.dtype, self.device)
+        mode_settings(self.performance_mode)  # a ValueError naming the choices
 
     @property
     def torch_dtype(self) -> torch.dtype:

@@ -29,6 +29,7 @@ from splitserve.engine.outputs import ImportReservation, RequestTiming, Sequence
 from splitserve.engine.request import Request, RequestStatus
 from splitserve.engine.sampler import Sampler, SamplingRow, TokenLogprobs, skip_draw
 from splitserve.engine.scheduler import Scheduler
+from splitserve.engine.spec_decode.speculator import SpecDecodeStats, Speculator, accepted_prefix
 from splitserve.engine.structured_output import StructuredOutputs
 from splitserve.kernels import cpu as cpu_kernels
 from splitserve.protocol.lora import with_adapter_key
@@ -53,6 +54,7 @@ class EngineStats:
     grammar_cache_entries: int = 0
     grammar_cache_bytes: int = 0
     prefix_cached_blocks: int = 0
+    spec_decode: SpecDecodeStats | None = None  # None: speculation is off
     # LoRA (vLLM's lora_requests_info): adapters of running / waiting requests, slot count
     running_loras: tuple[str, ...] = ()
     waiting_loras: tuple[str, ...] = ()
@@ -167,12 +169,13 @@ class EngineCore:
             self.model.bucket_rows = True
             self.model.warm_up(
                 config.scheduler.max_num_batched_tokens,
-                max(config.scheduler.max_num_seqs, PROMPT_LOGPROB_ROWS),
+                max(self._max_logit_rows(config), PROMPT_LOGPROB_ROWS),
             )
             log.info("matmul shapes warmed up in %.1f s", time.monotonic() - t0)
             if self.lora is not None:  # LoRA matmuls too: all slots, so only rows vary
                 self.lora.fixed_width = True
                 self.lora.slots.warm_up(row_buckets(config.scheduler.max_num_batched_tokens))
+        self.speculator = self._speculator(config, backend, num_blocks)
         self.eos_ids = eos_token_ids(self.hf_config, self.tokenizer)
         self.sampler = Sampler(arch.vocab_size, self.eos_ids or None)
         self.structured = StructuredOutputs(self.tokenizer, arch.vocab_size, self.eos_ids)
@@ -191,6 +194,27 @@ class EngineCore:
             "engine ready: %s, %s, %d KV blocks x %d tokens, max_model_len %d, %s attention",
             self.model_dir.name, dtype, num_blocks, bs, self.max_model_len, backend.name,
         )  # fmt: skip
+
+    def _speculator(self, config: EngineConfig, backend, num_blocks: int) -> Speculator | None:
+        spec = config.speculative
+        if spec is None:
+            return None
+        proposer = None
+        if spec.method == "draft_model":
+            from splitserve.engine.spec_decode.draft_model import DraftModelProposer
+
+            proposer = DraftModelProposer(
+                spec.model, config, backend, num_blocks, self.shape.vocab_size,
+                config.scheduler.max_num_seqs,
+            )  # fmt: skip
+        return Speculator(spec, self.max_model_len, proposer)
+
+    @staticmethod
+    def _max_logit_rows(config: EngineConfig) -> int:
+        """The most logits rows one step can sample: one per sequence, 1 + k when verifying."""
+        sched, spec = config.scheduler, config.speculative
+        per_seq = 1 + (spec.num_speculative_tokens if spec is not None else 0)
+        return min(sched.max_num_seqs * per_seq, max(sched.max_num_batched_tokens, 1))
 
     # --- requests ------------------------------------------------------------------------------
     def tokenize(self, prompt: str | Sequence[int]) -> list[int]:
@@ -365,7 +389,7 @@ class EngineCore:
         """Take a first token sampled by another engine as if this one had drawn it."""
         if req.generator is not None and not req.params.greedy:
             skip_draw(req.generator, self.shape.vocab_size)
-        return self._update(req, token, logprobs)
+        return self._update(req, [token], [logprobs])
 
     def recompute_import(
         self,
@@ -463,6 +487,7 @@ class EngineCore:
             grammar_cache_entries=grammars,
             grammar_cache_bytes=grammar_bytes,
             prefix_cached_blocks=self.kv.pool.num_cached_blocks,
+            spec_decode=None if self.speculator is None else self.speculator.stats(),
             **loras,
         )
 
@@ -484,6 +509,8 @@ class EngineCore:
     # --- the step ------------------------------------------------------------------------------
     def step(self) -> list[SequenceDelta]:
         dropped = [self._drop(req) for req in self.scheduler.expire_waiting(time.monotonic())]
+        if self.speculator is not None:
+            self.speculator.propose(self.scheduler.running)
         sched = self.scheduler.schedule()
         if sched.empty:
             return dropped
@@ -500,31 +527,67 @@ class EngineCore:
         self.scheduler.update_after_step(sched)
         if not result.sampled:
             return dropped
-        # Expand rows for n > 1: the first sample of a prompt forks its siblings here, sharing
-        # the prompt's blocks, and all n draw from the same logits row.
+        # One sampling row per position: n > 1 expands here (the first sample of a prompt forks
+        # its siblings, sharing the prompt's blocks, and all n draw from the same logits row);
+        # a request verifying s drafts has s + 1 rows, row j seeing drafts[:j] as its output.
         row_index: list[int] = []
-        seqs: list[Request] = []
-        for i, item in enumerate(result.sampled):
-            req = item.request
-            seqs.append(req)
-            row_index.append(i)
+        rows: list[SamplingRow] = []
+        groups: list[tuple[Request, int, tuple[int, ...]]] = []  # (seq, first row, drafts)
+        logit_row = 0
+        for item in result.sampled:
+            req, drafts = item.request, item.spec_token_ids
+            seqs = [req]
             if req.params.n > 1 and req.sample_index == 0 and req.request_id not in self._forked:
-                for child in self._fork(req):
-                    seqs.append(child)
-                    row_index.append(i)
+                seqs += self._fork(req)
+            for seq in seqs:
+                groups.append((seq, len(rows), drafts))
+                out_ids = seq.output_token_ids
+                for j in range(len(drafts) + 1):
+                    row_index.append(logit_row + j)
+                    rows.append(SamplingRow(
+                        seq.params, seq.prompt_token_ids, out_ids + list(drafts[:j]), seq.generator
+                    ))  # fmt: skip
+            logit_row += len(drafts) + 1
         logits = (
-            result.logits
-            if len(row_index) == len(result.sampled)
-            else result.logits[torch.tensor(row_index)]
+            result.logits if len(row_index) == logit_row else result.logits[torch.tensor(row_index)]
         )
-        rows = [
-            SamplingRow(r.params, r.prompt_token_ids, r.output_token_ids, r.generator) for r in seqs
-        ]
-        out = self.sampler(logits, rows, self.structured.fill_bitmask([r.grammar for r in seqs]))
-        return dropped + [
-            self._update(req, token, lp)
-            for req, token, lp in zip(seqs, out.token_ids, out.logprobs, strict=True)
-        ]
+        rewind = self._seeded_states(groups)
+        bitmask = self.structured.fill_bitmask(
+            [seq.grammar for seq, _, _ in groups],
+            [drafts for _, _, drafts in groups] if len(rows) > len(groups) else None,
+        )
+        out = self.sampler(logits, rows, bitmask)
+        deltas = dropped
+        for seq, first, drafts in groups:
+            tokens = out.token_ids[first : first + len(drafts) + 1]
+            lps = out.logprobs[first : first + len(drafts) + 1]
+            if drafts:
+                kept = accepted_prefix(tokens, drafts)
+                self.speculator.record(len(drafts), kept)
+                tokens, lps = tokens[: kept + 1], lps[: kept + 1]
+                self.scheduler.reject_drafts(seq, len(drafts) - kept)
+                if seq.request_id in rewind and kept < len(drafts):
+                    self._rewind(seq, rewind[seq.request_id], kept + 1)
+            deltas.append(self._update(seq, tokens, lps))
+            if drafts and not seq.is_finished:
+                self.kv.cache_computed_blocks(seq)  # blocks the accepted drafts completed
+        return deltas
+
+    def _seeded_states(self, groups) -> dict[str, torch.Tensor]:
+        """Generator states before sampling, of the seeded rows that verify drafts."""
+        return {
+            seq.request_id: seq.generator.get_state()
+            for seq, _, drafts in groups
+            if drafts and seq.generator is not None and not seq.params.greedy
+        }
+
+    def _rewind(self, seq: Request, state: torch.Tensor, num_kept: int) -> None:
+        """Leave a seeded generator as if only the kept positions had been sampled, so the
+        next token draws what it would have drawn without speculation."""
+        assert seq.generator is not None
+        seq.generator.set_state(state)
+        for _ in range(num_kept):
+            skip_draw(seq.generator, self.shape.vocab_size)
 
     def _drop(self, req: Request) -> SequenceDelta:
         """A request the scheduler expired from the queue: forget it, tell its stream why."""
@@ -556,35 +619,49 @@ class EngineCore:
             children.append(child)
         return children
 
-    def _update(self, req: Request, token: int, lp: TokenLogprobs | None) -> SequenceDelta:
-        req.append_output_token(token)
-        if req.first_token_at is None:
-            req.first_token_at = time.monotonic()
+    def _update(
+        self,
+        req: Request,
+        tokens: Sequence[int],
+        lps: Sequence[TokenLogprobs | None],
+    ) -> SequenceDelta:
+        """Append one step's tokens (several when drafts were accepted) one by one, checking
+        every stop condition after each; tokens after the one that finished are dropped."""
+        first_output = req.num_output_tokens == 0
         params = req.params
         detok = self._detok[req.request_id]
         finish: RequestStatus | None = None
         stop_reason: int | str | None = None
-        # (the sampler never draws EOS / stop tokens before min_tokens is reached, except where
-        # a grammar allows them: its end ends the sequence whatever min_tokens / ignore_eos say)
-        grammar_ended = req.grammar is not None and req.grammar.advance(token)
-        is_stop_token = token in params.stop_token_ids or (
-            token in self.eos_ids and not params.ignore_eos
-        )
-        if grammar_ended or (is_stop_token and req.num_output_tokens > params.min_tokens):
-            finish = RequestStatus.FINISHED_STOPPED
-            stop_reason = token if token in params.stop_token_ids else None
-            text = detok.finish()
-        else:
+        text = ""
+        emitted = 0
+        for token in tokens:
+            req.append_output_token(token)
+            emitted += 1
+            # (the sampler never draws EOS / stop tokens before min_tokens is reached, except
+            # where a grammar allows them: its end ends the sequence whatever min_tokens /
+            # ignore_eos say)
+            grammar_ended = req.grammar is not None and req.grammar.advance(token)
+            is_stop_token = token in params.stop_token_ids or (
+                token in self.eos_ids and not params.ignore_eos
+            )
+            if grammar_ended or (is_stop_token and req.num_output_tokens > params.min_tokens):
+                finish = RequestStatus.FINISHED_STOPPED
+                stop_reason = token if token in params.stop_token_ids else None
+                text += detok.finish()
+                break
             delta = detok.update([token])
-            text = delta.text
+            text += delta.text
             if delta.stop_string is not None:
                 finish, stop_reason = RequestStatus.FINISHED_STOPPED, delta.stop_string
-        if finish is None and (
-            (params.max_tokens is not None and req.num_output_tokens >= params.max_tokens)
-            or req.num_tokens >= self.max_model_len
-        ):
-            finish = RequestStatus.FINISHED_LENGTH
-            text += detok.finish()
+                break
+            if (
+                params.max_tokens is not None and req.num_output_tokens >= params.max_tokens
+            ) or req.num_tokens >= self.max_model_len:
+                finish = RequestStatus.FINISHED_LENGTH
+                text += detok.finish()
+                break
+        if req.first_token_at is None:
+            req.first_token_at = time.monotonic()
         held = timing = None
         if finish is not None:
             timing = _timing(req, time.monotonic())
@@ -595,18 +672,15 @@ class EngineCore:
             self.scheduler.finish(req, finish)
             self._retire(req)
         prompt_logprobs = None
-        if (
-            params.prompt_logprobs is not None
-            and req.num_output_tokens == 1
-            and not req.sample_index
-        ):
+        if params.prompt_logprobs is not None and first_output and not req.sample_index:
             prompt_logprobs = tuple(req.prompt_logprobs)  # the prompt is done: hand them over once
+        kept_lps = lps[:emitted]
         return SequenceDelta(
             request_id=req.group_id,
             index=req.sample_index,
-            token_ids=(token,),
+            token_ids=tuple(tokens[:emitted]),
             text=text,
-            logprobs=None if lp is None else (lp,),
+            logprobs=None if any(lp is None for lp in kept_lps) else tuple(kept_lps),
             prompt_logprobs=prompt_logprobs,
             finish_reason=None if finish is None else finish.value,
             stop_reason=stop_reason,
@@ -632,6 +706,8 @@ class EngineCore:
     def check_integrity(self) -> None:
         """Assert the KV bookkeeping is consistent (tests call this after every scenario)."""
         self.kv.check_integrity()
+        if self.speculator is not None:
+            self.speculator.check_integrity()
         live = {r.request_id for r in self.scheduler.running} | set(self._reserved)
         assert set(self.kv.tables) <= live, "blocks held by a request that is not running"
         if not self.has_unfinished() and not self.kv.held and not self._reserved:

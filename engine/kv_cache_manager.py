@@ -137,6 +137,19 @@ class KVCacheManager:
                 tokens = request.all_token_ids[i * bs : (i + 1) * bs]
                 self.pool.cache(block, request.block_hashes[i], parent, tokens)
 
+    def trim(self, request: Request) -> int:
+        """Free the request's blocks past its computed tokens (those only rejected draft tokens
+        wrote to); returns how many. They were allocated fresh in the step that wrote them, so
+        none is shared or cached."""
+        table = self.tables.get(request.request_id)
+        keep = -(-request.num_computed_tokens // self.block_size)
+        if not table or len(table) <= keep:
+            return 0
+        extra = table[keep:]
+        del table[keep:]
+        self.pool.free(reversed(extra))
+        return len(extra)
+
     def fork(self, parent: Request, child: Request) -> None:
         """Share every block of ``parent`` with ``child`` (copy-on-write on the partial tail)."""
         table = list(self.tables[parent.request_id])

@@ -12,6 +12,8 @@ from splitserve.engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from splitserve.engine.engine_core import EngineCore
 from splitserve.engine.lora import LoRAConfig
 from splitserve.engine.outputs import CompletionOutput, RequestOutput
+from splitserve.engine.performance_mode import resolve as resolve_mode
+from splitserve.engine.spec_decode import SpeculativeConfig
 from splitserve.protocol.lora import LoRARequest
 from splitserve.protocol.sampling import SamplingParams
 
@@ -40,8 +42,8 @@ class LLM:
         block_size: int = 16,
         num_kv_blocks: int | None = None,
         kv_cache_memory_bytes: int = 2 << 30,
-        max_num_seqs: int = 128,
-        max_num_batched_tokens: int = 2048,
+        max_num_seqs: int | None = None,
+        max_num_batched_tokens: int | None = None,
         enable_prefix_caching: bool = True,
         enable_chunked_prefill: bool = True,
         max_model_len: int | None = None,
@@ -52,12 +54,30 @@ class LLM:
         max_loras: int = 1,
         max_lora_rank: int = 16,
         max_cpu_loras: int | None = None,
+        speculative_config: dict[str, Any] | SpeculativeConfig | str | None = None,
+        performance_mode: str | None = None,
     ) -> None:
+        """``speculative_config``: vLLM's dict, e.g. ``{"method": "ngram",
+        "num_speculative_tokens": 4, "prompt_lookup_max": 4}`` (see ``SpeculativeConfig``);
+        ``{}`` or ``"none"`` turns off what a performance mode would turn on.
+        ``performance_mode``: "interactivity", "balanced" or "throughput" sets the defaults of
+        ``max_num_seqs``, ``max_num_batched_tokens``, speculation and (on the CPU)
+        ``quantization`` (``performance_mode.py``); None: 128 sequences, 2048 tokens per step,
+        no speculation, weights in ``dtype``. ``quantization="none"`` keeps the weights in
+        ``dtype`` under a mode that would quantize them."""
+        settings = resolve_mode(
+            performance_mode,
+            max_num_seqs=max_num_seqs,
+            max_num_batched_tokens=max_num_batched_tokens,
+            **({} if speculative_config is None else {"speculative": speculative_config}),
+            **({} if quantization is None else {"quantization": quantization}),
+            device=device,
+        )
         lora = LoRAConfig(max_loras, max_lora_rank, max_cpu_loras) if enable_lora else None
         config = EngineConfig(
             model=model,
             dtype=dtype,
-            quantization=quantization,
+            quantization=settings.quantization,
             device=device,
             attention_backend=attention_backend,
             max_model_len=max_model_len,
@@ -69,10 +89,12 @@ class LLM:
                 enable_prefix_caching=enable_prefix_caching,
             ),
             scheduler=SchedulerConfig(
-                max_num_seqs=max_num_seqs,
-                max_num_batched_tokens=max_num_batched_tokens,
+                max_num_seqs=settings.max_num_seqs,
+                max_num_batched_tokens=settings.max_num_batched_tokens,
                 enable_chunked_prefill=enable_chunked_prefill,
             ),
+            speculative=settings.speculative,
+            performance_mode=performance_mode,
             lora=lora,
         )
         self.engine = EngineCore(config)

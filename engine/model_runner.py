@@ -20,7 +20,9 @@ PROMPT_LOGPROB_ROWS = 256
 
 @dataclass(frozen=True)
 class RunnerOutput:
-    logits: torch.Tensor  # [len(sampled), vocab] float32
+    # [sum(1 + s.num_spec_tokens for s in sampled), vocab] float32: one row per request that
+    # caught up, more for one verifying drafts (its last real token's, then each draft's)
+    logits: torch.Tensor
     sampled: list[ScheduledRequest]  # the requests that caught up this step, in logits order
     # (request, logprobs of the next prompt token at each prompt position it lacked that ran
     # this step, in order) for requests with params.prompt_logprobs
@@ -48,11 +50,12 @@ class ModelRunner:
         with torch.inference_mode():
             for src, dst in sched.block_copies:  # copy-on-write before anything writes
                 self.kv_cache[dst].copy_(self.kv_cache[src])
-            # Decodes (one new token) first, then prefills: the layout backends expect.
-            decodes = [s for s in sched.scheduled if s.num_new_tokens == 1]
+            # Decodes (one new token, plus the drafts it verifies) first, then prefills: the
+            # layout backends expect. A request verifying drafts is one decode row per token.
+            decodes = [s for s in sched.scheduled if s.num_new_tokens == 1 + s.num_spec_tokens]
             # Shortest contexts first: the torch backend buckets decodes by length.
             decodes.sort(key=lambda s: s.request.num_computed_tokens)
-            prefills = [s for s in sched.scheduled if s.num_new_tokens > 1]
+            prefills = [s for s in sched.scheduled if s.num_new_tokens > 1 + s.num_spec_tokens]
             batch = decodes + prefills
             input_ids, positions, meta = self._prepare(batch, len(decodes), block_tables)
             attn = self.backend.prepare(self.kv_cache, meta)
@@ -69,8 +72,13 @@ class ModelRunner:
             if not sampled:
                 empty = hidden.new_empty(0, self.model.arch.vocab_size).float()
                 return RunnerOutput(empty, [], prompt_logprobs)
-            rows = ends[torch.tensor(sampled_idx)].to(self.device)
-            logits = self.model.compute_logits(hidden[rows])
+            rows = ends[torch.tensor(sampled_idx)]
+            if any(s.spec_token_ids for s in sampled):  # drafts: a row at each verified position
+                rows = torch.cat([
+                    torch.arange(int(e) - s.num_spec_tokens, int(e) + 1)
+                    for e, s in zip(rows, sampled, strict=True)
+                ])  # fmt: skip
+            logits = self.model.compute_logits(hidden[rows.to(self.device)])
         return RunnerOutput(logits, sampled, prompt_logprobs)
 
     def _prompt_logprobs(
@@ -111,19 +119,30 @@ class ModelRunner:
         q_lens: list[int] = []
         seq_lens: list[int] = []
         tables: list[list[int]] = []
-        for item in batch:
+        for i, item in enumerate(batch):
             req = item.request
             start = req.num_computed_tokens
             end = start + item.num_new_tokens
             tokens.extend(req.all_token_ids[start:end])
+            tokens.extend(item.spec_token_ids)  # drafts follow the request's own tokens
+            if i < num_decodes:
+                # Draft j attends to the context and drafts before it: a decode row whose
+                # sequence ends at its own position (causal masking with no mask).
+                for pos in range(start, end):
+                    starts.append(pos)
+                    q_lens.append(1)
+                    seq_lens.append(pos + 1)
+                    tables.append(block_tables[req.request_id])
+                continue
             starts.append(start)
             q_lens.append(item.num_new_tokens)
             seq_lens.append(end)
             tables.append(block_tables[req.request_id])
+        num_decodes = sum(s.num_new_tokens for s in batch[:num_decodes])  # decode rows
         max_blocks = max(len(t) for t in tables)
         table = torch.tensor([t + [0] * (max_blocks - len(t)) for t in tables], dtype=torch.int32)
         q_len_t = torch.tensor(q_lens)
-        seq_of_token = torch.repeat_interleave(torch.arange(len(batch)), q_len_t)
+        seq_of_token = torch.repeat_interleave(torch.arange(len(q_lens)), q_len_t)
         offsets = torch.cumsum(q_len_t, 0) - q_len_t
         positions = torch.tensor(starts)[seq_of_token] + (
             torch.arange(len(tokens)) - offsets[seq_of_token]
@@ -156,23 +175,27 @@ class ModelRunner:
         return input_ids, positions.to(dev), meta
 
     def _prepare_decodes(self, batch: list[ScheduledRequest], block_tables):
-        """``_prepare`` for a step of decodes only (one token each), the common small-batch
-        step: positions and slots come straight from Python ints, no tensor arithmetic."""
+        """``_prepare`` for a step of decodes only (one token each, plus the drafts it
+        verifies), the common small-batch step: positions and slots come straight from Python
+        ints, no tensor arithmetic. Each draft is a decode row of its own whose sequence ends at
+        its position (as in ``_prepare``)."""
         bs = self.block_size
         tokens, positions, slots, seq_lens, tables = [], [], [], [], []
         for item in batch:
             req = item.request
-            pos = req.num_computed_tokens
+            start = req.num_computed_tokens
             table = block_tables[req.request_id]
-            tokens.append(req.all_token_ids[pos])
-            positions.append(pos)
-            slots.append(table[pos // bs] * bs + pos % bs)
-            seq_lens.append(pos + 1)
-            tables.append(table)
+            tokens.append(req.all_token_ids[start])
+            tokens.extend(item.spec_token_ids)
+            for pos in range(start, start + 1 + item.num_spec_tokens):
+                positions.append(pos)
+                slots.append(table[pos // bs] * bs + pos % bs)
+                seq_lens.append(pos + 1)
+                tables.append(table)
         max_blocks = max(len(t) for t in tables)
         table = torch.tensor([t + [0] * (max_blocks - len(t)) for t in tables], dtype=torch.int32)
         dev = self.device
-        n = len(batch)
+        n = len(tokens)
         meta = AttentionMetadata(
             block_size=bs,
             slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),

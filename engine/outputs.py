@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from splitserve.protocol.logprobs import TokenLogprobs
 
@@ -51,6 +51,36 @@ class SequenceDelta:
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+
+def coalesce_deltas(deltas: list[SequenceDelta]) -> list[SequenceDelta]:
+    """Merge the deltas of each sample into one (in order of first appearance), for a consumer
+    that fell behind: the same tokens, text and logprobs in fewer messages. A list holding a
+    drop (``error``) is returned as it is."""
+    if len(deltas) < 2 or any(d.error is not None for d in deltas):
+        return deltas
+    groups: dict[int, list[SequenceDelta]] = {}
+    for d in deltas:
+        groups.setdefault(d.index, []).append(d)
+    if len(groups) == len(deltas):
+        return deltas
+    return [_merge(group) if len(group) > 1 else group[0] for group in groups.values()]
+
+
+def _merge(group: list[SequenceDelta]) -> SequenceDelta:
+    last = group[-1]
+    logprobs = None
+    if all(d.logprobs is not None for d in group):
+        logprobs = tuple(lp for d in group for lp in d.logprobs or ())
+    return replace(
+        last,
+        token_ids=tuple(t for d in group for t in d.token_ids),
+        text="".join(d.text for d in group),
+        logprobs=logprobs,
+        prompt_logprobs=next((d.prompt_logprobs for d in group if d.prompt_logprobs), None),
+        num_cached_tokens=max(d.num_cached_tokens for d in group),
+        held_block_ids=next((d.held_block_ids for d in group if d.held_block_ids), None),
+    )
 
 
 @dataclass(frozen=True)

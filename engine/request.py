@@ -87,6 +87,9 @@ class Request:
             self.generator = torch.Generator().manual_seed(params.seed + sample_index)
         # Set by the engine iff params.structured_output: where the output is in its grammar.
         self.grammar: SequenceGrammar | None = None
+        # Draft tokens (speculative decoding) for the next step: scheduled as extra new tokens,
+        # never part of all_token_ids (nor of block_hashes) until the target accepted them.
+        self.spec_token_ids: list[int] = []
         self._update_block_hashes()
 
     # --- token bookkeeping ---------------------------------------------------------------

@@ -23,13 +23,20 @@ from splitserve.engine.request import Request, RequestStatus
 @dataclass(frozen=True)
 class ScheduledRequest:
     request: Request
-    num_new_tokens: int
+    num_new_tokens: int  # including the draft tokens below
+    # Draft tokens computed after the request's own tokens (the last ``len`` of the new ones);
+    # each gets its logits row, so the step samples 1 + len positions of this request.
+    spec_token_ids: tuple[int, ...] = ()
 
     @property
     def completes(self) -> bool:
-        """True when this step catches the request up, so its last position gets sampled."""
+        """True when this step catches the request up, so its last position(s) get sampled."""
         req = self.request
-        return req.num_computed_tokens + self.num_new_tokens == req.num_tokens
+        return req.num_computed_tokens + self.num_new_tokens >= req.num_tokens
+
+    @property
+    def num_spec_tokens(self) -> int:
+        return len(self.spec_token_ids)
 
 
 @dataclass(frozen=True)
@@ -118,10 +125,13 @@ class Scheduler:
                 i += 1
                 continue
             remaining = req.num_tokens - req.num_computed_tokens
-            num_new = min(remaining, budget)
+            # Drafts ride along as extra new tokens, as many as the budget leaves room for.
+            num_new = min(remaining + len(req.spec_token_ids), budget)
             if num_new < remaining and not chunked:
                 i += 1
                 continue
+            if num_new > remaining and not self.kv.can_allocate(req, num_new):
+                num_new = remaining  # drafts never cost anyone a preemption
             while not self.kv.allocate(req, num_new):
                 victim = self.running.pop()
                 self._preempt(victim)
@@ -129,7 +139,8 @@ class Scheduler:
                 if victim is req:
                     break
             else:
-                scheduled.append(ScheduledRequest(req, num_new))
+                drafts = tuple(req.spec_token_ids[: max(num_new - remaining, 0)])
+                scheduled.append(ScheduledRequest(req, num_new, drafts))
                 budget -= num_new
                 i += 1
 
@@ -175,13 +186,25 @@ class Scheduler:
     def _preempt(self, request: Request) -> None:
         self.kv.free(request)
         request.num_computed_tokens = 0
+        request.spec_token_ids = []
         request.status = RequestStatus.PREEMPTED
         request.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(request)
 
     def update_after_step(self, output: SchedulerOutput) -> None:
-        """Advance every scheduled request's computed count and cache its new full blocks."""
+        """Advance every scheduled request's computed count and cache its new full blocks.
+
+        Draft tokens count as computed until ``reject_drafts``; only blocks full of the
+        request's own tokens are cached (its ``block_hashes`` never cover drafts)."""
         for item in output.scheduled:
             item.request.num_computed_tokens += item.num_new_tokens
+            item.request.spec_token_ids = []
             self.kv.cache_computed_blocks(item.request)
+
+    def reject_drafts(self, request: Request, num_rejected: int) -> None:
+        """Roll back the last ``num_rejected`` computed tokens (drafts the target did not keep)
+        and free the blocks only they occupied; their KV slots are overwritten later."""
+        if num_rejected:
+            request.num_computed_tokens -= num_rejected
+            self.kv.trim(request)

@@ -14,6 +14,8 @@ allowed where the grammar may end).
 
 State is only ever moved forward by sampled (or adopted) tokens, which the request also keeps,
 so preemption (recompute) needs nothing here: the matcher already is where the output is.
+Draft tokens (speculative decoding) are walked to fill the masks of the positions after them
+and rolled back at once (``fill_ahead``); only the tokens the target keeps advance the matcher.
 """
 
 from __future__ import annotations
@@ -95,6 +97,26 @@ class SequenceGrammar:
         allowed (the row then needs no masking)."""
         return self._matcher.fill_next_token_bitmask(bits, row)
 
+    def fill_ahead(self, bits: torch.Tensor, first_row: int, drafts: Sequence[int]) -> list[int]:
+        """Masks for a sequence verifying ``drafts`` (speculative decoding): row
+        ``first_row + j`` gets the mask after ``drafts[:j]``. The matcher walks the drafts and
+        is rolled back, so its state is unchanged. Returns the rows that need masking; rows
+        past a draft the grammar refuses (or past its end) are not filled: such a draft can
+        never be accepted, so nothing sampled after it is kept."""
+        rows = []
+        walked = 0
+        for j in range(len(drafts) + 1):
+            if self._matcher.is_terminated():
+                break
+            if self._matcher.fill_next_token_bitmask(bits, first_row + j):
+                rows.append(first_row + j)
+            if j == len(drafts) or not self._matcher.accept_token(drafts[j]):
+                break
+            walked += 1
+        if walked:
+            self._matcher.rollback(walked)
+        return rows
+
     def fork(self) -> SequenceGrammar:
         """An independent copy at the same position (for a sibling sample, n > 1)."""
         twin = SequenceGrammar(self._matcher.fork())
@@ -160,16 +182,33 @@ class StructuredOutputs:
         """A matcher at the start of ``spec``'s grammar, for a new sequence."""
         return SequenceGrammar(xgr.GrammarMatcher(self.compile(spec)))
 
-    def fill_bitmask(self, grammars: Sequence[SequenceGrammar | None]) -> TokenBitmask | None:
-        """The next-token masks of a batch (one entry per row, None: unconstrained); None when
-        no row needs masking. The returned tensor is reused by the next call."""
+    def fill_bitmask(
+        self,
+        grammars: Sequence[SequenceGrammar | None],
+        drafts: Sequence[Sequence[int]] | None = None,
+    ) -> TokenBitmask | None:
+        """The next-token masks of a batch (one entry per sequence, None: unconstrained); None
+        when no row needs masking. The returned tensor is reused by the next call.
+
+        With ``drafts`` (speculative decoding), sequence i takes ``1 + len(drafts[i])``
+        consecutive rows: its masks after each prefix of its drafts (``fill_ahead``)."""
         if all(g is None for g in grammars):
             return None
-        bits = self._buffer(len(grammars))
-        rows = tuple(
-            i for i, g in enumerate(grammars) if g is not None and not g.done and g.fill(bits, i)
-        )
-        return TokenBitmask(bits, rows) if rows else None
+        if drafts is None:
+            bits = self._buffer(len(grammars))
+            rows = tuple(
+                i for i, g in enumerate(grammars)
+                if g is not None and not g.done and g.fill(bits, i)
+            )  # fmt: skip
+            return TokenBitmask(bits, rows) if rows else None
+        bits = self._buffer(sum(1 + len(d) for d in drafts))
+        filled: list[int] = []
+        row = 0
+        for g, d in zip(grammars, drafts, strict=True):
+            if g is not None and not g.done:
+                filled += g.fill_ahead(bits, row, d)
+            row += 1 + len(d)
+        return TokenBitmask(bits, tuple(filled)) if filled else None
 
     def _buffer(self, batch: int) -> torch.Tensor:
         if self._bits is None or self._bits.shape[0] < batch:

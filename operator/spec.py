@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from splitserve.engine.performance_mode import mode_settings
 from splitserve.operator import crd
 from splitserve.operator.crd import FieldError
 from splitserve.operator.model_source import (
@@ -40,8 +41,8 @@ __all__ = [
 MANAGED_FLAGS = frozenset(
     {
         "--model", "--revision", "--served-name", "--dtype", "--quantization", "--block-size",
-        "--max-model-len",
-        "--max-num-seqs", "--host", "--port", "--metrics-port", "--kv-transport",
+        "--max-model-len", "--max-num-seqs", "--performance-mode", "--host", "--port",
+        "--metrics-port", "--kv-transport",
         "--lease-seconds", "--kv-failure-policy", "--colocated",
         "--enable-lora", "--lora-modules", "--lora-modules-file", "--max-loras", "--max-lora-rank",
     }
@@ -70,10 +71,20 @@ class EngineSpec:
     dtype: str
     block_size: int
     max_model_len: int
-    max_num_seqs: int
+    max_num_seqs: int | None  # None: the performance mode's, else the engine's default
     extra_args: tuple[str, ...]
+    performance_mode: str | None = None  # --performance-mode (docs/performance.md)
     lora: LoRASpec = field(default_factory=lambda: LoRASpec())
-    quantization: str = "none"  # none | int8 | w8a8 | gguf (engine --quantization)
+    # none | int8 | w8a8 | gguf (engine --quantization); None: the performance mode's, else none
+    quantization: str | None = None
+
+    @property
+    def effective_quantization(self) -> str:
+        """The scheme the engines run: the explicit one, else the performance mode's (what
+        ``performance_mode.resolve`` picks for a CPU engine), else "none"."""
+        if self.quantization is not None:
+            return self.quantization
+        return mode_settings(self.performance_mode).quantization or "none"
 
 
 @dataclass(frozen=True)
@@ -208,7 +219,8 @@ class InferenceServiceSpec:
     def rollout_hash(self) -> str:
         """One version of the serving stack: what a rollout moves every engine pod to together.
 
-        Model, revision, image (the engine code), dtype, quantization, block size and KV
+        Model, revision, image (the engine code), dtype, quantization (the effective one: a
+        performance mode that quantizes changes the KV the engines write), block size and KV
         transport. Pods carry it as a label; the router pairs only pods with equal labels (and,
         independently, equal KV compatibility hashes reported by the engines themselves), so no
         request crosses versions during a rollout.
@@ -221,8 +233,9 @@ class InferenceServiceSpec:
             "blockSize": self.engine.block_size,
             "transport": self.kv_transfer.transport,
         }
-        if self.engine.quantization != "none":  # absent when off: existing hashes stay as they are
-            key["quantization"] = self.engine.quantization
+        quantization = self.engine.effective_quantization
+        if quantization != "none":  # absent when off: existing hashes stay as they are
+            key["quantization"] = quantization
         return short_hash(key)
 
 
@@ -276,9 +289,10 @@ def _spec(s: dict[str, Any]) -> InferenceServiceSpec:
             dtype=engine["dtype"],
             block_size=engine["blockSize"],
             max_model_len=engine["maxModelLen"],
-            max_num_seqs=engine["maxNumSeqs"],
+            max_num_seqs=engine.get("maxNumSeqs"),
             extra_args=tuple(engine["extraArgs"]),
-            quantization=engine.get("quantization", "none"),
+            performance_mode=engine.get("performanceMode"),
+            quantization=engine.get("quantization"),
             lora=LoRASpec(
                 enabled=bool(engine["lora"]["enabled"]),
                 max_loras=engine["lora"]["maxLoras"],

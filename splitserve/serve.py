@@ -26,6 +26,12 @@ import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
+from splitserve.engine.performance_mode import (
+    PERFORMANCE_MODES,
+    QUANTIZATION_OFF,
+    speculative_flag,
+)
+from splitserve.engine.spec_decode.config import SpeculativeConfig
 from splitserve.observability.logs import LOG_FORMATS
 from splitserve.processes import free_port, port_in_use, spawn, splitserve_argv, stop
 from splitserve.protocol.constants import API_KEYS_ENV, ROUTER_HTTP_PORT
@@ -73,11 +79,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--quantization",
         default=None,
-        choices=QUANTIZATIONS,
-        help="weights stay quantized in every engine (docs/quantization.md)",
+        choices=(QUANTIZATION_OFF, *QUANTIZATIONS),
+        help="weights stay quantized in every engine (docs/quantization.md); none: the model "
+        "dtype (default: the performance mode's, else none)",
     )
     p.add_argument("--max-model-len", type=_positive, default=None)
     p.add_argument("--max-num-seqs", type=_positive, default=None)
+    p.add_argument("--max-num-batched-tokens", type=_positive, default=None)
+    p.add_argument("--performance-mode", default=None, choices=PERFORMANCE_MODES,
+                   help="batch limits, token budget, speculation and quantization defaults for "
+                   "every engine "
+                   "(docs/performance.md); explicit flags override them")  # fmt: skip
+    p.add_argument("--speculative-config", default=None, metavar="JSON", type=speculative_flag,
+                   help="vLLM's speculative_config for the engines (the decode side speculates); "
+                   '"none": off')  # fmt: skip
     p.add_argument("--block-size", type=_positive, default=None)
     p.add_argument("--kv-cache-memory-gb", type=float, default=None)
     p.add_argument("--threads-per-engine", type=_positive, default=None,
@@ -96,6 +111,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-level", default="warning")
     p.add_argument("--log-format", default="text", choices=LOG_FORMATS,
                    help="text or JSON lines, for every process started")  # fmt: skip
+
+
+def _spec_text(spec: SpeculativeConfig | str | None) -> str | None:
+    if isinstance(spec, SpeculativeConfig):
+        return json.dumps(spec.to_dict())
+    return spec
 
 
 @dataclass(frozen=True)
@@ -117,6 +138,9 @@ def plan(args: argparse.Namespace, instance_id: str = "") -> tuple[list[Child], 
         ("--quantization", args.quantization),
         ("--max-model-len", args.max_model_len),
         ("--max-num-seqs", args.max_num_seqs),
+        ("--max-num-batched-tokens", args.max_num_batched_tokens),
+        ("--performance-mode", args.performance_mode),
+        ("--speculative-config", _spec_text(args.speculative_config)),
         ("--block-size", args.block_size),
         ("--kv-cache-memory-gb", args.kv_cache_memory_gb),
         ("--max-loras", args.max_loras),

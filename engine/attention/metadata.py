@@ -1,7 +1,9 @@
 """What every attention backend needs to know about one step's batch (built once per step).
 
 The runner orders the batch so that single-token sequences (decodes) come first, then the
-multi-token ones (prefills, chunked or not). Tensors live on the engine's device.
+multi-token ones (prefills, chunked or not). A request verifying draft tokens (speculative
+decoding) is several decode rows, one per token, each with the block table of the request and a
+sequence length that ends at its own position. Tensors live on the engine's device.
 """
 
 from __future__ import annotations

@@ -28,6 +28,7 @@ def engine_settings(isvc: InferenceService) -> dict[str, Any]:
         "blockSize": s.engine.block_size,
         "maxModelLen": s.engine.max_model_len,
         "maxNumSeqs": s.engine.max_num_seqs,
+        "performanceMode": s.engine.performance_mode,
         "extraArgs": list(s.engine.extra_args),
         "kvTransport": s.kv_transfer.transport,
         "kvFailurePolicy": s.kv_transfer.failure_policy,

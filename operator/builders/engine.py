@@ -44,14 +44,17 @@ def engine_args(isvc: InferenceService, role: str) -> list[str]:
         "--dtype", s.engine.dtype,
         "--block-size", str(s.engine.block_size),
         "--max-model-len", str(s.engine.max_model_len),
-        "--max-num-seqs", str(s.engine.max_num_seqs),
         "--host", "0.0.0.0",
         "--port", str(GRPC_PORT),
         "--metrics-port", str(METRICS_PORT),
         "--kv-transport", s.kv_transfer.transport,
         "--log-format", s.observability.log_format,
     ]  # fmt: skip
-    if s.engine.quantization != "none":
+    if s.engine.max_num_seqs is not None:
+        args += ["--max-num-seqs", str(s.engine.max_num_seqs)]
+    if s.engine.performance_mode is not None:
+        args += ["--performance-mode", s.engine.performance_mode]
+    if s.engine.quantization is not None:  # "none" too: it overrides a mode's scheme
         args += ["--quantization", s.engine.quantization]
     # Leases are the prefill side's (how long handed-off blocks are kept); the failure policy
     # is the decode side's (what to do when a pull fails). Each server refuses the other's flag.

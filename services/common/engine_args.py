@@ -8,6 +8,12 @@ import socket
 
 from splitserve.engine.config import QUANTIZATIONS, CacheConfig, EngineConfig, SchedulerConfig
 from splitserve.engine.lora.config import LoRAConfig
+from splitserve.engine.performance_mode import (
+    PERFORMANCE_MODES,
+    QUANTIZATION_OFF,
+    speculative_flag,
+)
+from splitserve.engine.performance_mode import resolve as resolve_mode
 from splitserve.observability.logs import LOG_FORMATS
 from splitserve.protocol.constants import ENGINE_GRPC_PORT
 
@@ -25,9 +31,10 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
     parser.add_argument("--device", default="cpu")
     parser.add_argument(
-        "--quantization", default=None, choices=QUANTIZATIONS,
+        "--quantization", default=None, choices=(QUANTIZATION_OFF, *QUANTIZATIONS),
         help="keep weights quantized: int8 (weight-only, per channel), w8a8 (int8 activations "
-        "too), gguf (the GGUF file's own blocks); default: none",
+        "too), gguf (the GGUF file's own blocks); none: the model dtype (default: the "
+        "performance mode's, else none)",
     )  # fmt: skip
     parser.add_argument("--block-size", type=int, default=cache.block_size)
     parser.add_argument("--num-kv-blocks", type=int, default=None)
@@ -35,8 +42,25 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
         "--kv-cache-memory-gb", type=float, default=cache.kv_cache_memory_bytes / (1 << 30)
     )
     parser.add_argument("--max-model-len", type=int, default=None)
-    parser.add_argument("--max-num-seqs", type=int, default=sched.max_num_seqs)
-    parser.add_argument("--max-num-batched-tokens", type=int, default=sched.max_num_batched_tokens)
+    parser.add_argument(
+        "--performance-mode", default=None, choices=PERFORMANCE_MODES,
+        help="defaults for batch limits, token budget, speculation and quantization "
+        "(docs/performance.md); explicit flags override them",
+    )  # fmt: skip
+    parser.add_argument(
+        "--max-num-seqs", type=int, default=None,
+        help=f"sequences per step (default: the performance mode's, else {sched.max_num_seqs})",
+    )  # fmt: skip
+    parser.add_argument(
+        "--max-num-batched-tokens", type=int, default=None,
+        help="tokens per step (default: the performance mode's, else "
+        f"{sched.max_num_batched_tokens})",
+    )  # fmt: skip
+    parser.add_argument(
+        "--speculative-config", default=None, metavar="JSON", type=speculative_flag,
+        help='vLLM\'s speculative_config, e.g. \'{"method": "ngram", "num_speculative_tokens": 4, '
+        '"prompt_lookup_max": 4}\'; "none": off (default: the performance mode\'s, else off)',
+    )  # fmt: skip
     parser.add_argument(
         "--max-queue-seconds", type=float, default=DEFAULT_MAX_QUEUE_SECONDS,
         help="drop a request that waited this long without running (0: never)",
@@ -90,12 +114,20 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
+    settings = resolve_mode(
+        args.performance_mode,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        **({} if args.speculative_config is None else {"speculative": args.speculative_config}),
+        **({} if args.quantization is None else {"quantization": args.quantization}),
+        device=args.device,
+    )
     return EngineConfig(
         model=args.model,
         revision=args.revision or None,
         dtype=args.dtype,
         device=args.device,
-        quantization=args.quantization,
+        quantization=settings.quantization,
         attention_backend=args.attention_backend,
         max_model_len=args.max_model_len,
         cache=CacheConfig(
@@ -105,10 +137,12 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
             enable_prefix_caching=not args.no_prefix_caching,
         ),
         scheduler=SchedulerConfig(
-            max_num_seqs=args.max_num_seqs,
-            max_num_batched_tokens=args.max_num_batched_tokens,
+            max_num_seqs=settings.max_num_seqs,
+            max_num_batched_tokens=settings.max_num_batched_tokens,
             max_queue_seconds=args.max_queue_seconds or None,
         ),
+        speculative=settings.speculative,
+        performance_mode=args.performance_mode,
         lora=lora_config(args),
     )
 

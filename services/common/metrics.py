@@ -33,6 +33,7 @@ from prometheus_client.registry import Collector
 from splitserve.engine.async_engine import EngineHealth
 from splitserve.engine.engine_core import EngineStats, KVAudit
 from splitserve.engine.outputs import RequestTiming
+from splitserve.engine.spec_decode.speculator import SpecDecodeStats
 
 
 class EngineState(Protocol):
@@ -142,6 +143,8 @@ class _StatsCollector(Collector):
             ]
             h.add_metric(values, buckets, s.step_tokens.total)
             yield h
+        if s.spec_decode is not None:
+            yield from _spec_decode_metrics(s.spec_decode, counter, names, values)
         if s.max_loras:
             # vLLM's: the labels carry the adapters (comma-separated names), the value is when
             # they were read. Built per scrape, so no stale label set outlives its adapters.
@@ -160,6 +163,25 @@ class _StatsCollector(Collector):
             "1 while the engine makes progress, 0 when it cannot (see its health reason).",
             float(self._engine.health().serving),
         )
+
+
+def _spec_decode_metrics(spec: SpecDecodeStats, counter, names, values) -> Iterator:
+    """vLLM's speculative-decoding counters (only on engines that speculate): acceptance rate
+    = accepted / draft tokens, mean accepted length = 1 + accepted / drafts."""
+    yield counter("vllm:spec_decode_num_drafts", "Verifications: a request's step with drafts.",
+                  spec.num_drafts)  # fmt: skip
+    yield counter("vllm:spec_decode_num_draft_tokens", "Draft tokens verified.",
+                  spec.num_draft_tokens)  # fmt: skip
+    yield counter("vllm:spec_decode_num_accepted_tokens", "Draft tokens accepted.",
+                  spec.num_accepted_tokens)  # fmt: skip
+    per_pos = CounterMetricFamily(
+        "vllm:spec_decode_num_accepted_tokens_per_pos",
+        "Draft tokens accepted at each draft position.",
+        labels=[*names, "position"],
+    )
+    for position, count in enumerate(spec.accepted_per_position):
+        per_pos.add_metric([*values, str(position)], count)
+    yield per_pos
 
 
 def _bound(b: float) -> str:

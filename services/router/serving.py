@@ -406,13 +406,16 @@ class _StreamRun:
                 yield prompt, item
         self.early = []
         while remaining:
-            prompt, item = await self.queue.get()
-            if item is None:
-                remaining -= 1
-                continue
-            if isinstance(item, BaseException):
-                raise item
-            yield prompt, item
+            batch = [await self.queue.get()]
+            while not self.queue.empty():  # we are behind: merge what waits (one SSE chunk)
+                batch.append(self.queue.get_nowait())
+            for prompt, item in _coalesce(batch):
+                if item is None:
+                    remaining -= 1
+                    continue
+                if isinstance(item, BaseException):
+                    raise item
+                yield prompt, item
 
     async def events(self) -> AsyncIterator[bytes]:
         """SSE bytes: role/echo preamble, token deltas as they come, usage, ``[DONE]``.
@@ -550,6 +553,43 @@ class _ChunkStream:
         if not self.p.include_usage:
             return None
         return self._event([], R.total_usage(self.results, self.p.prompt_lens))
+
+
+def _coalesce(
+    batch: list[tuple[int, pb.GenerateResponse | BaseException | None]],
+) -> list[tuple[int, pb.GenerateResponse | BaseException | None]]:
+    """Merge the waiting messages of each choice into one, in order of first appearance: the
+    client gets the same text, tokens and logprobs in fewer chunks. Ends of streams and errors
+    stay where they are (a choice's messages after one are not merged across it)."""
+    if len(batch) < 2:
+        return batch
+    out: list[tuple[int, pb.GenerateResponse | BaseException | None]] = []
+    open_: dict[tuple[int, int], pb.GenerateResponse] = {}  # (prompt, index) -> merged message
+    for prompt, item in batch:
+        if not isinstance(item, pb.GenerateResponse):
+            open_.clear()  # nothing merges across an end or an error
+            out.append((prompt, item))
+            continue
+        key = (prompt, item.index)
+        merged = open_.get(key)
+        if merged is None or merged.finish_reason:
+            merged = pb.GenerateResponse()
+            merged.CopyFrom(item)
+            open_[key] = merged
+            out.append((prompt, merged))
+            continue
+        merged.token_ids.extend(item.token_ids)
+        merged.text += item.text
+        merged.logprobs.extend(item.logprobs)
+        merged.prompt_logprobs.extend(item.prompt_logprobs)
+        merged.finish_reason = item.finish_reason
+        merged.stop_str = item.stop_str
+        merged.error = item.error
+        if item.HasField("usage"):
+            merged.usage.CopyFrom(item.usage)
+        if item.HasField("kv_transfer") and not merged.HasField("kv_transfer"):
+            merged.kv_transfer.CopyFrom(item.kv_transfer)
+    return out
 
 
 def _completion_logprobs(

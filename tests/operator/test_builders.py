@@ -106,13 +106,45 @@ def test_engine_command_lines_follow_the_contract(make_isvc) -> None:
     common = [
         "--model", "/models/weights/smollm2", "--revision", "abc123", "--served-name", "smollm2",
         "--dtype", "bfloat16", "--block-size", "16", "--max-model-len", "4096",
-        "--max-num-seqs", "128", "--host", "0.0.0.0", "--port", "50051", "--metrics-port", "9090",
+        "--host", "0.0.0.0", "--port", "50051", "--metrics-port", "9090",
         "--kv-transport", "nixl", "--log-format", "text",
     ]  # fmt: skip
     prefill = container(objects["Deployment/chat-prefill"])["args"]
     decode = container(objects["Deployment/chat-decode"])["args"]
     assert prefill == ["prefill", *common, "--lease-seconds", "30", "--enforce-eager"]
     assert decode == ["decode", *common, "--kv-failure-policy", "recompute", "--enforce-eager"]
+
+
+def test_performance_mode_and_max_num_seqs_reach_both_engines(make_isvc) -> None:
+    objects = objects_of(make_isvc, {"engine": {"performanceMode": "interactivity"}})
+    for role in ("prefill", "decode"):
+        args = container(objects[f"Deployment/chat-{role}"])["args"]
+        assert args[args.index("--performance-mode") + 1] == "interactivity"
+        assert "--max-num-seqs" not in args  # the mode's
+    both = {"engine": {"performanceMode": "throughput", "maxNumSeqs": 7}}
+    args = container(objects_of(make_isvc, both)["Deployment/chat-decode"])["args"]
+    assert args[args.index("--max-num-seqs") + 1] == "7"  # explicit wins (the engine resolves)
+    # a new mode is a new engine configuration: the pods roll
+    plain = objects_of(make_isvc, {})["Deployment/chat-decode"]
+    moded = objects["Deployment/chat-decode"]
+    assert (
+        plain["spec"]["template"]["metadata"]["annotations"]
+        != (moded["spec"]["template"]["metadata"]["annotations"])
+    )
+
+
+def test_quantization_renders_only_when_set_and_none_overrides_a_mode(make_isvc) -> None:
+    def args(change: dict, role: str = "decode") -> list[str]:
+        return container(objects_of(make_isvc, change)[f"Deployment/chat-{role}"])["args"]
+
+    assert "--quantization" not in args({})  # unset: the engine's default (none)
+    moded = args({"engine": {"performanceMode": "interactivity"}})
+    assert "--quantization" not in moded  # the mode's (int8) is resolved by the engine
+    for role in ("prefill", "decode"):  # both roles: their KV must stay compatible
+        off = args({"engine": {"performanceMode": "interactivity", "quantization": "none"}}, role)
+        assert off[off.index("--quantization") + 1] == "none"
+    isvc = parse(make_isvc({"engine": {"performanceMode": "interactivity"}}))
+    assert isvc.spec.engine.effective_quantization == "int8"
 
 
 def test_router_command_line_and_api_keys(make_isvc) -> None:
@@ -264,6 +296,10 @@ def test_config_checksum_ignores_everything_else(make_isvc, change) -> None:
         ({"engine": {"blockSize": 32}}, True),
         ({"engine": {"quantization": "gguf"}}, True),
         ({"engine": {"quantization": "none"}}, False),  # the default, spelled out
+        # a mode that quantizes changes the KV the engines write; one that does not, nothing
+        ({"engine": {"performanceMode": "interactivity"}}, True),
+        ({"engine": {"performanceMode": "interactivity", "quantization": "none"}}, False),
+        ({"engine": {"performanceMode": "throughput"}}, False),
         ({"kvTransfer": {"transport": "grpc"}}, True),
         ({"engine": {"maxNumSeqs": 7}}, False),
         ({"decode": {"replicas": 9}}, False),

@@ -72,8 +72,10 @@ def test_defaults_come_from_the_crd(make_isvc) -> None:
     isvc = parse(make_isvc())
     s = isvc.spec
     assert (s.engine.dtype, s.engine.block_size, s.engine.max_model_len) == ("bfloat16", 16, 4096)
-    assert s.engine.max_num_seqs == 128 and s.engine.extra_args == ()
-    assert s.engine.quantization == "none"
+    # unset: the engines' performance mode (or their own default, 128) decides
+    assert s.engine.max_num_seqs is None and s.engine.extra_args == ()
+    assert s.engine.performance_mode is None
+    assert s.engine.quantization is None and s.engine.effective_quantization == "none"
     assert (s.router.pool.replicas, s.router.policy, s.router.service_port) == (1, "prefix", 80)
     assert (s.kv_transfer.transport, s.kv_transfer.failure_policy) == ("nixl", "recompute")
     assert s.kv_transfer.lease_seconds == 30
@@ -108,6 +110,8 @@ BROKEN = [
     ({"engine": {"dtype": "int4"}}, "spec.engine.dtype"),
     ({"engine": {"maxModelLen": 8}}, "spec.engine.maxModelLen"),
     ({"engine": {"maxNumSeqs": 0}}, "spec.engine.maxNumSeqs"),
+    ({"engine": {"performanceMode": "fast"}}, "spec.engine.performanceMode"),
+    ({"engine": {"extraArgs": ["--performance-mode=throughput"]}}, "spec.engine.extraArgs[0]"),
     ({"engine": {"extraArgs": ["--enforce-eager", "--port=9"]}}, "spec.engine.extraArgs[1]"),
     ({"engine": {"typo": 1}}, "spec.engine.typo"),
     ({"prefill": {"replicas": -1}}, "spec.prefill.replicas"),

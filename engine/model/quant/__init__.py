@@ -66,7 +66,8 @@ def _require_kernels() -> None:
     if not cpu.available():
         raise RuntimeError(
             "quantized weights need the C++ CPU kernels, which could not be built or loaded "
-            "here (see the log); run without --quantization"
+            "here (see the log); run with --quantization none (the default unless a "
+            "performance mode chose a scheme)"
         )
 
 
