@@ -9,6 +9,7 @@ import socket
 from splitserve.engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from splitserve.observability.logs import LOG_FORMATS
 from splitserve.protocol.constants import ENGINE_GRPC_PORT
+from splitserve.services.common.drain import DEFAULT_DRAIN_SECONDS
 
 # A request that waited this long without running is dropped (RESOURCE_EXHAUSTED): a server
 # never lets a request wait forever. The offline LLM has no limit.
@@ -55,6 +56,11 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
         default=int(os.environ.get("SPLITSERVE_THREADS", "0")),
         help="torch CPU threads (0: torch's default). Pods sharing few cores should split them.",
     )
+    parser.add_argument(
+        "--drain-seconds", type=float, default=DEFAULT_DRAIN_SECONDS,
+        help="on SIGTERM, refuse new requests and let those in flight (and, on prefill, live "
+        "KV leases) finish for up to this long before exiting",
+    )  # fmt: skip
     parser.add_argument("--log-level", default="INFO")
     parser.add_argument(
         "--log-format",

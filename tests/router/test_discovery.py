@@ -69,7 +69,7 @@ def endpoint_slice(name: str, role: str, endpoints: list[tuple[str, str, dict]])
 READY = {"ready": True}
 
 
-def test_slice_endpoints_keeps_ready_pods_with_known_labels():
+def test_slice_endpoints_keeps_ready_and_terminating_pods_with_known_labels():
     s = endpoint_slice(
         "s1",
         "prefill",
@@ -83,9 +83,14 @@ def test_slice_endpoints_keeps_ready_pods_with_known_labels():
     )
     pods = {n: pod(n, "h1") for n in ("p1", "p2", "p3", "p4")}
     eps = slice_endpoints([s], pods, frozenset({PREFILL}))
-    assert sorted(e.address for e in eps) == ["10.0.0.1:50051", "10.0.0.4:50051"]
+    # Terminating (p3): kept, draining, so the streams already on it finish there.
+    assert sorted((e.address, e.draining) for e in eps) == [
+        ("10.0.0.1:50051", False),
+        ("10.0.0.3:50051", True),
+        ("10.0.0.4:50051", False),
+    ]
     assert {e.rollout_hash for e in eps} == {"h1"}
-    assert {e.name for e in eps} == {"p1", "p4"}
+    assert {e.name for e in eps} == {"p1", "p3", "p4"}
 
 
 def test_merge_roles_makes_colocated():
@@ -171,6 +176,17 @@ async def test_watch_follows_endpointslices_in_kmock():
                 await until(
                     lambda e: {x.address for x in e} == {"10.0.0.1:50051", "10.0.0.3:50051"},
                     "dc-1 removed",
+                )
+                # dc-2 is being deleted: still reported, as draining, until its pod is gone.
+                dec3 = copy.deepcopy(dec2)
+                dec3["endpoints"][1]["conditions"] = {
+                    "ready": False, "serving": True, "terminating": True
+                }  # fmt: skip
+                await put_slice(dec3)
+                await until(
+                    lambda e: {(x.address, x.draining) for x in e}
+                    == {("10.0.0.1:50051", False), ("10.0.0.3:50051", True)},
+                    "dc-2 draining",
                 )
             finally:
                 task.cancel()
