@@ -32,6 +32,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--interval", type=float, default=30.0, help="seconds between drift-correcting passes"
     )
     run_p.add_argument(
+        "--autoscale-interval",
+        type=float,
+        default=10.0,
+        help="seconds between autoscaling passes (docs/autoscaling.md)",
+    )
+    run_p.add_argument(
         "--liveness",
         default="http://0.0.0.0:8080/healthz",
         help="kopf liveness endpoint URL ('' disables it)",
@@ -123,7 +129,7 @@ def _run_operator(args: argparse.Namespace) -> int:
     from splitserve.operator.handlers import make_registry
 
     kopf.configure(log_format=kopf.LogFormat.PLAIN)
-    registry = make_registry(interval=args.interval)
+    registry = make_registry(interval=args.interval, autoscale_interval=args.autoscale_interval)
     namespaces = args.namespace
     # kopf would name itself after getpass.getuser(), which fails for a uid with no passwd entry
     # (OpenShift's random UIDs, any image without the user): the pod's name says more anyway.

@@ -1,21 +1,30 @@
 """The kopf registration: wires events and a timer to `reconcile`, nothing else.
 
 Create, update and resume run a reconcile pass at once; a timer repeats it so drift is undone
-(level-based, not edge-based). Deletion removes the children promptly (owner references would
-collect them too) under our finalizer. Status is written through kopf's ``patch``; Events through
-``kopf.event``; retries through TemporaryError / PermanentError.
+(level-based, not edge-based). A second timer runs the autoscaler (``autoscale/``), which
+reconciles with the sizes it decides. Deletion removes the children promptly (owner references
+would collect them too) under our finalizer. Status is written through kopf's ``patch``; Events
+through ``kopf.event``; retries through TemporaryError / PermanentError.
+
+Passes of one resource never overlap (a lock in its kopf memo), and every pass renders the
+autoscaled roles at the autoscaler's latest sizes, kept in that memo too: kopf may hand a timer
+a body whose status predates the last autoscaling patch.
 """
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
 import kopf
 
 from splitserve.operator import crd
+from splitserve.operator.autoscale.runner import autoscale_pass
+from splitserve.operator.autoscale.scrape import MetricsReader
 from splitserve.operator.kube import Credentials, KubeApi
 from splitserve.operator.labels import PREFIX
 from splitserve.operator.login import default_login
@@ -59,10 +68,25 @@ def _deliver(result: ReconcileResult, body: kopf.Body, patch: kopf.Patch) -> Non
         raise kopf.TemporaryError(result.error, delay=RETRY_DELAY_S)
 
 
+def _lock(memo: kopf.Memo) -> asyncio.Lock:
+    """The resource's pass lock (kopf's memo is per resource object)."""
+    lock = memo.get("pass_lock")
+    if lock is None:
+        lock = memo["pass_lock"] = asyncio.Lock()
+    return lock
+
+
+def _scale(memo: kopf.Memo) -> dict[str, int] | None:
+    """The autoscaler's latest sizes for this resource (None before its first pass)."""
+    state = memo.get("autoscaler")
+    return state.replicas if state is not None else None
+
+
 def make_registry(
     login: Callable[[], kopf.ConnectionInfo] = default_login,
     *,
     interval: float = 30.0,
+    autoscale_interval: float = 10.0,
 ) -> kopf.OperatorRegistry:
     """A registry with every handler; ``login`` serves kopf and our own client alike."""
     registry = kopf.OperatorRegistry()
@@ -76,16 +100,19 @@ def make_registry(
     async def _startup(memo: kopf.Memo, settings: kopf.OperatorSettings, **_: Any) -> None:
         configure(settings)
         memo.api = KubeApi(lambda: credentials_from(login()))
+        memo.metrics_reader = MetricsReader()
 
     @kopf.on.cleanup(registry=registry)
     async def _cleanup(memo: kopf.Memo, **_: Any) -> None:
         await memo.api.close()
+        await memo.metrics_reader.close()
 
     @kopf.on.resume(*resource, id="reconcile", registry=registry)
     @kopf.on.create(*resource, id="reconcile", registry=registry)
     @kopf.on.update(*resource, id="reconcile", registry=registry)
     async def on_change(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **_: Any) -> None:
-        result = await reconcile(memo.api, body, _now())
+        async with _lock(memo):
+            result = await reconcile(memo.api, body, _now(), scale=_scale(memo))
         _deliver(result, body, patch)
         if result.retry == "permanent":
             # Nothing to retry until the spec changes; the timer keeps status current.
@@ -95,7 +122,25 @@ def make_registry(
     async def on_timer(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **_: Any) -> None:
         if body.get("metadata", {}).get("deletionTimestamp"):
             return
-        _deliver(await reconcile(memo.api, body, _now()), body, patch)
+        async with _lock(memo):
+            result = await reconcile(memo.api, body, _now(), scale=_scale(memo))
+        _deliver(result, body, patch)
+
+    @kopf.timer(
+        *resource, id="autoscale", interval=autoscale_interval, initial_delay=autoscale_interval,
+        registry=registry,
+    )  # fmt: skip
+    async def on_autoscale(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **_: Any) -> None:
+        if body.get("metadata", {}).get("deletionTimestamp"):
+            return
+        async with _lock(memo):
+            done = await autoscale_pass(
+                memo.api, memo.metrics_reader, body, memo.get("autoscaler"), time.monotonic(),
+                _now(),
+            )  # fmt: skip
+            memo["autoscaler"] = done.state
+        if done.result is not None:
+            _deliver(done.result, body, patch)
 
     @kopf.on.delete(*resource, id="cleanup", registry=registry)
     async def on_delete(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:

@@ -14,6 +14,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from splitserve.operator import labels as L
+from splitserve.operator.autoscale.controller import (
+    managed_roles,
+    starting_replicas,
+    with_replicas,
+)
 from splitserve.operator.builders import build_desired
 from splitserve.operator.kube import CHILD_KINDS, PODS, ApiError, KubeApi
 from splitserve.operator.spec import SpecError, parse, short_hash
@@ -190,13 +195,27 @@ def _rollout_events(previous: Mapping[str, Any], status: Mapping[str, Any]) -> l
     return events
 
 
-async def reconcile(api: KubeApi, body: Mapping[str, Any], now: str) -> ReconcileResult:
-    """Make the cluster match one InferenceService ``body``; never raises for API errors."""
+async def reconcile(
+    api: KubeApi,
+    body: Mapping[str, Any],
+    now: str,
+    *,
+    scale: Mapping[str, int] | None = None,
+    autoscaling: Mapping[str, Any] | None = None,
+) -> ReconcileResult:
+    """Make the cluster match one InferenceService ``body``; never raises for API errors.
+
+    Autoscaled roles (``autoscale/``) get their size from ``scale`` (the autoscaler's, when
+    it has decided), else from ``status.autoscaling``; ``autoscaling`` is the autoscaler's new
+    ``status.autoscaling`` (kept from the last status when not given).
+    """
     meta = body.get("metadata") or {}
     previous = dict(body.get("status") or {})
     generation = int(meta.get("generation") or 1)
     try:
         isvc = parse(body)
+        sizes = starting_replicas(isvc, previous) | dict(scale or {})
+        isvc = with_replicas(isvc, sizes)
         desired = build_desired(isvc)  # everything is built before anything is applied
     except SpecError as exc:
         message = str(exc)
@@ -232,6 +251,10 @@ async def reconcile(api: KubeApi, body: Mapping[str, Any], now: str) -> Reconcil
     status = compute_status(
         isvc, plan.deployments, previous, now, failing=failing, retained=plan.retained
     )
+    if managed_roles(isvc):
+        status["autoscaling"] = dict(autoscaling or previous.get("autoscaling") or {})
+    elif previous.get("autoscaling"):
+        status["autoscaling"] = None  # autoscaling was turned off: the merge patch deletes it
     events: list[Event] = []
     if failing:
         events += _warning_once(previous, PODS_FAILING, "; ".join(failing))

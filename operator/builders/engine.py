@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from splitserve.operator import labels as L
-from splitserve.operator.builders import pod
+from splitserve.operator.builders import drain, pod
 from splitserve.operator.builders.config import (
     ENGINE_CONFIG_MOUNT,
     config_checksum,
@@ -43,6 +43,7 @@ def engine_args(isvc: InferenceService, role: str) -> list[str]:
         "--metrics-port", str(METRICS_PORT),
         "--kv-transport", s.kv_transfer.transport,
         "--log-format", s.observability.log_format,
+        "--drain-seconds", str(s.drain_seconds),
     ]  # fmt: skip
     # Leases are the prefill side's (how long handed-off blocks are kept); the failure policy
     # is the decode side's (what to do when a pull fails). Each server refuses the other's flag.
@@ -104,6 +105,7 @@ def build_engine_deployment(isvc: InferenceService, role: str) -> dict[str, Any]
         "startupProbe": _grpc_probe(period=2, failures=900),
         "readinessProbe": _grpc_probe(period=5, failures=2),
         "livenessProbe": _grpc_probe(period=10, failures=3),
+        **drain.lifecycle(isvc),
         "securityContext": pod.container_security_context(),
         # A crash's last output lines become the container's termination message, which the
         # operator reports in the Degraded condition (kubectl describe shows it too).
@@ -124,7 +126,7 @@ def build_engine_deployment(isvc: InferenceService, role: str) -> dict[str, Any]
             "serviceAccountName": L.child_name(isvc, ENGINE_SERVICE_ACCOUNT_SUFFIX),
             "automountServiceAccountToken": False,
             "securityContext": pod.pod_security_context(),
-            "terminationGracePeriodSeconds": 60,
+            "terminationGracePeriodSeconds": drain.termination_grace_seconds(isvc),
             **pod.pull_secrets(isvc),
             **pod.scheduling(pool, L.selector_labels(isvc, role)),
             "containers": [container],
