@@ -6,9 +6,11 @@ reconciles with the sizes it decides. Deletion removes the children promptly (ow
 would collect them too) under our finalizer. Status is written through kopf's ``patch``; Events
 through ``kopf.event``; retries through TemporaryError / PermanentError.
 
-Passes of one resource never overlap (a lock in its kopf memo), and every pass renders the
-autoscaled roles at the autoscaler's latest sizes, kept in that memo too: kopf may hand a timer
-a body whose status predates the last autoscaling patch.
+Passes of one resource never overlap (a lock in its kopf memo), and every pass starts from the
+status the previous pass wrote and renders the autoscaled roles at the autoscaler's latest
+sizes, both kept in that memo: kopf may hand a timer a body whose status predates the last
+patch (this operator is the status' only writer), which would otherwise undo a scaling
+decision or repeat an Event.
 """
 
 from __future__ import annotations
@@ -60,7 +62,23 @@ def _now() -> str:
     return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def _deliver(result: ReconcileResult, body: kopf.Body, patch: kopf.Patch) -> None:
+def _current(body: kopf.Body, memo: kopf.Memo) -> dict[str, Any]:
+    """``body`` with the status this operator last wrote (newer than kopf's copy, or equal)."""
+    current = dict(body)
+    if memo.get("status") is not None:
+        current["status"] = memo["status"]
+    return current
+
+
+def _deliver(result: ReconcileResult, body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo) -> None:
+    # What the status is once the merge patch lands (None deletes a field).
+    status = dict(memo.get("status") or body.get("status") or {})
+    for key, value in result.status.items():
+        if value is None:
+            status.pop(key, None)
+        else:
+            status[key] = value
+    memo["status"] = status
     patch["status"] = result.status
     for event in result.events:
         kopf.event(body, type=event.type, reason=event.reason, message=event.message)
@@ -112,8 +130,8 @@ def make_registry(
     @kopf.on.update(*resource, id="reconcile", registry=registry)
     async def on_change(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **_: Any) -> None:
         async with _lock(memo):
-            result = await reconcile(memo.api, body, _now(), scale=_scale(memo))
-        _deliver(result, body, patch)
+            result = await reconcile(memo.api, _current(body, memo), _now(), scale=_scale(memo))
+            _deliver(result, body, patch, memo)
         if result.retry == "permanent":
             # Nothing to retry until the spec changes; the timer keeps status current.
             raise kopf.PermanentError(result.error)
@@ -123,8 +141,8 @@ def make_registry(
         if body.get("metadata", {}).get("deletionTimestamp"):
             return
         async with _lock(memo):
-            result = await reconcile(memo.api, body, _now(), scale=_scale(memo))
-        _deliver(result, body, patch)
+            result = await reconcile(memo.api, _current(body, memo), _now(), scale=_scale(memo))
+            _deliver(result, body, patch, memo)
 
     @kopf.timer(
         *resource, id="autoscale", interval=autoscale_interval, initial_delay=autoscale_interval,
@@ -135,12 +153,12 @@ def make_registry(
             return
         async with _lock(memo):
             done = await autoscale_pass(
-                memo.api, memo.metrics_reader, body, memo.get("autoscaler"), time.monotonic(),
-                _now(),
+                memo.api, memo.metrics_reader, _current(body, memo), memo.get("autoscaler"),
+                time.monotonic(), _now(),
             )  # fmt: skip
             memo["autoscaler"] = done.state
-        if done.result is not None:
-            _deliver(done.result, body, patch)
+            if done.result is not None:
+                _deliver(done.result, body, patch, memo)
 
     @kopf.on.delete(*resource, id="cleanup", registry=registry)
     async def on_delete(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:

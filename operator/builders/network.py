@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from splitserve.operator import labels as L
+from splitserve.operator.autoscale.controller import managed_roles
 from splitserve.operator.builders.engine import GRPC_PORT, METRICS_PORT
 from splitserve.operator.spec import InferenceService
 
@@ -44,6 +45,11 @@ def build_headless_service(isvc: InferenceService, role: str) -> dict[str, Any]:
     }
 
 
+# The operator's pods (the chart's and the kustomize base's label): its autoscaler reads the
+# engines' /metrics.
+OPERATOR_POD_LABELS = {"app.kubernetes.io/name": "splitserve-operator"}
+
+
 def build_engine_network_policy(isvc: InferenceService) -> dict[str, Any]:
     """Engine pods accept traffic only from this service's router and from each other.
 
@@ -57,21 +63,31 @@ def build_engine_network_policy(isvc: InferenceService) -> dict[str, Any]:
             {"key": L.ROLE_LABEL, "operator": "In", "values": list(L.ENGINE_ROLES)}
         ],
     }
+    ingress: list[dict[str, Any]] = [
+        {
+            "from": [{"podSelector": {"matchLabels": L.selector_labels(isvc, L.ROUTER)}}],
+            "ports": [{"protocol": "TCP", "port": GRPC_PORT}],
+        },
+        {"from": [{"podSelector": engines}]},
+    ]
+    if managed_roles(isvc):
+        # The operator's autoscaler scrapes the engines' metrics port, from its own namespace.
+        ingress.append(
+            {
+                "from": [
+                    {
+                        "namespaceSelector": {},
+                        "podSelector": {"matchLabels": dict(OPERATOR_POD_LABELS)},
+                    }
+                ],
+                "ports": [{"protocol": "TCP", "port": METRICS_PORT}],
+            }
+        )
     return {
         "apiVersion": "networking.k8s.io/v1",
         "kind": "NetworkPolicy",
         "metadata": L.metadata(isvc, L.child_name(isvc, "engines"), L.ownership_labels(isvc)),
-        "spec": {
-            "podSelector": engines,
-            "policyTypes": ["Ingress"],
-            "ingress": [
-                {
-                    "from": [{"podSelector": {"matchLabels": L.selector_labels(isvc, L.ROUTER)}}],
-                    "ports": [{"protocol": "TCP", "port": GRPC_PORT}],
-                },
-                {"from": [{"podSelector": engines}]},
-            ],
-        },
+        "spec": {"podSelector": engines, "policyTypes": ["Ingress"], "ingress": ingress},
     }
 
 

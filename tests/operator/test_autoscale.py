@@ -172,6 +172,23 @@ def test_prefill_scaled_to_zero_is_not_colocated(make_isvc) -> None:
     assert router_args[router_args.index("--cold-start-timeout") + 1] == "300"
 
 
+def test_the_operator_may_scrape_autoscaled_engines(make_isvc) -> None:
+    def ingress(isvc):
+        (policy,) = [o for o in build_desired(isvc) if o["kind"] == "NetworkPolicy"]
+        return policy["spec"]["ingress"]
+
+    plain = ingress(parse(make_isvc()))
+    scaled = ingress(
+        autoscaled(make_isvc, decode={"maxReplicas": 3, "targets": {"concurrency": 2}})
+    )
+    assert scaled[: len(plain)] == plain
+    (extra,) = scaled[len(plain) :]
+    assert extra["ports"] == [{"protocol": "TCP", "port": 9090}]
+    assert extra["from"][0]["podSelector"]["matchLabels"] == {
+        "app.kubernetes.io/name": "splitserve-operator"
+    }
+
+
 def test_drain_seconds_render_prestop_and_grace(make_isvc, validate_k8s) -> None:
     isvc = parse(make_isvc({"drainSeconds": 120}))
     objects = build_desired(isvc)

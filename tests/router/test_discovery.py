@@ -184,8 +184,10 @@ async def test_watch_follows_endpointslices_in_kmock():
                 }  # fmt: skip
                 await put_slice(dec3)
                 await until(
-                    lambda e: {(x.address, x.draining) for x in e}
-                    == {("10.0.0.1:50051", False), ("10.0.0.3:50051", True)},
+                    lambda e: (
+                        {(x.address, x.draining) for x in e}
+                        == {("10.0.0.1:50051", False), ("10.0.0.3:50051", True)}
+                    ),
                     "dc-2 draining",
                 )
             finally:
