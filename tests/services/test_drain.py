@@ -101,3 +101,34 @@ def test_a_draining_prefill_pod_serves_its_leases_then_exits(pair):
     assert prefill.proc.wait(60) == 0
     log = prefill.log_path.read_text()
     assert "drained in" in log and "drain ended after" not in log
+
+
+class _Context:
+    """The slice of a grpc.aio context ``refuse_if_draining`` uses."""
+
+    async def abort(self, code, details):
+        raise RuntimeError(f"{code.name}: {details}")
+
+
+async def test_drain_waits_for_tracked_calls_and_idle_up_to_its_deadline() -> None:
+    from splitserve.services.common.drain import Drain
+
+    drain = Drain()
+    await drain.refuse_if_draining(_Context())  # not draining: nothing happens
+    leases = [1]
+    with drain.track():
+        drain.begin()
+        with pytest.raises(RuntimeError, match="UNAVAILABLE: draining"):
+            await drain.refuse_if_draining(_Context())
+        assert drain.refused == 1
+        # A call in flight: the deadline comes first.
+        assert await drain.wait(0.2, idle=lambda: not leases) is False
+    # No call left, but a lease: still not drained ...
+    assert await drain.wait(0.2, idle=lambda: not leases) is False
+    leases.clear()
+    # ... until it goes.
+    assert await drain.wait(5.0, idle=lambda: not leases) is True
+    # A second signal ends the wait at once.
+    with drain.track():
+        drain.wake()
+        assert await drain.wait(600.0) is False
