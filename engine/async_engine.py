@@ -28,6 +28,7 @@ from splitserve.engine.engine_core import EngineCore, EngineStats, KVAudit
 from splitserve.engine.heap import HeapTrimmer
 from splitserve.engine.outputs import ImportReservation, RequestTiming, SequenceDelta
 from splitserve.protocol.logprobs import TokenLogprobs
+from splitserve.protocol.lora import AdapterInfo, LoRARequest
 from splitserve.protocol.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,10 @@ class EngineFacts:
     num_layers: int
     num_kv_heads: int
     head_dim: int
+    # LoRA (0 when disabled)
+    lora_enabled: bool = False
+    max_loras: int = 0
+    max_lora_rank: int = 0
 
 
 @dataclass(frozen=True)
@@ -138,7 +143,12 @@ class AsyncEngine:
             num_layers=core.shape.num_layers,
             num_kv_heads=core.shape.num_kv_heads,
             head_dim=core.shape.head_dim,
+            lora_enabled=core.lora is not None,
+            max_loras=core.lora.config.max_loras if core.lora else 0,
+            max_lora_rank=core.lora.config.max_lora_rank if core.lora else 0,
         )
+        self._loras = core.lora_adapters()
+        self.lora_version = 1  # bumped whenever the loaded adapters change
 
     @property
     def kv_cache(self):
@@ -176,6 +186,38 @@ class AsyncEngine:
             )
         return EngineHealth(True)
 
+    # --- LoRA adapters ------------------------------------------------------------------------
+    def lora_adapters(self) -> tuple[AdapterInfo, ...]:
+        """The adapters loaded now, by name (a snapshot, readable from any thread)."""
+        return self._loras
+
+    def lora_adapter(self, name: str) -> AdapterInfo | None:
+        return next((a for a in self._loras if a.name == name), None)
+
+    async def add_lora(self, lora: LoRARequest) -> AdapterInfo:
+        """Load an adapter: its files are read and checked on a worker thread (steps go on),
+        then it is registered between steps. ValueError names the problem; loading the same
+        files under the same name again is a no-op."""
+        manager = self._core.lora
+        if manager is None:
+            raise ValueError("LoRA is not enabled on this engine (--enable-lora)")
+        adapter = await asyncio.to_thread(manager.read, lora)
+        return await self._call(self._changing_loras, self._core.register_lora, adapter)
+
+    async def remove_lora(self, name: str) -> bool:
+        """Unload an adapter (False if it was not loaded); its running requests finish."""
+        return await self._call(self._changing_loras, self._core.remove_lora, name)
+
+    def _changing_loras(self, fn: Callable[..., T], *args: Any) -> T:
+        """On the engine thread: change the adapters, then publish the new snapshot."""
+        try:
+            return fn(*args)
+        finally:
+            loras = self._core.lora_adapters()
+            if loras != self._loras:
+                self._loras = loras
+                self.lora_version += 1
+
     # --- requests -----------------------------------------------------------------------------
     async def validate(self, prompt_token_ids: Sequence[int], params: SamplingParams) -> None:
         """Raise ValueError naming the field if the request can never be served.
@@ -185,21 +227,33 @@ class AsyncEngine:
         await self._call(self._core.validate, list(prompt_token_ids), params)
 
     async def generate(
-        self, request_id: str, prompt: str | Sequence[int], params: SamplingParams
+        self,
+        request_id: str,
+        prompt: str | Sequence[int],
+        params: SamplingParams,
+        lora_name: str | None = None,
     ) -> AsyncIterator[SequenceDelta]:
-        """Run a request; yield its deltas until every sample finished.
+        """Run a request (with the loaded adapter ``lora_name``); yield its deltas until every
+        sample finished.
 
-        Bad input raises ValueError before anything is yielded. Leaving the iterator early
-        (client gone, task cancelled) aborts the request and frees its blocks.
+        Bad input raises ValueError before anything is yielded (``LoRANotFoundError`` for an
+        adapter that is not loaded). Leaving the iterator early (client gone, task cancelled)
+        aborts the request and frees its blocks.
         """
         stream = self._open(request_id, params.n)
         async with self._owned(request_id, stream):
-            await self._call(self._core.add_request, request_id, prompt, params)
+            await self._call(
+                self._core.add_request, request_id, prompt, params, None, False, lora_name
+            )
             async for delta in self._iterate(stream):
                 yield delta
 
     async def prefill(
-        self, request_id: str, prompt_token_ids: Sequence[int], params: SamplingParams
+        self,
+        request_id: str,
+        prompt_token_ids: Sequence[int],
+        params: SamplingParams,
+        lora_name: str | None = None,
     ) -> PrefillOutput:
         """Run a prompt to the first token of each of its ``params.n`` samples.
 
@@ -214,8 +268,9 @@ class AsyncEngine:
         prompt_lp = None
         async with self._owned(request_id, stream):
             await self._call(
-                self._core.add_request, request_id, list(prompt_token_ids), first, None, True
-            )
+                self._core.add_request, request_id, list(prompt_token_ids), first, None, True,
+                lora_name,
+            )  # fmt: skip
             async for delta in self._iterate(stream):
                 if delta.token_ids:
                     lp = delta.logprobs[0] if delta.logprobs else None
@@ -260,7 +315,11 @@ class AsyncEngine:
     # --- KV imports (the decode side of a hand-off) -------------------------------------------
     @contextlib.asynccontextmanager
     async def kv_import(
-        self, request_id: str, prompt_token_ids: Sequence[int], params: SamplingParams
+        self,
+        request_id: str,
+        prompt_token_ids: Sequence[int],
+        params: SamplingParams,
+        lora_name: str | None = None,
     ) -> AsyncIterator[KVImport]:
         """Reserve local blocks for a prompt whose KV comes from another engine.
 
@@ -269,10 +328,10 @@ class AsyncEngine:
         (an error, cancellation) gives the reservation back; leaving the stream early aborts.
         """
         stream = self._open(request_id, params.n)
-        imp = KVImport(self, request_id, list(prompt_token_ids), params, stream)
+        imp = KVImport(self, request_id, list(prompt_token_ids), params, stream, lora_name)
         async with self._owned(request_id, stream):
             imp.reservation = await self._call(
-                self._core.reserve_import, request_id, imp.prompt, params
+                self._core.reserve_import, request_id, imp.prompt, params, lora_name
             )
             yield imp
 
@@ -409,8 +468,11 @@ class AsyncEngine:
 class KVImport:
     """One prompt's KV import on the decode side; made by ``AsyncEngine.kv_import`` only."""
 
-    def __init__(self, engine: AsyncEngine, request_id, prompt, params, stream) -> None:
+    def __init__(
+        self, engine: AsyncEngine, request_id, prompt, params, stream, lora_name=None
+    ) -> None:
         self._engine = engine
+        self.lora_name: str | None = lora_name
         self.request_id = request_id
         self.prompt: list[int] = prompt
         self.params: SamplingParams = params
@@ -432,7 +494,7 @@ class KVImport:
         core = self._engine._core  # noqa: SLF001
         deltas = await self._start(
             core.recompute_import, self.request_id, self.prompt, self.params,
-            _pairs(first_tokens),
+            _pairs(first_tokens), self.lora_name,
         )  # fmt: skip
         async for delta in self._stream_from(deltas):
             yield delta

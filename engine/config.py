@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
+from splitserve.engine.lora.config import LoRAConfig
+
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "auto": None}
 
 
@@ -104,6 +106,7 @@ class EngineConfig:
     seed: int = 0
     cache: CacheConfig = CacheConfig()
     scheduler: SchedulerConfig = SchedulerConfig()
+    lora: LoRAConfig | None = None  # None: no LoRA adapters (and no per-step cost)
 
     def __post_init__(self) -> None:
         if self.attention_backend not in ("auto", "cpu", "torch", "triton"):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from transformers import AutoConfig, AutoTokenizer
@@ -20,6 +20,7 @@ from splitserve.engine.detokenizer import IncrementalDetokenizer
 from splitserve.engine.histogram import HistogramSnapshot, StepHistogram, token_buckets
 from splitserve.engine.kv_cache_manager import KVCacheManager
 from splitserve.engine.kv_memory import allocate_host_kv
+from splitserve.engine.lora import AdapterInfo, LoadedAdapter, LoRAManager, LoRARequest
 from splitserve.engine.model.llama import LlamaArch, LlamaForCausalLM
 from splitserve.engine.model.loader import iter_safetensors, resolve_model
 from splitserve.engine.model_runner import PROMPT_LOGPROB_ROWS, ModelRunner
@@ -28,6 +29,7 @@ from splitserve.engine.request import Request, RequestStatus
 from splitserve.engine.sampler import Sampler, SamplingRow, TokenLogprobs, skip_draw
 from splitserve.engine.scheduler import Scheduler
 from splitserve.engine.structured_output import StructuredOutputs
+from splitserve.protocol.lora import with_adapter_key
 from splitserve.protocol.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -49,6 +51,10 @@ class EngineStats:
     grammar_cache_entries: int = 0
     grammar_cache_bytes: int = 0
     prefix_cached_blocks: int = 0
+    # LoRA (vLLM's lora_requests_info): adapters of running / waiting requests, slot count
+    running_loras: tuple[str, ...] = ()
+    waiting_loras: tuple[str, ...] = ()
+    max_loras: int = 0
 
 
 @dataclass(frozen=True)
@@ -139,11 +145,15 @@ class EngineCore:
         else:
             self.kv_cache = allocate_kv(shape, dtype)
         self.kv = KVCacheManager(num_blocks, bs, config.cache.enable_prefix_caching)
-        self.scheduler = Scheduler(config.scheduler, self.kv)
+        self.lora: LoRAManager | None = None
+        if config.lora is not None:
+            self.lora = LoRAManager(config.lora, arch, dtype, config.device)
+        max_loras = config.lora.max_loras if config.lora is not None else None
+        self.scheduler = Scheduler(config.scheduler, self.kv, max_loras)
         backend = get_attention_backend(
             resolve_backend_name(config.attention_backend, config.device)
         )
-        self.runner = ModelRunner(self.model, self.kv_cache, backend, bs)
+        self.runner = ModelRunner(self.model, self.kv_cache, backend, bs, self.lora)
         if torch.device(config.device).type == "cpu" and dtype != torch.float32:
             # oneDNN's per-shape state: a fixed set of shapes, all made now (llama.py, forward)
             t0 = time.monotonic()
@@ -153,11 +163,14 @@ class EngineCore:
                 max(config.scheduler.max_num_seqs, PROMPT_LOGPROB_ROWS),
             )
             log.info("matmul shapes warmed up in %.1f s", time.monotonic() - t0)
+            if self.lora is not None:  # LoRA matmuls too: all slots, so only rows vary
+                self.lora.fixed_width = True
         self.eos_ids = eos_token_ids(self.hf_config, self.tokenizer)
         self.sampler = Sampler(arch.vocab_size, self.eos_ids or None)
         self.structured = StructuredOutputs(self.tokenizer, arch.vocab_size, self.eos_ids)
         self._requests: dict[str, Request] = {}  # sequence id -> request
         self._groups: dict[str, list[str]] = {}  # client request id -> sequence ids
+        self._group_lora: dict[str, AdapterInfo] = {}  # request id -> its adapter (counted)
         self._detok: dict[str, IncrementalDetokenizer] = {}
         self._forked: set[str] = set()
         self._hold: set[str] = set()  # requests whose blocks outlive them (hand-off)
@@ -199,6 +212,29 @@ class EngineCore:
                 f"maximum length {self.max_model_len}"
             )
 
+    # --- LoRA adapters -------------------------------------------------------------------------
+    def add_lora(self, lora: LoRARequest) -> AdapterInfo:
+        """Load an adapter (PEFT format) under its name; raises ValueError naming the problem
+        (``AdapterError``: files, rank, base model; ``LoRAExistsError``: the name is taken)."""
+        return self._lora_manager().add(lora)
+
+    def register_lora(self, adapter: LoadedAdapter) -> AdapterInfo:
+        """Register an adapter already read (``lora.read`` on another thread, so the engine
+        thread does not wait on files); raises ``LoRAExistsError`` if the name is taken."""
+        return self._lora_manager().register(adapter)
+
+    def remove_lora(self, name: str) -> bool:
+        """Unload ``name`` (False if unknown); its running requests finish with it."""
+        return self._lora_manager().remove(name)
+
+    def lora_adapters(self) -> tuple[AdapterInfo, ...]:
+        return () if self.lora is None else self.lora.infos()
+
+    def _lora_manager(self) -> LoRAManager:
+        if self.lora is None:
+            raise ValueError("LoRA is not enabled on this engine (enable_lora / --enable-lora)")
+        return self.lora
+
     def add_request(
         self,
         request_id: str,
@@ -206,23 +242,32 @@ class EngineCore:
         params: SamplingParams,
         arrival_time: float | None = None,
         hold_kv: bool = False,
+        lora_name: str | None = None,
     ) -> list[int]:
-        """Queue a request; returns its prompt token ids. Raises ValueError on bad input.
+        """Queue a request; returns its prompt token ids. Raises ValueError on bad input
+        (``LoRANotFoundError`` when ``lora_name`` is not loaded).
 
         ``hold_kv``: when the request ends, keep its blocks (held under ``request_id``) instead
         of freeing them, until ``release_kv``; a prefill server leases them to a decode pod.
+        ``lora_name``: run with that loaded adapter (its identity joins the prefix hash).
         """
-        req = self._new_request(request_id, prompt, params, arrival_time)
+        req = self._new_request(request_id, prompt, params, arrival_time, lora_name)
         if hold_kv:  # the first sample's table is the prompt's: it is held, its forks are not
             self._hold.add(request_id)
         self.scheduler.add(req)
         return req.prompt_token_ids
 
-    def _new_request(self, request_id, prompt, params, arrival_time=None) -> Request:
+    def _new_request(
+        self, request_id, prompt, params, arrival_time=None, lora_name: str | None = None
+    ) -> Request:
         if request_id in self._groups:
             raise ValueError(f"request id {request_id!r} is already in use")
         token_ids = self.tokenize(prompt)
         self.validate(token_ids, params)
+        adapter = None
+        if lora_name is not None:  # last: nothing below may fail once it is counted
+            adapter = self._lora_manager().acquire(lora_name)
+            params = replace(params, extra_keys=with_adapter_key(params.extra_keys, adapter))
         req = Request(
             request_id,
             token_ids,
@@ -230,12 +275,22 @@ class EngineCore:
             self.kv.block_size,
             arrival_time=arrival_time,
             prompt=prompt if isinstance(prompt, str) else None,
+            lora=adapter,
         )
         if params.structured_output is not None:
             req.grammar = self.structured.start(params.structured_output)
         self._track(req)
         self._groups[request_id] = [req.request_id]
+        if adapter is not None:
+            self._group_lora[request_id] = adapter
         return req
+
+    def _end_group(self, group_id: str) -> list[str] | None:
+        """Forget a request group (all its samples done); its adapter is no longer in use."""
+        adapter = self._group_lora.pop(group_id, None)
+        if adapter is not None and self.lora is not None:
+            self.lora.release(adapter)
+        return self._groups.pop(group_id, None)
 
     def release_kv(self, request_id: str) -> int:
         """Free blocks held for a finished ``hold_kv`` request; returns how many (0 if none)."""
@@ -248,7 +303,11 @@ class EngineCore:
 
     # --- KV imported from another engine (the decode side of a hand-off) -------------------------
     def reserve_import(
-        self, request_id: str, prompt_token_ids: Sequence[int], params: SamplingParams
+        self,
+        request_id: str,
+        prompt_token_ids: Sequence[int],
+        params: SamplingParams,
+        lora_name: str | None = None,
     ) -> ImportReservation | None:
         """Allocate local blocks for a prompt whose KV will be copied in from elsewhere.
 
@@ -256,7 +315,7 @@ class EngineCore:
         the rest must be transferred. Returns None when the pool can't hold the prompt now
         (back-pressure: the caller may retry or recompute). Raises ValueError on bad input.
         """
-        req = self._new_request(request_id, prompt_token_ids, params)
+        req = self._new_request(request_id, prompt_token_ids, params, None, lora_name)
         hit = self.kv.find_cached_prefix(req)
         if not self.kv.allocate(req, req.num_tokens - hit.num_tokens(self.kv.block_size), hit):
             self._forget(req)
@@ -306,6 +365,7 @@ class EngineCore:
         prompt_token_ids: Sequence[int],
         params: SamplingParams,
         first_tokens: Sequence[tuple[int, TokenLogprobs | None]],
+        lora_name: str | None = None,
     ) -> list[SequenceDelta]:
         """Compute the prompt here after all, keeping the first tokens sampled elsewhere.
 
@@ -319,15 +379,16 @@ class EngineCore:
             self.kv.free(req)
             req.num_computed_tokens = 0
         else:
-            req = self._new_request(request_id, prompt_token_ids, params)
+            req = self._new_request(request_id, prompt_token_ids, params, None, lora_name)
         self._check_first_tokens(req, first_tokens)
         seqs = [req]
         if params.n > 1:
             self._forked.add(req.request_id)  # its siblings exist already: step() must not fork
             for index in range(1, params.n):
                 child = Request(
-                    f"{request_id}#{index}", req.prompt_token_ids, params, self.kv.block_size,
+                    f"{request_id}#{index}", req.prompt_token_ids, req.params, self.kv.block_size,
                     sample_index=index, group_id=request_id, arrival_time=req.arrival_time,
+                    lora=req.lora,
                 )  # fmt: skip
                 if params.structured_output is not None:
                     child.grammar = self.structured.start(params.structured_output)
@@ -357,7 +418,7 @@ class EngineCore:
             return True
         self._hold.discard(request_id)
         released = self.release_kv(request_id) > 0
-        seq_ids = self._groups.pop(request_id, None)
+        seq_ids = self._end_group(request_id)
         if not seq_ids:
             return released
         for seq_id in seq_ids:
@@ -373,6 +434,13 @@ class EngineCore:
 
     def stats(self) -> EngineStats:
         grammars, grammar_bytes = self.structured.cache_size
+        loras = {}
+        if self.lora is not None:
+            loras = {
+                "running_loras": _names(r.lora for r in self.scheduler.running),
+                "waiting_loras": _names(r.lora for r in self.scheduler.waiting),
+                "max_loras": self.lora.config.max_loras,
+            }
         return EngineStats(
             num_running=len(self.scheduler.running),
             num_waiting=len(self.scheduler.waiting),
@@ -387,6 +455,7 @@ class EngineCore:
             grammar_cache_entries=grammars,
             grammar_cache_bytes=grammar_bytes,
             prefix_cached_blocks=self.kv.pool.num_cached_blocks,
+            **loras,
         )
 
     def audit(self) -> KVAudit:
@@ -542,7 +611,7 @@ class EngineCore:
     def _forget(self, req: Request) -> None:
         self._requests.pop(req.request_id, None)
         self._detok.pop(req.request_id, None)
-        self._groups.pop(req.group_id, None)
+        self._end_group(req.group_id)
 
     def _retire(self, req: Request) -> None:
         self._requests.pop(req.request_id, None)
@@ -550,7 +619,7 @@ class EngineCore:
         self._forked.discard(req.request_id)
         group = self._groups.get(req.group_id)
         if group is not None and all(seq_id not in self._requests for seq_id in group):
-            del self._groups[req.group_id]
+            self._end_group(req.group_id)
 
     def check_integrity(self) -> None:
         """Assert the KV bookkeeping is consistent (tests call this after every scenario)."""
@@ -559,6 +628,13 @@ class EngineCore:
         assert set(self.kv.tables) <= live, "blocks held by a request that is not running"
         if not self.has_unfinished() and not self.kv.held and not self._reserved:
             assert self.kv.pool.num_free_blocks == self.kv.pool.num_blocks, "leaked KV blocks"
+        assert set(self._group_lora) <= set(self._groups), "adapter counted for a gone request"
+        if self.lora is not None and not self._groups:
+            assert self.lora.total_refs() == 0, "adapter still counted with no request"
+
+
+def _names(adapters) -> tuple[str, ...]:
+    return tuple(sorted({a.name for a in adapters if a is not None}))
 
 
 def _timing(req: Request, now: float) -> RequestTiming:

@@ -10,7 +10,9 @@ from tqdm import tqdm
 
 from splitserve.engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from splitserve.engine.engine_core import EngineCore
+from splitserve.engine.lora import LoRAConfig
 from splitserve.engine.outputs import CompletionOutput, RequestOutput
+from splitserve.protocol.lora import LoRARequest
 from splitserve.protocol.sampling import SamplingParams
 
 # A prompt: text, token ids, or vLLM's dict forms {"prompt": ...} / {"prompt_token_ids": [...]}.
@@ -23,6 +25,10 @@ class LLM:
 
     ``model=None`` loads the embedded SmolLM2-135M-Instruct. All prompts of one ``generate`` call
     run concurrently through the scheduler, exactly as server traffic would.
+
+    ``enable_lora=True`` serves PEFT LoRA adapters (``generate(..., lora_request=...)``): up to
+    ``max_loras`` different adapters in one batch, ranks up to ``max_lora_rank``, the weights of
+    at most ``max_cpu_loras`` unused adapters kept in memory (None: all).
     """
 
     def __init__(
@@ -41,7 +47,12 @@ class LLM:
         attention_backend: str = "auto",
         device: str = "cpu",
         seed: int = 0,
+        enable_lora: bool = False,
+        max_loras: int = 1,
+        max_lora_rank: int = 16,
+        max_cpu_loras: int | None = None,
     ) -> None:
+        lora = LoRAConfig(max_loras, max_lora_rank, max_cpu_loras) if enable_lora else None
         config = EngineConfig(
             model=model,
             dtype=dtype,
@@ -60,6 +71,7 @@ class LLM:
                 max_num_batched_tokens=max_num_batched_tokens,
                 enable_chunked_prefill=enable_chunked_prefill,
             ),
+            lora=lora,
         )
         self.engine = EngineCore(config)
         self._ids = itertools.count()
@@ -74,11 +86,14 @@ class LLM:
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         *,
         use_tqdm: bool = False,
+        lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
     ) -> list[RequestOutput]:
         """Generate for every prompt (strings or token-id lists); outputs in input order.
 
-        Every prompt is validated before any is queued, so a bad one raises ``ValueError`` and
-        leaves the engine untouched.
+        ``lora_request``: one adapter for every prompt, or a list with one (or None) per prompt;
+        an adapter is loaded the first time it is named (by ``lora_name``). Every prompt and
+        adapter is checked before any prompt is queued, so bad input raises ``ValueError`` and
+        leaves no request behind.
         """
         if isinstance(prompts, (str, dict)) or (
             isinstance(prompts, Sequence) and prompts and isinstance(prompts[0], int)
@@ -95,6 +110,7 @@ class LLM:
                 raise ValueError(
                     f"got {len(params_list)} sampling_params for {len(prompts)} prompts"
                 )
+        loras = self._lora_names(lora_request, len(prompts))
         encoded = []
         for prompt, params in zip(prompts, params_list, strict=True):
             token_ids = self.engine.tokenize(prompt)
@@ -102,9 +118,11 @@ class LLM:
             encoded.append(token_ids)
         outputs: dict[str, RequestOutput] = {}
         order = []
-        for prompt, token_ids, params in zip(prompts, encoded, params_list, strict=True):
+        for prompt, token_ids, params, lora in zip(
+            prompts, encoded, params_list, loras, strict=True
+        ):
             request_id = f"offline-{next(self._ids)}"
-            self.engine.add_request(request_id, token_ids, params)
+            self.engine.add_request(request_id, token_ids, params, lora_name=lora)
             outputs[request_id] = RequestOutput(
                 request_id=request_id,
                 prompt=prompt if isinstance(prompt, str) else None,
@@ -122,6 +140,35 @@ class LLM:
         bar.close()
         return [outputs[i] for i in order]
 
+    def _lora_names(
+        self, lora_request: LoRARequest | Sequence[LoRARequest | None] | None, count: int
+    ) -> list[str | None]:
+        """One adapter name (or None) per prompt, every adapter loaded."""
+        if lora_request is None:
+            return [None] * count
+        requests = (
+            [lora_request] * count if isinstance(lora_request, LoRARequest) else list(lora_request)
+        )
+        if len(requests) != count:
+            raise ValueError(f"got {len(requests)} lora_requests for {count} prompts")
+        names: list[str | None] = []
+        for lora in requests:
+            if lora is None:
+                names.append(None)
+                continue
+            if not isinstance(lora, LoRARequest):
+                raise ValueError(f"lora_request must be LoRARequest or None, got {type(lora)}")
+            known = {a.name: a for a in self.engine.lora_adapters()}
+            if lora.lora_name not in known:
+                self.engine.add_lora(lora)
+            elif known[lora.lora_name].path != lora.lora_path:
+                raise ValueError(
+                    f"LoRA adapter {lora.lora_name!r} is loaded from "
+                    f"{known[lora.lora_name].path!r}, not {lora.lora_path!r}"
+                )
+            names.append(lora.lora_name)
+        return names
+
     def chat(
         self,
         messages: Sequence[Message] | Sequence[Sequence[Message]],
@@ -129,13 +176,14 @@ class LLM:
         *,
         add_generation_prompt: bool = True,
         use_tqdm: bool = False,
+        lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
     ) -> list[RequestOutput]:
         """Apply the model's chat template to one conversation or a list of them, then generate."""
         if not messages:
             raise ValueError("messages must not be empty")
         conversations = [messages] if isinstance(messages[0], dict) else list(messages)
         prompts = [self.apply_chat_template(c, add_generation_prompt) for c in conversations]
-        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm, lora_request=lora_request)
 
     def apply_chat_template(
         self, conversation: Sequence[Message], add_generation_prompt: bool = True

@@ -8,6 +8,7 @@ import torch
 
 from splitserve.engine.attention import AttentionBackend, AttentionMetadata
 from splitserve.engine.logprobs import TokenLogprobs, compute_token_logprobs
+from splitserve.engine.lora.manager import LoRAManager
 from splitserve.engine.model.llama import LlamaForCausalLM
 from splitserve.engine.request import Request
 from splitserve.engine.scheduler import ScheduledRequest, SchedulerOutput
@@ -33,7 +34,9 @@ class ModelRunner:
         kv_cache: torch.Tensor,
         backend: AttentionBackend,
         block_size: int,
+        lora: LoRAManager | None = None,
     ) -> None:
+        self.lora = lora
         self.model = model
         self.kv_cache = kv_cache
         self.backend = backend
@@ -53,7 +56,12 @@ class ModelRunner:
             batch = decodes + prefills
             input_ids, positions, meta = self._prepare(batch, len(decodes), block_tables)
             attn = self.backend.prepare(self.kv_cache, meta)
-            hidden = self.model(input_ids, positions, attn)
+            lora = None
+            if self.lora is not None:
+                lora = self.lora.prepare_step(
+                    [s.request.lora for s in batch], [s.num_new_tokens for s in batch]
+                )
+            hidden = self.model(input_ids, positions, attn, lora)
             ends = torch.tensor([s.num_new_tokens for s in batch]).cumsum(0) - 1
             prompt_logprobs = self._prompt_logprobs(batch, ends.tolist(), hidden)
             sampled_idx = [i for i, s in enumerate(batch) if s.completes]

@@ -11,6 +11,7 @@ import torch
 
 from splitserve.engine.logprobs import TokenLogprobs
 from splitserve.protocol.block_hash import hash_block_tokens
+from splitserve.protocol.lora import AdapterInfo
 from splitserve.protocol.sampling import SamplingParams
 
 if TYPE_CHECKING:
@@ -56,8 +57,11 @@ class Request:
         group_id: str | None = None,
         arrival_time: float | None = None,
         prompt: str | None = None,
+        lora: AdapterInfo | None = None,
     ) -> None:
         self.request_id = request_id
+        # The LoRA adapter it runs with; its cache key is already in params.extra_keys.
+        self.lora = lora
         self.group_id = group_id or request_id
         self.sample_index = sample_index
         self.prompt = prompt
@@ -132,6 +136,7 @@ class Request:
             group_id=self.group_id,
             arrival_time=self.arrival_time,
             prompt=self.prompt,
+            lora=self.lora,
         )
         child.all_token_ids = list(self.all_token_ids)
         child.block_hashes = list(self.block_hashes)

@@ -48,9 +48,13 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, kv: KVCacheManager) -> None:
+    def __init__(
+        self, config: SchedulerConfig, kv: KVCacheManager, max_loras: int | None = None
+    ) -> None:
         self.config = config
         self.kv = kv
+        # LoRA: at most this many distinct adapters in one step (the engine's resident slots)
+        self.max_loras = max_loras
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.num_preemptions = 0
@@ -106,9 +110,13 @@ class Scheduler:
         scheduled: list[ScheduledRequest] = []
         preempted: list[Request] = []
 
+        step_loras: set = set()
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
+            if not self._lora_fits(req, step_loras):  # (only imports can overfill the batch)
+                i += 1
+                continue
             remaining = req.num_tokens - req.num_computed_tokens
             num_new = min(remaining, budget)
             if num_new < remaining and not chunked:
@@ -126,6 +134,7 @@ class Scheduler:
                 i += 1
 
         # Admitting new work right after preempting would only thrash the pool.
+        running_loras = {r.lora for r in self.running if r.lora} if self.max_loras else set()
         while (
             not preempted
             and self.waiting
@@ -133,6 +142,8 @@ class Scheduler:
             and len(self.running) < self.config.max_num_seqs
         ):
             req = self.waiting[0]
+            if not self._lora_fits(req, running_loras):  # FIFO: it waits for an adapter slot
+                break
             hit = self.kv.find_cached_prefix(req)
             num_new = req.num_tokens - hit.num_tokens(self.kv.block_size)
             if num_new > budget:
@@ -151,6 +162,15 @@ class Scheduler:
 
         copies, self.kv.pending_copies = self.kv.pending_copies, []
         return SchedulerOutput(scheduled, preempted, copies)
+
+    def _lora_fits(self, req: Request, loras: set) -> bool:
+        """Whether ``req``'s adapter fits beside ``loras`` (max_loras distinct); adds it."""
+        if req.lora is None or self.max_loras is None or req.lora in loras:
+            return True
+        if len(loras) >= self.max_loras:
+            return False
+        loras.add(req.lora)
+        return True
 
     def _preempt(self, request: Request) -> None:
         self.kv.free(request)

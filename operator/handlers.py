@@ -25,6 +25,7 @@ from typing import Any
 import kopf
 
 from splitserve.operator import crd
+from splitserve.operator.adapters import AdapterProbe, GrpcAdapterProbe
 from splitserve.operator.autoscale.runner import autoscale_pass
 from splitserve.operator.autoscale.scrape import MetricsReader
 from splitserve.operator.kube import Credentials, KubeApi
@@ -105,8 +106,11 @@ def make_registry(
     *,
     interval: float = 30.0,
     autoscale_interval: float = 10.0,
+    adapter_probe: AdapterProbe | None = None,
 ) -> kopf.OperatorRegistry:
-    """A registry with every handler; ``login`` serves kopf and our own client alike."""
+    """A registry with every handler; ``login`` serves kopf and our own client alike.
+    ``adapter_probe`` asks engine pods for their LoRA adapters (default: their gRPC port)."""
+    adapter_probe = adapter_probe or GrpcAdapterProbe()
     registry = kopf.OperatorRegistry()
     resource = (crd.GROUP, crd.VERSION, crd.PLURAL)
 
@@ -119,6 +123,7 @@ def make_registry(
         configure(settings)
         memo.api = KubeApi(lambda: credentials_from(login()))
         memo.metrics_reader = MetricsReader()
+        memo.adapter_probe = adapter_probe
 
     @kopf.on.cleanup(registry=registry)
     async def _cleanup(memo: kopf.Memo, **_: Any) -> None:
@@ -130,7 +135,9 @@ def make_registry(
     @kopf.on.update(*resource, id="reconcile", registry=registry)
     async def on_change(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **_: Any) -> None:
         async with _lock(memo):
-            result = await reconcile(memo.api, _current(body, memo), _now(), scale=_scale(memo))
+            result = await reconcile(
+                memo.api, _current(body, memo), _now(), memo.adapter_probe, scale=_scale(memo)
+            )
             _deliver(result, body, patch, memo)
         if result.retry == "permanent":
             # Nothing to retry until the spec changes; the timer keeps status current.
@@ -141,7 +148,9 @@ def make_registry(
         if body.get("metadata", {}).get("deletionTimestamp"):
             return
         async with _lock(memo):
-            result = await reconcile(memo.api, _current(body, memo), _now(), scale=_scale(memo))
+            result = await reconcile(
+                memo.api, _current(body, memo), _now(), memo.adapter_probe, scale=_scale(memo)
+            )
             _deliver(result, body, patch, memo)
 
     @kopf.timer(
@@ -154,7 +163,7 @@ def make_registry(
         async with _lock(memo):
             done = await autoscale_pass(
                 memo.api, memo.metrics_reader, _current(body, memo), memo.get("autoscaler"),
-                time.monotonic(), _now(),
+                time.monotonic(), _now(), memo.adapter_probe,
             )  # fmt: skip
             memo["autoscaler"] = done.state
             if done.result is not None:

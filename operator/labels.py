@@ -28,6 +28,8 @@ from splitserve.protocol.labels import (  # noqa: F401 - the operator's names fo
 MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"
 MANAGED_BY = "splitserve-operator"
 FIELD_MANAGER = "splitserve-operator"
+# The operator's own pods (chart and kustomize base): the engines let them ask for status.
+OPERATOR_POD_LABELS = {"app.kubernetes.io/name": "splitserve-operator"}
 
 
 def child_name(isvc: InferenceService, suffix: str) -> str:

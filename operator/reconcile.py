@@ -14,17 +14,24 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from splitserve.operator import labels as L
+from splitserve.operator.adapters import (
+    ADAPTERS_LOADED,
+    AdapterProbe,
+    adapters_status,
+    probe_loaded,
+)
 from splitserve.operator.autoscale.controller import (
     managed_roles,
     starting_replicas,
     with_replicas,
 )
-from splitserve.operator.builders import build_desired
+from splitserve.operator.builders import build_desired, engine_roles
 from splitserve.operator.kube import CHILD_KINDS, PODS, ApiError, KubeApi
 from splitserve.operator.spec import SpecError, parse, short_hash
 from splitserve.operator.status import (
     PODS_FAILING,
     compute_status,
+    condition,
     invalid_spec_status,
     pod_problems,
     role_state,
@@ -199,14 +206,16 @@ async def reconcile(
     api: KubeApi,
     body: Mapping[str, Any],
     now: str,
+    probe: AdapterProbe | None = None,
     *,
     scale: Mapping[str, int] | None = None,
     autoscaling: Mapping[str, Any] | None = None,
 ) -> ReconcileResult:
     """Make the cluster match one InferenceService ``body``; never raises for API errors.
 
-    Autoscaled roles (``autoscale/``) get their size from ``scale`` (the autoscaler's, when
-    it has decided), else from ``status.autoscaling``; ``autoscaling`` is the autoscaler's new
+    ``probe`` asks engine pods which LoRA adapters they have loaded (status only). Autoscaled
+    roles (``autoscale/``) get their size from ``scale`` (the autoscaler's, when it has
+    decided), else from ``status.autoscaling``; ``autoscaling`` is the autoscaler's new
     ``status.autoscaling`` (kept from the last status when not given).
     """
     meta = body.get("metadata") or {}
@@ -243,11 +252,13 @@ async def reconcile(
             retry="temporary" if exc.transient else "permanent",
             error=message,
         )
+    pods: list[dict[str, Any]] = []
     try:
         selector = f"{L.INSTANCE_LABEL}={isvc.name},{L.MANAGED_BY_LABEL}={L.MANAGED_BY}"
-        failing = pod_problems(await api.list(PODS, isvc.namespace, selector))
+        pods = await api.list(PODS, isvc.namespace, selector)
     except ApiError:
-        failing = []  # status from the Deployments alone; the next pass reads pods again
+        pass  # status from the Deployments alone; the next pass reads pods again
+    failing = pod_problems(pods)
     status = compute_status(
         isvc, plan.deployments, previous, now, failing=failing, retained=plan.retained
     )
@@ -256,6 +267,17 @@ async def reconcile(
     elif previous.get("autoscaling"):
         status["autoscaling"] = None  # autoscaling was turned off: the merge patch deletes it
     events: list[Event] = []
+    if isvc.spec.lora_enabled and probe is not None:
+        loaded = await probe_loaded(probe, pods, engine_roles(isvc))
+        fields, (ok, reason, message) = adapters_status(isvc, loaded)
+        status.update(fields)
+        before = {c.get("type"): c for c in previous.get("conditions") or []}.get(ADAPTERS_LOADED)
+        status["conditions"].append(
+            condition(ADAPTERS_LOADED, ok, reason, message, isvc.generation, now,
+                      previous.get("conditions") or [])
+        )  # fmt: skip
+        if ok and reason == "AllLoaded" and (before or {}).get("message") != message:
+            events.append(Event("Normal", ADAPTERS_LOADED, message))
     if failing:
         events += _warning_once(previous, PODS_FAILING, "; ".join(failing))
     if plan.created or plan.updated or plan.pruned:

@@ -26,6 +26,7 @@ MANAGED_FLAGS = frozenset(
         "--model", "--revision", "--served-name", "--dtype", "--block-size", "--max-model-len",
         "--max-num-seqs", "--host", "--port", "--metrics-port", "--kv-transport",
         "--lease-seconds", "--kv-failure-policy", "--colocated", "--drain-seconds",
+        "--enable-lora", "--lora-modules", "--lora-modules-file", "--max-loras", "--max-lora-rank",
     }
 )  # fmt: skip
 # Children are named <name>-<suffix>; the longest suffix plus a Deployment's pod hash must keep
@@ -81,6 +82,42 @@ class EngineSpec:
     max_model_len: int
     max_num_seqs: int
     extra_args: tuple[str, ...]
+    lora: LoRASpec = field(default_factory=lambda: LoRASpec())
+
+
+@dataclass(frozen=True)
+class LoRASpec:
+    """LoRA serving limits (engine settings: changing them rolls the engine pods)."""
+
+    enabled: bool = False
+    max_loras: int = 4
+    max_lora_rank: int = 16
+
+
+@dataclass(frozen=True)
+class AdapterSpec:
+    """One LoRA adapter of ``spec.adapters``: loaded by every engine pod at run time."""
+
+    name: str
+    uri: str
+
+    @property
+    def scheme(self) -> str:
+        return self.uri.split("://", 1)[0]
+
+    @property
+    def pvc_claim(self) -> str | None:
+        """The PVC to mount read-only at /adapters/<claim>, for pvc:// adapters."""
+        return self.uri[len("pvc://") :].split("/", 1)[0] if self.scheme == "pvc" else None
+
+    @property
+    def engine_path(self) -> str:
+        """Where the engine reads it: a path in the pod, or ``hf://org/name``."""
+        rest = self.uri.split("://", 1)[1]
+        if self.scheme == "pvc":
+            claim, path = rest.split("/", 1)
+            return f"/adapters/{claim}/{path}"
+        return self.uri if self.scheme == "hf" else rest
 
 
 @dataclass(frozen=True)
@@ -157,6 +194,11 @@ class InferenceServiceSpec:
     observability: ObservabilitySpec = ObservabilitySpec()
     drain_seconds: int = 60  # a stopping pod's time to finish its work (streams, KV leases)
     autoscaling: JointPolicy = JointPolicy()  # how prefill's size follows decode's
+    adapters: tuple[AdapterSpec, ...] = ()
+
+    @property
+    def lora_enabled(self) -> bool:
+        return self.engine.lora.enabled or bool(self.adapters)
 
     @property
     def colocated(self) -> bool:
@@ -251,6 +293,11 @@ def _spec(s: dict[str, Any]) -> InferenceServiceSpec:
             max_model_len=engine["maxModelLen"],
             max_num_seqs=engine["maxNumSeqs"],
             extra_args=tuple(engine["extraArgs"]),
+            lora=LoRASpec(
+                enabled=bool(engine["lora"]["enabled"]),
+                max_loras=engine["lora"]["maxLoras"],
+                max_lora_rank=engine["lora"]["maxLoraRank"],
+            ),
         ),
         prefill=_pool(s["prefill"], DEFAULT_ENGINE_REQUESTS),
         decode=_pool(s["decode"], DEFAULT_ENGINE_REQUESTS),
@@ -268,6 +315,7 @@ def _spec(s: dict[str, Any]) -> InferenceServiceSpec:
         kv_transfer=KvTransferSpec(kv["transport"], kv["failurePolicy"], kv["leaseSeconds"]),
         rollout=RolloutSpec(s["rollout"]["maxSurge"], s["rollout"]["maxUnavailable"]),
         observability=_observability(s.get("observability") or {}),
+        adapters=tuple(AdapterSpec(a["name"], a["uri"]) for a in s.get("adapters") or ()),
     )
 
 
@@ -314,6 +362,14 @@ def _semantic_errors(meta: Mapping[str, Any], s: dict[str, Any]) -> list[FieldEr
             errors.append(
                 FieldError(f"spec.engine.extraArgs[{i}]", f"{flag} is set by the operator")
             )
+    served = s["model"].get("servedName") or s["model"]["uri"].rstrip("/").rsplit("/", 1)[-1]
+    seen: set[str] = set()
+    for i, adapter in enumerate(s.get("adapters") or ()):
+        if adapter["name"] in seen:
+            errors.append(FieldError(f"spec.adapters[{i}].name", f"{adapter['name']!r} repeats"))
+        if adapter["name"] == served:
+            errors.append(FieldError(f"spec.adapters[{i}].name", "is the model's served name"))
+        seen.add(adapter["name"])
     rollout = s["rollout"]
     for key in ("maxSurge", "maxUnavailable"):
         value = rollout[key]

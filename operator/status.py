@@ -134,7 +134,7 @@ def pod_problems(pods: Sequence[Mapping[str, Any]]) -> list[str]:
     return sorted(out)
 
 
-def _condition(
+def condition(
     kind: str,
     value: bool,
     reason: str,
@@ -193,34 +193,34 @@ def compute_status(
     gen, prev = isvc.generation, previous.get("conditions") or []
 
     if problem is not None:
-        ready = _condition(READY, False, problem[0], problem[1], gen, now, prev)
+        ready = condition(READY, False, problem[0], problem[1], gen, now, prev)
     elif rolled_out:
-        ready = _condition(READY, True, "AllReplicasReady", ready_text, gen, now, prev)
+        ready = condition(READY, True, "AllReplicasReady", ready_text, gen, now, prev)
     else:
         rolling = any(
             not st.current or st.updated < st.desired or st.total > st.desired
             for st in (states[r] for r in active)
         )
         reason = "RollingOut" if rolling else "ReplicasNotReady"
-        ready = _condition(READY, False, reason, f"{progress}; {ready_text}", gen, now, prev)
+        ready = condition(READY, False, reason, f"{progress}; {ready_text}", gen, now, prev)
     if rolled_out:
-        progressing = _condition(PROGRESSING, False, "RolloutComplete", progress, gen, now, prev)
+        progressing = condition(PROGRESSING, False, "RolloutComplete", progress, gen, now, prev)
     else:
         message = progress
         if retained:
             message += "; the previous generation serves until then: " + ", ".join(retained)
-        progressing = _condition(PROGRESSING, True, "RollingOut", message, gen, now, prev)
+        progressing = condition(PROGRESSING, True, "RollingOut", message, gen, now, prev)
     if problem is not None:
-        degraded = _condition(DEGRADED, True, problem[0], problem[1], gen, now, prev)
+        degraded = condition(DEGRADED, True, problem[0], problem[1], gen, now, prev)
     elif stuck:
-        degraded = _condition(DEGRADED, True, "RolloutStuck", stuck, gen, now, prev)
+        degraded = condition(DEGRADED, True, "RolloutStuck", stuck, gen, now, prev)
     elif failing:
         message = "; ".join(failing)
-        degraded = _condition(DEGRADED, True, PODS_FAILING, message, gen, now, prev)
+        degraded = condition(DEGRADED, True, PODS_FAILING, message, gen, now, prev)
     elif rolled_out or not unavailable:
-        degraded = _condition(DEGRADED, False, "AsExpected", ready_text, gen, now, prev)
+        degraded = condition(DEGRADED, False, "AsExpected", ready_text, gen, now, prev)
     else:
-        degraded = _condition(DEGRADED, False, "RollingOut", ready_text, gen, now, prev)
+        degraded = condition(DEGRADED, False, "RollingOut", ready_text, gen, now, prev)
 
     status: dict[str, Any] = {
         "observedGeneration": gen,
@@ -250,8 +250,8 @@ def invalid_spec_status(
     return dict(previous) | {
         "observedGeneration": generation,
         "conditions": [
-            _condition(READY, False, "InvalidSpec", message, generation, now, prev),
-            _condition(PROGRESSING, False, "InvalidSpec", message, generation, now, prev),
-            _condition(DEGRADED, True, "InvalidSpec", message, generation, now, prev),
+            condition(READY, False, "InvalidSpec", message, generation, now, prev),
+            condition(PROGRESSING, False, "InvalidSpec", message, generation, now, prev),
+            condition(DEGRADED, True, "InvalidSpec", message, generation, now, prev),
         ],
     }

@@ -226,19 +226,35 @@ class KVHandoff(_message.Message):
     endpoints: TransportEndpoints
     def __init__(self, protocol_version: _Optional[int] = ..., request_id: _Optional[str] = ..., engine_id: _Optional[str] = ..., epoch: _Optional[int] = ..., lease_id: _Optional[str] = ..., block_ids: _Optional[_Iterable[int]] = ..., num_tokens: _Optional[int] = ..., block_size: _Optional[int] = ..., layout: _Optional[_Union[KVLayout, _Mapping]] = ..., compat_hash: _Optional[str] = ..., lease_expiry_unix_ms: _Optional[int] = ..., block_checksums: _Optional[_Iterable[int]] = ..., endpoints: _Optional[_Union[TransportEndpoints, _Mapping]] = ...) -> None: ...
 
+class LoRAAdapter(_message.Message):
+    __slots__ = ("name", "digest", "rank", "path", "int_id")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DIGEST_FIELD_NUMBER: _ClassVar[int]
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    INT_ID_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    digest: str
+    rank: int
+    path: str
+    int_id: int
+    def __init__(self, name: _Optional[str] = ..., digest: _Optional[str] = ..., rank: _Optional[int] = ..., path: _Optional[str] = ..., int_id: _Optional[int] = ...) -> None: ...
+
 class PrefillRequest(_message.Message):
-    __slots__ = ("request_id", "prompt_token_ids", "sampling_params", "extra_keys", "protocol_version")
+    __slots__ = ("request_id", "prompt_token_ids", "sampling_params", "extra_keys", "protocol_version", "lora")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_PARAMS_FIELD_NUMBER: _ClassVar[int]
     EXTRA_KEYS_FIELD_NUMBER: _ClassVar[int]
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    LORA_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
     sampling_params: SamplingParams
     extra_keys: _containers.RepeatedScalarFieldContainer[str]
     protocol_version: int
-    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling_params: _Optional[_Union[SamplingParams, _Mapping]] = ..., extra_keys: _Optional[_Iterable[str]] = ..., protocol_version: _Optional[int] = ...) -> None: ...
+    lora: LoRAAdapter
+    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling_params: _Optional[_Union[SamplingParams, _Mapping]] = ..., extra_keys: _Optional[_Iterable[str]] = ..., protocol_version: _Optional[int] = ..., lora: _Optional[_Union[LoRAAdapter, _Mapping]] = ...) -> None: ...
 
 class FirstToken(_message.Message):
     __slots__ = ("token_id", "logprobs", "finish_reason")
@@ -433,7 +449,7 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class EngineStats(_message.Message):
-    __slots__ = ("engine_id", "epoch", "role", "num_requests_running", "num_requests_waiting", "kv_cache_usage", "num_blocks_total", "num_blocks_free", "prefix_cache_queries", "prefix_cache_hits", "num_active_leases", "protocol_version", "model", "block_size", "kv_events_sequence", "serving", "health_reason", "kv_blocks_unaccounted")
+    __slots__ = ("engine_id", "epoch", "role", "num_requests_running", "num_requests_waiting", "kv_cache_usage", "num_blocks_total", "num_blocks_free", "prefix_cache_queries", "prefix_cache_hits", "num_active_leases", "protocol_version", "model", "block_size", "kv_events_sequence", "serving", "health_reason", "kv_blocks_unaccounted", "lora_adapters_version", "running_lora_adapters", "waiting_lora_adapters")
     ENGINE_ID_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
@@ -452,6 +468,9 @@ class EngineStats(_message.Message):
     SERVING_FIELD_NUMBER: _ClassVar[int]
     HEALTH_REASON_FIELD_NUMBER: _ClassVar[int]
     KV_BLOCKS_UNACCOUNTED_FIELD_NUMBER: _ClassVar[int]
+    LORA_ADAPTERS_VERSION_FIELD_NUMBER: _ClassVar[int]
+    RUNNING_LORA_ADAPTERS_FIELD_NUMBER: _ClassVar[int]
+    WAITING_LORA_ADAPTERS_FIELD_NUMBER: _ClassVar[int]
     engine_id: str
     epoch: int
     role: str
@@ -470,7 +489,10 @@ class EngineStats(_message.Message):
     serving: bool
     health_reason: str
     kv_blocks_unaccounted: int
-    def __init__(self, engine_id: _Optional[str] = ..., epoch: _Optional[int] = ..., role: _Optional[str] = ..., num_requests_running: _Optional[int] = ..., num_requests_waiting: _Optional[int] = ..., kv_cache_usage: _Optional[float] = ..., num_blocks_total: _Optional[int] = ..., num_blocks_free: _Optional[int] = ..., prefix_cache_queries: _Optional[int] = ..., prefix_cache_hits: _Optional[int] = ..., num_active_leases: _Optional[int] = ..., protocol_version: _Optional[int] = ..., model: _Optional[str] = ..., block_size: _Optional[int] = ..., kv_events_sequence: _Optional[int] = ..., serving: _Optional[bool] = ..., health_reason: _Optional[str] = ..., kv_blocks_unaccounted: _Optional[int] = ...) -> None: ...
+    lora_adapters_version: int
+    running_lora_adapters: _containers.RepeatedScalarFieldContainer[str]
+    waiting_lora_adapters: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, engine_id: _Optional[str] = ..., epoch: _Optional[int] = ..., role: _Optional[str] = ..., num_requests_running: _Optional[int] = ..., num_requests_waiting: _Optional[int] = ..., kv_cache_usage: _Optional[float] = ..., num_blocks_total: _Optional[int] = ..., num_blocks_free: _Optional[int] = ..., prefix_cache_queries: _Optional[int] = ..., prefix_cache_hits: _Optional[int] = ..., num_active_leases: _Optional[int] = ..., protocol_version: _Optional[int] = ..., model: _Optional[str] = ..., block_size: _Optional[int] = ..., kv_events_sequence: _Optional[int] = ..., serving: _Optional[bool] = ..., health_reason: _Optional[str] = ..., kv_blocks_unaccounted: _Optional[int] = ..., lora_adapters_version: _Optional[int] = ..., running_lora_adapters: _Optional[_Iterable[str]] = ..., waiting_lora_adapters: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class EngineInfoRequest(_message.Message):
     __slots__ = ()
@@ -485,7 +507,7 @@ class TokenizerFile(_message.Message):
     def __init__(self, name: _Optional[str] = ..., content: _Optional[bytes] = ...) -> None: ...
 
 class EngineInfo(_message.Message):
-    __slots__ = ("protocol_version", "engine_id", "epoch", "role", "colocated", "served_model_name", "served_model_aliases", "model", "max_model_len", "vocab_size", "block_size", "kv_compat", "kv_compat_hash", "tokenizer_id", "tokenizer_files", "eos_token_ids", "max_num_seqs")
+    __slots__ = ("protocol_version", "engine_id", "epoch", "role", "colocated", "served_model_name", "served_model_aliases", "model", "max_model_len", "vocab_size", "block_size", "kv_compat", "kv_compat_hash", "tokenizer_id", "tokenizer_files", "eos_token_ids", "max_num_seqs", "lora_enabled", "lora_adapters", "max_loras", "max_lora_rank", "lora_adapters_version")
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     ENGINE_ID_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
@@ -503,6 +525,11 @@ class EngineInfo(_message.Message):
     TOKENIZER_FILES_FIELD_NUMBER: _ClassVar[int]
     EOS_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     MAX_NUM_SEQS_FIELD_NUMBER: _ClassVar[int]
+    LORA_ENABLED_FIELD_NUMBER: _ClassVar[int]
+    LORA_ADAPTERS_FIELD_NUMBER: _ClassVar[int]
+    MAX_LORAS_FIELD_NUMBER: _ClassVar[int]
+    MAX_LORA_RANK_FIELD_NUMBER: _ClassVar[int]
+    LORA_ADAPTERS_VERSION_FIELD_NUMBER: _ClassVar[int]
     protocol_version: int
     engine_id: str
     epoch: int
@@ -520,7 +547,34 @@ class EngineInfo(_message.Message):
     tokenizer_files: _containers.RepeatedCompositeFieldContainer[TokenizerFile]
     eos_token_ids: _containers.RepeatedScalarFieldContainer[int]
     max_num_seqs: int
-    def __init__(self, protocol_version: _Optional[int] = ..., engine_id: _Optional[str] = ..., epoch: _Optional[int] = ..., role: _Optional[str] = ..., colocated: _Optional[bool] = ..., served_model_name: _Optional[str] = ..., served_model_aliases: _Optional[_Iterable[str]] = ..., model: _Optional[str] = ..., max_model_len: _Optional[int] = ..., vocab_size: _Optional[int] = ..., block_size: _Optional[int] = ..., kv_compat: _Optional[_Union[CompatInfo, _Mapping]] = ..., kv_compat_hash: _Optional[str] = ..., tokenizer_id: _Optional[str] = ..., tokenizer_files: _Optional[_Iterable[_Union[TokenizerFile, _Mapping]]] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., max_num_seqs: _Optional[int] = ...) -> None: ...
+    lora_enabled: bool
+    lora_adapters: _containers.RepeatedCompositeFieldContainer[LoRAAdapter]
+    max_loras: int
+    max_lora_rank: int
+    lora_adapters_version: int
+    def __init__(self, protocol_version: _Optional[int] = ..., engine_id: _Optional[str] = ..., epoch: _Optional[int] = ..., role: _Optional[str] = ..., colocated: _Optional[bool] = ..., served_model_name: _Optional[str] = ..., served_model_aliases: _Optional[_Iterable[str]] = ..., model: _Optional[str] = ..., max_model_len: _Optional[int] = ..., vocab_size: _Optional[int] = ..., block_size: _Optional[int] = ..., kv_compat: _Optional[_Union[CompatInfo, _Mapping]] = ..., kv_compat_hash: _Optional[str] = ..., tokenizer_id: _Optional[str] = ..., tokenizer_files: _Optional[_Iterable[_Union[TokenizerFile, _Mapping]]] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., max_num_seqs: _Optional[int] = ..., lora_enabled: _Optional[bool] = ..., lora_adapters: _Optional[_Iterable[_Union[LoRAAdapter, _Mapping]]] = ..., max_loras: _Optional[int] = ..., max_lora_rank: _Optional[int] = ..., lora_adapters_version: _Optional[int] = ...) -> None: ...
+
+class LoadLoRAAdapterRequest(_message.Message):
+    __slots__ = ("lora_name", "lora_path", "lora_int_id")
+    LORA_NAME_FIELD_NUMBER: _ClassVar[int]
+    LORA_PATH_FIELD_NUMBER: _ClassVar[int]
+    LORA_INT_ID_FIELD_NUMBER: _ClassVar[int]
+    lora_name: str
+    lora_path: str
+    lora_int_id: int
+    def __init__(self, lora_name: _Optional[str] = ..., lora_path: _Optional[str] = ..., lora_int_id: _Optional[int] = ...) -> None: ...
+
+class UnloadLoRAAdapterRequest(_message.Message):
+    __slots__ = ("lora_name",)
+    LORA_NAME_FIELD_NUMBER: _ClassVar[int]
+    lora_name: str
+    def __init__(self, lora_name: _Optional[str] = ...) -> None: ...
+
+class UnloadLoRAAdapterResponse(_message.Message):
+    __slots__ = ("unloaded",)
+    UNLOADED_FIELD_NUMBER: _ClassVar[int]
+    unloaded: bool
+    def __init__(self, unloaded: _Optional[bool] = ...) -> None: ...
 
 class BlockStored(_message.Message):
     __slots__ = ("block_hashes", "parent_block_hash", "token_ids", "block_size")

@@ -5,7 +5,7 @@ import warnings
 
 from splitserve.proto import splitserve_pb2 as splitserve_dot_proto_dot_splitserve__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.85.4'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 
@@ -482,6 +482,16 @@ class EngineServiceStub:
                 request_serializer=splitserve_dot_proto_dot_splitserve__pb2.SubscribeKVEventsRequest.SerializeToString,
                 response_deserializer=splitserve_dot_proto_dot_splitserve__pb2.KVEventBatch.FromString,
                 _registered_method=True)
+        self.LoadLoRAAdapter = channel.unary_unary(
+                '/splitserve.v1.EngineService/LoadLoRAAdapter',
+                request_serializer=splitserve_dot_proto_dot_splitserve__pb2.LoadLoRAAdapterRequest.SerializeToString,
+                response_deserializer=splitserve_dot_proto_dot_splitserve__pb2.LoRAAdapter.FromString,
+                _registered_method=True)
+        self.UnloadLoRAAdapter = channel.unary_unary(
+                '/splitserve.v1.EngineService/UnloadLoRAAdapter',
+                request_serializer=splitserve_dot_proto_dot_splitserve__pb2.UnloadLoRAAdapterRequest.SerializeToString,
+                response_deserializer=splitserve_dot_proto_dot_splitserve__pb2.UnloadLoRAAdapterResponse.FromString,
+                _registered_method=True)
 
 
 class EngineServiceServicer:
@@ -505,6 +515,18 @@ class EngineServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def LoadLoRAAdapter(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnloadLoRAAdapter(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_EngineServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -522,6 +544,16 @@ def add_EngineServiceServicer_to_server(servicer, server):
                     servicer.SubscribeKVEvents,
                     request_deserializer=splitserve_dot_proto_dot_splitserve__pb2.SubscribeKVEventsRequest.FromString,
                     response_serializer=splitserve_dot_proto_dot_splitserve__pb2.KVEventBatch.SerializeToString,
+            ),
+            'LoadLoRAAdapter': grpc.unary_unary_rpc_method_handler(
+                    servicer.LoadLoRAAdapter,
+                    request_deserializer=splitserve_dot_proto_dot_splitserve__pb2.LoadLoRAAdapterRequest.FromString,
+                    response_serializer=splitserve_dot_proto_dot_splitserve__pb2.LoRAAdapter.SerializeToString,
+            ),
+            'UnloadLoRAAdapter': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnloadLoRAAdapter,
+                    request_deserializer=splitserve_dot_proto_dot_splitserve__pb2.UnloadLoRAAdapterRequest.FromString,
+                    response_serializer=splitserve_dot_proto_dot_splitserve__pb2.UnloadLoRAAdapterResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -605,6 +637,60 @@ class EngineService:
             '/splitserve.v1.EngineService/SubscribeKVEvents',
             splitserve_dot_proto_dot_splitserve__pb2.SubscribeKVEventsRequest.SerializeToString,
             splitserve_dot_proto_dot_splitserve__pb2.KVEventBatch.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LoadLoRAAdapter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/splitserve.v1.EngineService/LoadLoRAAdapter',
+            splitserve_dot_proto_dot_splitserve__pb2.LoadLoRAAdapterRequest.SerializeToString,
+            splitserve_dot_proto_dot_splitserve__pb2.LoRAAdapter.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnloadLoRAAdapter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/splitserve.v1.EngineService/UnloadLoRAAdapter',
+            splitserve_dot_proto_dot_splitserve__pb2.UnloadLoRAAdapterRequest.SerializeToString,
+            splitserve_dot_proto_dot_splitserve__pb2.UnloadLoRAAdapterResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -69,6 +69,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-cache-memory-gb", type=float, default=None)
     p.add_argument("--threads-per-engine", type=_positive, default=None,
                    help="torch threads per engine (default: cores / engines, >= 1)")  # fmt: skip
+    p.add_argument("--enable-lora", action="store_true", help="engines serve LoRA adapters")
+    p.add_argument(
+        "--lora-modules",
+        nargs="+",
+        default=[],
+        metavar="NAME=PATH",
+        help="LoRA adapters every engine loads at start (implies --enable-lora)",
+    )
+    p.add_argument("--max-loras", type=_positive, default=None)
+    p.add_argument("--max-lora-rank", type=_positive, default=None)
     p.add_argument("--ready-timeout", type=float, default=600.0)
     p.add_argument("--log-level", default="warning")
     p.add_argument("--log-format", default="text", choices=LOG_FORMATS,
@@ -95,9 +105,15 @@ def plan(args: argparse.Namespace, instance_id: str = "") -> tuple[list[Child], 
         ("--max-num-seqs", args.max_num_seqs),
         ("--block-size", args.block_size),
         ("--kv-cache-memory-gb", args.kv_cache_memory_gb),
+        ("--max-loras", args.max_loras),
+        ("--max-lora-rank", args.max_lora_rank),
     ):
         if value is not None:
             engine_flags += [flag, str(value)]
+    if args.enable_lora or args.lora_modules:
+        engine_flags += ["--enable-lora"]
+    if args.lora_modules:
+        engine_flags += ["--lora-modules", *args.lora_modules]
     engines: list[Child] = []
 
     def engine(role: str, i: int, extra: list[str]) -> Child:
@@ -181,6 +197,13 @@ def preflight(args: argparse.Namespace) -> str | None:
         resolve_model(args.model)
     except (ValueError, OSError) as exc:
         return f"cannot load model {args.model!r}: {exc}"
+    from splitserve.services.common.lora import LoRAModule
+
+    for text in args.lora_modules:
+        try:
+            LoRAModule.parse(text)
+        except ValueError as exc:
+            return str(exc)
     return None
 
 

@@ -73,3 +73,23 @@ def tiny_llama3_dir(tmp_path_factory, default_model_dir) -> Path:
 @pytest.fixture(scope="session")
 def tiny_qwen2_dir(tmp_path_factory, default_model_dir) -> Path:
     return _save_tiny("qwen2", tmp_path_factory.mktemp("tiny"), default_model_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_adapters(tmp_path_factory, tiny_llama_dir) -> dict[str, Path]:
+    """Three random PEFT adapters for the tiny Llama: all seven modules, attention only (q/v,
+    rank 4, rsLoRA), MLP only (rank 16)."""
+    from lora_adapters import make_peft_adapter
+
+    root = tmp_path_factory.mktemp("tiny-adapters")
+    return {
+        "all": make_peft_adapter(tiny_llama_dir, root / "all", r=8, alpha=16, seed=1),
+        "qv": make_peft_adapter(
+            tiny_llama_dir, root / "qv", targets=("q_proj", "v_proj"), r=4, alpha=8, seed=2,
+            use_rslora=True,
+        ),
+        "mlp": make_peft_adapter(
+            tiny_llama_dir, root / "mlp", targets=("gate_proj", "up_proj", "down_proj"),
+            r=16, alpha=8, seed=3,
+        ),
+    }  # fmt: skip

@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from splitserve.engine.attention.base import AttentionStep
+
+if TYPE_CHECKING:
+    from splitserve.engine.lora.slots import LayerLoRA, LoRAStep
 
 
 @dataclass(frozen=True)
@@ -163,11 +166,17 @@ class Attention(nn.Module):
         )
         self.o_proj = nn.Linear(self.hq * self.d, arch.hidden_size, bias=False)
 
-    def forward(self, x, cos, sin, attn: AttentionStep, t: int) -> torch.Tensor:
+    def forward(
+        self, x, cos, sin, attn: AttentionStep, t: int, lora: LayerLoRA | None = None
+    ) -> torch.Tensor:
         """x: [rows, hidden] with the step's `t` tokens first and padding rows after them
-        (`padded_rows`); attention sees the `t` tokens only."""
+        (`padded_rows`); attention sees the `t` tokens only. ``lora``: the step's adapter
+        updates, added after each base projection."""
         rows = x.shape[0]
-        qkv = self.qkv_proj(x)[:t]
+        qkv = self.qkv_proj(x)
+        if lora is not None:
+            qkv = lora.apply("qkv", x, qkv)
+        qkv = qkv[:t]
         qk, v = qkv.split([(self.hq + self.hkv) * self.d, self.hkv * self.d], dim=-1)
         # Rotate q and k heads together: one set of elementwise ops instead of two.
         qk = apply_rotary(qk.reshape(t, self.hq + self.hkv, self.d), cos[:t], sin[:t])
@@ -175,6 +184,8 @@ class Attention(nn.Module):
         out = attn(self.layer, q, k, v.reshape(t, self.hkv, self.d)).reshape(t, self.hq * self.d)
         if rows > t:
             out = F.pad(out, (0, 0, 0, rows - t))
+        if lora is not None:
+            return lora.apply("o", out, self.o_proj(out))
         return self.o_proj(out)
 
 
@@ -185,9 +196,13 @@ class MLP(nn.Module):
         self.gate_up_proj = nn.Linear(arch.hidden_size, 2 * self.inter, bias=False)
         self.down_proj = nn.Linear(self.inter, arch.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.inter, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+    def forward(self, x: torch.Tensor, lora: LayerLoRA | None = None) -> torch.Tensor:
+        if lora is None:
+            gate, up = self.gate_up_proj(x).split(self.inter, dim=-1)
+            return self.down_proj(F.silu(gate) * up)
+        gate, up = lora.apply("gate_up", x, self.gate_up_proj(x)).split(self.inter, dim=-1)
+        h = F.silu(gate) * up
+        return lora.apply("down", h, self.down_proj(h))
 
 
 class DecoderLayer(nn.Module):
@@ -198,9 +213,12 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
         self.mlp = MLP(arch)
 
-    def forward(self, x, cos, sin, attn: AttentionStep, t: int) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn, t)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(
+        self, x, cos, sin, attn: AttentionStep, t: int, lora: LoRAStep | None = None
+    ) -> torch.Tensor:
+        own = None if lora is None else lora.layer(self.self_attn.layer)
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn, t, own)
+        return x + self.mlp(self.post_attention_layernorm(x), own)
 
 
 class LlamaForCausalLM(nn.Module):
@@ -224,9 +242,14 @@ class LlamaForCausalLM(nn.Module):
 
     @torch.inference_mode()
     def forward(
-        self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionStep
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        attn: AttentionStep,
+        lora: LoRAStep | None = None,
     ) -> torch.Tensor:
-        """input_ids, positions: [T]; returns the final hidden states [T, hidden].
+        """input_ids, positions: [T]; returns the final hidden states [T, hidden]. ``lora``:
+        the step's LoRA adapters (one per token, or none), built once by the runner.
 
         With ``bucket_rows`` the linear layers run on `padded_rows(T)` rows (the tokens, then
         zero rows): oneDNN, which runs torch's bf16/fp16 matmuls on the CPU, keeps state for every
@@ -241,8 +264,10 @@ class LlamaForCausalLM(nn.Module):
             positions = F.pad(positions, (0, rows - t))
         x = self.embed_tokens(input_ids)
         cos, sin = self.rotary(positions, x.dtype)
+        if lora is not None:
+            lora = lora.for_rows(rows)
         for layer in self.layers:
-            x = layer(x, cos, sin, attn, t)
+            x = layer(x, cos, sin, attn, t, lora)
         return self.norm(x[:t])
 
     @torch.inference_mode()

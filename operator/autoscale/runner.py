@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from splitserve.operator import labels as L
+from splitserve.operator.adapters import AdapterProbe
 from splitserve.operator.autoscale.controller import AutoscalerState, managed_roles, step
 from splitserve.operator.autoscale.cost import DELETION_COST_ANNOTATION
 from splitserve.operator.autoscale.scrape import MetricsReader
@@ -36,8 +37,10 @@ async def autoscale_pass(
     state: AutoscalerState | None,
     now: float,
     now_iso: str,
+    probe: AdapterProbe | None = None,
 ) -> PassResult:
-    """Decide the autoscaled roles' sizes and, when they change, apply them."""
+    """Decide the autoscaled roles' sizes and, when they change, apply them (a reconcile pass,
+    with ``probe`` for the adapters' status as every pass has)."""
     try:
         isvc = parse(body)
     except SpecError:
@@ -65,6 +68,8 @@ async def autoscale_pass(
                 log.warning("pod-deletion-cost on %s: %s", pod, err)
     if not plan.decisions and plan.status == (status.get("autoscaling") or {}):
         return PassResult(None, plan.state)
-    result = await reconcile(api, body, now_iso, scale=plan.replicas, autoscaling=plan.status)
+    result = await reconcile(
+        api, body, now_iso, probe, scale=plan.replicas, autoscaling=plan.status
+    )
     events = tuple(Event("Normal", d.reason, d.message) for d in plan.decisions)
     return PassResult(dataclasses.replace(result, events=result.events + events), plan.state)

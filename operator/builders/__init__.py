@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from splitserve.operator import labels as L
+from splitserve.operator.adapters import build_adapters_config_map
 from splitserve.operator.builders.config import build_config_map, config_checksum
 from splitserve.operator.builders.engine import (
     build_engine_deployment,
@@ -41,6 +42,8 @@ def build_desired(isvc: InferenceService) -> list[dict[str, Any]]:
     objects: list[dict[str, Any]] = [build_engine_service_account(isvc)]
     objects += build_router_rbac(isvc)
     objects.append(build_config_map(isvc))
+    if isvc.spec.lora_enabled:
+        objects.append(build_adapters_config_map(isvc))
     objects += [build_headless_service(isvc, role) for role in roles]
     objects.append(build_router_service(isvc))
     objects.append(build_engine_network_policy(isvc))

@@ -32,6 +32,12 @@ def engine_settings(isvc: InferenceService) -> dict[str, Any]:
         "kvFailurePolicy": s.kv_transfer.failure_policy,
         "leaseSeconds": s.kv_transfer.lease_seconds,
         "colocated": s.colocated,
+        # LoRA limits only: the adapters themselves come and go without a restart
+        "lora": {
+            "enabled": s.lora_enabled,
+            "maxLoras": s.engine.lora.max_loras,
+            "maxLoraRank": s.engine.lora.max_lora_rank,
+        },
     }
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from splitserve.operator import labels as L
+from splitserve.operator.adapters import adapter_volumes, engine_lora_args
 from splitserve.operator.builders import drain, pod
 from splitserve.operator.builders.config import (
     ENGINE_CONFIG_MOUNT,
@@ -51,7 +52,7 @@ def engine_args(isvc: InferenceService, role: str) -> list[str]:
         args += ["--lease-seconds", str(s.kv_transfer.lease_seconds)]
     else:
         args += ["--kv-failure-policy", s.kv_transfer.failure_policy]
-    return args + list(s.engine.extra_args)
+    return args + engine_lora_args(isvc) + list(s.engine.extra_args)
 
 
 def _threads_env() -> dict[str, Any]:
@@ -90,6 +91,7 @@ def build_engine_deployment(isvc: InferenceService, role: str) -> dict[str, Any]
     pool = s.prefill if role == L.PREFILL else s.decode
     labels = L.engine_labels(isvc, role)
     model_volumes, model_mounts = _model_volumes(isvc)
+    lora_volumes, lora_mounts = adapter_volumes(isvc)
     container = {
         "name": "engine",
         **pod.image_fields(isvc),
@@ -115,7 +117,8 @@ def build_engine_deployment(isvc: InferenceService, role: str) -> dict[str, Any]
             {"name": "shm", "mountPath": "/dev/shm"},
             {"name": "engine-config", "mountPath": ENGINE_CONFIG_MOUNT, "readOnly": True},
         ]
-        + model_mounts,
+        + model_mounts
+        + lora_mounts,
     }
     template = {
         "metadata": {
@@ -136,7 +139,8 @@ def build_engine_deployment(isvc: InferenceService, role: str) -> dict[str, Any]
                 {"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": "1Gi"}},
                 {"name": "engine-config", "configMap": {"name": config_map_name(isvc)}},
             ]
-            + model_volumes,
+            + model_volumes
+            + lora_volumes,
         },
     }
     meta = L.metadata(isvc, L.engine_deployment_name(isvc, role), labels)

@@ -45,15 +45,12 @@ def build_headless_service(isvc: InferenceService, role: str) -> dict[str, Any]:
     }
 
 
-# The operator's pods (the chart's and the kustomize base's label): its autoscaler reads the
-# engines' /metrics.
-OPERATOR_POD_LABELS = {"app.kubernetes.io/name": "splitserve-operator"}
-
-
 def build_engine_network_policy(isvc: InferenceService) -> dict[str, Any]:
     """Engine pods accept traffic only from this service's router and from each other.
 
-    Router -> engines on the gRPC port only. Engine <-> engine on any port: the NIXL (UCX)
+    Router -> engines on the gRPC port only; the operator on the gRPC port with LoRA on (it
+    asks which adapters each pod has loaded, for status) and on the metrics port with
+    autoscaling (its autoscaler scrapes them). Engine <-> engine on any port: the NIXL (UCX)
     transport opens its own ports. NetworkPolicies are additive, so scraping metrics needs a
     separate policy that admits the Prometheus namespace (see docs/operator.md).
     """
@@ -63,32 +60,38 @@ def build_engine_network_policy(isvc: InferenceService) -> dict[str, Any]:
             {"key": L.ROLE_LABEL, "operator": "In", "values": list(L.ENGINE_ROLES)}
         ],
     }
-    ingress: list[dict[str, Any]] = [
-        {
-            "from": [{"podSelector": {"matchLabels": L.selector_labels(isvc, L.ROUTER)}}],
-            "ports": [{"protocol": "TCP", "port": GRPC_PORT}],
-        },
-        {"from": [{"podSelector": engines}]},
-    ]
-    if managed_roles(isvc):
-        # The operator's autoscaler scrapes the engines' metrics port, from its own namespace.
-        ingress.append(
-            {
-                "from": [
-                    {
-                        "namespaceSelector": {},
-                        "podSelector": {"matchLabels": dict(OPERATOR_POD_LABELS)},
-                    }
-                ],
-                "ports": [{"protocol": "TCP", "port": METRICS_PORT}],
-            }
-        )
     return {
         "apiVersion": "networking.k8s.io/v1",
         "kind": "NetworkPolicy",
         "metadata": L.metadata(isvc, L.child_name(isvc, "engines"), L.ownership_labels(isvc)),
-        "spec": {"podSelector": engines, "policyTypes": ["Ingress"], "ingress": ingress},
+        "spec": {
+            "podSelector": engines,
+            "policyTypes": ["Ingress"],
+            "ingress": [
+                {
+                    "from": [{"podSelector": {"matchLabels": L.selector_labels(isvc, L.ROUTER)}}],
+                    "ports": [{"protocol": "TCP", "port": GRPC_PORT}],
+                },
+                {"from": [{"podSelector": engines}]},
+                *_operator_ingress(isvc),
+            ],
+        },
     }
+
+
+def _operator_ingress(isvc: InferenceService) -> list[dict[str, Any]]:
+    """The operator's pods (any namespace) may reach the engines: with LoRA on, their gRPC port
+    (which adapters each pod has loaded, for status.adapters); with autoscaling, their metrics
+    port (the autoscaler scrapes it)."""
+    ports = []
+    if isvc.spec.lora_enabled:
+        ports.append({"protocol": "TCP", "port": GRPC_PORT})
+    if managed_roles(isvc):
+        ports.append({"protocol": "TCP", "port": METRICS_PORT})
+    if not ports:
+        return []
+    source = {"namespaceSelector": {}, "podSelector": {"matchLabels": L.OPERATOR_POD_LABELS}}
+    return [{"from": [source], "ports": ports}]
 
 
 def build_pdb(isvc: InferenceService, role: str) -> dict[str, Any]:

@@ -7,6 +7,7 @@ import os
 import socket
 
 from splitserve.engine.config import CacheConfig, EngineConfig, SchedulerConfig
+from splitserve.engine.lora.config import LoRAConfig
 from splitserve.observability.logs import LOG_FORMATS
 from splitserve.protocol.constants import ENGINE_GRPC_PORT
 from splitserve.services.common.drain import DEFAULT_DRAIN_SECONDS
@@ -61,6 +62,25 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
         help="on SIGTERM, refuse new requests and let those in flight (and, on prefill, live "
         "KV leases) finish for up to this long before exiting",
     )  # fmt: skip
+    lora = LoRAConfig()
+    parser.add_argument(
+        "--enable-lora", action="store_true", help="serve LoRA adapters (vLLM's flag)"
+    )
+    parser.add_argument(
+        "--lora-modules", nargs="+", default=[], metavar="NAME=PATH",
+        help="adapters to load at start (PEFT directories; vLLM's JSON form also accepted); "
+        "implies --enable-lora",
+    )  # fmt: skip
+    parser.add_argument(
+        "--lora-modules-file", default=None, metavar="PATH",
+        help="JSON list of {name, path}, watched: adapters it adds are loaded and those it "
+        "drops unloaded, without a restart (the operator mounts one); implies --enable-lora",
+    )  # fmt: skip
+    parser.add_argument("--max-loras", type=int, default=lora.max_loras,
+                        help="distinct adapters one batch may mix (resident slots)")  # fmt: skip
+    parser.add_argument("--max-lora-rank", type=int, default=lora.max_lora_rank)
+    parser.add_argument("--max-cpu-loras", type=int, default=None,
+                        help="unused adapters kept in memory (default: all)")  # fmt: skip
     parser.add_argument("--log-level", default="INFO")
     parser.add_argument(
         "--log-format",
@@ -89,7 +109,14 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
             max_num_batched_tokens=args.max_num_batched_tokens,
             max_queue_seconds=args.max_queue_seconds or None,
         ),
+        lora=lora_config(args),
     )
+
+
+def lora_config(args: argparse.Namespace) -> LoRAConfig | None:
+    if not (args.enable_lora or args.lora_modules or args.lora_modules_file):
+        return None
+    return LoRAConfig(args.max_loras, args.max_lora_rank, args.max_cpu_loras)
 
 
 def advertised_address(args: argparse.Namespace, port: int) -> str:

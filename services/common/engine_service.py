@@ -8,12 +8,17 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable
 
-from splitserve.engine.async_engine import AsyncEngine
+import grpc
+
+from splitserve.engine.async_engine import AsyncEngine, EngineDeadError
 from splitserve.engine.block_pool import BlockStored, KVEvent
 from splitserve.proto import splitserve_pb2 as pb
 from splitserve.proto import splitserve_pb2_grpc as pb_grpc
 from splitserve.protocol.constants import PROTOCOL_VERSION
+from splitserve.protocol.lora import LoRARequest, check_adapter_name
+from splitserve.protocol.wire import adapter_to_proto
 from splitserve.services.common.drain import DRAINING_REASON, Drain
+from splitserve.services.common.lora import lora_status
 
 log = logging.getLogger(__name__)
 _MAX_BACKLOG = 10_000  # batches; a subscriber this far behind is cut off and must resync
@@ -103,7 +108,42 @@ class EngineServicer(pb_grpc.EngineServiceServicer):
         engine.add_kv_event_sink(self.hub.publish)
 
     async def GetInfo(self, request, context) -> pb.EngineInfo:
-        return self.info
+        if not self.info.lora_enabled:
+            return self.info
+        info = pb.EngineInfo()
+        info.CopyFrom(self.info)
+        info.lora_adapters.extend(adapter_to_proto(a) for a in self.engine.lora_adapters())
+        info.lora_adapters_version = self.engine.lora_version
+        return info
+
+    async def LoadLoRAAdapter(self, request: pb.LoadLoRAAdapterRequest, context) -> pb.LoRAAdapter:
+        """Load an adapter (vLLM's /v1/load_lora_adapter on this engine); the same files
+        under the same name again succeed as a no-op."""
+        try:
+            check_adapter_name(request.lora_name)
+            lora = LoRARequest(request.lora_name, request.lora_int_id or 1, request.lora_path)
+            info = await self.engine.add_lora(lora)
+        except ValueError as exc:
+            code = lora_status(exc) or grpc.StatusCode.INVALID_ARGUMENT
+            await context.abort(code, str(exc))
+        except EngineDeadError as exc:
+            await context.abort(grpc.StatusCode.INTERNAL, str(exc))
+        log.info("LoRA adapter %s loaded from %s (rank %d)", info.name, info.path, info.rank)
+        return adapter_to_proto(info)
+
+    async def UnloadLoRAAdapter(
+        self, request: pb.UnloadLoRAAdapterRequest, context
+    ) -> pb.UnloadLoRAAdapterResponse:
+        """Unload an adapter; its running requests finish with it first."""
+        try:
+            unloaded = await self.engine.remove_lora(request.lora_name)
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except EngineDeadError as exc:
+            await context.abort(grpc.StatusCode.INTERNAL, str(exc))
+        if unloaded:
+            log.info("LoRA adapter %s unloaded", request.lora_name)
+        return pb.UnloadLoRAAdapterResponse(unloaded=unloaded)
 
     async def GetStats(self, request, context) -> pb.EngineStats:
         s = self.engine.stats()
@@ -132,6 +172,9 @@ class EngineServicer(pb_grpc.EngineServiceServicer):
             serving=serving,
             health_reason=reason,
             kv_blocks_unaccounted=self.engine.audit().unaccounted,
+            lora_adapters_version=self.engine.lora_version,
+            running_lora_adapters=s.running_loras,
+            waiting_lora_adapters=s.waiting_loras,
         )
 
     async def SubscribeKVEvents(self, request, context) -> AsyncIterator[pb.KVEventBatch]:

@@ -21,6 +21,7 @@ Each token and each request is counted once across a prefill/decode pair:
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, fields
 from typing import Protocol
@@ -141,6 +142,19 @@ class _StatsCollector(Collector):
             ]
             h.add_metric(values, buckets, s.step_tokens.total)
             yield h
+        if s.max_loras:
+            # vLLM's: the labels carry the adapters (comma-separated names), the value is when
+            # they were read. Built per scrape, so no stale label set outlives its adapters.
+            info = GaugeMetricFamily(
+                "vllm:lora_requests_info",
+                "Running stats on lora requests.",
+                labels=["max_lora", "waiting_lora_adapters", "running_lora_adapters"],
+            )
+            info.add_metric(
+                [str(s.max_loras), ",".join(s.waiting_loras), ",".join(s.running_loras)],
+                time.time(),
+            )
+            yield info
         yield gauge(
             "splitserve:engine_serving",
             "1 while the engine makes progress, 0 when it cannot (see its health reason).",

@@ -24,6 +24,7 @@ from splitserve.protocol.kv_compat import CompatInfo, kv_compat_hash
 from splitserve.protocol.tokenizer_files import read_tokenizer_files, tokenizer_id
 from splitserve.services.common.drain import Drain
 from splitserve.services.common.engine_args import engine_config
+from splitserve.services.common.lora import LoRAModule, load_modules, watch_modules_file
 from splitserve.services.common.metrics import CacheInfo, EngineMetrics
 from splitserve.services.common.serving import run_grpc_server
 
@@ -59,6 +60,9 @@ class EngineRuntime:
 
         ``background``: coroutine functions run alongside the server (e.g. reapers).
         """
+        if args.lora_modules_file:
+            path = Path(args.lora_modules_file)
+            background = [*background, lambda: watch_modules_file(self.engine, path)]
 
         def shutdown() -> None:
             on_shutdown()
@@ -99,6 +103,7 @@ def build_runtime(args: argparse.Namespace, role: str) -> EngineRuntime:
     setup_logging(args.log_level, args.log_format, role, args.engine_id)
     setup_tracing(role, args.engine_id)
     config = engine_config(args)
+    modules = [LoRAModule.parse(text) for text in args.lora_modules]  # bad flags: before loading
     if args.threads > 0:
         import torch
 
@@ -147,6 +152,9 @@ def build_runtime(args: argparse.Namespace, role: str) -> EngineRuntime:
         tokenizer_files=[pb.TokenizerFile(name=n, content=c) for n, c in files],
         eos_token_ids=list(facts.eos_token_ids),
         max_num_seqs=facts.max_num_seqs,
+        lora_enabled=facts.lora_enabled,
+        max_loras=facts.max_loras,
+        max_lora_rank=facts.max_lora_rank,
     )
     registry = CollectorRegistry()
     cache = CacheInfo(
@@ -160,6 +168,12 @@ def build_runtime(args: argparse.Namespace, role: str) -> EngineRuntime:
         registry, engine, model_name, role, args.engine_id, facts.max_model_len, cache
     )
     engine.start()
+    if modules:
+        try:
+            asyncio.run(load_modules(engine, modules))
+        except ValueError as exc:  # the flags name adapters that cannot be served
+            engine.shutdown()
+            raise SystemExit(f"--lora-modules: {exc}") from exc
     return EngineRuntime(
         engine=engine,
         compat=compat,

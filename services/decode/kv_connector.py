@@ -69,6 +69,7 @@ class KVConnector:
         params: SamplingParams,
         prefill: pb.PrefillResponse,
         info: pb.KVTransferInfo,
+        lora_name: str | None = None,
     ) -> AsyncIterator[SequenceDelta]:
         """Import the prompt's KV and yield the samples' deltas, first tokens included.
 
@@ -82,7 +83,7 @@ class KVConnector:
         handoff = prefill.handoff if prefill.HasField("handoff") else None
         lease = _Lease(self.puller, handoff)
         try:
-            async with self.engine.kv_import(request_id, prompt, params) as imp:
+            async with self.engine.kv_import(request_id, prompt, params, lora_name) as imp:
                 pulled = await self._fill(imp, handoff, first, info)
                 lease.release()  # the blocks are copied or given up: free them at the source
                 deltas = imp.commit(first) if pulled else imp.recompute(first)

@@ -25,6 +25,7 @@ from splitserve.protocol.constants import PROTOCOL_VERSION
 from splitserve.protocol.request_checks import check_generate_request
 from splitserve.protocol.wire import finish_to_proto, logprobs_to_proto, params_from_proto
 from splitserve.services.common.drain import Drain
+from splitserve.services.common.lora import lora_status, request_adapter
 from splitserve.services.common.metrics import EngineMetrics, FinishedRequest
 from splitserve.services.decode.kv_connector import KVConnector, KVImportFailed
 
@@ -101,8 +102,9 @@ class DecodeServicer(pb_grpc.DecodeServiceServicer):
             params = params_from_proto(req.sampling_params, req.extra_keys)
             if not handed_off and not self.colocated:
                 raise ValueError("this decode pod is not colocated: a prefill hand-off is required")
+            lora = request_adapter(self.engine, req)
         except (ValueError, TypeError, OverflowError) as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            await context.abort(lora_status(exc) or grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         start = time.monotonic()
         info = pb.KVTransferInfo()
         prompt = list(req.prompt_token_ids)
@@ -110,14 +112,14 @@ class DecodeServicer(pb_grpc.DecodeServiceServicer):
             # Prompt logprobs came with the hand-off: asking again would only cost this pod its
             # prefix-cache hits (such requests bypass the cache).
             local = params if params.prompt_logprobs is None else _without_prompt_logprobs(params)
-            deltas = self.connector.stream(rid, prompt, local, request.prefill, info)
+            deltas = self.connector.stream(rid, prompt, local, request.prefill, info, lora)
         else:
-            deltas = self.engine.generate(rid, prompt, params)
+            deltas = self.engine.generate(rid, prompt, params, lora)
         try:
             async for message in self._responses(rid, deltas, info, start, handed_off, params):
                 yield message
         except ValueError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            await context.abort(lora_status(exc) or grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except RequestRejectedError as exc:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
         except KVImportFailed as exc:

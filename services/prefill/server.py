@@ -34,6 +34,7 @@ from splitserve.protocol.constants import PROTOCOL_VERSION
 from splitserve.protocol.request_checks import check_prefill_request
 from splitserve.protocol.wire import finish_to_proto, logprobs_to_proto, params_from_proto
 from splitserve.services.common.drain import Drain
+from splitserve.services.common.lora import lora_status, request_adapter
 from splitserve.services.common.metrics import EngineMetrics
 
 log = logging.getLogger(__name__)
@@ -81,8 +82,9 @@ class PrefillServicer(pb_grpc.PrefillServiceServicer):
                 request, vocab_size=facts.vocab_size, max_model_len=facts.max_model_len
             )
             params = params_from_proto(request.sampling_params, request.extra_keys)
+            lora = request_adapter(self.engine, request)
         except (ValueError, TypeError, OverflowError) as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            await context.abort(lora_status(exc) or grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         rid = request.request_id
         if rid in self._inflight:
             await context.abort(grpc.StatusCode.ALREADY_EXISTS, f"request {rid!r} is running")
@@ -92,9 +94,9 @@ class PrefillServicer(pb_grpc.PrefillServiceServicer):
         start = time.monotonic()
         try:
             try:
-                out = await self.engine.prefill(rid, list(request.prompt_token_ids), params)
+                out = await self.engine.prefill(rid, list(request.prompt_token_ids), params, lora)
             except ValueError as exc:
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+                await context.abort(lora_status(exc) or grpc.StatusCode.INVALID_ARGUMENT, str(exc))
             except RequestRejectedError as exc:
                 await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
             except EngineDeadError as exc:

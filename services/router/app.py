@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
-from fastapi.responses import Response, StreamingResponse
+from fastapi.responses import PlainTextResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel
 
@@ -36,7 +36,9 @@ from splitserve.services.router.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     DetokenizeRequest,
+    LoadLoRAAdapterRequest,
     TokenizeRequest,
+    UnloadLoRAAdapterRequest,
 )
 from splitserve.services.router.responses import to_json
 from splitserve.services.router.serving import OpenAIServing, Prepared
@@ -104,9 +106,14 @@ def build_app(
         """``--served-name`` if given, else every name the engines report (and aliases)."""
         return config.served_names or serving.catalog.served_names()
 
+    def adapter_views() -> dict:
+        """The LoRA adapters the newest known generation of engines has loaded."""
+        return serving.adapters.views(serving.catalog.any())
+
     def check_model(name: str | None) -> None:
         names = served_names()
-        if name is not None and name not in names:
+        if name is not None and name not in names and name not in adapter_views():
+            names = (*names, *adapter_views())
             raise APIError(
                 404,
                 f"The model `{name}` does not exist. Served: {', '.join(names) or 'none yet'}",
@@ -175,18 +182,45 @@ def build_app(
         created = int(time.time())
         facts = serving.catalog.any()
         limit = serving.max_model_len(facts) if facts is not None else None
+        root = facts.served_model_name if facts is not None else None
         cards = [
             M.ModelCard(id=name, object="model", created=created, owned_by="splitserve",
-                        max_model_len=limit)
+                        max_model_len=limit, root=root)
             for name in served_names()
+        ]  # fmt: skip
+        cards += [
+            M.ModelCard(id=name, object="model", created=created, owned_by="splitserve",
+                        max_model_len=limit, root=view.info.path, parent=view.parent)
+            for name, view in adapter_views().items()
         ]  # fmt: skip
         return _json(M.ModelList(object="list", data=cards))
 
     @app.get("/v1/models/{name:path}")
     async def model(name: str) -> Response:
         check_model(name)
-        card = M.ModelCard(id=name, object="model", created=int(time.time()), owned_by="splitserve")
+        view = adapter_views().get(name)
+        card = M.ModelCard(
+            id=name, object="model", created=int(time.time()), owned_by="splitserve",
+            root=view.info.path if view else None, parent=view.parent if view else None,
+        )  # fmt: skip
         return _json(card)
+
+    @app.post("/v1/load_lora_adapter")
+    async def load_lora_adapter(request: Request) -> Response:
+        """vLLM's runtime load: on every engine pod of the serving generation (prefill and
+        decode alike), all or nothing; pods that join later get it too."""
+        req = await parse(request, LoadLoRAAdapterRequest)
+        try:
+            text = await serving.adapters.load(req.lora_name, req.lora_path, serving.facts())
+        except BackendError as err:
+            raise backend_error_to_api(err) from err
+        return PlainTextResponse(text)
+
+    @app.post("/v1/unload_lora_adapter")
+    async def unload_lora_adapter(request: Request) -> Response:
+        req = await parse(request, UnloadLoRAAdapterRequest)
+        text = await serving.adapters.unload(req.lora_name, serving.catalog.any())
+        return PlainTextResponse(text)
 
     @app.post("/tokenize")
     async def tokenize(request: Request) -> Response:

@@ -30,8 +30,10 @@ from splitserve.observability import tracing
 from splitserve.proto import splitserve_pb2 as pb
 from splitserve.protocol.block_hash import hash_prompt_blocks
 from splitserve.protocol.constants import PROTOCOL_VERSION
+from splitserve.protocol.lora import AdapterInfo, with_adapter_key
 from splitserve.protocol.sampling import SamplingParams
 from splitserve.protocol.wire import params_to_proto
+from splitserve.services.router.adapters import serves
 from splitserve.services.router.errors import APIError, BackendError, NoBackendError
 from splitserve.services.router.metrics import RouterMetrics
 from splitserve.services.router.policy import Weights, choose
@@ -50,24 +52,30 @@ class EngineRequest:
     params: SamplingParams  # params.n samples; sample i uses seed + i
     tokenizer_id: str  # the generation of engines whose tokenizer made prompt_token_ids
     session_key: str | None = None
+    adapter: AdapterInfo | None = None  # the LoRA adapter `model` named (None: base model)
     _hashes: dict[int, list[int]] = field(default_factory=dict, repr=False)
 
     def block_hashes(self, block_size: int) -> list[int]:
+        """The engines' own block hashes: extra keys, then the adapter's cache key."""
         hashes = self._hashes.get(block_size)
         if hashes is None:
-            hashes = hash_prompt_blocks(self.prompt_token_ids, block_size, self.params.extra_keys)
+            keys = with_adapter_key(self.params.extra_keys, self.adapter)
+            hashes = hash_prompt_blocks(self.prompt_token_ids, block_size, keys)
             self._hashes[block_size] = hashes
         return hashes
 
     @cached_property
     def proto(self) -> pb.PrefillRequest:
-        return pb.PrefillRequest(
+        msg = pb.PrefillRequest(
             request_id=self.request_id,
             prompt_token_ids=self.prompt_token_ids,
             sampling_params=params_to_proto(self.params),
             extra_keys=list(self.params.extra_keys),
             protocol_version=PROTOCOL_VERSION,
         )
+        if self.adapter is not None:  # both pods check they have these very files loaded
+            msg.lora.name, msg.lora.digest = self.adapter.name, self.adapter.digest
+        return msg
 
     def attempt(self, n: int) -> pb.PrefillRequest:
         """The message of attempt ``n``: a retry gets its own id, so it can never collide with
@@ -131,22 +139,26 @@ class Dispatcher:
         pod to pair with is not a candidate (mid-rollout, old and new pods coexist; a request
         never crosses versions).
         """
-        mine = req.tokenizer_id
+        mine, adapter = req.tokenizer_id, req.adapter
         decodes = [p for p in _prefer_others(self.pool.ready(DECODE), exclude)
-                   if p.tokenizer_id == mine]  # fmt: skip
+                   if p.tokenizer_id == mine and serves(p, adapter)]  # fmt: skip
         first = [
             p
             for p in _prefer_others(self.pool.ready(PREFILL), exclude)
             if p.tokenizer_id == mine
+            and serves(p, adapter)
             and (p.endpoint.colocated or any(p.pairs_with(d) for d in decodes))
         ]
         if not first:
-            raise NoBackendError("no ready prefill pod with a decode pod to pair with")
+            raise NoBackendError(
+                "no ready prefill pod with a decode pod to pair with"
+                + (f" that both have LoRA adapter {adapter.name!r}" if adapter else "")
+            )
         block_size = first[0].block_size
         hashes = req.block_hashes(block_size)
         ids = [p.endpoint.pod_id for p in first]
         matched = self.pool.index.match(hashes, ids)
-        cands = [p.candidate(matched[p.endpoint.pod_id]) for p in first]
+        cands = [p.candidate(matched[p.endpoint.pod_id], adapter) for p in first]
         choice = choose(
             self.policy,
             cands,
@@ -162,7 +174,7 @@ class Dispatcher:
         policy = "round_robin" if self.policy == "round_robin" else "least_load"
         d = choose(
             policy,
-            [p.candidate(0) for p in decodes],
+            [p.candidate(0, adapter) for p in decodes],
             total_blocks=0,
             weights=self.weights,
             counter=next(self._decode_counter),
@@ -351,4 +363,6 @@ def backend_error_to_api(err: BackendError) -> APIError:
         return APIError(400, str(err), code="invalid_request")
     if err.http_status == 503:
         return APIError(503, f"overloaded: {err}", code="overloaded", headers={"Retry-After": "1"})
+    if err.http_status == 404:  # a LoRA adapter that left the pods while the request ran
+        return APIError(404, str(err), param="model", code="model_not_found")
     return APIError(err.http_status, f"backend failed: {err}")

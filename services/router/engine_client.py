@@ -28,6 +28,7 @@ _RETRYABLE = {
     grpc.StatusCode.UNKNOWN,
     grpc.StatusCode.CANCELLED,
     grpc.StatusCode.FAILED_PRECONDITION,  # e.g. an expired lease / incompatible pods
+    grpc.StatusCode.NOT_FOUND,  # a LoRA adapter unloaded since the router last heard
 }
 
 
@@ -39,6 +40,10 @@ def to_backend_error(err: grpc.RpcError, address: str) -> BackendError:
         return BackendError(
             details or "invalid request", retryable=False, pod=address, http_status=400
         )
+    if code == grpc.StatusCode.ALREADY_EXISTS:  # a LoRA name that holds other files there
+        return BackendError(details, retryable=False, pod=address, http_status=400)
+    if code == grpc.StatusCode.NOT_FOUND:
+        return BackendError(details, retryable=True, pod=address, http_status=404)
     return BackendError(
         f"{address}: {code.name if code else 'UNKNOWN'}: {details}",
         retryable=code in _RETRYABLE,
@@ -126,6 +131,27 @@ class EngineClient:
         except (grpc.RpcError, grpc.aio.UsageError):
             return 0  # best effort: the cancelled stream already told the pod
         return reply.num_aborted
+
+    async def load_lora_adapter(
+        self, name: str, path: str, int_id: int = 0, timeout: float = 120.0
+    ) -> pb.LoRAAdapter:
+        """Load an adapter on this pod (reading its files can take a while on a hub)."""
+        request = pb.LoadLoRAAdapterRequest(lora_name=name, lora_path=path, lora_int_id=int_id)
+        try:
+            return await self._engine.LoadLoRAAdapter(request, timeout=timeout)
+        except grpc.RpcError as err:
+            raise to_backend_error(err, self.address) from err
+        except grpc.aio.UsageError as err:
+            raise closed_error(self.address) from err
+
+    async def unload_lora_adapter(self, name: str, timeout: float = 10.0) -> bool:
+        request = pb.UnloadLoRAAdapterRequest(lora_name=name)
+        try:
+            return (await self._engine.UnloadLoRAAdapter(request, timeout=timeout)).unloaded
+        except grpc.RpcError as err:
+            raise to_backend_error(err, self.address) from err
+        except grpc.aio.UsageError as err:
+            raise closed_error(self.address) from err
 
     async def stats(self, timeout: float = 2.0) -> pb.EngineStats:
         try:

@@ -149,7 +149,8 @@ def build_router(
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         pool = Pool(index, catalog, stats_interval_s=settings.stats_interval_s,
-                    use_kv_events=settings.use_kv_events)  # fmt: skip
+                    use_kv_events=settings.use_kv_events,
+                    on_info=serving.adapters.reconcile)  # fmt: skip
         dispatcher.pool = pool
         task = asyncio.create_task(start_discovery(pool))
         try:

@@ -21,7 +21,9 @@ from splitserve.services.router.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     DetokenizeRequest,
+    LoadLoRAAdapterRequest,
     TokenizeRequest,
+    UnloadLoRAAdapterRequest,
 )
 
 # path -> the request model of its JSON body (POST)
@@ -30,6 +32,8 @@ REQUESTS: dict[str, type[BaseModel]] = {
     "/v1/chat/completions": ChatCompletionRequest,
     "/tokenize": TokenizeRequest,
     "/detokenize": DetokenizeRequest,
+    "/v1/load_lora_adapter": LoadLoRAAdapterRequest,  # 200: vLLM's plain-text "Success: ..."
+    "/v1/unload_lora_adapter": UnloadLoRAAdapterRequest,
 }
 JSON_ROUTES = frozenset(REQUESTS)
 _RESPONSES: list[type[BaseModel]] = [

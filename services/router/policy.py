@@ -28,6 +28,7 @@ class Weights:
     running: float = 1.0
     kv_usage: float = 1.0  # in units of `capacity` requests at 100% KV usage
     capacity: float = 32.0
+    adapter: float = 0.5  # LoRA: running the request's adapter already (+), or slots full (-)
 
     def __post_init__(self) -> None:
         if self.prefix < 0 or self.load < 0 or self.capacity <= 0:
@@ -44,6 +45,7 @@ class Candidate:
     waiting: int = 0
     kv_usage: float = 0.0
     inflight: int = 0  # requests this router has outstanding on the pod right now
+    adapter_affinity: int = 0  # +1 its adapter runs there, -1 no adapter slot free, else 0
 
 
 def load_of(c: Candidate, w: Weights) -> float:
@@ -54,7 +56,7 @@ def load_of(c: Candidate, w: Weights) -> float:
 
 def score(c: Candidate, total_blocks: int, w: Weights, use_prefix: bool = True) -> float:
     fraction = c.matched_blocks / total_blocks if use_prefix and total_blocks > 0 else 0.0
-    return w.prefix * fraction - w.load * load_of(c, w)
+    return w.prefix * fraction - w.load * load_of(c, w) + w.adapter * c.adapter_affinity
 
 
 def _rendezvous(key: str, pod_id: str) -> int:

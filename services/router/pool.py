@@ -18,12 +18,14 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import grpc
 
 from splitserve.proto import splitserve_pb2 as pb
 from splitserve.protocol.labels import DECODE, PREFILL
+from splitserve.protocol.lora import AdapterInfo
 from splitserve.services.router.engine_client import EngineClient
 from splitserve.services.router.errors import BackendError
 from splitserve.services.router.kv_events import ResyncNeeded, StreamCursor, apply_batch
@@ -96,7 +98,7 @@ class PodState:
             and (not a or not b or a == b)
         )
 
-    def candidate(self, matched_blocks: int) -> Candidate:
+    def candidate(self, matched_blocks: int, adapter: AdapterInfo | None = None) -> Candidate:
         s = self.stats
         return Candidate(
             pod_id=self.endpoint.pod_id,
@@ -105,7 +107,19 @@ class PodState:
             waiting=s.num_requests_waiting if s else 0,
             kv_usage=s.kv_cache_usage if s else 0.0,
             inflight=self.inflight,
+            adapter_affinity=self.adapter_affinity(adapter),
         )
+
+    def adapter_affinity(self, adapter: AdapterInfo | None) -> int:
+        """+1: requests with this adapter run here now (it is resident: no slot to swap);
+        -1: the pod's slots are all taken by other adapters (the request would wait for one)."""
+        s, info = self.stats, self.info
+        if adapter is None or s is None or info is None:
+            return 0
+        if adapter.name in s.running_lora_adapters:
+            return 1
+        busy = set(s.running_lora_adapters) | set(s.waiting_lora_adapters)
+        return -1 if len(busy) >= info.max_loras > 0 else 0
 
 
 class Pool:
@@ -118,7 +132,9 @@ class Pool:
         *,
         stats_interval_s: float = 0.5,
         use_kv_events: bool = True,
+        on_info: Callable[[PodState], Awaitable[None]] | None = None,
     ) -> None:
+        self.on_info = on_info  # called (as a task) whenever a pod's facts were (re)learned
         self.index = index
         self.catalog = catalog
         self.stats_interval_s = stats_interval_s
@@ -188,6 +204,8 @@ class Pool:
             stats = await state.client.stats()
             if state.info is None or stats.epoch != state.info.epoch:
                 await self._learn(state)  # first contact, or the pod restarted
+            elif stats.lora_adapters_version != state.info.lora_adapters_version:
+                await self.relearn(state)  # its LoRA adapters changed
             state.stats = stats
             state.healthy = stats.serving and state.info is not None
         except BackendError:
@@ -205,6 +223,14 @@ class Pool:
         state.info = info
         if first and self.use_kv_events:
             state.tasks.append(asyncio.create_task(self._follow_kv_events(state)))
+        if self.on_info is not None:
+            state.tasks.append(asyncio.create_task(self.on_info(state)))
+
+    async def relearn(self, state: PodState) -> None:
+        """Ask a known pod for its facts again (its LoRA adapters changed)."""
+        info = await state.client.info()
+        if state.info is not None and info.epoch == state.info.epoch:
+            state.info = info
 
     async def _poll_stats(self, state: PodState) -> None:
         while True:

@@ -470,3 +470,17 @@ class TokenizeRequest(_Model):
 class DetokenizeRequest(_Model):
     model: str | None = None
     tokens: list[TokenId]
+
+
+class LoadLoRAAdapterRequest(_Model):
+    """vLLM's ``POST /v1/load_lora_adapter``."""
+
+    lora_name: Annotated[str, Field(min_length=1, max_length=128)]
+    lora_path: Annotated[str, Field(min_length=1, max_length=4096)]
+
+
+class UnloadLoRAAdapterRequest(_Model):
+    """vLLM's ``POST /v1/unload_lora_adapter`` (``lora_int_id`` is accepted and ignored)."""
+
+    lora_name: Annotated[str, Field(min_length=1, max_length=128)]
+    lora_int_id: int | None = None

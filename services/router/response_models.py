@@ -166,6 +166,8 @@ class ModelCard(_Out):
     created: int
     owned_by: str
     max_model_len: int | None = None  # vLLM: the context limit the router checks
+    root: str | None = None  # vLLM: the base model, or a LoRA adapter's path
+    parent: str | None = None  # vLLM: a LoRA adapter's base model (None for base models)
 
 
 class ModelList(_Out):

@@ -29,6 +29,7 @@ from splitserve.protocol.wire import params_to_proto
 from splitserve.services.router import response_models as M
 from splitserve.services.router import responses as R
 from splitserve.services.router import tool_calls
+from splitserve.services.router.adapters import RouterAdapters
 from splitserve.services.router.cold_start import ColdStartConfig, ColdStartQueue
 from splitserve.services.router.dispatch import Dispatcher, EngineRequest, backend_error_to_api
 from splitserve.services.router.errors import (
@@ -89,9 +90,11 @@ class OpenAIServing:
         max_model_len: int | None = None,
         cpu: CPUPool | None = None,
         cold_start: ColdStartQueue | None = None,
+        adapters: RouterAdapters | None = None,
     ) -> None:
         self.catalog = catalog
         self.dispatcher = dispatcher
+        self.adapters = adapters or RouterAdapters(dispatcher)
         self.metrics = metrics
         self.max_model_len_cap = max_model_len  # the operator's limit, below the engines' own
         self.cpu = cpu or CPUPool()
@@ -177,8 +180,9 @@ class OpenAIServing:
             params_to_proto(params)  # what the wire cannot carry is refused here, not mid-call
         except ValueError as err:
             raise bad_request(f"a sampling field cannot be sent to the engines: {err}") from err
+        adapter = self.adapters.resolve(req.model, facts)  # None: the base model
         return [
-            EngineRequest(f"{rid}-{p}", ids, params, facts.tokenizer_id, session_key)
+            EngineRequest(f"{rid}-{p}", ids, params, facts.tokenizer_id, session_key, adapter)
             for p, ids in enumerate(prompts)
         ]
 

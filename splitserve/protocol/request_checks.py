@@ -21,6 +21,7 @@ from typing import Any
 import grpc
 
 from splitserve.proto import splitserve_pb2 as pb
+from splitserve.protocol.lora import check_adapter_name
 
 MAX_REQUEST_ID = 256  # characters
 MAX_EXTRA_KEYS = 16
@@ -50,6 +51,10 @@ def check_prefill_request(
         raise ValueError(f"{where}extra_keys may hold at most {MAX_EXTRA_KEYS} keys")
     if any(len(k) > MAX_EXTRA_KEY for k in msg.extra_keys):
         raise ValueError(f"{where}extra_keys must be at most {MAX_EXTRA_KEY} characters each")
+    if msg.HasField("lora"):
+        check_adapter_name(msg.lora.name, f"{where}lora.name")
+        if len(msg.lora.digest) > 64:
+            raise ValueError(f"{where}lora.digest is longer than 64 characters")
 
 
 def check_generate_request(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from splitserve.proto import splitserve_pb2 as pb
 from splitserve.protocol.logprobs import TokenLogprobs, TopLogprob
+from splitserve.protocol.lora import AdapterInfo
 from splitserve.protocol.sampling import SamplingParams, StructuredOutput
 
 _FINISH = {
@@ -112,6 +113,18 @@ def logprobs_from_proto(msg: pb.TokenLogprobs) -> TokenLogprobs:
         logprob=msg.logprob,
         rank=msg.rank,
         top=tuple(TopLogprob(t.token_id, t.logprob, t.rank) for t in msg.top),
+    )
+
+
+def adapter_to_proto(info: AdapterInfo) -> pb.LoRAAdapter:
+    return pb.LoRAAdapter(
+        name=info.name, digest=info.digest, rank=info.rank, path=info.path, int_id=info.int_id
+    )
+
+
+def adapter_from_proto(msg: pb.LoRAAdapter) -> AdapterInfo:
+    return AdapterInfo(
+        name=msg.name, digest=msg.digest, rank=msg.rank, path=msg.path, int_id=msg.int_id
     )
 
 

@@ -46,6 +46,8 @@ OPERATIONS = [
     ("POST", "/ping"),
     ("GET", "/version"),
     ("GET", "/metrics"),
+    ("POST", "/v1/load_lora_adapter"),
+    ("POST", "/v1/unload_lora_adapter"),
 ]
 
 
