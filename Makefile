@@ -16,7 +16,7 @@ CLUSTER_BIN := .cache/cluster/bin
 E2E_DIRS := tests/cluster tests/e2e
 
 .PHONY: install test test-fast serve proto lint format bench clean model tools cpu-kernels \
-	cluster-bins cluster-deps e2e
+	cluster-bins cluster-deps e2e charts
 
 install: $(STAMP) model cpu-kernels tools
 
@@ -91,6 +91,15 @@ e2e: install cluster-deps cluster-bins
 
 serve: install
 	$(BIN)/splitserve serve --port $(PORT) $(SERVE_ARGS)
+
+# The Helm charts as packages in dist/charts/ (the release pushes them to an OCI registry:
+# helm push dist/charts/*.tgz oci://ghcr.io/splitserve/charts). Their README values tables and
+# the inferenceservice values schema are refreshed from values.yaml and the CRD first.
+charts: tools
+	$(BIN)/python scripts/chart-docs
+	$(BIN)/python scripts/sync-chart-schema
+	mkdir -p dist/charts
+	for chart in charts/*/; do .cache/tools/helm package $$chart -d dist/charts; done
 
 # Regenerate the committed protobuf / gRPC code (a test fails if it is stale).
 # Generated under a temp root with the import path splitserve/proto, so the code imports

@@ -77,9 +77,14 @@ def stage(name: str = DEFAULT_MODEL, dest_root: Path = STAGE_DIR) -> Path:
 
 
 def volume_manifests(
-    namespace: str, host_path: Path, claim: str = DEFAULT_CLAIM, pv_name: str | None = None
+    namespace: str,
+    host_path: Path,
+    claim: str = DEFAULT_CLAIM,
+    pv_name: str | None = None,
+    access_mode: str = "ReadOnlyMany",
 ) -> list[dict[str, Any]]:
-    """A read-only hostPath PersistentVolume pre-bound to a claim in ``namespace``.
+    """A hostPath PersistentVolume pre-bound to a claim in ``namespace`` (read-only unless
+    ``access_mode`` says otherwise, e.g. ReadWriteMany for a shared download cache).
 
     The PV names its claim (claimRef) and the claim its volume (volumeName), with no storage
     class, so the real PV controller binds exactly this pair and no provisioner is involved.
@@ -93,7 +98,7 @@ def volume_manifests(
             "metadata": {"name": pv, "labels": {"splitserve.io/model-volume": claim}},
             "spec": {
                 "capacity": {"storage": size},
-                "accessModes": ["ReadOnlyMany"],
+                "accessModes": [access_mode],
                 "persistentVolumeReclaimPolicy": "Retain",
                 "storageClassName": "",
                 "claimRef": {"namespace": namespace, "name": claim},
@@ -105,7 +110,7 @@ def volume_manifests(
             "kind": "PersistentVolumeClaim",
             "metadata": {"name": claim, "namespace": namespace},
             "spec": {
-                "accessModes": ["ReadOnlyMany"],
+                "accessModes": [access_mode],
                 "storageClassName": "",
                 "volumeName": pv,
                 "resources": {"requests": {"storage": size}},

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Any
 
@@ -38,10 +39,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="seconds between autoscaling passes (docs/autoscaling.md)",
     )
     run_p.add_argument(
-        "--liveness",
-        default="http://0.0.0.0:8080/healthz",
-        help="kopf liveness endpoint URL ('' disables it)",
+        "--health-port",
+        type=int,
+        default=8080,
+        help="port of /healthz, /readyz and /metrics (0: none)",
     )
+    run_p.add_argument(
+        "--leader-elect",
+        action="store_true",
+        help="reconcile only while holding a coordination.k8s.io Lease (run several replicas)",
+    )
+    run_p.add_argument(
+        "--lease-namespace",
+        default=os.environ.get("POD_NAMESPACE", "default"),
+        help="namespace of the Lease (default: $POD_NAMESPACE)",
+    )
+    run_p.add_argument("--lease-name", default="splitserve-operator")
+    run_p.add_argument("--lease-duration", type=float, default=15.0, help="seconds")
+    run_p.add_argument("--renew-deadline", type=float, default=10.0, help="seconds")
+    run_p.add_argument("--retry-period", type=float, default=2.0, help="seconds")
     render_p = sub.add_parser("render", help="validate an InferenceService and print its objects")
     render_p.add_argument("-f", "--filename", required=True, help="YAML file ('-' for stdin)")
     render_p.add_argument(
@@ -121,27 +137,33 @@ def dump_yaml(objects: list[dict[str, Any]]) -> str:
 
 def _run_operator(args: argparse.Namespace) -> int:
     import asyncio
-    import os
     import socket
 
     import kopf
 
-    from splitserve.operator.handlers import make_registry
+    from splitserve.operator.leader import LeaseConfig
+    from splitserve.operator.runner import RunConfig, operate
 
-    kopf.configure(log_format=kopf.LogFormat.PLAIN)
-    registry = make_registry(interval=args.interval, autoscale_interval=args.autoscale_interval)
-    namespaces = args.namespace
     # kopf would name itself after getpass.getuser(), which fails for a uid with no passwd entry
     # (OpenShift's random UIDs, any image without the user): the pod's name says more anyway.
     identity = os.environ.get("POD_NAME") or socket.gethostname()
-    asyncio.run(
-        kopf.operator(
-            registry=registry,
+    lease = None
+    if args.leader_elect:
+        lease = LeaseConfig(
+            namespace=args.lease_namespace,
             identity=identity,
-            standalone=True,  # one replica (Recreate strategy): no peering objects needed
-            clusterwide=not namespaces,
-            namespaces=namespaces,
-            liveness_endpoint=args.liveness or None,
+            name=args.lease_name,
+            lease_duration_s=args.lease_duration,
+            renew_deadline_s=args.renew_deadline,
+            retry_period_s=args.retry_period,
         )
+    config = RunConfig(
+        identity=identity,
+        namespaces=tuple(args.namespace),
+        interval=args.interval,
+        autoscale_interval=args.autoscale_interval,
+        health_port=args.health_port,
+        lease=lease,
     )
-    return 0
+    kopf.configure(log_format=kopf.LogFormat.PLAIN)
+    return asyncio.run(operate(config))

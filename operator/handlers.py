@@ -28,6 +28,7 @@ from splitserve.operator import crd
 from splitserve.operator.adapters import AdapterProbe, GrpcAdapterProbe
 from splitserve.operator.autoscale.runner import autoscale_pass
 from splitserve.operator.autoscale.scrape import MetricsReader
+from splitserve.operator.health import OperatorMetrics
 from splitserve.operator.kube import Credentials, KubeApi
 from splitserve.operator.labels import PREFIX
 from splitserve.operator.login import default_login
@@ -61,6 +62,29 @@ def configure(settings: kopf.OperatorSettings) -> None:
 
 def _now() -> str:
     return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def outcome(result: ReconcileResult) -> tuple[str, str]:
+    """(result, error reason) of a pass, for the operator's metrics."""
+    ready = next((c for c in result.status.get("conditions") or [] if c["type"] == "Ready"), {})
+    reason = ready.get("reason", "")
+    if reason == "InvalidSpec":
+        return "invalid_spec", reason
+    if reason == "ApplyFailed":
+        return ("retry" if result.retry == "temporary" else "apply_failed"), reason
+    return "ok", ""
+
+
+def _key(body: kopf.Body) -> str:
+    meta = body.get("metadata") or {}
+    return f"{meta.get('namespace')}/{meta.get('name')}"
+
+
+def _ready(result: ReconcileResult) -> str:
+    for cond in result.status.get("conditions") or []:
+        if cond.get("type") == "Ready":
+            return str(cond.get("status"))
+    return "Unknown"
 
 
 def _current(body: kopf.Body, memo: kopf.Memo) -> dict[str, Any]:
@@ -107,11 +131,14 @@ def make_registry(
     interval: float = 30.0,
     autoscale_interval: float = 10.0,
     adapter_probe: AdapterProbe | None = None,
+    metrics: OperatorMetrics | None = None,
 ) -> kopf.OperatorRegistry:
     """A registry with every handler; ``login`` serves kopf and our own client alike.
-    ``adapter_probe`` asks engine pods for their LoRA adapters (default: their gRPC port)."""
+    ``adapter_probe`` asks engine pods for their LoRA adapters (default: their gRPC port);
+    every pass is timed and counted in ``metrics``."""
     adapter_probe = adapter_probe or GrpcAdapterProbe()
     registry = kopf.OperatorRegistry()
+    metrics = metrics or OperatorMetrics()
     resource = (crd.GROUP, crd.VERSION, crd.PLURAL)
 
     @kopf.on.login(registry=registry)
@@ -135,9 +162,13 @@ def make_registry(
     @kopf.on.update(*resource, id="reconcile", registry=registry)
     async def on_change(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **_: Any) -> None:
         async with _lock(memo):
-            result = await reconcile(
-                memo.api, _current(body, memo), _now(), memo.adapter_probe, scale=_scale(memo)
-            )
+            with metrics.observe("change") as report:
+                result = await reconcile(
+                    memo.api, _current(body, memo), _now(), memo.adapter_probe,
+                    scale=_scale(memo),
+                )  # fmt: skip
+                report(*outcome(result))
+            metrics.set_ready(_key(body), _ready(result))
             _deliver(result, body, patch, memo)
         if result.retry == "permanent":
             # Nothing to retry until the spec changes; the timer keeps status current.
@@ -148,9 +179,13 @@ def make_registry(
         if body.get("metadata", {}).get("deletionTimestamp"):
             return
         async with _lock(memo):
-            result = await reconcile(
-                memo.api, _current(body, memo), _now(), memo.adapter_probe, scale=_scale(memo)
-            )
+            with metrics.observe("timer") as report:
+                result = await reconcile(
+                    memo.api, _current(body, memo), _now(), memo.adapter_probe,
+                    scale=_scale(memo),
+                )  # fmt: skip
+                report(*outcome(result))
+            metrics.set_ready(_key(body), _ready(result))
             _deliver(result, body, patch, memo)
 
     @kopf.timer(
@@ -161,18 +196,22 @@ def make_registry(
         if body.get("metadata", {}).get("deletionTimestamp"):
             return
         async with _lock(memo):
-            done = await autoscale_pass(
-                memo.api, memo.metrics_reader, _current(body, memo), memo.get("autoscaler"),
-                time.monotonic(), _now(), memo.adapter_probe,
-            )  # fmt: skip
+            with metrics.observe("autoscale") as report:
+                done = await autoscale_pass(
+                    memo.api, memo.metrics_reader, _current(body, memo), memo.get("autoscaler"),
+                    time.monotonic(), _now(), memo.adapter_probe,
+                )  # fmt: skip
+                report(*(outcome(done.result) if done.result is not None else ("ok", "")))
             memo["autoscaler"] = done.state
             if done.result is not None:
+                metrics.set_ready(_key(body), _ready(done.result))
                 _deliver(done.result, body, patch, memo)
 
     @kopf.on.delete(*resource, id="cleanup", registry=registry)
     async def on_delete(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
         meta = body["metadata"]
         deleted = await delete_children(memo.api, meta["namespace"], meta["name"], meta["uid"])
+        metrics.set_ready(_key(body), None)
         if deleted:
             kopf.event(body, type="Normal", reason="Deleted", message=", ".join(deleted))
 

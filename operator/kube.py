@@ -197,6 +197,29 @@ class KubeApi:
             is not None
         )
 
+    async def create(self, info: KindInfo, namespace: str, obj: dict[str, Any]) -> dict[str, Any]:
+        """POST a new object; 409 (already exists) raises ApiError."""
+        result = await self._request("POST", info.path(namespace), body=obj)
+        if result is None:
+            raise ApiError(404, "NotFound", f"{info.plural} is not served")
+        return result
+
+    async def patch_unchanged(
+        self, info: KindInfo, namespace: str, name: str, resource_version: str, spec: dict
+    ) -> dict[str, Any]:
+        """Merge-patch ``spec`` only if the object is still at ``resource_version`` (the API
+        server answers 409 Conflict when someone wrote it since)."""
+        body = {"metadata": {"resourceVersion": resource_version}, "spec": spec}
+        result = await self._request(
+            "PATCH",
+            info.path(namespace, name),
+            body=body,
+            content_type="application/merge-patch+json",
+        )
+        if result is None:
+            raise ApiError(404, "NotFound", f"{info.kind} {name} is gone")
+        return result
+
     async def delete(self, info: KindInfo, namespace: str, name: str) -> bool:
         """Delete in the background (pods go with their Deployment); False if already gone."""
         body = {"kind": "DeleteOptions", "apiVersion": "v1", "propagationPolicy": "Background"}

@@ -29,11 +29,12 @@ from splitserve.operator.builders import build_desired, engine_roles
 from splitserve.operator.kube import CHILD_KINDS, PODS, ApiError, KubeApi
 from splitserve.operator.spec import SpecError, parse, short_hash
 from splitserve.operator.status import (
-    PODS_FAILING,
     compute_status,
     condition,
+    failing_reason,
     invalid_spec_status,
     pod_problems,
+    pods_pending,
     role_state,
 )
 
@@ -258,9 +259,15 @@ async def reconcile(
         pods = await api.list(PODS, isvc.namespace, selector)
     except ApiError:
         pass  # status from the Deployments alone; the next pass reads pods again
-    failing = pod_problems(pods)
+    failing, pending = pod_problems(pods), pods_pending(pods)
     status = compute_status(
-        isvc, plan.deployments, previous, now, failing=failing, retained=plan.retained
+        isvc,
+        plan.deployments,
+        previous,
+        now,
+        failing=failing,
+        retained=plan.retained,
+        pending=pending,
     )
     if managed_roles(isvc):
         status["autoscaling"] = dict(autoscaling or previous.get("autoscaling") or {})
@@ -279,7 +286,7 @@ async def reconcile(
         if ok and reason == "AllLoaded" and (before or {}).get("message") != message:
             events.append(Event("Normal", ADAPTERS_LOADED, message))
     if failing:
-        events += _warning_once(previous, PODS_FAILING, "; ".join(failing))
+        events += _warning_once(previous, failing_reason(failing), "; ".join(failing))
     if plan.created or plan.updated or plan.pruned:
         parts = [
             f"{verb} {', '.join(refs)}"

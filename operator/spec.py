@@ -19,6 +19,24 @@ from splitserve.operator import crd
 from splitserve.operator.autoscale import config as autoscale
 from splitserve.operator.autoscale.config import JointPolicy, RoleAutoscaling
 from splitserve.operator.crd import FieldError
+from splitserve.operator.model_source import (
+    DOWNLOAD_SCHEMES,
+    ModelCache,
+    ModelSource,
+    default_names,
+)
+from splitserve.operator.pod_overrides import (
+    RESERVED_MOUNT_PATHS,
+    PodOverrides,
+    Reserved,
+    override_errors,
+    parse_overrides,
+)
+
+__all__ = [
+    "InferenceService", "InferenceServiceSpec", "ModelCache", "ModelSource", "PodOverrides",
+    "PoolSpec", "SpecError", "parse", "short_hash",
+]  # fmt: skip
 
 # Flags the operator sets on every engine/router pod; extraArgs must not fight over them.
 MANAGED_FLAGS = frozenset(
@@ -44,33 +62,6 @@ class SpecError(ValueError):
     def __init__(self, errors: list[FieldError]) -> None:
         self.errors = errors
         super().__init__("; ".join(str(e) for e in errors))
-
-
-@dataclass(frozen=True)
-class ModelSource:
-    """Where the weights come from and how a pod reaches them."""
-
-    uri: str
-    revision: str
-    served_name: str
-
-    @property
-    def scheme(self) -> str:
-        return self.uri.split("://", 1)[0]
-
-    @property
-    def pvc_claim(self) -> str | None:
-        """The PVC to mount read-only at /models/<claim>, for pvc:// models."""
-        return self.uri[len("pvc://") :].split("/", 1)[0] if self.scheme == "pvc" else None
-
-    @property
-    def engine_argument(self) -> str:
-        """The value of ``--model``: a local path, or ``org/name`` for the hub."""
-        rest = self.uri.split("://", 1)[1]
-        if self.scheme == "pvc":
-            claim, path = rest.split("/", 1)
-            return f"/models/{claim}/{path}"
-        return rest  # file:///models/x -> /models/x ; hf://org/name -> org/name
 
 
 @dataclass(frozen=True)
@@ -130,6 +121,7 @@ class PoolSpec:
     tolerations: tuple[Mapping[str, Any], ...]
     affinity: Mapping[str, Any]
     autoscaling: RoleAutoscaling | None = None  # prefill and decode only
+    overrides: PodOverrides = PodOverrides()  # env, volumes, scheduling and metadata extras
 
 
 @dataclass(frozen=True)
@@ -174,9 +166,20 @@ class TracingSpec:
 
 
 @dataclass(frozen=True)
+class MetricsSpec:
+    """How Prometheus finds and reaches every pod's /metrics."""
+
+    # prometheus.io/scrape, port and path on every pod (annotation-based discovery)
+    prometheus_annotations: bool = True
+    # NetworkPolicy peers (e.g. the monitoring namespace) admitted to the engines' metrics port
+    allow_from: tuple[Mapping[str, Any], ...] = ()
+
+
+@dataclass(frozen=True)
 class ObservabilitySpec:
     log_format: str = "text"
     tracing: TracingSpec | None = None  # None: no traces
+    metrics: MetricsSpec = MetricsSpec()
 
 
 @dataclass(frozen=True)
@@ -279,11 +282,7 @@ def _spec(s: dict[str, Any]) -> InferenceServiceSpec:
     model, engine, router, kv = s["model"], s["engine"], s["router"], s["kvTransfer"]
     secret = router.get("apiKeySecret")
     return InferenceServiceSpec(
-        model=ModelSource(
-            uri=model["uri"],
-            revision=model.get("revision", ""),
-            served_name=model.get("servedName") or model["uri"].rstrip("/").rsplit("/", 1)[-1],
-        ),
+        model=_model(model),
         image=s["image"],
         image_pull_policy=s["imagePullPolicy"],
         image_pull_secrets=tuple(ref["name"] for ref in s.get("imagePullSecrets", [])),
@@ -319,6 +318,22 @@ def _spec(s: dict[str, Any]) -> InferenceServiceSpec:
     )
 
 
+def _model(m: dict[str, Any]) -> ModelSource:
+    served, aliases = default_names(m["uri"])
+    if m.get("servedName"):
+        served, aliases = m["servedName"], ()
+    cache = m.get("cache") or {}
+    return ModelSource(
+        uri=m["uri"],
+        revision=m.get("revision", ""),
+        served_name=served,
+        aliases=tuple(aliases) + tuple(m.get("aliases") or ()),
+        credentials_secret=(m.get("credentials") or {}).get("secretName", ""),
+        endpoint=m.get("endpoint", ""),
+        cache=ModelCache(cache.get("claimName", ""), cache.get("hostPath", "")),
+    )
+
+
 def _observability(o: dict[str, Any]) -> ObservabilitySpec:
     t = o.get("tracing") or {}
     tracing = None
@@ -326,7 +341,12 @@ def _observability(o: dict[str, Any]) -> ObservabilitySpec:
         tracing = TracingSpec(
             t["endpoint"], t.get("protocol", "grpc"), float(t.get("samplingRatio", 1.0))
         )
-    return ObservabilitySpec(o.get("logFormat", "text"), tracing)
+    m = o.get("metrics") or {}
+    metrics = MetricsSpec(
+        prometheus_annotations=m.get("prometheusAnnotations", True),
+        allow_from=tuple(dict(peer) for peer in m.get("allowFrom") or ()),
+    )
+    return ObservabilitySpec(o.get("logFormat", "text"), tracing, metrics)
 
 
 def _pool(p: dict[str, Any], default_requests: dict[str, str]) -> PoolSpec:
@@ -340,6 +360,7 @@ def _pool(p: dict[str, Any], default_requests: dict[str, str]) -> PoolSpec:
         tolerations=tuple(dict(t) for t in p.get("tolerations", [])),
         affinity=dict(p.get("affinity", {})),
         autoscaling=autoscale.parse_role(p.get("autoscaling")),
+        overrides=parse_overrides(p),
     )
 
 
@@ -392,6 +413,57 @@ def _semantic_errors(meta: Mapping[str, Any], s: dict[str, Any]) -> list[FieldEr
                             f"{quantity!r} is not a Kubernetes quantity",
                         )
                     )
+    errors += _model_errors(s["model"])
+    errors += _override_errors(s)
+    return errors
+
+
+def _model_errors(m: dict[str, Any]) -> list[FieldError]:
+    """Download settings belong to the sources that download (hf://, s3://)."""
+    errors: list[FieldError] = []
+    scheme = m["uri"].split("://", 1)[0]
+    if scheme not in DOWNLOAD_SCHEMES:
+        for key in ("credentials", "endpoint", "cache"):
+            if m.get(key):
+                errors.append(
+                    FieldError(
+                        f"spec.model.{key}", f"applies to hf:// and s3:// models, not {scheme}://"
+                    )
+                )
+    cache = m.get("cache") or {}
+    if cache.get("claimName") and cache.get("hostPath"):
+        errors.append(FieldError("spec.model.cache", "give claimName or hostPath, not both"))
+    return errors
+
+
+def _override_errors(s: dict[str, Any]) -> list[FieldError]:
+    """Pass-through fields that would replace the operator's own volumes, paths or labels."""
+    errors: list[FieldError] = []
+    model = _model(s["model"])
+    paths = RESERVED_MOUNT_PATHS
+    if model.pvc_claim:
+        paths = paths | {f"/models/{model.pvc_claim}"}
+    roles = (
+        ("decode", "router") if s["prefill"]["replicas"] == 0 else ("prefill", "decode", "router")
+    )
+    overrides = {role: parse_overrides(s[role]) for role in roles}
+    for role, o in overrides.items():
+        errors += override_errors(role, o, Reserved(mount_paths=paths))
+        if role != "router" and not _QUANTITY.match(o.shm_size):
+            errors.append(
+                FieldError(f"spec.{role}.shmSize", f"{o.shm_size!r} is not a Kubernetes quantity")
+            )
+    # prefill and decode pods share one ServiceAccount (NAME-engine): their annotations merge.
+    if "prefill" in overrides:
+        theirs = overrides["decode"].service_account_annotations
+        for key, value in overrides["prefill"].service_account_annotations.items():
+            if key in theirs and theirs[key] != value:
+                errors.append(
+                    FieldError(
+                        f"spec.prefill.serviceAccount.annotations.{key}",
+                        "differs from spec.decode's: both roles share the engine ServiceAccount",
+                    )
+                )
     return errors
 
 

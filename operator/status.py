@@ -18,10 +18,12 @@ from typing import Any
 
 from splitserve.operator import labels as L
 from splitserve.operator.builders import endpoint_url, engine_roles
+from splitserve.operator.builders.model import DOWNLOAD_CONTAINER
 from splitserve.operator.spec import InferenceService
 
 READY, PROGRESSING, DEGRADED = "Ready", "Progressing", "Degraded"
 PODS_FAILING = "PodsFailing"
+MODEL_DOWNLOAD_FAILED = "ModelDownloadFailed"
 # Waiting reasons that mean a container will not come up by itself (kubelet's names).
 FAILING_WAITING_REASONS = frozenset(
     {
@@ -103,12 +105,13 @@ def _last_words(text: str) -> str:
 
 
 def pod_problems(pods: Sequence[Mapping[str, Any]]) -> list[str]:
-    """One line per container that will not come up by itself, sorted (stable across passes:
-    no restart counts or back-off delays, so an unchanged problem is not reported anew).
+    """One line per container (init containers included) that will not come up by itself,
+    sorted (stable across passes: no restart counts or back-off delays, so an unchanged problem
+    is not reported anew).
 
-    The engines' and router's containers use terminationMessagePolicy FallbackToLogsOnError, so
-    the last exit carries the tail of the output: the line that says why (e.g. a model path
-    that does not exist).
+    The engines', router's and download step's containers use terminationMessagePolicy
+    FallbackToLogsOnError, so the last exit carries the tail of the output: the line that says
+    why (a model path that does not exist, a gated model without a token).
     """
     out = []
     for pod in pods:
@@ -116,7 +119,11 @@ def pod_problems(pods: Sequence[Mapping[str, Any]]) -> list[str]:
         if meta.get("deletionTimestamp"):
             continue
         role = (meta.get("labels") or {}).get(L.ROLE_LABEL, "?")
-        for c in (pod.get("status") or {}).get("containerStatuses") or []:
+        status = pod.get("status") or {}
+        containers = (status.get("initContainerStatuses") or []) + (
+            status.get("containerStatuses") or []
+        )
+        for c in containers:
             waiting = (c.get("state") or {}).get("waiting") or {}
             reason = waiting.get("reason", "")
             if reason not in FAILING_WAITING_REASONS:
@@ -131,6 +138,32 @@ def pod_problems(pods: Sequence[Mapping[str, Any]]) -> list[str]:
             elif reason != "CrashLoopBackOff" and waiting.get("message"):
                 line += f": {_last_words(str(waiting['message']))}"
             out.append(line)
+    return sorted(out)
+
+
+def failing_reason(failing: Sequence[str]) -> str:
+    """The Degraded reason for these lines: a failed model download is named as such."""
+    if any(f" container {DOWNLOAD_CONTAINER}: " in line for line in failing):
+        return MODEL_DOWNLOAD_FAILED
+    return PODS_FAILING
+
+
+def pods_pending(pods: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Why pods wait to be scheduled (e.g. no node with a free GPU), one line per pod, sorted.
+
+    Not a failure (an autoscaler may add the node), but what a user asks first when Ready
+    stays False: it goes into the Ready condition's message.
+    """
+    out = []
+    for pod in pods:
+        meta = pod.get("metadata") or {}
+        if meta.get("deletionTimestamp"):
+            continue
+        for cond in (pod.get("status") or {}).get("conditions") or []:
+            if cond.get("type") == "PodScheduled" and cond.get("reason") == "Unschedulable":
+                role = (meta.get("labels") or {}).get(L.ROLE_LABEL, "?")
+                words = _last_words(str(cond.get("message") or ""))
+                out.append(f"pod {meta.get('name')} ({role}) unschedulable: {words}")
     return sorted(out)
 
 
@@ -166,12 +199,14 @@ def compute_status(
     problem: tuple[str, str] | None = None,
     failing: Sequence[str] = (),
     retained: Sequence[str] = (),
+    pending: Sequence[str] = (),
 ) -> dict[str, Any]:
     """The whole status from the role Deployments (by role) and the last status.
 
     ``problem`` is (reason, message) when this pass could not apply the desired objects;
     ``failing`` lists the pods that will not come up (``pod_problems``); ``retained`` the
-    objects of the previous generation still serving until this one is rolled out.
+    objects of the previous generation still serving until this one is rolled out;
+    ``pending`` the pods no node can take yet (``pods_pending``).
     The served model, revision and rollout hash move to the desired ones only when the
     rollout completes, so status never claims a version that is not fully serving.
     """
@@ -202,7 +237,10 @@ def compute_status(
             for st in (states[r] for r in active)
         )
         reason = "RollingOut" if rolling else "ReplicasNotReady"
-        ready = condition(READY, False, reason, f"{progress}; {ready_text}", gen, now, prev)
+        message = f"{progress}; {ready_text}"
+        if pending:
+            message += "; " + "; ".join(pending)
+        ready = condition(READY, False, reason, message, gen, now, prev)
     if rolled_out:
         progressing = condition(PROGRESSING, False, "RolloutComplete", progress, gen, now, prev)
     else:
@@ -216,7 +254,7 @@ def compute_status(
         degraded = condition(DEGRADED, True, "RolloutStuck", stuck, gen, now, prev)
     elif failing:
         message = "; ".join(failing)
-        degraded = condition(DEGRADED, True, PODS_FAILING, message, gen, now, prev)
+        degraded = condition(DEGRADED, True, failing_reason(failing), message, gen, now, prev)
     elif rolled_out or not unavailable:
         degraded = condition(DEGRADED, False, "AsExpected", ready_text, gen, now, prev)
     else:

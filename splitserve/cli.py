@@ -17,6 +17,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "splitserve.engine.entrypoints.fetch_model",
         "convert the default model into the local safetensors cache",
     ),
+    "pull-model": (
+        "splitserve.storage.pull",
+        "download hf:// or s3:// weights into a folder (the pods' download step)",
+    ),
     "serve": ("splitserve.serve", "run router, prefill and decode locally"),
     "router": ("splitserve.services.router.main", "run the OpenAI-compatible router"),
     "prefill": ("splitserve.services.prefill.main", "run a prefill gRPC server"),

@@ -59,9 +59,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-transport", choices=("nixl", "grpc"), default="grpc")
     p.add_argument("--policy", default="prefix",
                    choices=("prefix", "round_robin", "least_load", "session"))  # fmt: skip
-    p.add_argument("--served-name", default=None)
-    p.add_argument("--api-key", action="append", default=[],
-                   help=f"accepted API key (repeatable; also ${API_KEYS_ENV})")  # fmt: skip
+    p.add_argument("--served-name", action="append", default=None,
+                   help="model name clients send (repeatable: the first is reported, the others "
+                   "are aliases; default: the model's hub id, and its short name)")  # fmt: skip
+    p.add_argument("--api-key-file", default=None,
+                   help=f"file of accepted API keys, one per line, re-read when it changes "
+                   f"(or ${API_KEYS_ENV}=k1,k2); keys never go on a command line")  # fmt: skip
+    # A key on a command line is readable by every user of the machine (ps, /proc/PID/cmdline):
+    # the flag is refused with what to use instead, rather than silently accepted.
+    p.add_argument("--api-key", action="append", default=[], help=argparse.SUPPRESS)
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"))
     p.add_argument("--max-model-len", type=_positive, default=None)
     p.add_argument("--max-num-seqs", type=_positive, default=None)
@@ -135,21 +141,19 @@ def plan(args: argparse.Namespace, instance_id: str = "") -> tuple[list[Child], 
         engines = pre + dec
         router += ["--prefill-endpoints", ",".join(f"127.0.0.1:{c.port}" for c in pre)]
         router += ["--decode-endpoints", ",".join(f"127.0.0.1:{c.port}" for c in dec)]
-    if args.served_name:
-        router += ["--served-name", args.served_name]
+    for name in args.served_name or ():
+        router += ["--served-name", name]
+    if args.api_key_file:
+        router += ["--api-key-file", os.path.abspath(args.api_key_file)]
     if args.max_model_len:
         router += ["--max-model-len", str(args.max_model_len)]
-    # API keys go to the router in its environment (router_env), never on its command line,
-    # where any user of the machine could read them with ps.
+    # API keys reach the router as a file path or in its environment ($SPLITSERVE_API_KEYS,
+    # inherited), never on its command line, where any user of the machine could read them.
     return engines, Child("router", router, args.port)
 
 
 def router_env(args: argparse.Namespace) -> dict[str, str]:
-    env = dict(os.environ, PYTHONSAFEPATH="1", OMP_NUM_THREADS="1")
-    keys = [k for k in (env.get(API_KEYS_ENV, ""), *args.api_key) if k]
-    if keys:
-        env[API_KEYS_ENV] = ",".join(keys)
-    return env
+    return dict(os.environ, PYTHONSAFEPATH="1", OMP_NUM_THREADS="1")
 
 
 class Stack:
@@ -188,6 +192,13 @@ def _all_ready(url: str, prefill: int, decode: int, instance_id: str) -> bool:
 
 def preflight(args: argparse.Namespace) -> str | None:
     """Why the stack cannot start (one line), or None. Checks what children would die of."""
+    if args.api_key:
+        return (
+            "--api-key would show the key to every user of this machine (ps): put the keys "
+            f"in a file (--api-key-file PATH, one per line) or in ${API_KEYS_ENV}=k1,k2"
+        )
+    if args.api_key_file and not os.path.isfile(args.api_key_file):
+        return f"--api-key-file {args.api_key_file}: no such file"
     if port_in_use(args.host, args.port):
         return f"port {args.port} on {args.host} is already in use (choose another with --port)"
     # Convert the default model once here, not in every child at the same time.

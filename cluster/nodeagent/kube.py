@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 MERGE_PATCH = "application/merge-patch+json"
 JSON = "application/json"
 
-__all__ = ["ApiException", "Kube", "describe", "is_status"]
+__all__ = ["ApiException", "Kube", "describe", "is_status", "is_transient"]
 
 
 def describe(exc: BaseException) -> str:
@@ -34,6 +34,16 @@ def describe(exc: BaseException) -> str:
     except (ValueError, AttributeError):
         message = exc.reason
     return f"{exc.status} {message}"
+
+
+def is_transient(exc: BaseException) -> bool:
+    """An API call that failed for a reason the next attempt may not meet: a timeout, a
+    refused or reset connection, throttling, or a server error (kubelet retries these)."""
+    import urllib3
+
+    if isinstance(exc, ApiException):
+        return exc.status is not None and (exc.status >= 500 or exc.status == 429)
+    return isinstance(exc, (urllib3.exceptions.HTTPError, OSError, TimeoutError))
 
 
 def is_status(exc: BaseException, *codes: int) -> bool:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from splitserve.cluster import image as image_mod
+from splitserve.cluster import ociimages
 from splitserve.cluster.nodeagent import envvars
 from splitserve.cluster.nodeagent.command import container_argv
 from splitserve.cluster.nodeagent.config import AgentConfig
@@ -37,6 +38,11 @@ class NodeServices:
     image: image_mod.ImageConfig
     allocatable: Callable[[], dict[str, str]]
     host_hostname: str
+
+    @property
+    def images(self) -> ociimages.Store:
+        """OCI images loaded onto the node (image volumes): `<image_dir>/oci`."""
+        return ociimages.Store(self.config.image_dir / "oci")
 
     def current_image(self) -> image_mod.ImageConfig:
         """The image as built now: a container started after `image build` refreshed it runs

@@ -18,13 +18,18 @@ from typing import Any
 from splitserve.cluster.nodeagent import envvars, launchspec, network
 from splitserve.cluster.nodeagent.backoff import Backoff
 from splitserve.cluster.nodeagent.containers import ContainerSlot, SlotContext
-from splitserve.cluster.nodeagent.kube import describe, is_status
+from splitserve.cluster.nodeagent.kube import describe, is_status, is_transient
 from splitserve.cluster.nodeagent.launchspec import NodeServices
 from splitserve.cluster.nodeagent.objects import NotReady
 from splitserve.cluster.nodeagent.runtime import LaunchSpec, StartError
 from splitserve.cluster.nodeagent.status import ContainerRecord, PodView, pod_status
 from splitserve.cluster.nodeagent.statuswriter import PodRef
-from splitserve.cluster.nodeagent.volumes import PodContext, PodVolumes, VolumeError
+from splitserve.cluster.nodeagent.volumes import (
+    ImagePullError,
+    PodContext,
+    PodVolumes,
+    VolumeError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +158,9 @@ class PodWorker:
         self.sandbox_ready = True
         if self.volumes is None:
             ctx = PodContext(cfg.node_ip, self.pod_ip, self.node.allocatable())
-            self.volumes = PodVolumes(self.pod, self.dir, self.node.objects, self.node.tokens, ctx)
+            self.volumes = PodVolumes(
+                self.pod, self.dir, self.node.objects, self.node.tokens, ctx, self.node.images
+            )
         self.volumes.setup()
         self._last_refresh = time.monotonic()
 
@@ -174,7 +181,16 @@ class PodWorker:
         if not self.terminal:
             self._make_sandbox()
             while not self._should_end():
-                self._step()
+                try:
+                    self._step()
+                except Exception as exc:
+                    # An API server too busy to answer (a read timeout under load) must not end
+                    # the worker: the pod would never start or be deleted. Retry the step.
+                    if not is_transient(exc):
+                        raise
+                    log.warning("pod %s: API call failed, retrying: %s", self.ref.name, exc)
+                    self._wake.wait(SANDBOX_RETRY_S)
+                    continue
                 self._publish()
                 self._wake.wait(self._sleep_for())
                 self._wake.clear()
@@ -182,9 +198,13 @@ class PodWorker:
 
     def _make_sandbox(self) -> None:
         while not self._should_end():
+            reason = ""
             try:
                 self._sandbox()
                 return
+            except ImagePullError as exc:
+                self._event("Warning", "Failed", f"Failed to pull image: {exc}", "")
+                message, reason = str(exc), "ErrImagePull"
             except NotReady as exc:
                 self._event("Warning", "FailedMount", str(exc), "")
                 message = str(exc)
@@ -193,7 +213,7 @@ class PodWorker:
                 message = str(exc)
             for slot in self.init + self.containers:
                 if slot.record.waiting:
-                    slot.record.waiting = (slot.record.waiting[0], message)
+                    slot.record.waiting = (reason or slot.record.waiting[0], message)
             self._publish()
             self._wake.wait(SANDBOX_RETRY_S)
             self._wake.clear()

@@ -1,10 +1,12 @@
 """A pod's volumes as host folders under its state folder, and each container's bind mounts.
 
 Supported: emptyDir (medium Memory: a tmpfs, sizeLimit its size), configMap, secret,
-downwardAPI, projected (serviceAccountToken, configMap, secret, downwardAPI), hostPath and
-persistentVolumeClaim bound to a hostPath/local PersistentVolume. configMap, secret, downwardAPI and
-projected volumes are read-only, as kubelet mounts them, and are re-rendered by `refresh()` (tokens
-before they expire). Disk emptyDir sizeLimit is not enforced (kubelet would evict).
+downwardAPI, projected (serviceAccountToken, configMap, secret, downwardAPI), hostPath,
+persistentVolumeClaim bound to a hostPath/local PersistentVolume, and image (an OCI image loaded
+into the node's store, cluster/ociimages.py, mounted read-only; nothing is pulled).
+configMap, secret, downwardAPI and projected volumes are read-only, as kubelet mounts them, and
+are re-rendered by `refresh()` (tokens before they expire). Disk emptyDir sizeLimit is not
+enforced (kubelet would evict).
 
 When the API server's ServiceAccount admission did not add the standard token volume, and the pod
 does not opt out with automountServiceAccountToken: false, the agent adds kubelet's layout itself:
@@ -20,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from splitserve.cluster import ociimages
 from splitserve.cluster.nodeagent import downward, projection
 from splitserve.cluster.nodeagent.envvars import expand, lookup_in
 from splitserve.cluster.nodeagent.objects import ApiObjects, NotReady, TokenIssuer
@@ -33,6 +36,11 @@ SA_TOKEN_EXPIRATION_S = 3607  # what ServiceAccount admission asks for
 
 class VolumeError(Exception):
     """A volume the agent cannot provide (unsupported type, bad hostPath): the pod cannot start."""
+
+
+class ImagePullError(NotReady):
+    """An image volume's image is not on the node: the pod waits, its containers in
+    ErrImagePull, as when a kubelet cannot pull (retried: it may be loaded meanwhile)."""
 
 
 def default_token_volume() -> dict[str, Any]:
@@ -117,8 +125,10 @@ class PodVolumes:
         objects: ApiObjects,
         tokens: TokenIssuer,
         ctx: PodContext,
+        images: ociimages.Store | None = None,
     ) -> None:
         self.pod = pod
+        self.images = images or ociimages.Store()
         self.dir = pod_dir / "volumes"
         self.objects = objects
         self.tokens = tokens
@@ -155,6 +165,12 @@ class PodVolumes:
             return HostVolume(
                 name, Path(host), bool(claim.get("readOnly")), "persistentVolumeClaim"
             )
+        if "image" in spec:
+            reference = (spec["image"] or {}).get("reference", "")
+            try:
+                return HostVolume(name, self.images.rootfs(reference), True, "image")
+            except ociimages.ImageUnavailable as exc:
+                raise ImagePullError(f"volume {name!r}: {exc}") from exc
         for kind in ("configMap", "secret", "downwardAPI", "projected"):
             if kind in spec:
                 path.mkdir(parents=True, exist_ok=True)

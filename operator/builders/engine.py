@@ -16,12 +16,18 @@ from splitserve.operator.builders.config import (
     config_checksum,
     config_map_name,
 )
-from splitserve.operator.spec import InferenceService
+from splitserve.operator.builders.model import model_mounts
+from splitserve.operator.pod_overrides import gpu_count
+from splitserve.operator.spec import InferenceService, PoolSpec
 from splitserve.protocol.constants import ENGINE_GRPC_PORT, ENGINE_METRICS_PORT
 
 GRPC_PORT = ENGINE_GRPC_PORT
 METRICS_PORT = ENGINE_METRICS_PORT
 ENGINE_SERVICE_ACCOUNT_SUFFIX = "engine"
+
+
+def engine_pool(isvc: InferenceService, role: str) -> PoolSpec:
+    return isvc.spec.prefill if role == L.PREFILL else isvc.spec.decode
 
 
 def engine_args(isvc: InferenceService, role: str) -> list[str]:
@@ -52,6 +58,10 @@ def engine_args(isvc: InferenceService, role: str) -> list[str]:
         args += ["--lease-seconds", str(s.kv_transfer.lease_seconds)]
     else:
         args += ["--kv-failure-policy", s.kv_transfer.failure_policy]
+    # A pool that asks for GPUs runs its engine on them (--device in extraArgs still wins).
+    gpu = gpu_count(engine_pool(isvc, role).resources)
+    if gpu is not None and not any(a.split("=", 1)[0] == "--device" for a in s.engine.extra_args):
+        args += ["--device", "cuda"]
     return args + engine_lora_args(isvc) + list(s.engine.extra_args)
 
 
@@ -73,24 +83,14 @@ def _grpc_probe(period: int, failures: int) -> dict[str, Any]:
     }
 
 
-def _model_volumes(isvc: InferenceService) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    claim = isvc.spec.model.pvc_claim
-    if claim is None:
-        return [], []
-    volume = {"name": "model", "persistentVolumeClaim": {"claimName": claim, "readOnly": True}}
-    mount = {"name": "model", "mountPath": f"/models/{claim}", "readOnly": True}
-    return [volume], [mount]
-
-
 def build_engine_deployment(isvc: InferenceService, role: str) -> dict[str, Any]:
     """The Deployment of one engine role (`prefill`, or `decode` which may be colocated) for
     the spec's generation: named and selected by its rollout hash. A new generation is a new
     Deployment beside the old one, which the reconciler keeps until the new one serves
     (pairs never cross generations, so both roles of the old one must stay until then)."""
-    s = isvc.spec
-    pool = s.prefill if role == L.PREFILL else s.decode
+    pool = engine_pool(isvc, role)
     labels = L.engine_labels(isvc, role)
-    model_volumes, model_mounts = _model_volumes(isvc)
+    model = model_mounts(isvc)
     lora_volumes, lora_mounts = adapter_volumes(isvc)
     container = {
         "name": "engine",
@@ -117,43 +117,49 @@ def build_engine_deployment(isvc: InferenceService, role: str) -> dict[str, Any]
             {"name": "shm", "mountPath": "/dev/shm"},
             {"name": "engine-config", "mountPath": ENGINE_CONFIG_MOUNT, "readOnly": True},
         ]
-        + model_mounts
+        + model.mounts
         + lora_mounts,
     }
-    template = {
-        "metadata": {
-            "labels": labels,
-            "annotations": {L.CONFIG_CHECKSUM_ANNOTATION: config_checksum(isvc)},
-        },
-        "spec": {
-            "serviceAccountName": L.child_name(isvc, ENGINE_SERVICE_ACCOUNT_SUFFIX),
-            "automountServiceAccountToken": False,
-            "securityContext": pod.pod_security_context(),
-            "terminationGracePeriodSeconds": drain.termination_grace_seconds(isvc),
-            **pod.pull_secrets(isvc),
-            **pod.scheduling(pool, L.selector_labels(isvc, role)),
-            "containers": [container],
-            "volumes": pod.scratch_volumes()
-            + [
-                # Shared memory for the KV transport (UCX) between processes on a node.
-                {"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": "1Gi"}},
-                {"name": "engine-config", "configMap": {"name": config_map_name(isvc)}},
-            ]
-            + model_volumes
-            + lora_volumes,
-        },
+    volumes = (
+        pod.scratch_volumes()
+        + [
+            # Shared memory for the KV transport (UCX) and NCCL between processes on a node.
+            {"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": pool.overrides.shm_size}},
+            {"name": "engine-config", "configMap": {"name": config_map_name(isvc)}},
+        ]
+        + model.volumes
+        + lora_volumes
+    )
+    container, volumes = pod.with_pool_extras(pool, container, volumes)
+    annotations = {L.CONFIG_CHECKSUM_ANNOTATION: config_checksum(isvc)}
+    annotations |= pod.prometheus_annotations(isvc, METRICS_PORT)
+    spec: dict[str, Any] = {
+        "serviceAccountName": L.child_name(isvc, ENGINE_SERVICE_ACCOUNT_SUFFIX),
+        "automountServiceAccountToken": False,
+        "securityContext": pod.pod_security_context(),
+        "terminationGracePeriodSeconds": drain.termination_grace_seconds(isvc),
+        **pod.pull_secrets(isvc),
+        **pod.scheduling(pool, L.selector_labels(isvc, role)),
     }
+    if model.init_containers:
+        spec["initContainers"] = model.init_containers
+    spec |= {"containers": [container], "volumes": volumes}
+    template = {"metadata": pod.pod_metadata(pool, labels, annotations), "spec": spec}
     meta = L.metadata(isvc, L.engine_deployment_name(isvc, role), labels)
     return pod.deployment(isvc, meta, pool.replicas, L.generation_selector(isvc, role), template)
 
 
 def build_engine_service_account(isvc: InferenceService) -> dict[str, Any]:
-    """Engines never call the Kubernetes API: their account mounts no token."""
+    """Engines never call the Kubernetes API: their account mounts no token. Both roles share
+    it, with both pools' annotations (the spec check refuses two values for one key)."""
+    s = isvc.spec
+    annotations = dict(s.decode.overrides.service_account_annotations)
+    if not s.colocated:
+        annotations = dict(s.prefill.overrides.service_account_annotations) | annotations
+    name = L.child_name(isvc, ENGINE_SERVICE_ACCOUNT_SUFFIX)
     return {
         "apiVersion": "v1",
         "kind": "ServiceAccount",
-        "metadata": L.metadata(
-            isvc, L.child_name(isvc, ENGINE_SERVICE_ACCOUNT_SUFFIX), L.ownership_labels(isvc)
-        ),
+        "metadata": L.metadata(isvc, name, L.ownership_labels(isvc), annotations or None),
         "automountServiceAccountToken": False,
     }

@@ -51,8 +51,8 @@ def build_engine_network_policy(isvc: InferenceService) -> dict[str, Any]:
     Router -> engines on the gRPC port only; the operator on the gRPC port with LoRA on (it
     asks which adapters each pod has loaded, for status) and on the metrics port with
     autoscaling (its autoscaler scrapes them). Engine <-> engine on any port: the NIXL (UCX)
-    transport opens its own ports. NetworkPolicies are additive, so scraping metrics needs a
-    separate policy that admits the Prometheus namespace (see docs/operator.md).
+    transport opens its own ports. The peers of ``observability.metrics.allowFrom`` (the
+    monitoring namespace) reach the metrics port, and nothing else.
     """
     engines = {
         "matchLabels": {L.INSTANCE_LABEL: isvc.name},
@@ -74,9 +74,18 @@ def build_engine_network_policy(isvc: InferenceService) -> dict[str, Any]:
                 },
                 {"from": [{"podSelector": engines}]},
                 *_operator_ingress(isvc),
+                *_metrics_rules(isvc),
             ],
         },
     }
+
+
+def _metrics_rules(isvc: InferenceService) -> list[dict[str, Any]]:
+    peers = isvc.spec.observability.metrics.allow_from
+    if not peers:
+        return []
+    port = {"protocol": "TCP", "port": METRICS_PORT}
+    return [{"from": [dict(p) for p in peers], "ports": [port]}]
 
 
 def _operator_ingress(isvc: InferenceService) -> list[dict[str, Any]]:

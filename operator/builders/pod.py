@@ -6,8 +6,10 @@ anything that writes (/tmp, the HOME cache, the Hugging Face cache) gets an empt
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
+from splitserve.operator.pod_overrides import gpu_count, merge_env, spread_constraints
 from splitserve.operator.spec import InferenceService, PoolSpec
 
 RUN_AS_USER = 10001  # must match the Dockerfile's USER
@@ -70,26 +72,87 @@ def observability_env(isvc: InferenceService, role: str) -> list[dict[str, Any]]
 
 
 def scheduling(pool: PoolSpec, spread_labels: dict[str, str]) -> dict[str, Any]:
-    """nodeSelector, tolerations and affinity; by default, spread a role's pods across nodes."""
-    affinity = dict(pool.affinity) or {
-        "podAntiAffinity": {
-            "preferredDuringSchedulingIgnoredDuringExecution": [
-                {
-                    "weight": 100,
-                    "podAffinityTerm": {
-                        "topologyKey": "kubernetes.io/hostname",
-                        "labelSelector": {"matchLabels": dict(spread_labels)},
-                    },
-                }
-            ]
+    """nodeSelector, tolerations, affinity, topology spread, priority and runtime class.
+
+    By default a role's pods prefer distinct nodes; given topologySpreadConstraints replace
+    that preference. A pool asking for GPUs tolerates the GPU taint GPU node pools carry
+    (``nvidia.com/gpu:NoSchedule`` on GKE, EKS and AKS) unless it lists tolerations itself.
+    """
+    o = pool.overrides
+    out: dict[str, Any] = {}
+    if pool.affinity:
+        out["affinity"] = dict(pool.affinity)
+    elif not o.topology_spread_constraints:
+        out["affinity"] = {
+            "podAntiAffinity": {
+                "preferredDuringSchedulingIgnoredDuringExecution": [
+                    {
+                        "weight": 100,
+                        "podAffinityTerm": {
+                            "topologyKey": "kubernetes.io/hostname",
+                            "labelSelector": {"matchLabels": dict(spread_labels)},
+                        },
+                    }
+                ]
+            }
         }
-    }
-    out: dict[str, Any] = {"affinity": affinity}
+    if o.topology_spread_constraints:
+        out["topologySpreadConstraints"] = spread_constraints(o, spread_labels)
     if pool.node_selector:
         out["nodeSelector"] = dict(pool.node_selector)
-    if pool.tolerations:
-        out["tolerations"] = [dict(t) for t in pool.tolerations]
+    tolerations = [dict(t) for t in pool.tolerations]
+    gpu = gpu_count(pool.resources)
+    if not tolerations and gpu is not None:
+        tolerations = [{"key": gpu[0], "operator": "Exists", "effect": "NoSchedule"}]
+    if tolerations:
+        out["tolerations"] = tolerations
+    if o.priority_class_name:
+        out["priorityClassName"] = o.priority_class_name
+    if o.runtime_class_name:
+        out["runtimeClassName"] = o.runtime_class_name
     return out
+
+
+def pod_metadata(
+    pool: PoolSpec, labels: Mapping[str, str], annotations: Mapping[str, str]
+) -> dict[str, Any]:
+    """A pod template's metadata: the pool's extra labels and annotations, then ours (ours win;
+    the spec check refuses theirs on our keys anyway)."""
+    o = pool.overrides
+    meta: dict[str, Any] = {"labels": dict(o.pod_labels) | dict(labels)}
+    merged = dict(o.pod_annotations) | dict(annotations)
+    if merged:
+        meta["annotations"] = merged
+    return meta
+
+
+def prometheus_annotations(isvc: InferenceService, port: int) -> dict[str, str]:
+    """Annotation-based scrape discovery (the ``prometheus.io/*`` convention of Prometheus'
+    kubernetes_sd example config and most Helm-installed Prometheus servers)."""
+    if not isvc.spec.observability.metrics.prometheus_annotations:
+        return {}
+    return {
+        "prometheus.io/scrape": "true",
+        "prometheus.io/port": str(port),
+        "prometheus.io/path": "/metrics",
+    }
+
+
+def with_pool_extras(
+    pool: PoolSpec,
+    container: dict[str, Any],
+    volumes: list[dict[str, Any]],
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The main container and pod volumes with the pool's env, envFrom, volumes and mounts."""
+    o = pool.overrides
+    container = dict(container)
+    container["env"] = merge_env(container.get("env", []), o.env)
+    if o.env_from:
+        container["envFrom"] = [dict(e) for e in o.env_from]
+    container["volumeMounts"] = list(container.get("volumeMounts", [])) + [
+        dict(m) for m in o.volume_mounts
+    ]
+    return container, list(volumes) + [dict(v) for v in o.volumes]
 
 
 def image_fields(isvc: InferenceService) -> dict[str, Any]:

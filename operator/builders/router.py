@@ -47,10 +47,12 @@ def router_args(isvc: InferenceService) -> list[str]:
         "--namespace", isvc.namespace,
         "--prefill-selector", prefill_selector,
         "--decode-selector", decode_selector,
-        "--served-name", isvc.spec.model.served_name,
-        "--log-format", isvc.spec.observability.log_format,
-        "--drain-seconds", str(isvc.spec.drain_seconds),
     ]  # fmt: skip
+    # The served name first (what responses report), then the aliases clients may also send.
+    for name in isvc.spec.model.names:
+        args += ["--served-name", name]
+    args += ["--log-format", isvc.spec.observability.log_format]
+    args += ["--drain-seconds", str(isvc.spec.drain_seconds)]
     if isvc.spec.scale_from_zero:
         # A pool may have no pods: hold requests while one starts (the operator scales up on
         # the held count); the router stays ready meanwhile.
@@ -110,8 +112,10 @@ def build_router_deployment(isvc: InferenceService) -> dict[str, Any]:
         "terminationMessagePolicy": "FallbackToLogsOnError",
         "volumeMounts": mounts,
     }
+    container, volumes = pod.with_pool_extras(r.pool, container, volumes)
+    annotations = pod.prometheus_annotations(isvc, HTTP_PORT)
     template = {
-        "metadata": {"labels": labels},
+        "metadata": pod.pod_metadata(r.pool, labels, annotations),
         "spec": {
             "serviceAccountName": L.child_name(isvc, L.ROUTER),
             "automountServiceAccountToken": True,  # it watches EndpointSlices
@@ -158,11 +162,12 @@ def build_router_rbac(isvc: InferenceService) -> list[dict[str, Any]]:
     name = L.child_name(isvc, L.ROUTER)
     labels = L.ownership_labels(isvc)
     read = ["get", "list", "watch"]
+    annotations = dict(isvc.spec.router.pool.overrides.service_account_annotations) or None
     return [
         {
             "apiVersion": "v1",
             "kind": "ServiceAccount",
-            "metadata": L.metadata(isvc, name, labels),
+            "metadata": L.metadata(isvc, name, labels, annotations),
             "automountServiceAccountToken": True,
         },
         {

@@ -153,3 +153,53 @@ def test_unsupported_volume_type_is_an_error(tmp_path: Path) -> None:
 def test_token_refresh_rule() -> None:
     t = Token("x", issued_at=0.0, expires_at=1000.0)
     assert not t.needs_refresh(799.0) and t.needs_refresh(801.0)
+
+
+def test_image_volume_mounts_a_loaded_model_image_read_only(tmp_path: Path) -> None:
+    """A ModelCar-layout image built without docker, loaded as `kind load` would, mounted."""
+    from splitserve.cluster import ociimages
+
+    model = tmp_path / "model"
+    (model / "sub").mkdir(parents=True)
+    (model / "config.json").write_text("{}")
+    (model / "sub" / "tok.json").write_text("[]")
+    layout = tmp_path / "layout"
+    digest = ociimages.build_model_layout(model, layout, "registry.example/models/m:1")
+    again = ociimages.build_model_layout(model, tmp_path / "layout2", "registry.example/models/m:1")
+    assert again == digest  # reproducible: the same files make the same image
+    store = ociimages.Store(tmp_path / "store")
+    assert store.load(layout, "registry.example/models/m:1") == digest
+    pod = {
+        "metadata": {"name": "p", "namespace": "ns", "uid": "u"},
+        "spec": {
+            "automountServiceAccountToken": False,
+            "containers": [{"name": "c", "volumeMounts": [{"name": "m", "mountPath": "/mnt/m"}]}],
+            "volumes": [{"name": "m", "image": {"reference": "registry.example/models/m:1"}}],
+        },
+    }
+    ctx = PodContext("", "", {})
+    vols = PodVolumes(pod, tmp_path / "pod", FakeObjects(tmp_path), FakeTokens(), ctx, store)  # type: ignore[arg-type]
+    vols.setup()
+    (mount,) = vols.mounts(pod["spec"]["containers"][0], {})
+    assert mount["readonly"] is True and mount["target"] == "/mnt/m"
+    root = Path(mount["source"])
+    assert (root / "models" / "config.json").read_text() == "{}"
+    assert (root / "models" / "sub" / "tok.json").read_text() == "[]"
+    # By digest too; an image never loaded is a pull error (the pod waits in ErrImagePull).
+    assert store.rootfs(f"registry.example/models/m@{digest}") == root
+    missing = pod | {
+        "spec": pod["spec"] | {"volumes": [{"name": "m", "image": {"reference": "x/y:2"}}]}
+    }
+    vols = PodVolumes(missing, tmp_path / "pod2", FakeObjects(tmp_path), FakeTokens(), ctx, store)  # type: ignore[arg-type]
+    with pytest.raises(volumes.ImagePullError, match="not on the node"):
+        vols.setup()
+
+
+def test_image_references_normalize_as_docker_does() -> None:
+    from splitserve.cluster.ociimages import normalize
+
+    assert normalize("busybox") == "docker.io/library/busybox:latest"
+    assert normalize("acme/m") == "docker.io/acme/m:latest"
+    assert normalize("ghcr.io/acme/m") == "ghcr.io/acme/m:latest"
+    assert normalize("localhost:5000/m:2") == "localhost:5000/m:2"
+    assert normalize("ghcr.io/acme/m@sha256:ab") == "ghcr.io/acme/m@sha256:ab"

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -31,9 +32,12 @@ from splitserve.cluster.controlplane.testing import (
 sys.path.insert(0, str(Path(__file__).parent))
 
 import e2e_support as S  # noqa: E402 - after the path it is found on
+from hub_route import WEBHOOK_NAME, HubRoute  # noqa: E402
 
 OPERATOR_NAMESPACE = "splitserve-e2e"
 OPERATOR_RELEASE = "splitserve-operator"
+OPERATOR_SELECTOR = "app.kubernetes.io/name=splitserve-operator"
+OPERATOR_REPLICAS = 2  # the chart's default: one leads (Lease), one stands by
 # The operator's drift timer is also what notices pods becoming ready (kopf sees only the
 # InferenceService's own events): a short one keeps the scenarios quick.
 RECONCILE_INTERVAL_S = 3
@@ -101,47 +105,100 @@ def offline(model_dir: Path) -> S.OfflineReference:
     return S.OfflineReference(model_dir)
 
 
-@pytest.fixture(scope="session")
-def operator(
-    kubeconfig: Path, core: client.CoreV1Api, image_config: image.ImageConfig, offline
-) -> Iterator[str]:
-    """The operator as a pod, installed from its chart (CRD, its RBAC, its Deployment).
+@dataclass
+class OperatorInstall:
+    """The operator as pods, installed from its chart (CRD, its RBAC, its Deployment of two
+    replicas under a Lease), which a module may remove and the next one gets back.
 
-    The image id goes into a pod annotation, so a changed image rolls the operator pod the way
-    a new image tag would. Yields the operator's namespace.
+    The image id goes into a pod annotation, so a changed image rolls the operator pods the way
+    a new image tag would.
     """
-    args = [
-        "upgrade", "--install", OPERATOR_RELEASE, str(S.REPO / "charts" / "splitserve-operator"),
-        "-n", OPERATOR_NAMESPACE, "--create-namespace",
-        "--set", f"reconcileInterval={RECONCILE_INTERVAL_S}",
-        "--set-string", f"podAnnotations.splitserve\\.test/image-id={image_config.id[:12]}",
-        "--wait", "--timeout", "5m",
-    ]  # fmt: skip
-    S.checked(S.run_tool("helm", *args, kubeconfig=kubeconfig, timeout=360))
-    selector = "app.kubernetes.io/name=splitserve-operator"
 
-    def ready_operator() -> bool:
-        pods = core.list_namespaced_pod(OPERATOR_NAMESPACE, label_selector=selector).items
-        live = [p for p in pods if p.metadata.deletion_timestamp is None]
+    kubeconfig: Path
+    core: client.CoreV1Api
+    image_id: str
+    installed: bool = False
+
+    def ensure(self) -> str:
+        """Installed and every replica Ready on the current image; returns its namespace."""
+        if self.installed:
+            return OPERATOR_NAMESPACE
+        args = [
+            "upgrade", "--install", OPERATOR_RELEASE,
+            str(S.REPO / "charts" / "splitserve-operator"),
+            "-n", OPERATOR_NAMESPACE, "--create-namespace",
+            "--set", f"reconcileInterval={RECONCILE_INTERVAL_S}",
+            "--set-string", f"podAnnotations.splitserve\\.test/image-id={self.image_id}",
+            "--wait", "--timeout", "5m",
+        ]  # fmt: skip
+        S.checked(S.run_tool("helm", *args, kubeconfig=self.kubeconfig, timeout=360))
+        wait_until("the operator pods (current image) Ready", self._ready, timeout=300)
+        self.installed = True
+        return OPERATOR_NAMESPACE
+
+    def _ready(self) -> bool:
+        pods = self.core.list_namespaced_pod(OPERATOR_NAMESPACE, label_selector=OPERATOR_SELECTOR)
+        live = [p for p in pods.items if p.metadata.deletion_timestamp is None]
         annotation = "splitserve.test/image-id"
-        return len(live) == 1 and all(
-            S.pod_ready(p)
-            and (p.metadata.annotations or {}).get(annotation) == image_config.id[:12]
+        return len(live) == OPERATOR_REPLICAS and all(
+            S.pod_ready(p) and (p.metadata.annotations or {}).get(annotation) == self.image_id
             for p in live
         )
 
-    wait_until("the operator pod (current image) Ready", ready_operator, timeout=300)
-    yield OPERATOR_NAMESPACE
-    if os.environ.get(KEEP_ENV) != "1":
+    def remove(self) -> None:
+        """helm uninstall, waiting until its pods are gone (a module installs its own)."""
         uninstall = ["uninstall", OPERATOR_RELEASE, "-n", OPERATOR_NAMESPACE, "--wait"]
-        S.run_tool("helm", *uninstall, kubeconfig=kubeconfig)
+        S.run_tool("helm", *uninstall, kubeconfig=self.kubeconfig)
+        wait_until(
+            "the session's operator pods gone",
+            lambda: (
+                not self.core.list_namespaced_pod(
+                    OPERATOR_NAMESPACE, label_selector=OPERATOR_SELECTOR
+                ).items
+            ),
+            timeout=180,
+        )
+        self.installed = False
+
+
+@pytest.fixture(scope="session")
+def operator_install(
+    kubeconfig: Path, core: client.CoreV1Api, image_config: image.ImageConfig, offline
+) -> Iterator[OperatorInstall]:
+    install = OperatorInstall(kubeconfig, core, image_config.id[:12])
+    yield install
+    if install.installed and os.environ.get(KEEP_ENV) != "1":
+        install.remove()
+
+
+@pytest.fixture
+def operator(operator_install: OperatorInstall) -> str:
+    """The operator's namespace, with the operator installed and Ready."""
+    return operator_install.ensure()
+
+
+@pytest.fixture(scope="session")
+def hub_route(kubeconfig: Path, cluster: ClusterHandle, model_dir: Path) -> Iterator[HubRoute]:
+    """The hub emulator and the webhook pointing labelled namespaces' pods at it (hub_route.py)."""
+    route = HubRoute(model_dir, cluster.spec.host_ip).start()
+    S.checked(S.run_tool("kubectl", "apply", "-f", "-", kubeconfig=kubeconfig,
+                         stdin=route.manifest()))  # fmt: skip
+    yield route
+    S.run_tool("kubectl", "delete", "mutatingwebhookconfiguration", WEBHOOK_NAME,
+               "--ignore-not-found", kubeconfig=kubeconfig)  # fmt: skip
+    route.stop()
 
 
 @pytest.fixture(scope="module")
 def namespaces(
-    core: client.CoreV1Api, custom: client.CustomObjectsApi, model_dir: Path, operator: str
+    core: client.CoreV1Api,
+    custom: client.CustomObjectsApi,
+    model_dir: Path,
+    operator_install: OperatorInstall,
 ) -> Iterator[S.Namespaces]:
-    """Fresh namespaces (each with the model claim), removed when the module is done."""
+    """Fresh namespaces (each with the model claim), removed when the module is done; the
+    operator installed first."""
+    operator_install.ensure()
     made = S.Namespaces(core, custom, model_dir)
     yield made
     made.cleanup()

@@ -40,8 +40,7 @@ NO_NODE_LABEL = "splitserve.test/no-such-node"
 # The claim every test namespace gets, holding the converted default model (cluster/models.py).
 CLAIM = models.DEFAULT_CLAIM
 MODEL_URI = f"pvc://{CLAIM}/{models.DEFAULT_MODEL}"
-# The examples' hub model: the cluster has no hub access, so tests serve the same model from the
-# claim instead (the one substitution made to an example, see test_examples.py).
+# The examples' hub model, served to the cluster by the hub emulator (hub_route.py).
 HUB_MODEL_URI = "hf://HuggingFaceTB/SmolLM2-135M-Instruct"
 
 # Engines start in ~20-40 s here (import, weights, NIXL/UCX); a wave of several pods on the two
@@ -102,9 +101,16 @@ class Namespaces:
     model_dir: Path
     created: list[str] = field(default_factory=list)
 
-    def create(self, prefix: str = "e2e", *, model_claim: bool = True) -> str:
+    def create(
+        self, prefix: str = "e2e", *, model_claim: bool = True, hub_route: bool = False
+    ) -> str:
+        """A fresh namespace; ``hub_route``: its pods' download steps reach the hub emulator
+        (hub_route.py; the ``hub_route`` fixture must be active)."""
         name = unique(prefix)
-        meta = client.V1ObjectMeta(name=name, labels={TEST_LABEL: "e2e"})
+        labels = {TEST_LABEL: "e2e"}
+        if hub_route:
+            labels["splitserve.test/hub-route"] = "emulated"
+        meta = client.V1ObjectMeta(name=name, labels=labels)
         self.core.create_namespace(client.V1Namespace(metadata=meta))
         self.created.append(name)
         wait_until(

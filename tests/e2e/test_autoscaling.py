@@ -26,7 +26,7 @@ from kubernetes import client
 
 from splitserve.cluster.controlplane.testing import wait_until
 
-pytestmark = [pytest.mark.slow, pytest.mark.cluster]
+pytestmark = [pytest.mark.slow, pytest.mark.cluster, pytest.mark.timeout(1800)]
 
 MODEL = "smollm2"
 ROLLOUT_LABEL = "serving.splitserve.io/rollout-hash"

@@ -153,7 +153,7 @@ def test_delete_collects_every_child(
             timeout=180,
         )
     finally:
-        _scale_operator(kubeconfig, operator, 1)
+        _scale_operator(kubeconfig, operator, 2)  # the chart's replicas
         wait_until(
             "the operator back",
             lambda: any(

@@ -52,15 +52,16 @@ def make_isvc() -> Callable[..., dict[str, Any]]:
     return make
 
 
-def k8s_errors(objects: list[dict[str, Any]]) -> list[str]:
-    """kubernetes-validate --strict for Kubernetes 1.30 on every built-in object."""
+def k8s_errors(objects: list[dict[str, Any]], version: str = K8S_VERSION) -> list[str]:
+    """kubernetes-validate --strict for Kubernetes 1.30 (or ``version``) on every built-in
+    object."""
     errors = []
     for obj in objects:
         if obj.get("apiVersion") == crd.API_VERSION:
             errors += [str(e) for e in crd.validate(obj)]
             continue
         try:
-            kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+            kubernetes_validate.validate(obj, version, strict=True)
         except kubernetes_validate.ValidationError as exc:
             errors.append(f"{obj['kind']}/{obj['metadata'].get('name')}: {exc.message}")
     return errors

@@ -37,6 +37,17 @@ ISVC_VALUES = {
         "--set", "decode.resources.limits.nvidia\\.com/gpu=1", "--set", "rollout.maxSurge=25%",
         "--set", "engine.extraArgs={--enforce-eager}",
     ],
+    "platform": [
+        "--set", "model.uri=hf://org/gated", "--set", "model.credentials.secretName=hf-token",
+        "--set", "model.cache.claimName=model-cache", "--set", "model.endpoint=http://mirror:80",
+        "--set-json", 'decode.env=[{"name": "TEAM", "value": "a"}]',
+        "--set-json", 'decode.envFrom=[{"configMapRef": {"name": "tuning"}}]',
+        "--set-json", 'decode.volumes=[{"name": "x", "emptyDir": {}}]',
+        "--set-json", 'decode.volumeMounts=[{"name": "x", "mountPath": "/x"}]',
+        "--set", "decode.priorityClassName=high", "--set", "router.runtimeClassName=gvisor",
+        "--set", "decode.shmSize=4Gi", "--set", "decode.podLabels.team=a",
+        "--set-json", 'observability.metrics.allowFrom=[{"namespaceSelector": {}}]',
+    ],
 }  # fmt: skip
 
 
@@ -63,6 +74,19 @@ def test_operator_chart_renders_valid_objects(helm, validate_k8s, case) -> None:
     assert c["args"][:2] == ["operator", "run"]
     assert c["securityContext"]["readOnlyRootFilesystem"] is True
     bindings = [o for o in objects if o["kind"] in ("RoleBinding", "ClusterRoleBinding")]
+    # Two replicas under a Lease in the release namespace, which only the Lease role reaches.
+    assert deployment["spec"]["replicas"] == 2 and "--leader-elect" in c["args"]
+    assert deployment["spec"]["strategy"]["type"] == "RollingUpdate"
+    (lease_role,) = [o for o in objects if o["kind"] == "Role"]
+    assert lease_role["metadata"]["namespace"] == "ns"
+    assert {g for r in lease_role["rules"] for g in r["apiGroups"]} == {"coordination.k8s.io"}
+    assert c["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    annotations = deployment["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/port"] == "8080"
+    assert "PodDisruptionBudget" in kinds
+    bindings = [
+        b for b in bindings if b["metadata"]["name"] != "rel-splitserve-operator-leader-election"
+    ]
     if case == "namespaced":
         assert c["args"].count("--namespace") == 2
         namespaced = [b for b in bindings if b["kind"] == "RoleBinding"]
@@ -71,6 +95,18 @@ def test_operator_chart_renders_valid_objects(helm, validate_k8s, case) -> None:
     else:
         assert "--namespace" not in c["args"]
         assert len([b for b in bindings if b["kind"] == "ClusterRoleBinding"]) == 2
+
+
+def test_operator_chart_refuses_replicas_without_leader_election(helm) -> None:
+    done = helm_run(
+        helm, "template", "rel", str(OPERATOR_CHART), "--set", "leaderElection.enabled=false"
+    )
+    assert done.returncode != 0 and "needs leaderElection.enabled" in done.stderr
+    one = ["--set", "leaderElection.enabled=false", "--set", "replicaCount=1"]
+    objects = template(helm, OPERATOR_CHART, one)
+    (deployment,) = [o for o in objects if o["kind"] == "Deployment"]
+    assert deployment["spec"]["strategy"] == {"type": "Recreate"}
+    assert not [o for o in objects if o["kind"] in ("Role", "PodDisruptionBudget")]
 
 
 def test_operator_chart_schema_rejects_bad_values(helm) -> None:
@@ -91,6 +127,13 @@ def test_inferenceservice_chart_renders_a_valid_resource(helm, validate_k8s, cas
     if case == "disaggregated":
         assert isvc["metadata"]["name"] == "llama"
         assert isvc["spec"]["router"]["apiKeySecret"] == {"name": "keys"}
+    if case == "platform":
+        spec = isvc["spec"]
+        assert spec["model"]["cache"] == {"claimName": "model-cache"}
+        assert spec["decode"]["env"] == [{"name": "TEAM", "value": "a"}]
+        assert spec["decode"]["shmSize"] == "4Gi" and spec["router"]["runtimeClassName"] == "gvisor"
+    else:  # empty pass-through values are left out, the CRD's defaults apply
+        assert "env" not in isvc["spec"]["decode"] and "credentials" not in isvc["spec"]["model"]
 
 
 @pytest.mark.parametrize(
@@ -98,7 +141,7 @@ def test_inferenceservice_chart_renders_a_valid_resource(helm, validate_k8s, cas
     [
         (["--set", "engine.blockSize=12"], "blockSize"),
         (["--set", "kvTransfer.transport=tcp"], "transport"),
-        (["--set", "model.uri=s3://x/y"], "uri"),
+        (["--set", "model.uri=ftp://x/y"], "uri"),
         (["--set", "router.polcy=prefix"], "polcy"),
     ],
 )
@@ -131,6 +174,8 @@ def test_inferenceservice_values_schema_is_the_crd_spec_schema() -> None:
         theirs = _strip_kubernetes_keys(sub)
         if field == "router":  # values may leave apiKeySecret empty ({}); the template drops it
             theirs["properties"]["apiKeySecret"].pop("required")
+        if field == "model":  # the same for credentials
+            theirs["properties"]["credentials"].pop("required")
         strip = ("required", "additionalProperties")
         for key in strip:
             ours, theirs = _without(ours, key), _without(theirs, key)
@@ -165,3 +210,43 @@ def test_every_value_is_documented() -> None:
             leaf = not stripped.endswith(":")
             assert documented or not leaf, (chart.name, line)
             parents.append((indent, documented))
+
+
+def _script(name: str, *args: str):
+    import subprocess
+    import sys
+
+    return subprocess.run(
+        [sys.executable, str(REPO / "scripts" / name), *args],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+
+
+def test_chart_readmes_list_every_documented_value() -> None:
+    done = _script("chart-docs", "--check")
+    assert done.returncode == 0, "run scripts/chart-docs: " + done.stderr
+    for chart in (OPERATOR_CHART, ISVC_CHART):
+        readme = (chart / "README.md").read_text()
+        values = yaml.safe_load((chart / "values.yaml").read_text())
+        for key in values:
+            if key != "global":
+                assert f"`{key}" in readme, (chart.name, key)
+
+
+def test_values_schema_is_the_crd_s(tmp_path) -> None:
+    done = _script("sync-chart-schema", "--check")
+    assert done.returncode == 0, "run scripts/sync-chart-schema"
+
+
+def test_charts_package_with_their_readme_and_crd(helm, tmp_path) -> None:
+    import tarfile
+
+    for chart in (OPERATOR_CHART, ISVC_CHART):
+        done = helm_run(helm, "package", str(chart), "-d", str(tmp_path))
+        assert done.returncode == 0, done.stderr
+    packaged = {p.name: p for p in tmp_path.glob("*.tgz")}
+    assert set(packaged) == {"splitserve-operator-0.1.0.tgz", "inferenceservice-0.1.0.tgz"}
+    with tarfile.open(packaged["splitserve-operator-0.1.0.tgz"]) as tar:
+        names = set(tar.getnames())
+    assert {"splitserve-operator/README.md",
+            "splitserve-operator/crds/inferenceservices.yaml"} <= names  # fmt: skip

@@ -331,7 +331,7 @@ async def test_cli_run_uses_the_kubeconfig(tmp_path) -> None:
         env = dict(os.environ, KUBECONFIG=str(kubeconfig))
         env.pop("KUBERNETES_SERVICE_HOST", None)
         splitserve = Path(sys.executable).with_name("splitserve")
-        command = [str(splitserve), "operator", "run", "--interval", "0.5", "--liveness", ""]
+        command = [str(splitserve), "operator", "run", "--interval", "0.5", "--health-port", "0"]
         process = await asyncio.create_subprocess_exec(
             *command,
             env=env,

@@ -15,7 +15,7 @@ from splitserve.operator.cli import render
 from splitserve.operator.spec import SpecError, parse
 
 REPO = Path(__file__).resolve().parents[2]
-EXAMPLES = sorted((REPO / "manifests" / "examples").glob("*-*.yaml"))
+EXAMPLES = sorted((REPO / "manifests" / "examples").rglob("*-*.yaml"))
 
 
 def test_crd_is_structural_enough_for_the_api_server() -> None:
@@ -101,7 +101,10 @@ def test_defaults_come_from_the_crd(make_isvc) -> None:
     [
         ("pvc://weights/llama/8b", "/models/weights/llama/8b", "weights"),
         ("file:///models/x", "/models/x", None),
-        ("hf://org/name", "org/name", None),
+        # Downloads land in the cache, keyed by revision (the base spec pins abc123).
+        ("hf://org/name", "/models/cache/hf/org/name/abc123", None),
+        ("s3://bucket/llama/8b/", "/models/cache/s3/bucket/llama/8b", None),
+        ("oci://ghcr.io/acme/llama:1.0", "/models/image/models", None),
     ],
 )
 def test_model_uri_becomes_the_engine_argument(make_isvc, uri, argument, claim) -> None:
@@ -110,7 +113,9 @@ def test_model_uri_becomes_the_engine_argument(make_isvc, uri, argument, claim) 
 
 
 BROKEN = [
-    ({"model": {"uri": "s3://bucket/x"}}, "spec.model.uri"),
+    ({"model": {"uri": "ftp://bucket/x"}}, "spec.model.uri"),
+    ({"model": {"uri": "oci://Registry/Repo"}}, "spec.model.uri"),
+    ({"model": {"uri": "s3://b"}}, "spec.model.uri"),
     ({"model": {"revision": "bad rev"}}, "spec.model.revision"),
     ({"engine": {"blockSize": 17}}, "spec.engine.blockSize"),
     ({"engine": {"dtype": "int4"}}, "spec.engine.dtype"),
@@ -153,6 +158,45 @@ BROKEN = [
      "spec.prefill.autoscaling"),
     ({"autoscaling": {"minPrefillPerDecode": 2, "maxPrefillPerDecode": 1}},
      "spec.autoscaling.minPrefillPerDecode"),
+    # model sources: download settings only where something downloads
+    ({"model": {"credentials": {"secretName": "t"}}}, "spec.model.credentials"),
+    ({"model": {"uri": "hf://o/n", "endpoint": "ftp://mirror"}}, "spec.model.endpoint"),
+    ({"model": {"uri": "hf://o/n", "cache": {"claimName": "c", "hostPath": "/d"}}},
+     "spec.model.cache"),
+    ({"model": {"uri": "hf://o/n", "cache": {"hostPath": "relative"}}},
+     "spec.model.cache.hostPath"),
+    # pass-through fields: shapes, and nothing of the operator's replaced
+    ({"decode": {"env": [{"value": "x"}]}}, "spec.decode.env[0].name"),
+    ({"decode": {"volumes": [{"name": "tmp", "emptyDir": {}}]}}, "spec.decode.volumes[0].name"),
+    ({"decode": {"volumes": [{"name": "a", "emptyDir": {}}, {"name": "a", "emptyDir": {}}]}},
+     "spec.decode.volumes[1].name"),
+    ({"decode": {"volumeMounts": [{"name": "nope", "mountPath": "/x"}]}},
+     "spec.decode.volumeMounts[0].name"),
+    ({"decode": {"volumes": [{"name": "a", "emptyDir": {}}],
+                 "volumeMounts": [{"name": "a", "mountPath": "/dev/shm"}]}},
+     "spec.decode.volumeMounts[0].mountPath"),
+    ({"prefill": {"volumes": [{"name": "a", "emptyDir": {}}],
+                  "volumeMounts": [{"name": "a", "mountPath": "/models/weights"}]}},
+     "spec.prefill.volumeMounts[0].mountPath"),
+    ({"decode": {"volumes": [{"name": "adapters-pvc-0", "emptyDir": {}}]}},
+     "spec.decode.volumes[0].name"),
+    ({"decode": {"volumes": [{"name": "a", "emptyDir": {}}],
+                 "volumeMounts": [{"name": "a", "mountPath": "/adapters/x"}]}},
+     "spec.decode.volumeMounts[0].mountPath"),
+    ({"decode": {"podLabels": {"serving.splitserve.io/role": "x"}}},
+     "spec.decode.podLabels.serving.splitserve.io/role"),
+    ({"router": {"podAnnotations": {"serving.splitserve.io/config-checksum": "x"}}},
+     "spec.router.podAnnotations.serving.splitserve.io/config-checksum"),
+    ({"decode": {"priorityClassName": "High"}}, "spec.decode.priorityClassName"),
+    ({"decode": {"topologySpreadConstraints": [{"maxSkew": 1, "topologyKey": "zone"}]}},
+     "spec.decode.topologySpreadConstraints[0].whenUnsatisfiable"),
+    ({"decode": {"shmSize": "big"}}, "spec.decode.shmSize"),
+    ({"router": {"shmSize": "2Gi"}}, "spec.router.shmSize"),
+    ({"prefill": {"serviceAccount": {"annotations": {"a": "1"}}},
+      "decode": {"serviceAccount": {"annotations": {"a": "2"}}}},
+     "spec.prefill.serviceAccount.annotations.a"),
+    ({"observability": {"metrics": {"allowFrom": [{"namespaces": ["x"]}]}}},
+     "spec.observability.metrics.allowFrom[0].namespaces"),
 ]  # fmt: skip
 
 

@@ -11,6 +11,7 @@ from splitserve.operator.status import (
     compute_status,
     invalid_spec_status,
     pod_problems,
+    pods_pending,
     role_state,
 )
 
@@ -174,3 +175,60 @@ def test_failing_pods_make_degraded(isvc) -> None:
     assert (by_type["Degraded"]["status"], by_type["Degraded"]["reason"]) == ("True", "PodsFailing")
     assert "no such model" in by_type["Degraded"]["message"]
     assert by_type["Ready"]["status"] == "False"
+
+
+def test_failed_download_step_is_model_download_failed(isvc) -> None:
+    last = {"exitCode": 1, "message": "resolving ...\npull-model: error: hf://o/n is gated and "
+            "no token is given: put HF_TOKEN ...\n"}  # fmt: skip
+    pod = {
+        "metadata": {"name": "p", "labels": {"serving.splitserve.io/role": "decode"}},
+        "status": {
+            "initContainerStatuses": [
+                {
+                    "name": "model-download",
+                    "state": {"waiting": {"reason": "CrashLoopBackOff"}},
+                    "lastState": {"terminated": last},
+                }
+            ],
+            "containerStatuses": [
+                {"name": "engine", "state": {"waiting": {"reason": "PodInitializing"}}}
+            ],
+        },
+    }
+    failing = pod_problems([pod])
+    assert failing == [
+        "pod p (decode) container model-download: CrashLoopBackOff, exit code 1: "
+        "pull-model: error: hf://o/n is gated and no token is given: put HF_TOKEN ..."
+    ]
+    deps = {"prefill": dep(1, 0, 1), "decode": dep(2, 0, 2), "router": dep(1, 1, 1)}
+    status = compute_status(isvc, deps, {}, T0, failing=failing)
+    degraded = next(c for c in status["conditions"] if c["type"] == "Degraded")
+    assert (degraded["status"], degraded["reason"]) == ("True", "ModelDownloadFailed")
+    assert "is gated" in degraded["message"]
+
+
+def test_unschedulable_pods_are_named_in_ready(isvc) -> None:
+    pod = {
+        "metadata": {"name": "g", "labels": {"serving.splitserve.io/role": "decode"}},
+        "status": {
+            "phase": "Pending",
+            "conditions": [
+                {
+                    "type": "PodScheduled",
+                    "status": "False",
+                    "reason": "Unschedulable",
+                    "message": "0/1 nodes are available: 1 Insufficient nvidia.com/gpu.",
+                },
+            ],  # fmt: skip
+        },
+    }
+    pending = pods_pending([pod])
+    assert pending == [
+        "pod g (decode) unschedulable: 0/1 nodes are available: 1 Insufficient nvidia.com/gpu."
+    ]
+    deps = {"prefill": dep(1, 1, 1), "decode": dep(2, 0, 2), "router": dep(1, 1, 1)}
+    status = compute_status(isvc, deps, {}, T0, pending=pending)
+    by_type = {c["type"]: c for c in status["conditions"]}
+    assert by_type["Ready"]["status"] == "False"
+    assert "Insufficient nvidia.com/gpu" in by_type["Ready"]["message"]
+    assert by_type["Degraded"]["status"] == "False"  # waiting for a node is not a failure

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from pathlib import Path
 
 import pytest
 
@@ -41,7 +42,7 @@ def test_colocated_plan_and_engine_flags():
     args = parse(
         local_stack,
         ["--colocated", "--decode-replicas", "2", "--kv-transport", "nixl", "--model", "/m",
-         "--max-model-len", "512", "--api-key", "k", "--policy", "least_load"],
+         "--max-model-len", "512", "--api-key-file", "keys.txt", "--policy", "least_load"],
     )  # fmt: skip
     engines, router = local_stack.plan(args)
     assert all(c.argv[0] == "decode" and "--colocated" in c.argv for c in engines)
@@ -50,8 +51,9 @@ def test_colocated_plan_and_engine_flags():
     assert len(_router_flag(router.argv, "--colocated-endpoints").split(",")) == 2
     assert "--model" not in router.argv  # the router learns the model from the engines
     assert _router_flag(router.argv, "--max-model-len") == "512"
-    assert "--api-key" not in router.argv and "k" not in router.argv  # never visible in ps
-    assert local_stack.router_env(args)["SPLITSERVE_API_KEYS"].split(",")[-1] == "k"
+    # The router gets the key file's path; keys themselves never appear on a command line.
+    assert _router_flag(router.argv, "--api-key-file") == str(Path("keys.txt").resolve())
+    assert "--api-key" not in router.argv
     assert _router_flag(router.argv, "--policy") == "least_load"
     assert _router_flag(engines[0].argv, "--kv-transport") == "nixl"
     assert _router_flag(engines[0].argv, "--model") == "/m"
@@ -134,3 +136,24 @@ def test_serve_rejects_zero_replicas(capsys):
         parse(local_stack, ["--prefill-replicas", "0"])
     assert exit_.value.code == 2
     assert "must be >= 1" in capsys.readouterr().err
+
+
+def test_api_keys_never_go_on_a_command_line(tmp_path, monkeypatch):
+    """`serve --api-key` is refused with what to use instead; the environment is inherited."""
+    args = parse(local_stack, ["--api-key", "sk-secret"])
+    problem = local_stack.preflight(args)
+    assert problem is not None and "--api-key-file" in problem and "SPLITSERVE_API_KEYS" in problem
+    monkeypatch.setenv("SPLITSERVE_API_KEYS", "k1,k2")
+    args = parse(local_stack, [])
+    _, router = local_stack.plan(args)
+    assert not [a for a in router.argv if "k1" in a]
+    assert local_stack.router_env(args)["SPLITSERVE_API_KEYS"] == "k1,k2"
+    missing = parse(local_stack, ["--api-key-file", str(tmp_path / "none")])
+    assert "no such file" in local_stack.preflight(missing)
+
+
+def test_served_names_are_repeatable_for_aliases():
+    args = parse(local_stack, ["--served-name", "org/model", "--served-name", "model"])
+    _, router = local_stack.plan(args)
+    names = [router.argv[i + 1] for i, a in enumerate(router.argv) if a == "--served-name"]
+    assert names == ["org/model", "model"]
