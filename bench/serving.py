@@ -3,19 +3,22 @@
 Sections (each can be skipped):
   overhead  router overhead: p50 latency of a request through the router to instant fake pods,
             minus the same gRPC calls made directly (what the router adds per request).
-  load      `splitserve serve` (1 prefill + 1 decode, and colocated) at concurrency 1, 8, 32:
-            TTFT p50/p99, inter-token latency p50/p99, output tok/s. Our own closed-loop client
-            (N workers, each sends its next request when the previous one ends), streaming,
-            `ignore_eos` so every request makes exactly --max-tokens tokens.
+  load      `splitserve serve` (1 prefill + 1 decode, and colocated; `--modes`) at concurrency
+            1, 8, 32: TTFT p50/p99, inter-token latency p50/p99, output tok/s. Our own
+            closed-loop client (N workers, each sends its next request when the previous one
+            ends), streaming, `ignore_eos` so every request makes exactly --max-tokens tokens.
+            `--quantizations gguf,w8a8` adds colocated runs with quantized weights.
   prefix    2 prefill pods + 1 decode pod, a shared-prefix workload (groups of requests sharing a
             1,000-token prefix, interleaved): prefix-aware vs round-robin routers over the same
             pods; TTFT and prefill tokens computed (prompt tokens minus prefix-cache hits, from
             the pods' /metrics).
   llama     the same `load` workload against llama.cpp's `llama-server` (continuous batching,
-            one slot per concurrent request) on the same model requantized to BF16.
+            one slot per concurrent request) on the same model requantized to BF16 (and, with
+            `--llama-types BF16,Q8_0,Q4_0,Q4_1`, its quantized types), in the same run.
 
     .venv/bin/python -P bench/serving.py [--sections overhead,load,prefix,llama]
         [--llama-dir .cache/llama/.../build/bin] [--out bench-serving.json]
+        [--dtype auto] [--quantizations gguf,w8a8] [--llama-types BF16,Q4_0]
 """
 
 from __future__ import annotations
@@ -240,10 +243,13 @@ def scrape(metrics_port: int) -> dict[str, float]:
 # ---- sections -----------------------------------------------------------------------------------
 
 
-def section_load(args, tmp: Path, colocated: bool) -> dict:
-    flags = ["--kv-cache-memory-gb", "1", "--dtype", "bfloat16"]
+def section_load(args, tmp: Path, colocated: bool, quantization: str = "") -> dict:
+    flags = ["--kv-cache-memory-gb", "1", "--dtype", args.dtype]
     flags += ["--colocated", "--decode-replicas", "1"] if colocated else []
-    proc, url, _ = serve(flags, tmp, "colocated" if colocated else "disagg")
+    flags += ["--quantization", quantization] if quantization else []
+    flags += args.serve_args.split()
+    name = variant_key(colocated, quantization)
+    proc, url, _ = serve(flags, tmp, name)
     out = {}
     try:
         # Warm-up (first requests pay lazy init).
@@ -252,40 +258,63 @@ def section_load(args, tmp: Path, colocated: bool) -> dict:
             n = max(args.min_requests, 2 * c)
             prompts = text_prompts(n, args.prompt_words, seed=c)
             out[c] = asyncio.run(closed_loop(url, MODEL, prompts, c, args.max_tokens))
-            print(
-                f"splitserve {'colocated' if colocated else 'disagg'} c={c}: {out[c]}", flush=True
-            )
+            print(f"splitserve {name} c={c}: {out[c]}", flush=True)
     finally:
         proc.stop()
     return out
 
 
+def variant_key(colocated: bool, quantization: str) -> str:
+    """Result key of one splitserve run: "disagg" / "colocated" (unquantized, the keys older
+    result files use), "colocated+gguf" ..."""
+    base = "colocated" if colocated else "disagg"
+    return f"{base}+{quantization}" if quantization else base
+
+
 def section_llama(args, tmp: Path) -> dict:
-    """{threads: {concurrency: result}} for each ``--llama-threads`` value."""
-    return {t: _llama_run(args, tmp, t) for t in args.llama_threads}
+    """{"<type>-t<threads>": {concurrency: result}} for each ``--llama-types`` x
+    ``--llama-threads`` (older result files: {threads: ...}, BF16 only)."""
+    return {
+        f"{kind}-t{t}": _llama_run(args, tmp, t, kind)
+        for kind in args.llama_types
+        for t in args.llama_threads
+    }
 
 
-def _llama_run(args, tmp: Path, threads: int) -> dict:
+def llama_model(args, kind: str) -> Path:
+    """The default model's GGUF as llama-server runs it: the packaged Q4_1 file itself, or
+    requantized from it once with llama-quantize (BF16 holds the Q4_1 values exactly; Q8_0 and
+    Q4_0 requantize them)."""
+    from splitserve.engine.model.loader import default_gguf_path
+
+    if kind == "Q4_1":
+        return default_gguf_path()
     bin_dir = Path(args.llama_dir)
-    server, quantize = bin_dir / "llama-server", bin_dir / "llama-quantize"
+    path = Path(args.cache) / f"SmolLM2-135M-Instruct.{kind}.gguf"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        subprocess.run(
+            [str(bin_dir / "llama-quantize"), "--allow-requantize", str(default_gguf_path()),
+             str(path), kind],
+            env=dict(os.environ, LD_LIBRARY_PATH=str(bin_dir)), check=True, capture_output=True,
+        )  # fmt: skip
+    return path
+
+
+def _llama_run(args, tmp: Path, threads: int, kind: str = "BF16") -> dict:
+    bin_dir = Path(args.llama_dir)
+    server = bin_dir / "llama-server"
     if not server.exists():
         print(f"llama: no llama-server in {bin_dir}: skipped", flush=True)
         return {}
-    from splitserve.engine.model.loader import default_gguf_path
-
-    bf16 = Path(args.cache) / "SmolLM2-135M-Instruct.BF16.gguf"
+    gguf_file = llama_model(args, kind)
     env = dict(os.environ, LD_LIBRARY_PATH=str(bin_dir))
-    if not bf16.exists():
-        subprocess.run(
-            [str(quantize), "--allow-requantize", str(default_gguf_path()), str(bf16), "BF16"],
-            env=env, check=True, capture_output=True,
-        )  # fmt: skip
     port = free_port()
     slots = max(args.concurrency)
-    cmd = [str(server), "-m", str(bf16), "--host", "127.0.0.1", "--port", str(port),
+    cmd = [str(server), "-m", str(gguf_file), "--host", "127.0.0.1", "--port", str(port),
            "-t", str(threads), "-np", str(slots), "-c", str(768 * slots),
            "--alias", MODEL, "--threads-http", str(slots + 4)]  # fmt: skip
-    p = Proc(cmd, tmp / f"llama-t{threads}.log", env)
+    p = Proc(cmd, tmp / f"llama-{kind}-t{threads}.log", env)
     url = f"http://127.0.0.1:{port}"
     out = {}
     try:
@@ -296,7 +325,7 @@ def _llama_run(args, tmp: Path, threads: int) -> dict:
             n = max(args.min_requests, 2 * c)
             prompts = text_prompts(n, args.prompt_words, seed=c)
             out[c] = asyncio.run(closed_loop(url, MODEL, prompts, c, args.max_tokens))
-            print(f"llama-server -t {threads} c={c}: {out[c]}", flush=True)
+            print(f"llama-server {kind} -t {threads} c={c}: {out[c]}", flush=True)
     except Exception:
         print(p.log.read_text()[-3000:], file=sys.stderr)
         raise
@@ -493,15 +522,23 @@ def render_markdown(results: dict) -> str:
             f"| **added by the router, p50** | **{o['added_p50_ms']:.2f}** |",
             "",
         ]
-    rows = {k: results[k] for k in ("disagg", "colocated") if results.get(k)}
-    for t, res in (results.get("llama_server") or {}).items():
-        if res:
-            rows[f"llama_t{t}"] = res
-    names = {
-        "disagg": "splitserve 1 prefill + 1 decode",
-        "colocated": "splitserve colocated (1 engine)",
-    }
-    systems = [(k, names.get(k, f"llama-server BF16 -np 32 -t {k[7:]}")) for k in rows]
+    ours = [k for k in results if k.startswith(("disagg", "colocated")) and results[k]]
+    rows = {k: results[k] for k in ours}
+    for key, res in (results.get("llama_server") or {}).items():
+        if res:  # "<type>-t<threads>", or just "<threads>" in older files (BF16)
+            kind, _, t = key.rpartition("-t") if "-t" in key else ("BF16", "", key)
+            rows[f"llama {kind} {t}"] = res
+    dtype = (results.get("config") or {}).get("dtype", "bfloat16")
+
+    def name_of(key: str) -> str:
+        if key.startswith("llama"):
+            _, kind, t = key.split()
+            return f"llama-server {kind} -np 32 -t {t}"
+        base, _, quant = key.partition("+")
+        shape = "colocated (1 engine)" if base == "colocated" else "1 prefill + 1 decode"
+        return f"splitserve {shape}, {quant or dtype}"
+
+    systems = [(k, name_of(k)) for k in rows]
     if systems:
         lines += [
             "| system | concurrency | TTFT p50 / p99 ms | ITL p50 / p99 ms | output tok/s |",
@@ -515,17 +552,23 @@ def render_markdown(results: dict) -> str:
                 )
         lines.append("")
         llama = [k for k in rows if k.startswith("llama")]
+        bf16 = [k for k in llama if k.split()[1] == "BF16"]
         if llama:
             lines += [
-                "| output tok/s ratio: splitserve / best llama-server | concurrency | ratio |",
-                "|---|---|---|",
+                "| output tok/s ratio | concurrency | / best llama-server BF16 | "
+                "/ best llama-server, any type |",
+                "|---|---|---|---|",
             ]
-            for key in ("disagg", "colocated"):
-                for c, r in rows.get(key, {}).items():
-                    best = max((rows[k][c]["output_tok_s"] for k in llama if c in rows[k]),
-                               default=None)  # fmt: skip
-                    if best:
-                        lines.append(f"| {names[key]} | {c} | {r['output_tok_s'] / best:.2f} |")
+
+            def best(keys: list[str], c: str) -> float | None:
+                return max((rows[k][c]["output_tok_s"] for k in keys if c in rows[k]),
+                           default=None)  # fmt: skip
+
+            for key in ours:
+                for c, r in rows[key].items():
+                    b16, anyq = best(bf16, c), best(llama, c)
+                    ratio = [f"{r['output_tok_s'] / b:.2f}" if b else "-" for b in (b16, anyq)]
+                    lines.append(f"| {name_of(key)} | {c} | {ratio[0]} | {ratio[1]} |")
             lines.append("")
     if results.get("prefix"):
         lines += [
@@ -555,6 +598,16 @@ def main() -> int:
     p.add_argument("--overhead-requests", type=int, default=200)
     p.add_argument("--llama-dir", default="")
     p.add_argument("--llama-threads", default="1,2", help="llama-server -t values to run")
+    p.add_argument("--llama-types", default="BF16",
+                   help="GGUF types llama-server runs (BF16, Q8_0, Q4_0, Q4_1 ...)")  # fmt: skip
+    p.add_argument("--dtype", default="bfloat16", help="splitserve --dtype (auto, float32, ...)")
+    p.add_argument("--quantizations", default="",
+                   help="also run splitserve colocated with these --quantization values "
+                   "(comma-separated, e.g. gguf,w8a8)")  # fmt: skip
+    p.add_argument("--serve-args", default="",
+                   help="more `splitserve serve` flags, e.g. '--threads-per-engine 1'")  # fmt: skip
+    p.add_argument("--modes", default="disagg,colocated",
+                   help="unquantized splitserve runs: disagg and/or colocated")  # fmt: skip
     p.add_argument("--cache", default=".cache/llama")
     p.add_argument("--out", default=None)
     p.add_argument("--render", default=None, help="print the markdown tables of a results JSON")
@@ -566,6 +619,9 @@ def main() -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     args.concurrency = [int(c) for c in args.concurrency.split(",")]
     args.llama_threads = [int(t) for t in args.llama_threads.split(",")]
+    args.llama_types = [t for t in args.llama_types.split(",") if t]
+    quantizations = [q for q in args.quantizations.split(",") if q]
+    modes = [m for m in args.modes.split(",") if m]
     sections = set(args.sections.split(","))
     results: dict = {"config": {k: v for k, v in vars(args).items()}}
     with tempfile.TemporaryDirectory() as d:
@@ -573,8 +629,10 @@ def main() -> int:
         if "overhead" in sections:
             results["overhead"] = section_overhead(args)
         if "load" in sections:
-            results["disagg"] = section_load(args, tmp, colocated=False)
-            results["colocated"] = section_load(args, tmp, colocated=True)
+            for mode in modes:
+                results[mode] = section_load(args, tmp, colocated=mode == "colocated")
+            for q in quantizations:
+                results[variant_key(True, q)] = section_load(args, tmp, True, q)
         if "llama" in sections and args.llama_dir:
             results["llama_server"] = section_llama(args, tmp)
         if "prefix" in sections:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from splitserve.engine.lora.config import LoRAConfig
+from splitserve.protocol.kv_compat import QUANTIZATIONS
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "auto": None}
 
@@ -104,11 +105,23 @@ class EngineConfig:
     attention_backend: str = "auto"
     max_model_len: int | None = None
     seed: int = 0
+    # None: weights in `dtype`; else one of QUANTIZATIONS (weights stay quantized at run time)
+    quantization: str | None = None
     cache: CacheConfig = CacheConfig()
     scheduler: SchedulerConfig = SchedulerConfig()
     lora: LoRAConfig | None = None  # None: no LoRA adapters (and no per-step cost)
 
     def __post_init__(self) -> None:
+        if self.quantization is not None and self.quantization not in QUANTIZATIONS:
+            raise ValueError(
+                f"quantization must be one of {', '.join(QUANTIZATIONS)} (or None); "
+                f"got {self.quantization!r}"
+            )
+        if self.quantization is not None and self.device != "cpu":
+            raise ValueError(
+                f"quantization {self.quantization!r} runs on the CPU only (its kernels are C++ "
+                f"CPU kernels); device is {self.device!r}"
+            )
         if self.attention_backend not in ("auto", "cpu", "torch", "triton"):
             raise ValueError(
                 "attention_backend must be auto, cpu, torch or triton; "

@@ -23,12 +23,14 @@ from splitserve.engine.kv_memory import allocate_host_kv
 from splitserve.engine.lora import AdapterInfo, LoadedAdapter, LoRAManager, LoRARequest
 from splitserve.engine.model.llama import LlamaArch, LlamaForCausalLM
 from splitserve.engine.model.loader import iter_safetensors, resolve_model
+from splitserve.engine.model.quant import apply_quantization
 from splitserve.engine.model_runner import PROMPT_LOGPROB_ROWS, ModelRunner
 from splitserve.engine.outputs import ImportReservation, RequestTiming, SequenceDelta
 from splitserve.engine.request import Request, RequestStatus
 from splitserve.engine.sampler import Sampler, SamplingRow, TokenLogprobs, skip_draw
 from splitserve.engine.scheduler import Scheduler
 from splitserve.engine.structured_output import StructuredOutputs
+from splitserve.kernels import cpu as cpu_kernels
 from splitserve.protocol.lora import with_adapter_key
 from splitserve.protocol.sampling import SamplingParams
 
@@ -83,7 +85,12 @@ def load_model(config: EngineConfig):
         model = LlamaForCausalLM(arch, hf_config)
     # Built on meta (no random init of 100M+ parameters), then materialised and filled.
     model = model.to_empty(device=config.device).to(config.torch_dtype)
-    model.load_weights(iter_safetensors(model_dir))
+    if config.quantization != "gguf":  # gguf: every weight comes from the GGUF file itself
+        model.load_weights(iter_safetensors(model_dir))
+    if config.quantization is not None:
+        apply_quantization(model, config.quantization, config.model)
+    if torch.device(config.device).type == "cpu" and cpu_kernels.available():
+        model.use_cpu_kernels()  # per-layer elementwise steps as single C++ ops
     model.rotary.rebuild(config.device)  # fp32 tables; rows are cast to the model dtype per step
     return model_dir, hf_config, tokenizer, model.eval()
 

@@ -36,6 +36,7 @@ class LLM:
         model: str | None = None,
         *,
         dtype: str = "auto",
+        quantization: str | None = None,
         block_size: int = 16,
         num_kv_blocks: int | None = None,
         kv_cache_memory_bytes: int = 2 << 30,
@@ -56,6 +57,7 @@ class LLM:
         config = EngineConfig(
             model=model,
             dtype=dtype,
+            quantization=quantization,
             device=device,
             attention_backend=attention_backend,
             max_model_len=max_model_len,

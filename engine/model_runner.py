@@ -103,6 +103,8 @@ class ModelRunner:
         return results
 
     def _prepare(self, batch: list[ScheduledRequest], num_decodes: int, block_tables):
+        if num_decodes == len(batch):
+            return self._prepare_decodes(batch, block_tables)
         bs = self.block_size
         tokens: list[int] = []
         starts: list[int] = []
@@ -152,3 +154,39 @@ class ModelRunner:
         )
         input_ids = torch.tensor(tokens, dtype=torch.long, device=dev)
         return input_ids, positions.to(dev), meta
+
+    def _prepare_decodes(self, batch: list[ScheduledRequest], block_tables):
+        """``_prepare`` for a step of decodes only (one token each), the common small-batch
+        step: positions and slots come straight from Python ints, no tensor arithmetic."""
+        bs = self.block_size
+        tokens, positions, slots, seq_lens, tables = [], [], [], [], []
+        for item in batch:
+            req = item.request
+            pos = req.num_computed_tokens
+            table = block_tables[req.request_id]
+            tokens.append(req.all_token_ids[pos])
+            positions.append(pos)
+            slots.append(table[pos // bs] * bs + pos % bs)
+            seq_lens.append(pos + 1)
+            tables.append(table)
+        max_blocks = max(len(t) for t in tables)
+        table = torch.tensor([t + [0] * (max_blocks - len(t)) for t in tables], dtype=torch.int32)
+        dev = self.device
+        n = len(batch)
+        meta = AttentionMetadata(
+            block_size=bs,
+            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
+            num_decode_tokens=n,
+            decode_seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
+            decode_block_tables=table.to(dev),
+            num_prefill_tokens=0,
+            prefill_query_start_loc=torch.zeros(1, dtype=torch.int32, device=dev),
+            prefill_seq_lens=torch.zeros(0, dtype=torch.int32, device=dev),
+            prefill_block_tables=table[:0].to(dev),
+            decode_max_seq_len=max(seq_lens),
+            prefill_max_seq_len=0,
+            prefill_max_query_len=0,
+            prefill_has_context=False,
+        )
+        input_ids = torch.tensor(tokens, dtype=torch.long, device=dev)
+        return input_ids, torch.tensor(positions, dtype=torch.long, device=dev), meta

@@ -41,7 +41,8 @@ __all__ = [
 # Flags the operator sets on every engine/router pod; extraArgs must not fight over them.
 MANAGED_FLAGS = frozenset(
     {
-        "--model", "--revision", "--served-name", "--dtype", "--block-size", "--max-model-len",
+        "--model", "--revision", "--served-name", "--dtype", "--quantization", "--block-size",
+        "--max-model-len",
         "--max-num-seqs", "--host", "--port", "--metrics-port", "--kv-transport",
         "--lease-seconds", "--kv-failure-policy", "--colocated", "--drain-seconds",
         "--enable-lora", "--lora-modules", "--lora-modules-file", "--max-loras", "--max-lora-rank",
@@ -74,6 +75,7 @@ class EngineSpec:
     max_num_seqs: int
     extra_args: tuple[str, ...]
     lora: LoRASpec = field(default_factory=lambda: LoRASpec())
+    quantization: str = "none"  # none | int8 | w8a8 | gguf (engine --quantization)
 
 
 @dataclass(frozen=True)
@@ -224,10 +226,10 @@ class InferenceServiceSpec:
     def rollout_hash(self) -> str:
         """One version of the serving stack: what a rollout moves every engine pod to together.
 
-        Model, revision, image (the engine code), dtype, block size and KV transport. Pods carry
-        it as a label; the router pairs only pods with equal labels (and, independently, equal
-        KV compatibility hashes reported by the engines themselves), so no request crosses
-        versions during a rollout.
+        Model, revision, image (the engine code), dtype, quantization, block size and KV
+        transport. Pods carry it as a label; the router pairs only pods with equal labels (and,
+        independently, equal KV compatibility hashes reported by the engines themselves), so no
+        request crosses versions during a rollout.
         """
         key = {
             "model": self.model.uri,
@@ -237,6 +239,8 @@ class InferenceServiceSpec:
             "blockSize": self.engine.block_size,
             "transport": self.kv_transfer.transport,
         }
+        if self.engine.quantization != "none":  # absent when off: existing hashes stay as they are
+            key["quantization"] = self.engine.quantization
         return short_hash(key)
 
 
@@ -292,6 +296,7 @@ def _spec(s: dict[str, Any]) -> InferenceServiceSpec:
             max_model_len=engine["maxModelLen"],
             max_num_seqs=engine["maxNumSeqs"],
             extra_args=tuple(engine["extraArgs"]),
+            quantization=engine.get("quantization", "none"),
             lora=LoRASpec(
                 enabled=bool(engine["lora"]["enabled"]),
                 max_loras=engine["lora"]["maxLoras"],

@@ -133,7 +133,7 @@ class Usage(_message.Message):
     def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., cached_tokens: _Optional[int] = ...) -> None: ...
 
 class CompatInfo(_message.Message):
-    __slots__ = ("model", "revision", "dtype", "block_size", "num_layers", "num_kv_heads", "head_dim", "protocol_version")
+    __slots__ = ("model", "revision", "dtype", "block_size", "num_layers", "num_kv_heads", "head_dim", "protocol_version", "quantization")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     REVISION_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
@@ -142,6 +142,7 @@ class CompatInfo(_message.Message):
     NUM_KV_HEADS_FIELD_NUMBER: _ClassVar[int]
     HEAD_DIM_FIELD_NUMBER: _ClassVar[int]
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    QUANTIZATION_FIELD_NUMBER: _ClassVar[int]
     model: str
     revision: str
     dtype: str
@@ -150,7 +151,8 @@ class CompatInfo(_message.Message):
     num_kv_heads: int
     head_dim: int
     protocol_version: int
-    def __init__(self, model: _Optional[str] = ..., revision: _Optional[str] = ..., dtype: _Optional[str] = ..., block_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., protocol_version: _Optional[int] = ...) -> None: ...
+    quantization: str
+    def __init__(self, model: _Optional[str] = ..., revision: _Optional[str] = ..., dtype: _Optional[str] = ..., block_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., protocol_version: _Optional[int] = ..., quantization: _Optional[str] = ...) -> None: ...
 
 class KVLayout(_message.Message):
     __slots__ = ("order", "dtype", "num_layers", "block_size", "num_kv_heads", "head_dim", "block_nbytes")

@@ -29,6 +29,7 @@ from datetime import UTC, datetime
 from splitserve.observability.logs import LOG_FORMATS
 from splitserve.processes import free_port, port_in_use, spawn, splitserve_argv, stop
 from splitserve.protocol.constants import API_KEYS_ENV, ROUTER_HTTP_PORT
+from splitserve.protocol.kv_compat import QUANTIZATIONS
 
 
 def _port(text: str) -> int:
@@ -69,6 +70,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     # the flag is refused with what to use instead, rather than silently accepted.
     p.add_argument("--api-key", action="append", default=[], help=argparse.SUPPRESS)
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"))
+    p.add_argument(
+        "--quantization",
+        default=None,
+        choices=QUANTIZATIONS,
+        help="weights stay quantized in every engine (docs/quantization.md)",
+    )
     p.add_argument("--max-model-len", type=_positive, default=None)
     p.add_argument("--max-num-seqs", type=_positive, default=None)
     p.add_argument("--block-size", type=_positive, default=None)
@@ -107,6 +114,7 @@ def plan(args: argparse.Namespace, instance_id: str = "") -> tuple[list[Child], 
         engine_flags += ["--model", args.model]
     for flag, value in (
         ("--dtype", args.dtype),
+        ("--quantization", args.quantization),
         ("--max-model-len", args.max_model_len),
         ("--max-num-seqs", args.max_num_seqs),
         ("--block-size", args.block_size),

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 from splitserve.engine.attention.base import k_cache_view, v_cache_view
 from splitserve.engine.attention.metadata import AttentionMetadata
+from splitserve.kernels.cpu import fused
 
 _BLOCK_DIAGONAL_MAX_KV_HEADS = 8
 
@@ -59,7 +60,17 @@ class CpuAttentionBackend:
     def prepare(self, kv_cache: torch.Tensor, meta: AttentionMetadata) -> _TorchAttentionStep:
         if kv_cache.device.type != "cpu" or kv_cache.dtype not in (torch.float32, torch.bfloat16):
             return _TorchAttentionStep(kv_cache, meta)
-        return _TorchAttentionStep(kv_cache, meta, self._cpu)
+        return _TorchAttentionStep(kv_cache, meta, self._cpu, self._layer_views(kv_cache))
+
+    def _layer_views(self, kv_cache: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Each layer's (K, V) cache views, made once per pool rather than per layer per step
+        (four indexing ops a layer, at batch 1 a visible share of the step)."""
+        cached = getattr(self, "_views", None)
+        if cached is None or cached[0] is not kv_cache:
+            views = [(k_cache_view(kv_cache, i), v_cache_view(kv_cache, i)) for i in
+                     range(kv_cache.shape[1])]  # fmt: skip
+            self._views = cached = (kv_cache, views)
+        return cached[1]
 
 
 # A new decode bucket starts when a sequence needs this many times the blocks of the bucket's
@@ -95,10 +106,13 @@ class _TorchAttentionStep:
         kv_cache: torch.Tensor,
         meta: AttentionMetadata,
         kernels=None,
+        views: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
     ) -> None:
-        """``kernels``: the ``splitserve.kernels.cpu`` module, or None for pure torch."""
+        """``kernels``: the ``splitserve.kernels.cpu`` module, or None for pure torch;
+        ``views``: each layer's (K, V) cache views, if the backend keeps them."""
         self.kv_cache = kv_cache
         self.kernels = kernels
+        self.views = views
         # Whether the prefill kernel takes this model's shapes: known at the first call (the
         # query head count comes with q); None until then.
         self.prefill_kernel: bool | None = None if kernels is not None else False
@@ -174,10 +188,16 @@ class _TorchAttentionStep:
     def __call__(
         self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     ) -> torch.Tensor:
-        k_cache = k_cache_view(self.kv_cache, layer)
-        v_cache = v_cache_view(self.kv_cache, layer)
-        k_cache[self.write_block, self.write_offset] = k
-        v_cache[self.write_block, self.write_offset] = v
+        if self.views is not None:
+            k_cache, v_cache = self.views[layer]
+        else:
+            k_cache = k_cache_view(self.kv_cache, layer)
+            v_cache = v_cache_view(self.kv_cache, layer)
+        if self.kernels is not None:  # one C++ op: two row copies per token
+            fused.write_kv(k, v, k_cache, v_cache, self.meta.slot_mapping)
+        else:
+            k_cache[self.write_block, self.write_offset] = k
+            v_cache[self.write_block, self.write_offset] = v
         meta, nd, scale = self.meta, self.nd, q.shape[-1] ** -0.5
         if self.kernels is not None and self.np and self.prefill_kernel is None:
             self.prefill_kernel = self.kernels.prefill_supported(

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from splitserve.engine.attention.base import AttentionStep
+from splitserve.kernels.cpu import fused
 
 if TYPE_CHECKING:
     from splitserve.engine.lora.slots import LayerLoRA, LoRAStep
@@ -92,13 +93,24 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(size))
         self.eps = eps
+        self.fused = False  # one C++ op (kernels/cpu/fused.py) instead of six torch ops
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused:
+            return fused.rms_norm(x, self.weight, self.eps)
         # Same order of operations as HF so fp32 results match bit for bit where possible.
         dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x.to(dtype)
+
+    def add(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """``residual += x`` in place (HF's residual connection, rounded in the dtype), then
+        the norm of the new residual."""
+        if self.fused:
+            return fused.add_rms_norm(x, residual, self.weight, self.eps)
+        residual.add_(x)
+        return self(residual)
 
 
 class Rotary(nn.Module):
@@ -165,6 +177,7 @@ class Attention(nn.Module):
             arch.hidden_size, (self.hq + 2 * self.hkv) * self.d, arch.qkv_bias
         )
         self.o_proj = nn.Linear(self.hq * self.d, arch.hidden_size, bias=False)
+        self.fused = False
 
     def forward(
         self, x, cos, sin, attn: AttentionStep, t: int, lora: LayerLoRA | None = None
@@ -179,7 +192,11 @@ class Attention(nn.Module):
         qkv = qkv[:t]
         qk, v = qkv.split([(self.hq + self.hkv) * self.d, self.hkv * self.d], dim=-1)
         # Rotate q and k heads together: one set of elementwise ops instead of two.
-        qk = apply_rotary(qk.reshape(t, self.hq + self.hkv, self.d), cos[:t], sin[:t])
+        if self.fused:  # in place, in the projection's output
+            qk = qk.view(t, self.hq + self.hkv, self.d)
+            fused.rotary_(qk, cos, sin)
+        else:
+            qk = apply_rotary(qk.reshape(t, self.hq + self.hkv, self.d), cos[:t], sin[:t])
         q, k = qk.split([self.hq, self.hkv], dim=1)
         out = attn(self.layer, q, k, v.reshape(t, self.hkv, self.d)).reshape(t, self.hq * self.d)
         if rows > t:
@@ -195,13 +212,20 @@ class MLP(nn.Module):
         self.inter = arch.intermediate_size
         self.gate_up_proj = nn.Linear(arch.hidden_size, 2 * self.inter, bias=False)
         self.down_proj = nn.Linear(self.inter, arch.hidden_size, bias=False)
+        self.fused = False
 
     def forward(self, x: torch.Tensor, lora: LayerLoRA | None = None) -> torch.Tensor:
         if lora is None:
+            if self.fused:
+                return self.down_proj(fused.silu_mul(self.gate_up_proj(x)))
             gate, up = self.gate_up_proj(x).split(self.inter, dim=-1)
             return self.down_proj(F.silu(gate) * up)
-        gate, up = lora.apply("gate_up", x, self.gate_up_proj(x)).split(self.inter, dim=-1)
-        h = F.silu(gate) * up
+        gate_up = lora.apply("gate_up", x, self.gate_up_proj(x))
+        if self.fused:
+            h = fused.silu_mul(gate_up)
+        else:
+            gate, up = gate_up.split(self.inter, dim=-1)
+            h = F.silu(gate) * up
         return lora.apply("down", h, self.down_proj(h))
 
 
@@ -214,11 +238,27 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(arch)
 
     def forward(
-        self, x, cos, sin, attn: AttentionStep, t: int, lora: LoRAStep | None = None
-    ) -> torch.Tensor:
+        self,
+        x,
+        residual: torch.Tensor | None,
+        cos,
+        sin,
+        attn: AttentionStep,
+        t: int,
+        lora: LoRAStep | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: the previous layer's MLP output (the embeddings at layer 0, with ``residual``
+        None); ``residual``: the residual stream, which this layer adds x to in place. Returns
+        (this layer's MLP output, the residual stream): the add is deferred into the next norm
+        so that it fuses with it."""
         own = None if lora is None else lora.layer(self.self_attn.layer)
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn, t, own)
-        return x + self.mlp(self.post_attention_layernorm(x), own)
+        if residual is None:
+            residual, h = x, self.input_layernorm(x)
+        else:
+            h = self.input_layernorm.add(x, residual)
+        h = self.self_attn(h, cos, sin, attn, t, own)
+        h = self.post_attention_layernorm.add(h, residual)
+        return self.mlp(h, own), residual
 
 
 class LlamaForCausalLM(nn.Module):
@@ -234,6 +274,15 @@ class LlamaForCausalLM(nn.Module):
         self.rotary = Rotary(inv_freq, scaling, arch.max_position_embeddings)
         self.scale = 1.0 / math.sqrt(arch.head_dim)
         self.bucket_rows = False  # pad matmul rows to a fixed set of shapes (see ``forward``)
+
+    def use_cpu_kernels(self, enabled: bool = True) -> None:
+        """Run norms, rotary, SiLU*up (and, in the cpu attention backend, the K/V write) as the
+        single C++ ops of ``kernels/cpu/fused.py`` instead of chains of torch ops. The engine
+        turns this on for CPU models where the kernels load; the torch code stays the
+        reference and the fallback."""
+        for module in self.modules():
+            if isinstance(module, (RMSNorm, Attention, MLP)):
+                module.fused = enabled
 
     def tie_weights(self) -> None:
         """Share the embedding with the LM head (again after ``to_empty``, which unties them)."""
@@ -266,9 +315,10 @@ class LlamaForCausalLM(nn.Module):
         cos, sin = self.rotary(positions, x.dtype)
         if lora is not None:
             lora = lora.for_rows(rows)
+        residual = None
         for layer in self.layers:
-            x = layer(x, cos, sin, attn, t, lora)
-        return self.norm(x[:t])
+            x, residual = layer(x, residual, cos, sin, attn, t, lora)
+        return self.norm.add(x[:t], residual[:t])
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -284,16 +334,16 @@ class LlamaForCausalLM(nn.Module):
         shape at every ``padded_rows`` count up to ``max_tokens`` (the step's token budget), the
         LM head up to ``max_logit_rows``. oneDNN builds its per-shape state now, so an engine's
         memory is flat under load instead of growing as new prompt lengths arrive."""
-        by_shape: dict[tuple[int, ...], nn.Linear] = {}
+        by_shape: dict[tuple[int, ...], nn.Module] = {}
         for module in self.layers.modules():
-            if isinstance(module, nn.Linear):
-                by_shape.setdefault(tuple(module.weight.shape), module)
-        weight = self.lm_head.weight
+            if hasattr(module, "in_features"):  # nn.Linear and the quantized linears
+                by_shape.setdefault((module.out_features, module.in_features), module)
+        like = self.norm.weight  # the model dtype and device
         for rows in row_buckets(max_tokens):
             for linear in by_shape.values():
-                linear(weight.new_zeros(rows, linear.in_features))
+                linear(like.new_zeros(rows, linear.in_features))
         for rows in row_buckets(max_logit_rows, logit_rows):
-            self.lm_head(weight.new_zeros(rows, self.arch.hidden_size))
+            self.lm_head(like.new_zeros(rows, self.arch.hidden_size))
 
     # --- weights ---------------------------------------------------------------------------
     def load_weights(self, weights) -> None:

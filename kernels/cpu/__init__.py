@@ -39,7 +39,10 @@ import torch
 log = logging.getLogger(__name__)
 
 _HERE = Path(__file__).parent
-_SOURCES = [_HERE / "paged_decode.cpp", _HERE / "paged_prefill.cpp"]
+_SOURCES = [
+    _HERE / name
+    for name in ("paged_decode.cpp", "paged_prefill.cpp", "quant_linear.cpp", "fused_ops.cpp")
+]
 _NAME = "splitserve_cpu"
 PREBUILT_DIR_ENV = "SPLITSERVE_CPU_KERNELS_DIR"
 JIT_ENV = "SPLITSERVE_CPU_KERNELS_JIT"

@@ -124,6 +124,24 @@ SPLITSERVE_AVX512 inline __m512 load16(const c10::BFloat16* x) {
 constexpr int64_t kMaxGroup = 16;
 constexpr int64_t kMaxChunks = 16;  // D <= 256
 
+// r[i] = sum of the 16 lanes of v[i], for i < 16.
+SPLITSERVE_AVX512 inline __m512 sum16x16(const __m512* v) {
+  __m512 a[8], b[4], c[2];
+  for (int i = 0; i < 8; ++i)
+    a[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]),
+                         _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+  for (int i = 0; i < 4; ++i) {
+    const __m512d x = _mm512_castps_pd(a[2 * i]), y = _mm512_castps_pd(a[2 * i + 1]);
+    b[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)),
+                         _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
+  }
+  for (int i = 0; i < 2; ++i)
+    c[i] = _mm512_add_ps(_mm512_shuffle_f32x4(b[2 * i], b[2 * i + 1], 0x88),
+                         _mm512_shuffle_f32x4(b[2 * i], b[2 * i + 1], 0xDD));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(c[0], c[1], 0x88),
+                       _mm512_shuffle_f32x4(c[0], c[1], 0xDD));
+}
+
 template <typename T>
 SPLITSERVE_AVX512 void attend_avx512(const Problem& p, const T* q, const T* k_cache,
                                      const T* v_cache, const Run* runs, int64_t num_runs,
@@ -137,17 +155,28 @@ SPLITSERVE_AVX512 void attend_avx512(const Problem& p, const T* q, const T* k_ca
     for (int64_t c = 0; c < C; ++c)
       qv[g * C + c] = _mm512_mul_ps(load16(qg + 16 * c), _mm512_set1_ps(p.scale));
   }
-  // Pass 1: scores[g, t] = q_g . k_t, block by block.
+  // Pass 1: scores[g, t] = q_g . k_t, block by block, 16 keys at a time: each key's 16-lane
+  // partial sums are folded together by one transposing add tree (sum16x16) rather than each
+  // reduced horizontally on its own (~8x fewer shuffle/add ops at small batches).
+  __m512 part[kMaxGroup][16];
   for (int64_t r = 0; r < num_runs; ++r) {
     const int64_t t = runs[r].t;
-    const T* kr = k_cache + runs[r].base + kv_head * D;
-    for (int64_t j = 0; j < runs[r].len; ++j, kr += p.token_stride) {
-      __m512 kc[kMaxChunks];
-      for (int64_t c = 0; c < C; ++c) kc[c] = load16(kr + 16 * c);
+    for (int64_t j0 = 0; j0 < runs[r].len; j0 += 16) {
+      const int64_t m = std::min<int64_t>(16, runs[r].len - j0);
+      const T* kr = k_cache + runs[r].base + j0 * p.token_stride + kv_head * D;
+      for (int64_t j = 0; j < m; ++j, kr += p.token_stride) {
+        __m512 kc[kMaxChunks];
+        for (int64_t c = 0; c < C; ++c) kc[c] = load16(kr + 16 * c);
+        for (int64_t g = 0; g < G; ++g) {
+          __m512 s = _mm512_mul_ps(qv[g * C], kc[0]);
+          for (int64_t c = 1; c < C; ++c) s = _mm512_fmadd_ps(qv[g * C + c], kc[c], s);
+          part[g][j] = s;
+        }
+      }
+      const __mmask16 mask = static_cast<__mmask16>((1u << m) - 1);
       for (int64_t g = 0; g < G; ++g) {
-        __m512 s = _mm512_mul_ps(qv[g * C], kc[0]);
-        for (int64_t c = 1; c < C; ++c) s = _mm512_fmadd_ps(qv[g * C + c], kc[c], s);
-        scores[g * n + t + j] = _mm512_reduce_add_ps(s);
+        for (int64_t j = m; j < 16; ++j) part[g][j] = _mm512_setzero_ps();
+        _mm512_mask_storeu_ps(scores + g * n + t + j0, mask, sum16x16(part[g]));
       }
     }
   }
@@ -202,23 +231,6 @@ SPLITSERVE_AVX512 void attend_avx512(const Problem& p, const T* q, const T* k_ca
 // tokens' rows interleaved into (v_t, v_t+1) pairs and weighted by (p_t, p_t+1), again dpbf16.
 
 
-// r[i] = sum of the 16 lanes of v[i], for i < 16.
-SPLITSERVE_AVX512BF16 inline __m512 sum16x16(const __m512* v) {
-  __m512 a[8], b[4], c[2];
-  for (int i = 0; i < 8; ++i)
-    a[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]),
-                         _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
-  for (int i = 0; i < 4; ++i) {
-    const __m512d x = _mm512_castps_pd(a[2 * i]), y = _mm512_castps_pd(a[2 * i + 1]);
-    b[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)),
-                         _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
-  }
-  for (int i = 0; i < 2; ++i)
-    c[i] = _mm512_add_ps(_mm512_shuffle_f32x4(b[2 * i], b[2 * i + 1], 0x88),
-                         _mm512_shuffle_f32x4(b[2 * i], b[2 * i + 1], 0xDD));
-  return _mm512_add_ps(_mm512_shuffle_f32x4(c[0], c[1], 0x88),
-                       _mm512_shuffle_f32x4(c[0], c[1], 0xDD));
-}
 
 
 

@@ -24,6 +24,7 @@ def engine_settings(isvc: InferenceService) -> dict[str, Any]:
         "revision": s.model.revision,
         "servedName": s.model.served_name,
         "dtype": s.engine.dtype,
+        "quantization": s.engine.quantization,
         "blockSize": s.engine.block_size,
         "maxModelLen": s.engine.max_model_len,
         "maxNumSeqs": s.engine.max_num_seqs,

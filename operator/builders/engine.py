@@ -52,6 +52,8 @@ def engine_args(isvc: InferenceService, role: str) -> list[str]:
         "--log-format", s.observability.log_format,
         "--drain-seconds", str(s.drain_seconds),
     ]  # fmt: skip
+    if s.engine.quantization != "none":
+        args += ["--quantization", s.engine.quantization]
     # Leases are the prefill side's (how long handed-off blocks are kept); the failure policy
     # is the decode side's (what to do when a pull fails). Each server refuses the other's flag.
     if role == L.PREFILL:

@@ -6,7 +6,7 @@ import argparse
 import os
 import socket
 
-from splitserve.engine.config import CacheConfig, EngineConfig, SchedulerConfig
+from splitserve.engine.config import QUANTIZATIONS, CacheConfig, EngineConfig, SchedulerConfig
 from splitserve.engine.lora.config import LoRAConfig
 from splitserve.observability.logs import LOG_FORMATS
 from splitserve.protocol.constants import ENGINE_GRPC_PORT
@@ -25,6 +25,11 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--served-name", default=None, help="model name reported to clients")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
     parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--quantization", default=None, choices=QUANTIZATIONS,
+        help="keep weights quantized: int8 (weight-only, per channel), w8a8 (int8 activations "
+        "too), gguf (the GGUF file's own blocks); default: none",
+    )  # fmt: skip
     parser.add_argument("--block-size", type=int, default=cache.block_size)
     parser.add_argument("--num-kv-blocks", type=int, default=None)
     parser.add_argument(
@@ -96,6 +101,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         revision=args.revision or None,
         dtype=args.dtype,
         device=args.device,
+        quantization=args.quantization,
         attention_backend=args.attention_backend,
         max_model_len=args.max_model_len,
         cache=CacheConfig(

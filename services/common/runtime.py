@@ -131,6 +131,7 @@ def build_runtime(args: argparse.Namespace, role: str) -> EngineRuntime:
         num_layers=facts.num_layers,
         num_kv_heads=facts.num_kv_heads,
         head_dim=facts.head_dim,
+        quantization=config.quantization or "",
     )
     epoch = secrets.randbits(64)
     files = read_tokenizer_files(facts.model_dir)

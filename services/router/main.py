@@ -94,8 +94,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "finish for up to this long",
     )  # fmt: skip
     a = p.add_argument_group("API")
-    a.add_argument("--api-key", action="append", default=[], help="accepted key (repeatable)")
-    a.add_argument("--api-key-file", default=None, help="file with keys, one per line")
+    # Keys never go on a command line (every user of the machine sees it in ps): a file or
+    # $SPLITSERVE_API_KEYS. The old flag is still parsed so that it can be refused by name.
+    a.add_argument("--api-key", action="append", default=[], help=argparse.SUPPRESS)
+    a.add_argument("--api-key-file", default=None,
+                   help=f"file with accepted keys, one per line, re-read when it changes (or "
+                   f"${API_KEYS_ENV}=k1,k2)")  # fmt: skip
     a.add_argument("--max-body-bytes", type=int, default=8 << 20)
     a.add_argument(
         "--max-temperature", type=float, default=DEFAULT_MAX_TEMPERATURE,
@@ -128,10 +132,9 @@ class RouterSettings:
     cold_start: ColdStartConfig = ColdStartConfig()
 
 
-def read_api_keys(keys: list[str], key_file: str | None, env: str | None) -> ApiKeys:
-    """Keys from ``--api-key`` flags and the environment, plus a (re-read) key file."""
-    static = set(k.strip() for k in keys) | parse_keys(env or "")
-    return ApiKeys(static, key_file)
+def read_api_keys(key_file: str | None, env: str | None) -> ApiKeys:
+    """Keys from the environment, plus a (re-read) key file."""
+    return ApiKeys(parse_keys(env or ""), key_file)
 
 
 def build_router(
@@ -225,6 +228,11 @@ def kubernetes_discovery(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.api_key:
+        raise SystemExit(
+            "router: --api-key would show the key to every user of this machine (ps): put the "
+            f"keys in a file (--api-key-file PATH, one per line) or in ${API_KEYS_ENV}=k1,k2"
+        )
     setup_logging(args.log_level, args.log_format, "router", args.instance_id or None)
     setup_tracing("router", args.instance_id or None)
     if args.discovery == "static":
@@ -249,7 +257,7 @@ def run(args: argparse.Namespace) -> int:
             prefix=args.prefix_weight, load=args.load_weight, capacity=args.load_capacity
         ),
         retry=RetryConfig(max_attempts=args.retry_max_attempts, ratio=args.retry_ratio),
-        api_keys=read_api_keys(args.api_key, args.api_key_file, os.environ.get(API_KEYS_ENV)),
+        api_keys=read_api_keys(args.api_key_file, os.environ.get(API_KEYS_ENV)),
         max_body_bytes=args.max_body_bytes,
         max_temperature=args.max_temperature,
         max_model_len=args.max_model_len,

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import subprocess
 import sys
 
@@ -51,6 +53,7 @@ def test_compat_hash_is_stable_across_processes() -> None:
         ("num_kv_heads", 4),
         ("head_dim", 128),
         ("protocol_version", PROTOCOL_VERSION + 1),
+        ("quantization", "int8"),
     ],
 )
 def test_every_field_changes_hash_and_is_named(field: str, value: object) -> None:
@@ -60,6 +63,22 @@ def test_every_field_changes_hash_and_is_named(field: str, value: object) -> Non
         check_compatible(SMOL, other)
     assert info.value.differences == (field,)
     assert info.value.reason == "incompatible"
+
+
+def test_quantization_schemes_differ_and_unquantized_hash_is_unchanged() -> None:
+    # Each scheme computes different K/V for the same prompt: no two may pair.
+    hashes = {kv_compat_hash(dataclasses.replace(SMOL, quantization=q)) for q in ("int8", "w8a8")}
+    hashes.add(kv_compat_hash(dataclasses.replace(SMOL, quantization="gguf")))
+    assert len(hashes | {kv_compat_hash(SMOL)}) == 4
+    # An unquantized engine hashes as before the field existed (the eight original facts).
+    facts = {f.name: getattr(SMOL, f.name) for f in dataclasses.fields(SMOL)}
+    del facts["quantization"]
+    encoded = json.dumps(facts, sort_keys=True, separators=(",", ":")).encode()
+    assert kv_compat_hash(SMOL) == hashlib.blake2b(encoded, digest_size=16).hexdigest()
+    q8 = dataclasses.replace(SMOL, quantization="w8a8")
+    assert CompatInfo.from_proto(q8.to_proto()) == q8
+    with pytest.raises(ValueError, match="quantization"):
+        dataclasses.replace(SMOL, quantization="fp4")
 
 
 def test_compatible_and_proto_round_trip() -> None:

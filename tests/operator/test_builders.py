@@ -225,6 +225,7 @@ def test_pdbs_select_their_role(make_isvc) -> None:
 
 ENGINE_CHANGES = [
     {"engine": {"dtype": "float32"}},
+    {"engine": {"quantization": "int8"}},
     {"engine": {"blockSize": 32}},
     {"engine": {"maxModelLen": 2048}},
     {"engine": {"maxNumSeqs": 64}},
@@ -261,6 +262,8 @@ def test_config_checksum_ignores_everything_else(make_isvc, change) -> None:
         ({"model": {"revision": "v2"}}, True),
         ({"image": "registry.example/splitserve:0.2.0"}, True),
         ({"engine": {"blockSize": 32}}, True),
+        ({"engine": {"quantization": "gguf"}}, True),
+        ({"engine": {"quantization": "none"}}, False),  # the default, spelled out
         ({"kvTransfer": {"transport": "grpc"}}, True),
         ({"engine": {"maxNumSeqs": 7}}, False),
         ({"decode": {"replicas": 9}}, False),
@@ -293,6 +296,7 @@ def test_pod_command_lines_parse_with_the_servers_own_flags(make_isvc, prefill_r
     from splitserve.cli import COMMANDS
 
     change = {"prefill": {"replicas": prefill_replicas}, "router": {"apiKeySecret": {"name": "k"}}}
+    change["engine"] = {"quantization": "w8a8"}  # rendered as --quantization, which must parse
     objects = objects_of(make_isvc, change)
     deployments = [obj for key, obj in objects.items() if key.startswith("Deployment/")]
     assert deployments
@@ -302,6 +306,8 @@ def test_pod_command_lines_parse_with_the_servers_own_flags(make_isvc, prefill_r
         importlib.import_module(COMMANDS[args[0]][0]).add_arguments(parser)
         parsed, unknown = parser.parse_known_args(args[1:])
         assert not unknown, f"{dep['metadata']['name']}: flags the server refuses: {unknown}"
+        if args[0] != "router":
+            assert parsed.quantization == "w8a8"
 
 
 def test_each_generation_has_its_own_engine_deployments(make_isvc) -> None:

@@ -87,6 +87,7 @@ def test_defaults_come_from_the_crd(make_isvc) -> None:
     s = isvc.spec
     assert (s.engine.dtype, s.engine.block_size, s.engine.max_model_len) == ("bfloat16", 16, 4096)
     assert s.engine.max_num_seqs == 128 and s.engine.extra_args == ()
+    assert s.engine.quantization == "none"
     assert (s.router.pool.replicas, s.router.policy, s.router.service_port) == (1, "prefix", 80)
     assert (s.kv_transfer.transport, s.kv_transfer.failure_policy) == ("nixl", "recompute")
     assert s.kv_transfer.lease_seconds == 30

@@ -95,15 +95,21 @@ def test_router_parses_the_argv_the_operator_builds(colocated):
     assert "serving.splitserve.io/role=decode" in args.decode_selector
 
 
-def test_api_keys_from_flag_file_and_env(tmp_path):
+def test_api_keys_from_file_and_env(tmp_path):
     f = tmp_path / "keys"
     f.write_text("k2\n\n  k3 \n")
-    keys = router_main.read_api_keys(["k1"], str(f), "k4,k5\nk6")
-    assert keys.current() == frozenset({"k1", "k2", "k3", "k4", "k5", "k6"})
+    keys = router_main.read_api_keys(str(f), "k4,k5\nk6")
+    assert keys.current() == frozenset({"k2", "k3", "k4", "k5", "k6"})
     assert keys.check("Bearer k3") and keys.check("bearer  k6 ")
-    assert not keys.check("Bearer k7") and not keys.check("k1") and not keys.check("Basic k1")
-    none = router_main.read_api_keys([], None, None)
+    assert not keys.check("Bearer k7") and not keys.check("k2") and not keys.check("Basic k2")
+    none = router_main.read_api_keys(None, None)
     assert not none.enabled and none.current() == frozenset()
+
+
+def test_the_router_refuses_a_key_on_its_command_line():
+    args = parse(router_main, ["--colocated-endpoints", "127.0.0.1:1", "--api-key", "sk-x"])
+    with pytest.raises(SystemExit, match="api-key-file"):
+        router_main.run(args)
 
 
 def test_key_file_is_reread_when_the_secret_changes(tmp_path):

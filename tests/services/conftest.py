@@ -111,3 +111,24 @@ def servers(tmp_path_factory) -> Iterator[dict[str, Server]]:
     finally:
         for server in made.values():
             server.stop()
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory) -> Iterator[dict[str, Server]]:
+    """A prefill with w8a8-quantized weights and an unquantized decode (gRPC transport)."""
+    logs = tmp_path_factory.mktemp("logs")
+    made = {
+        "prefill": Server(
+            "prefill", ["--kv-transport", "grpc", "--quantization", "w8a8"], logs / "p.log"
+        ),
+        "decode": Server("decode", ["--kv-transport", "grpc"], logs / "d.log"),
+    }
+    try:
+        for server in made.values():
+            server.launch()
+        for server in made.values():
+            server.wait_ready(300)
+        yield made
+    finally:
+        for server in made.values():
+            server.stop()
