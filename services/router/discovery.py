@@ -106,7 +106,8 @@ def slice_endpoints(
 
     ``pods`` maps pod name -> Pod object (for the rollout-hash label). An endpoint whose
     pod is unknown is skipped: without its hash it can not be paired safely (it appears once
-    read).
+    read). Where a terminating endpoint and a live one share an address, the live one wins
+    (``_newer``).
     """
     out: dict[str, Endpoint] = {}
     for s in slices:
@@ -128,14 +129,29 @@ def slice_endpoints(
             labels = (pod.get("metadata") or {}).get("labels") or {}
             host = ep["addresses"][0]
             address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-            out[address] = Endpoint(
+            endpoint = Endpoint(
                 address,
                 roles,
                 labels.get(ROLLOUT_HASH_LABEL, ""),
                 ref.get("name", ""),
                 draining=state == "draining",
             )
+            out[address] = _newer(out.get(address), endpoint)
     return list(out.values())
+
+
+def _newer(old: Endpoint | None, new: Endpoint) -> Endpoint:
+    """Of two endpoints at one address, the one to keep.
+
+    Two pods can hold one address: a terminating pod whose process has exited releases its IP
+    at once, and the next pod may get it while the old Pod object (and so its endpoint, marked
+    terminating) lingers until its deletion completes. Nothing of the old pod runs there any
+    more, so the live endpoint is the pod at that address; preferring the terminating one would
+    hide a ready pod (seen on the local cluster: a rollout's new decode pod unused for ~50 s).
+    """
+    if old is not None and new.draining and not old.draining:
+        return old
+    return new
 
 
 def merge_roles(prefill: list[Endpoint], decode: list[Endpoint]) -> list[Endpoint]:
@@ -143,13 +159,14 @@ def merge_roles(prefill: list[Endpoint], decode: list[Endpoint]) -> list[Endpoin
     merged: dict[str, Endpoint] = {}
     for e in [*prefill, *decode]:
         old = merged.get(e.address)
-        merged[e.address] = (
-            e
-            if old is None
-            else Endpoint(
+        if old is None:
+            merged[e.address] = e
+        elif old.name == e.name:  # one pod in both Services: colocated
+            merged[e.address] = Endpoint(
                 e.address, old.roles | e.roles, e.rollout_hash, e.name, old.draining or e.draining
             )
-        )
+        else:  # two pods at one address: a terminated one's and the next pod's (`_newer`)
+            merged[e.address] = _newer(old, e)
     return list(merged.values())
 
 

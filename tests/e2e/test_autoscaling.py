@@ -140,8 +140,10 @@ def test_load_grows_decode_and_its_end_shrinks_it(namespaces, custom, core) -> N
     sdk = S.openai_client(S.service_url(ns, "chat"))
     S.wait_serving(sdk, MODEL)
     max_tokens = 24
+    began = time.monotonic()
     with Clients(sdk, 4, max_tokens) as load:
         wait_until("decode scaled up to 2", lambda: autoscaled(isvc, "decode") == 2, timeout=180)
+        scaled_up = time.monotonic() - began
         up = [e for e in events(core, ns, "chat") if e.reason == "ScaledUp"]
         assert up and "decode 1 -> 2" in up[0].message and "vs target 2" in up[0].message
         # The new pod comes up and takes load from the router.
@@ -156,8 +158,11 @@ def test_load_grows_decode_and_its_end_shrinks_it(namespaces, custom, core) -> N
             return len(served) == 2 and all(n > 0 for n in served)
 
         wait_until("both decode pods served requests", both_served, timeout=180)
+        both_serving = time.monotonic() - began
+    stopped = time.monotonic() - began
     assert_all_complete(load.results, max_tokens)
     wait_until("decode back to 1", lambda: autoscaled(isvc, "decode") == 1, timeout=240)
+    scaled_down = time.monotonic() - began
     # Only once the window held no higher need (the decision says so, with its numbers).
     down = [e for e in events(core, ns, "chat") if e.reason == "ScaledDown"]
     assert down and "decode 2 -> 1" in down[-1].message
@@ -167,6 +172,11 @@ def test_load_grows_decode_and_its_end_shrinks_it(namespaces, custom, core) -> N
     wait_until("one decode pod left", lambda: len(S.engine_pods(core, ns, "chat", "decode")) == 1,
                timeout=180)  # fmt: skip
     assert S.complete(sdk, MODEL, S.PROMPTS[0]) is not None
+    print(
+        f"load 4 streams from 0 s: decode 1 -> 2 decided at {scaled_up:.0f} s, both pods serving "
+        f"at {both_serving:.0f} s; load stopped at {stopped:.0f} s after {len(load.results)} "
+        f"requests (0 failed or cut); 2 -> 1 decided at {scaled_down:.0f} s"
+    )
 
 
 def test_scale_down_and_rollout_with_16_streams_in_flight(
@@ -264,6 +274,10 @@ def test_scale_down_and_rollout_with_16_streams_in_flight(
     assert len(load.results) >= 16
     # The old decode pod was deleted with streams on it, and they still completed (above).
     assert any(n > 0 for n in busy_when_deleted.values()), busy_when_deleted
+    print(
+        f"scale-down: 16 of 16 streams complete; rollout: {len(load.results)} streams complete, "
+        f"old decode pods' running streams when deleted: {busy_when_deleted}"
+    )
 
 
 def test_scale_from_zero(namespaces, custom, core) -> None:

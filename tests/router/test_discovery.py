@@ -108,6 +108,32 @@ def test_merge_roles_makes_colocated():
     assert merged.colocated
 
 
+def test_a_reused_address_is_the_live_pod_not_the_terminated_one():
+    # A pod that exited released its IP; the next pod got it while the old Pod object (and its
+    # terminating endpoint) lingered. The live pod is the one at that address, in either order.
+    gone, live = ("10.0.0.5", "old", {"ready": False, "terminating": True}), (
+        "10.0.0.5", "new", READY,
+    )  # fmt: skip
+    pods = {"old": pod("old", "h1"), "new": pod("new", "h2")}
+    for order in ([gone, live], [live, gone]):
+        (e,) = slice_endpoints([endpoint_slice("d", "decode", order)], pods, frozenset({DECODE}))
+        assert (e.name, e.draining, e.rollout_hash) == ("new", False, "h2")
+    # The old pod was decode, the new one prefill: two pods, not one colocated draining pod.
+    old_decode = slice_endpoints([endpoint_slice("d", "decode", [gone])], pods, frozenset({DECODE}))
+    new_prefill = slice_endpoints(
+        [endpoint_slice("p", "prefill", [live])], pods, frozenset({PREFILL})
+    )
+    for merged in (merge_roles(new_prefill, old_decode), merge_roles(old_decode, new_prefill)):
+        (e,) = merged
+        assert (e.name, e.roles, e.draining) == ("new", frozenset({PREFILL}), False)
+    # Two terminating pods at one address stay one draining endpoint.
+    (e,) = slice_endpoints(
+        [endpoint_slice("d", "decode", [gone, ("10.0.0.5", "new", {"terminating": True})])],
+        pods, frozenset({DECODE}),
+    )  # fmt: skip
+    assert e.draining
+
+
 RESOURCES = {
     "discovery.k8s.io/v1/endpointslices": ("EndpointSlice", True),
     "v1/pods": ("Pod", True),
