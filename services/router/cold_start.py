@@ -5,6 +5,12 @@ that finds no ready prefill/decode pair waits here, up to T seconds, instead of 
 At most ``--cold-start-max-waiting`` requests wait; one more is refused at once. A request that
 times out, or finds the queue full, gets a 503 in the OpenAI error shape with ``Retry-After``.
 
+A shorter hold applies without ``--cold-start-timeout`` too, while pods are *changing over*
+(``--transition-timeout``, 15 s): no pair is ready but some pod is draining. A rollout deletes the old generation once the new one is ready to
+Kubernetes; this router may learn of the new pods a moment later (its watch, its first stats
+poll), and a request in that moment would otherwise get a 503 though nothing is down. Only
+cold-start waits are counted in the metrics below (they are the scale-from-zero signal).
+
 The number waiting is exported (``splitserve_router_cold_start_waiting``), with a counter of
 every request that had to wait by how it ended (``splitserve_router_cold_start_requests``): the
 operator scales a pool up from zero when either moves (docs/autoscaling.md).
@@ -33,13 +39,15 @@ POLL_S = 0.1
 
 @dataclass(frozen=True)
 class ColdStartConfig:
-    """``timeout_s`` 0 turns holding off: no pod means a 503 at once."""
+    """``timeout_s`` 0 turns holding off: no pod means a 503 at once, except while pods change
+    over, for up to ``transition_s`` (0: never)."""
 
     timeout_s: float = 0.0
     max_waiting: int = 256
+    transition_s: float = 15.0
 
     def __post_init__(self) -> None:
-        if self.timeout_s < 0 or self.max_waiting < 1:
+        if self.timeout_s < 0 or self.max_waiting < 1 or self.transition_s < 0:
             raise ValueError(f"invalid cold-start settings: {self}")
 
     @property
@@ -59,13 +67,23 @@ class ColdStartQueue:
     def enabled(self) -> bool:
         return self.config.enabled
 
-    async def wait(self, ready: Callable[[], T | None], what: str = "a ready pod") -> T:
+    async def wait(
+        self,
+        ready: Callable[[], T | None],
+        what: str = "a ready pod",
+        changing: Callable[[], bool] | None = None,
+    ) -> T:
         """``ready()``'s first non-None answer; raises ``NoBackendError`` (503) when holding is
-        off, the queue is full, or ``timeout_s`` passes first."""
+        off, the queue is full, or ``timeout_s`` passes first. With holding off, ``changing()``
+        true (pods changing over) still holds the request up to ``transition_s``."""
         found = ready()
         if found is not None:
             return found
         if not self.enabled:
+            if changing is not None and self.config.transition_s > 0 and changing():
+                found = await self._hold(ready, self.config.transition_s)
+                if found is not None:
+                    return found
             raise NoBackendError(f"no ready backend pod: {what} is starting or down")
         if self.waiting >= self.config.max_waiting:
             self._count("rejected")
@@ -98,6 +116,18 @@ class ColdStartQueue:
             self._count(outcome)
             if outcome == "served":
                 log.info("request held %.1f s until a pod was ready", time.monotonic() - start)
+
+    async def _hold(self, ready: Callable[[], T | None], seconds: float) -> T | None:
+        """Poll ``ready()`` for up to ``seconds``; uncounted (a change-over, not a cold start)."""
+        start = time.monotonic()
+        deadline = start + seconds
+        while time.monotonic() < deadline:
+            await asyncio.sleep(POLL_S)
+            found = ready()
+            if found is not None:
+                log.info("request held %.1f s while pods changed over", time.monotonic() - start)
+                return found
+        return None
 
     def _gauge(self) -> None:
         if self.metrics is not None:

@@ -89,6 +89,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     r.add_argument("--cold-start-max-waiting", type=int, default=ColdStartConfig.max_waiting,
                    help="requests held at most; more get 503 at once")  # fmt: skip
     r.add_argument(
+        "--transition-timeout", type=float, default=ColdStartConfig.transition_s,
+        help="hold a request up to this long while no pod pair is ready but pods are changing "
+        "over (some pod draining: a rollout, a scale-down); 0: 503 at once",
+    )  # fmt: skip
+    r.add_argument(
         "--drain-seconds", type=float, default=30.0,
         help="on SIGTERM, stop accepting connections and let requests in flight (streams) "
         "finish for up to this long",
@@ -267,7 +272,9 @@ def run(args: argparse.Namespace) -> int:
         stats_interval_s=args.stats_interval,
         prefill_timeout_s=args.prefill_timeout,
         instance_id=args.instance_id,
-        cold_start=ColdStartConfig(args.cold_start_timeout, args.cold_start_max_waiting),
+        cold_start=ColdStartConfig(
+            args.cold_start_timeout, args.cold_start_max_waiting, args.transition_timeout
+        ),
     )
     app = build_router(settings, start)
     log.info(

@@ -193,6 +193,15 @@ class Pool:
             if p.healthy and not p.endpoint.draining and role in p.endpoint.roles
         ]
 
+    def changing_over(self) -> bool:
+        """Some pod is draining (terminating, or its engine says so): pods are being replaced or
+        removed on purpose (a rollout, a scale-down), so no ready pair is likely a moment's gap
+        while their successors are learned, not an outage."""
+        return any(
+            p.endpoint.draining or (p.stats is not None and p.stats.health_reason == "draining")
+            for p in self.pods.values()
+        )
+
     def mark_failed(self, pod_id: str) -> None:
         """A call failed for a pod-level reason: stop routing there until a poll succeeds."""
         state = self.pods.get(pod_id)

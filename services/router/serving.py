@@ -114,8 +114,11 @@ class OpenAIServing:
 
     async def ready_facts(self) -> ModelFacts:
         """``facts()``, or, while no generation can serve and holding is on, the first one
-        that can within the cold-start timeout (``cold_start.py``); 503 otherwise."""
-        return await self.cold_start.wait(self._usable_facts, "the model's engines")
+        that can within the cold-start timeout, or within the change-over hold while pods are
+        changing over (``cold_start.py``); 503 otherwise."""
+        return await self.cold_start.wait(
+            self._usable_facts, "the model's engines", self.dispatcher.pool.changing_over
+        )
 
     def max_model_len(self, facts: ModelFacts) -> int:
         cap = self.max_model_len_cap

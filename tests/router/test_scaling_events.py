@@ -195,3 +195,39 @@ def test_without_cold_start_holding_no_pod_is_an_immediate_503(router_over):
     with pytest.raises(openai.APIStatusError) as err:
         c.completions.create(model="m", prompt="a", max_tokens=2)
     assert err.value.status_code == 503
+
+
+@pytest.mark.parametrize("transition_s", [15.0, 0.0])
+def test_a_rollout_gap_holds_requests_without_cold_start(router_over, transition_s):
+    # A rollout: the old decode pod drains before this router has learned the new one (its
+    # watch and first poll lag Kubernetes). Without cold-start holding, a request in that gap
+    # waits for the new pod (up to the change-over hold) instead of getting a 503.
+    settings = RouterSettings(
+        served_names=("m",), stats_interval_s=0.1,
+        cold_start=ColdStartConfig(transition_s=transition_s),
+    )  # fmt: skip
+    router, (pre, old, new), disco = router_over(["prefill", "decode", "decode"], settings)
+    pre_ep, old_ep, new_ep = (
+        Endpoint(p.address, frozenset({PREFILL} if p is pre else {DECODE})) for p in (pre, old, new)
+    )
+    disco.set([pre_ep, old_ep])
+    router.wait_ready()
+    _wait(lambda: _health(router.url)[1]["decode_pods"] == 1)
+    disco.set([pre_ep, Endpoint(old.address, frozenset({DECODE}), draining=True)])
+    _wait(lambda: _health(router.url)[0] == 503)  # no ready pair now
+    c = openai.OpenAI(base_url=router.url + "/v1", api_key="x", max_retries=0, timeout=30)
+    if not transition_s:
+        with pytest.raises(openai.APIStatusError) as err:
+            c.completions.create(model="m", prompt="a", max_tokens=2)
+        assert err.value.status_code == 503
+        return
+    with concurrent.futures.ThreadPoolExecutor(1) as ex:
+        held = ex.submit(c.completions.create, model="m", prompt="a", max_tokens=3)
+        time.sleep(0.5)  # the request is in the router by now (it would have failed at once)
+        assert not held.done()
+        disco.set([pre_ep, Endpoint(old.address, frozenset({DECODE}), draining=True), new_ep])
+        answer = held.result(30)
+    assert answer.choices[0].finish_reason == "length"
+    assert new.engine.generates and not old.engine.generates
+    # A change-over is not a cold start: the scale-from-zero signal did not move.
+    assert _metric(router.url, 'splitserve_router_cold_start_requests_total{outcome="served"}') == 0
