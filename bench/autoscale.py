@@ -302,12 +302,19 @@ def main() -> int:
 
 def run(args, core, custom, ns: str) -> int:
     custom.create_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, isvc_body(args))
-    url = subprocess.run(
-        [str(REPO / "scripts" / "cluster"), "url", f"{ns}/bench"],
-        capture_output=True, text=True, check=True, timeout=60,
-    ).stdout.strip()  # fmt: skip
-    sdk = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0, timeout=300)
     deadline = time.monotonic() + 900
+    while True:  # the operator creates the router's Service on its first pass
+        found = subprocess.run(
+            [str(REPO / "scripts" / "cluster"), "url", f"{ns}/bench"],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        if found.returncode == 0:
+            url = found.stdout.strip()
+            break
+        if time.monotonic() > deadline:
+            raise SystemExit(f"no router Service: {found.stderr.strip()}")
+        time.sleep(2)
+    sdk = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0, timeout=300)
     while True:  # serving: the pools came up and the router found them
         with contextlib.suppress(Exception):
             sdk.completions.create(model=MODEL, prompt="1", max_tokens=1)
