@@ -6,10 +6,11 @@ At most ``--cold-start-max-waiting`` requests wait; one more is refused at once.
 times out, or finds the queue full, gets a 503 in the OpenAI error shape with ``Retry-After``.
 
 A shorter hold applies without ``--cold-start-timeout`` too, while pods are *changing over*
-(``--transition-timeout``, 15 s): no pair is ready but some pod is draining. A rollout deletes the old generation once the new one is ready to
-Kubernetes; this router may learn of the new pods a moment later (its watch, its first stats
-poll), and a request in that moment would otherwise get a 503 though nothing is down. Only
-cold-start waits are counted in the metrics below (they are the scale-from-zero signal).
+(``--transition-timeout``, 15 s): no pair is ready but some pod is draining. A rollout deletes
+the old generation once the new one is ready to Kubernetes; this router may learn of the new
+pods a moment later (its watch, its first stats poll), and a request in that moment would
+otherwise get a 503 though nothing is down. Only cold-start waits are counted in the metrics
+below (they are the scale-from-zero signal).
 
 The number waiting is exported (``splitserve_router_cold_start_waiting``), with a counter of
 every request that had to wait by how it ended (``splitserve_router_cold_start_requests``): the
