@@ -33,6 +33,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--interval", type=float, default=30.0, help="seconds between drift-correcting passes"
     )
     run_p.add_argument(
+        "--autoscale-interval",
+        type=float,
+        default=10.0,
+        help="seconds between autoscaling passes (docs/autoscaling.md)",
+    )
+    run_p.add_argument(
         "--health-port",
         type=int,
         default=8080,
@@ -155,6 +161,7 @@ def _run_operator(args: argparse.Namespace) -> int:
         identity=identity,
         namespaces=tuple(args.namespace),
         interval=args.interval,
+        autoscale_interval=args.autoscale_interval,
         health_port=args.health_port,
         lease=lease,
     )

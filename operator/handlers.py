@@ -1,15 +1,24 @@
 """The kopf registration: wires events and a timer to `reconcile`, nothing else.
 
 Create, update and resume run a reconcile pass at once; a timer repeats it so drift is undone
-(level-based, not edge-based). Deletion removes the children promptly (owner references would
-collect them too) under our finalizer. Status is written through kopf's ``patch``; Events through
-``kopf.event``; retries through TemporaryError / PermanentError.
+(level-based, not edge-based). A second timer runs the autoscaler (``autoscale/``), which
+reconciles with the sizes it decides. Deletion removes the children promptly (owner references
+would collect them too) under our finalizer. Status is written through kopf's ``patch``; Events
+through ``kopf.event``; retries through TemporaryError / PermanentError.
+
+Passes of one resource never overlap (a lock in its kopf memo), and every pass starts from the
+status the previous pass wrote and renders the autoscaled roles at the autoscaler's latest
+sizes, both kept in that memo: kopf may hand a timer a body whose status predates the last
+patch (this operator is the status' only writer), which would otherwise undo a scaling
+decision or repeat an Event.
 """
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -17,6 +26,8 @@ import kopf
 
 from splitserve.operator import crd
 from splitserve.operator.adapters import AdapterProbe, GrpcAdapterProbe
+from splitserve.operator.autoscale.runner import autoscale_pass
+from splitserve.operator.autoscale.scrape import MetricsReader
 from splitserve.operator.health import OperatorMetrics
 from splitserve.operator.kube import Credentials, KubeApi
 from splitserve.operator.labels import PREFIX
@@ -76,7 +87,23 @@ def _ready(result: ReconcileResult) -> str:
     return "Unknown"
 
 
-def _deliver(result: ReconcileResult, body: kopf.Body, patch: kopf.Patch) -> None:
+def _current(body: kopf.Body, memo: kopf.Memo) -> dict[str, Any]:
+    """``body`` with the status this operator last wrote (newer than kopf's copy, or equal)."""
+    current = dict(body)
+    if memo.get("status") is not None:
+        current["status"] = memo["status"]
+    return current
+
+
+def _deliver(result: ReconcileResult, body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo) -> None:
+    # What the status is once the merge patch lands (None deletes a field).
+    status = dict(memo.get("status") or body.get("status") or {})
+    for key, value in result.status.items():
+        if value is None:
+            status.pop(key, None)
+        else:
+            status[key] = value
+    memo["status"] = status
     patch["status"] = result.status
     for event in result.events:
         kopf.event(body, type=event.type, reason=event.reason, message=event.message)
@@ -84,10 +111,25 @@ def _deliver(result: ReconcileResult, body: kopf.Body, patch: kopf.Patch) -> Non
         raise kopf.TemporaryError(result.error, delay=RETRY_DELAY_S)
 
 
+def _lock(memo: kopf.Memo) -> asyncio.Lock:
+    """The resource's pass lock (kopf's memo is per resource object)."""
+    lock = memo.get("pass_lock")
+    if lock is None:
+        lock = memo["pass_lock"] = asyncio.Lock()
+    return lock
+
+
+def _scale(memo: kopf.Memo) -> dict[str, int] | None:
+    """The autoscaler's latest sizes for this resource (None before its first pass)."""
+    state = memo.get("autoscaler")
+    return state.replicas if state is not None else None
+
+
 def make_registry(
     login: Callable[[], kopf.ConnectionInfo] = default_login,
     *,
     interval: float = 30.0,
+    autoscale_interval: float = 10.0,
     adapter_probe: AdapterProbe | None = None,
     metrics: OperatorMetrics | None = None,
 ) -> kopf.OperatorRegistry:
@@ -107,21 +149,27 @@ def make_registry(
     async def _startup(memo: kopf.Memo, settings: kopf.OperatorSettings, **_: Any) -> None:
         configure(settings)
         memo.api = KubeApi(lambda: credentials_from(login()))
+        memo.metrics_reader = MetricsReader()
         memo.adapter_probe = adapter_probe
 
     @kopf.on.cleanup(registry=registry)
     async def _cleanup(memo: kopf.Memo, **_: Any) -> None:
         await memo.api.close()
+        await memo.metrics_reader.close()
 
     @kopf.on.resume(*resource, id="reconcile", registry=registry)
     @kopf.on.create(*resource, id="reconcile", registry=registry)
     @kopf.on.update(*resource, id="reconcile", registry=registry)
     async def on_change(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **_: Any) -> None:
-        with metrics.observe("change") as report:
-            result = await reconcile(memo.api, body, _now(), memo.adapter_probe)
-            report(*outcome(result))
-        metrics.set_ready(_key(body), _ready(result))
-        _deliver(result, body, patch)
+        async with _lock(memo):
+            with metrics.observe("change") as report:
+                result = await reconcile(
+                    memo.api, _current(body, memo), _now(), memo.adapter_probe,
+                    scale=_scale(memo),
+                )  # fmt: skip
+                report(*outcome(result))
+            metrics.set_ready(_key(body), _ready(result))
+            _deliver(result, body, patch, memo)
         if result.retry == "permanent":
             # Nothing to retry until the spec changes; the timer keeps status current.
             raise kopf.PermanentError(result.error)
@@ -130,11 +178,34 @@ def make_registry(
     async def on_timer(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **_: Any) -> None:
         if body.get("metadata", {}).get("deletionTimestamp"):
             return
-        with metrics.observe("timer") as report:
-            result = await reconcile(memo.api, body, _now(), memo.adapter_probe)
-            report(*outcome(result))
-        metrics.set_ready(_key(body), _ready(result))
-        _deliver(result, body, patch)
+        async with _lock(memo):
+            with metrics.observe("timer") as report:
+                result = await reconcile(
+                    memo.api, _current(body, memo), _now(), memo.adapter_probe,
+                    scale=_scale(memo),
+                )  # fmt: skip
+                report(*outcome(result))
+            metrics.set_ready(_key(body), _ready(result))
+            _deliver(result, body, patch, memo)
+
+    @kopf.timer(
+        *resource, id="autoscale", interval=autoscale_interval, initial_delay=autoscale_interval,
+        registry=registry,
+    )  # fmt: skip
+    async def on_autoscale(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **_: Any) -> None:
+        if body.get("metadata", {}).get("deletionTimestamp"):
+            return
+        async with _lock(memo):
+            with metrics.observe("autoscale") as report:
+                done = await autoscale_pass(
+                    memo.api, memo.metrics_reader, _current(body, memo), memo.get("autoscaler"),
+                    time.monotonic(), _now(), memo.adapter_probe,
+                )  # fmt: skip
+                report(*(outcome(done.result) if done.result is not None else ("ok", "")))
+            memo["autoscaler"] = done.state
+            if done.result is not None:
+                metrics.set_ready(_key(body), _ready(done.result))
+                _deliver(done.result, body, patch, memo)
 
     @kopf.on.delete(*resource, id="cleanup", registry=registry)
     async def on_delete(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:

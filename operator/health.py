@@ -34,7 +34,8 @@ class OperatorMetrics:
         r = self.registry
         self.reconciles = Counter(
             "splitserve_operator_reconcile",
-            "Reconcile passes over InferenceServices, by trigger (change, timer) and result.",
+            "Reconcile passes over InferenceServices, by trigger (change, timer, autoscale) and "
+            "result.",
             ["trigger", "result"],
             registry=r,
         )

@@ -183,6 +183,20 @@ class KubeApi:
     async def get(self, info: KindInfo, namespace: str, name: str) -> dict[str, Any] | None:
         return await self._request("GET", info.path(namespace, name))
 
+    async def annotate(
+        self, info: KindInfo, namespace: str, name: str, annotations: dict[str, str]
+    ) -> bool:
+        """Merge ``annotations`` into an object's (a JSON merge patch: nothing else is touched,
+        no field ownership is taken); False if the object is gone."""
+        body = {"metadata": {"annotations": annotations}}
+        path = info.path(namespace, name)
+        return (
+            await self._request(
+                "PATCH", path, body=body, content_type="application/merge-patch+json"
+            )
+            is not None
+        )
+
     async def create(self, info: KindInfo, namespace: str, obj: dict[str, Any]) -> dict[str, Any]:
         """POST a new object; 409 (already exists) raises ApiError."""
         result = await self._request("POST", info.path(namespace), body=obj)

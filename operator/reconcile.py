@@ -20,6 +20,11 @@ from splitserve.operator.adapters import (
     adapters_status,
     probe_loaded,
 )
+from splitserve.operator.autoscale.controller import (
+    managed_roles,
+    starting_replicas,
+    with_replicas,
+)
 from splitserve.operator.builders import build_desired, engine_roles
 from splitserve.operator.kube import CHILD_KINDS, PODS, ApiError, KubeApi
 from splitserve.operator.spec import SpecError, parse, short_hash
@@ -199,16 +204,28 @@ def _rollout_events(previous: Mapping[str, Any], status: Mapping[str, Any]) -> l
 
 
 async def reconcile(
-    api: KubeApi, body: Mapping[str, Any], now: str, probe: AdapterProbe | None = None
+    api: KubeApi,
+    body: Mapping[str, Any],
+    now: str,
+    probe: AdapterProbe | None = None,
+    *,
+    scale: Mapping[str, int] | None = None,
+    autoscaling: Mapping[str, Any] | None = None,
 ) -> ReconcileResult:
     """Make the cluster match one InferenceService ``body``; never raises for API errors.
 
-    ``probe`` asks engine pods which LoRA adapters they have loaded (status only)."""
+    ``probe`` asks engine pods which LoRA adapters they have loaded (status only). Autoscaled
+    roles (``autoscale/``) get their size from ``scale`` (the autoscaler's, when it has
+    decided), else from ``status.autoscaling``; ``autoscaling`` is the autoscaler's new
+    ``status.autoscaling`` (kept from the last status when not given).
+    """
     meta = body.get("metadata") or {}
     previous = dict(body.get("status") or {})
     generation = int(meta.get("generation") or 1)
     try:
         isvc = parse(body)
+        sizes = starting_replicas(isvc, previous) | dict(scale or {})
+        isvc = with_replicas(isvc, sizes)
         desired = build_desired(isvc)  # everything is built before anything is applied
     except SpecError as exc:
         message = str(exc)
@@ -252,6 +269,10 @@ async def reconcile(
         retained=plan.retained,
         pending=pending,
     )
+    if managed_roles(isvc):
+        status["autoscaling"] = dict(autoscaling or previous.get("autoscaling") or {})
+    elif previous.get("autoscaling"):
+        status["autoscaling"] = None  # autoscaling was turned off: the merge patch deletes it
     events: list[Event] = []
     if isvc.spec.lora_enabled and probe is not None:
         loaded = await probe_loaded(probe, pods, engine_roles(isvc))

@@ -25,6 +25,7 @@ class RunConfig:
     identity: str  # the pod's name: kopf's peer identity and the Lease holder's
     namespaces: tuple[str, ...] = ()  # empty: every namespace
     interval: float = 30.0  # seconds between drift-correcting passes
+    autoscale_interval: float = 10.0  # seconds between autoscaling passes
     health_port: int = 8080  # 0: no /healthz, /readyz, /metrics
     lease: LeaseConfig | None = None  # None: no leader election (run one replica)
 
@@ -33,7 +34,9 @@ async def operate(config: RunConfig) -> int:
     """Run until SIGTERM/SIGINT (0) or until the Lease is lost (1: the process should exit, so
     its replacement starts as a candidate)."""
     metrics = health.OperatorMetrics()
-    registry = make_registry(interval=config.interval, metrics=metrics)
+    registry = make_registry(
+        interval=config.interval, autoscale_interval=config.autoscale_interval, metrics=metrics
+    )
     state = health.HealthState(leader_election=config.lease is not None)
     runner = None
     if config.health_port:

@@ -17,6 +17,8 @@ from typing import Any
 
 from splitserve.engine.performance_mode import mode_settings
 from splitserve.operator import crd
+from splitserve.operator.autoscale import config as autoscale
+from splitserve.operator.autoscale.config import JointPolicy, RoleAutoscaling
 from splitserve.operator.crd import FieldError
 from splitserve.operator.model_source import (
     DOWNLOAD_SCHEMES,
@@ -43,7 +45,7 @@ MANAGED_FLAGS = frozenset(
         "--model", "--revision", "--served-name", "--dtype", "--quantization", "--block-size",
         "--max-model-len", "--max-num-seqs", "--performance-mode", "--host", "--port",
         "--metrics-port", "--kv-transport",
-        "--lease-seconds", "--kv-failure-policy", "--colocated",
+        "--lease-seconds", "--kv-failure-policy", "--colocated", "--drain-seconds",
         "--enable-lora", "--lora-modules", "--lora-modules-file", "--max-loras", "--max-lora-rank",
     }
 )  # fmt: skip
@@ -131,6 +133,7 @@ class PoolSpec:
     node_selector: Mapping[str, str]
     tolerations: tuple[Mapping[str, Any], ...]
     affinity: Mapping[str, Any]
+    autoscaling: RoleAutoscaling | None = None  # prefill and decode only
     overrides: PodOverrides = PodOverrides()  # env, volumes, scheduling and metadata extras
 
 
@@ -148,6 +151,7 @@ class RouterSpec:
     service_port: int
     service_annotations: Mapping[str, str]
     api_key_secret: SecretKeyRef | None
+    cold_start_timeout_seconds: int = 300  # holding requests while a pool is scaled to zero
 
 
 @dataclass(frozen=True)
@@ -204,6 +208,8 @@ class InferenceServiceSpec:
     kv_transfer: KvTransferSpec
     rollout: RolloutSpec
     observability: ObservabilitySpec = ObservabilitySpec()
+    drain_seconds: int = 60  # a stopping pod's time to finish its work (streams, KV leases)
+    autoscaling: JointPolicy = JointPolicy()  # how prefill's size follows decode's
     adapters: tuple[AdapterSpec, ...] = ()
 
     @property
@@ -212,8 +218,20 @@ class InferenceServiceSpec:
 
     @property
     def colocated(self) -> bool:
-        """No prefill pool: each decode pod runs prefill and decode in one engine."""
-        return self.prefill.replicas == 0
+        """No prefill pool: each decode pod runs prefill and decode in one engine.
+
+        An autoscaled prefill pool at zero pods is scaled to zero, not colocated (a spec with
+        prefill.autoscaling must have prefill.replicas >= 1).
+        """
+        return self.prefill.replicas == 0 and self.prefill.autoscaling is None
+
+    @property
+    def scale_from_zero(self) -> bool:
+        """Some pool may have no pods: the router then holds requests while one starts."""
+        return any(
+            pool.autoscaling is not None and pool.autoscaling.min_replicas == 0
+            for pool in (self.prefill, self.decode)
+        ) or (self.decode.replicas == 0)
 
     @property
     def rollout_hash(self) -> str:
@@ -301,6 +319,8 @@ def _spec(s: dict[str, Any]) -> InferenceServiceSpec:
         ),
         prefill=_pool(s["prefill"], DEFAULT_ENGINE_REQUESTS),
         decode=_pool(s["decode"], DEFAULT_ENGINE_REQUESTS),
+        drain_seconds=s.get("drainSeconds", 60),
+        autoscaling=autoscale.parse_joint(s.get("autoscaling")),
         router=RouterSpec(
             pool=_pool(router, DEFAULT_ROUTER_REQUESTS),
             policy=router["policy"],
@@ -308,6 +328,7 @@ def _spec(s: dict[str, Any]) -> InferenceServiceSpec:
             service_port=router["service"]["port"],
             service_annotations=dict(router["service"].get("annotations", {})),
             api_key_secret=SecretKeyRef(secret["name"], secret["key"]) if secret else None,
+            cold_start_timeout_seconds=router.get("coldStartTimeoutSeconds", 300),
         ),
         kv_transfer=KvTransferSpec(kv["transport"], kv["failurePolicy"], kv["leaseSeconds"]),
         rollout=RolloutSpec(s["rollout"]["maxSurge"], s["rollout"]["maxUnavailable"]),
@@ -357,6 +378,7 @@ def _pool(p: dict[str, Any], default_requests: dict[str, str]) -> PoolSpec:
         node_selector=dict(p.get("nodeSelector", {})),
         tolerations=tuple(dict(t) for t in p.get("tolerations", [])),
         affinity=dict(p.get("affinity", {})),
+        autoscaling=autoscale.parse_role(p.get("autoscaling")),
         overrides=parse_overrides(p),
     )
 
@@ -399,6 +421,7 @@ def _semantic_errors(meta: Mapping[str, Any], s: dict[str, Any]) -> list[FieldEr
         errors.append(
             FieldError("spec.rollout", "maxSurge and maxUnavailable must not both be zero")
         )
+    errors += autoscale.semantic_errors(s)
     for role in ("prefill", "decode", "router"):
         for kind, quantities in (s[role].get("resources") or {}).items():
             for resource, quantity in quantities.items():

@@ -274,7 +274,9 @@ def compute_status(
         status["revision"] = s.model.revision
         status["rolloutHash"] = s.rollout_hash
     for role in ROLES:
-        status[role] = states[role].as_status()
+        # The selector is the scale subresource's labelSelectorPath (HPA averages its pods).
+        selector = L.selector_string(L.selector_labels(isvc, role))
+        status[role] = states[role].as_status() | {"selector": selector}
     return status
 
 

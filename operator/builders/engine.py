@@ -10,7 +10,7 @@ from typing import Any
 
 from splitserve.operator import labels as L
 from splitserve.operator.adapters import adapter_volumes, engine_lora_args
-from splitserve.operator.builders import pod
+from splitserve.operator.builders import drain, pod
 from splitserve.operator.builders.config import (
     ENGINE_CONFIG_MOUNT,
     config_checksum,
@@ -49,6 +49,7 @@ def engine_args(isvc: InferenceService, role: str) -> list[str]:
         "--metrics-port", str(METRICS_PORT),
         "--kv-transport", s.kv_transfer.transport,
         "--log-format", s.observability.log_format,
+        "--drain-seconds", str(s.drain_seconds),
     ]  # fmt: skip
     if s.engine.max_num_seqs is not None:
         args += ["--max-num-seqs", str(s.engine.max_num_seqs)]
@@ -111,6 +112,7 @@ def build_engine_deployment(isvc: InferenceService, role: str) -> dict[str, Any]
         "startupProbe": _grpc_probe(period=2, failures=900),
         "readinessProbe": _grpc_probe(period=5, failures=2),
         "livenessProbe": _grpc_probe(period=10, failures=3),
+        **drain.lifecycle(isvc),
         "securityContext": pod.container_security_context(),
         # A crash's last output lines become the container's termination message, which the
         # operator reports in the Degraded condition (kubectl describe shows it too).
@@ -140,7 +142,7 @@ def build_engine_deployment(isvc: InferenceService, role: str) -> dict[str, Any]
         "serviceAccountName": L.child_name(isvc, ENGINE_SERVICE_ACCOUNT_SUFFIX),
         "automountServiceAccountToken": False,
         "securityContext": pod.pod_security_context(),
-        "terminationGracePeriodSeconds": 60,
+        "terminationGracePeriodSeconds": drain.termination_grace_seconds(isvc),
         **pod.pull_secrets(isvc),
         **pod.scheduling(pool, L.selector_labels(isvc, role)),
     }

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from splitserve.operator import labels as L
+from splitserve.operator.autoscale.controller import managed_roles
 from splitserve.operator.builders.engine import GRPC_PORT, METRICS_PORT
 from splitserve.operator.spec import InferenceService
 
@@ -47,8 +48,9 @@ def build_headless_service(isvc: InferenceService, role: str) -> dict[str, Any]:
 def build_engine_network_policy(isvc: InferenceService) -> dict[str, Any]:
     """Engine pods accept traffic only from this service's router and from each other.
 
-    Router -> engines on the gRPC port only; with LoRA on, the operator too (it asks which
-    adapters each pod has loaded, for status). Engine <-> engine on any port: the NIXL (UCX)
+    Router -> engines on the gRPC port only; the operator on the gRPC port with LoRA on (it
+    asks which adapters each pod has loaded, for status) and on the metrics port with
+    autoscaling (its autoscaler scrapes them). Engine <-> engine on any port: the NIXL (UCX)
     transport opens its own ports. The peers of ``observability.metrics.allowFrom`` (the
     monitoring namespace) reach the metrics port, and nothing else.
     """
@@ -87,12 +89,18 @@ def _metrics_rules(isvc: InferenceService) -> list[dict[str, Any]]:
 
 
 def _operator_ingress(isvc: InferenceService) -> list[dict[str, Any]]:
-    """With LoRA on, the operator's pods (any namespace) may ask the engines' gRPC port which
-    adapters they have loaded (status.adapters)."""
-    if not isvc.spec.lora_enabled:
+    """The operator's pods (any namespace) may reach the engines: with LoRA on, their gRPC port
+    (which adapters each pod has loaded, for status.adapters); with autoscaling, their metrics
+    port (the autoscaler scrapes it)."""
+    ports = []
+    if isvc.spec.lora_enabled:
+        ports.append({"protocol": "TCP", "port": GRPC_PORT})
+    if managed_roles(isvc):
+        ports.append({"protocol": "TCP", "port": METRICS_PORT})
+    if not ports:
         return []
     source = {"namespaceSelector": {}, "podSelector": {"matchLabels": L.OPERATOR_POD_LABELS}}
-    return [{"from": [source], "ports": [{"protocol": "TCP", "port": GRPC_PORT}]}]
+    return [{"from": [source], "ports": ports}]
 
 
 def build_pdb(isvc: InferenceService, role: str) -> dict[str, Any]:

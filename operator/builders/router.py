@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from splitserve.operator import labels as L
-from splitserve.operator.builders import pod
+from splitserve.operator.builders import drain, pod
 from splitserve.operator.spec import InferenceService
 from splitserve.protocol.constants import ROUTER_HTTP_PORT
 
@@ -52,6 +52,11 @@ def router_args(isvc: InferenceService) -> list[str]:
     for name in isvc.spec.model.names:
         args += ["--served-name", name]
     args += ["--log-format", isvc.spec.observability.log_format]
+    args += ["--drain-seconds", str(isvc.spec.drain_seconds)]
+    if isvc.spec.scale_from_zero:
+        # A pool may have no pods: hold requests while one starts (the operator scales up on
+        # the held count); the router stays ready meanwhile.
+        args += ["--cold-start-timeout", str(r.cold_start_timeout_seconds)]
     if r.api_key_secret is not None:
         args += ["--api-key-file", f"{API_KEY_DIR}/{r.api_key_secret.key}"]
     return args
@@ -100,6 +105,7 @@ def build_router_deployment(isvc: InferenceService) -> dict[str, Any]:
         "resources": {k: dict(v) for k, v in r.pool.resources.items()},
         "readinessProbe": _http_probe(READINESS_PATH, period=5, failures=2),
         "livenessProbe": _http_probe(LIVENESS_PATH, period=10, failures=3),
+        **drain.lifecycle(isvc),
         "securityContext": pod.container_security_context(),
         # A crash's last output lines become the container's termination message, which the
         # operator reports in the Degraded condition (kubectl describe shows it too).
@@ -114,7 +120,7 @@ def build_router_deployment(isvc: InferenceService) -> dict[str, Any]:
             "serviceAccountName": L.child_name(isvc, L.ROUTER),
             "automountServiceAccountToken": True,  # it watches EndpointSlices
             "securityContext": pod.pod_security_context(),
-            "terminationGracePeriodSeconds": 30,
+            "terminationGracePeriodSeconds": drain.termination_grace_seconds(isvc),
             **pod.pull_secrets(isvc),
             **pod.scheduling(r.pool, L.selector_labels(isvc, L.ROUTER)),
             "containers": [container],

@@ -16,6 +16,7 @@ from splitserve.engine.performance_mode import (
 from splitserve.engine.performance_mode import resolve as resolve_mode
 from splitserve.observability.logs import LOG_FORMATS
 from splitserve.protocol.constants import ENGINE_GRPC_PORT
+from splitserve.services.common.drain import DEFAULT_DRAIN_SECONDS
 
 # A request that waited this long without running is dropped (RESOURCE_EXHAUSTED): a server
 # never lets a request wait forever. The offline LLM has no limit.
@@ -85,6 +86,11 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
         default=int(os.environ.get("SPLITSERVE_THREADS", "0")),
         help="torch CPU threads (0: torch's default). Pods sharing few cores should split them.",
     )
+    parser.add_argument(
+        "--drain-seconds", type=float, default=DEFAULT_DRAIN_SECONDS,
+        help="on SIGTERM, refuse new requests and let those in flight (and, on prefill, live "
+        "KV leases) finish for up to this long before exiting",
+    )  # fmt: skip
     lora = LoRAConfig()
     parser.add_argument(
         "--enable-lora", action="store_true", help="serve LoRA adapters (vLLM's flag)"

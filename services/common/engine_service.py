@@ -17,6 +17,7 @@ from splitserve.proto import splitserve_pb2_grpc as pb_grpc
 from splitserve.protocol.constants import PROTOCOL_VERSION
 from splitserve.protocol.lora import LoRARequest, check_adapter_name
 from splitserve.protocol.wire import adapter_to_proto
+from splitserve.services.common.drain import DRAINING_REASON, Drain
 from splitserve.services.common.lora import lora_status
 
 log = logging.getLogger(__name__)
@@ -97,10 +98,12 @@ class EngineServicer(pb_grpc.EngineServiceServicer):
         engine: AsyncEngine,
         info: pb.EngineInfo,
         active_leases: Callable[[], int] = lambda: 0,
+        drain: Drain | None = None,
     ) -> None:
         self.engine = engine
         self.info = info
         self.active_leases = active_leases
+        self.drain = drain or Drain()
         self.hub = KVEventHub(info.engine_id, info.epoch, info.block_size)
         engine.add_kv_event_sink(self.hub.publish)
 
@@ -145,6 +148,11 @@ class EngineServicer(pb_grpc.EngineServiceServicer):
     async def GetStats(self, request, context) -> pb.EngineStats:
         s = self.engine.stats()
         health = self.engine.health()
+        # A draining pod is alive but takes no new work: the router stops choosing it and
+        # keeps the streams already on it.
+        serving, reason = health.serving, health.reason
+        if self.drain.draining:
+            serving, reason = False, DRAINING_REASON
         return pb.EngineStats(
             engine_id=self.info.engine_id,
             epoch=self.info.epoch,
@@ -161,8 +169,8 @@ class EngineServicer(pb_grpc.EngineServiceServicer):
             model=self.info.served_model_name,
             block_size=self.info.block_size,
             kv_events_sequence=self.hub.sequence,
-            serving=health.serving,
-            health_reason=health.reason,
+            serving=serving,
+            health_reason=reason,
             kv_blocks_unaccounted=self.engine.audit().unaccounted,
             lora_adapters_version=self.engine.lora_version,
             running_lora_adapters=s.running_loras,

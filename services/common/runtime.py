@@ -22,6 +22,7 @@ from splitserve.proto import splitserve_pb2 as pb
 from splitserve.protocol.constants import PROTOCOL_VERSION
 from splitserve.protocol.kv_compat import CompatInfo, kv_compat_hash
 from splitserve.protocol.tokenizer_files import read_tokenizer_files, tokenizer_id
+from splitserve.services.common.drain import Drain
 from splitserve.services.common.engine_args import engine_config
 from splitserve.services.common.lora import LoRAModule, load_modules, watch_modules_file
 from splitserve.services.common.metrics import CacheInfo, EngineMetrics
@@ -44,6 +45,7 @@ class EngineRuntime:
     info: pb.EngineInfo  # what GetInfo answers: the model facts the router relies on
     registry: CollectorRegistry
     metrics: EngineMetrics
+    drain: Drain  # the servicers refuse new calls and count those in flight through it
 
     def serve(
         self,
@@ -51,8 +53,10 @@ class EngineRuntime:
         services: dict[str, Callable[[grpc.aio.Server], None]],
         on_shutdown: Callable[[], None],
         background: list[Callable[[], object]] = (),
+        idle: Callable[[], bool] = lambda: True,
     ) -> None:
-        """Serve ``services`` (full gRPC service name -> adder) until SIGTERM / SIGINT.
+        """Serve ``services`` (full gRPC service name -> adder) until SIGTERM / SIGINT, then
+        drain for up to ``--drain-seconds`` (until ``idle()`` and no tracked call is left).
 
         ``background``: coroutine functions run alongside the server (e.g. reapers).
         """
@@ -75,6 +79,9 @@ class EngineRuntime:
                 health=self.engine.health,
                 on_shutdown=shutdown,
                 background=background,
+                drain=self.drain,
+                drain_seconds=args.drain_seconds,
+                idle=idle,
             )
         )
 
@@ -178,4 +185,5 @@ def build_runtime(args: argparse.Namespace, role: str) -> EngineRuntime:
         info=info,
         registry=registry,
         metrics=metrics,
+        drain=Drain(),
     )

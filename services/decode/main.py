@@ -36,8 +36,10 @@ def run(args: argparse.Namespace) -> int:
     connector = KVConnector(
         rt.engine, puller, args.kv_failure_policy, transfer_timeout=args.kv_transfer_timeout
     )
-    decode = DecodeServicer(rt.engine, connector, rt.metrics, colocated=args.colocated)
-    engine_svc = EngineServicer(rt.engine, rt.info)
+    decode = DecodeServicer(
+        rt.engine, connector, rt.metrics, colocated=args.colocated, drain=rt.drain
+    )
+    engine_svc = EngineServicer(rt.engine, rt.info, drain=rt.drain)
     rt.serve(
         args,
         {

@@ -24,6 +24,7 @@ from splitserve.proto import splitserve_pb2_grpc as pb_grpc
 from splitserve.protocol.constants import PROTOCOL_VERSION
 from splitserve.protocol.request_checks import check_generate_request
 from splitserve.protocol.wire import finish_to_proto, logprobs_to_proto, params_from_proto
+from splitserve.services.common.drain import Drain
 from splitserve.services.common.lora import lora_status, request_adapter
 from splitserve.services.common.metrics import EngineMetrics, FinishedRequest
 from splitserve.services.decode.kv_connector import KVConnector, KVImportFailed
@@ -38,11 +39,13 @@ class DecodeServicer(pb_grpc.DecodeServiceServicer):
         connector: KVConnector,
         metrics: EngineMetrics,
         colocated: bool = False,
+        drain: Drain | None = None,
     ) -> None:
         self.engine = engine
         self.connector = connector
         self.metrics = metrics
         self.colocated = colocated
+        self.drain = drain or Drain()
 
     async def Abort(self, request: pb.AbortRequest, context) -> pb.AbortResponse:
         n = 0
@@ -51,6 +54,15 @@ class DecodeServicer(pb_grpc.DecodeServiceServicer):
         return pb.AbortResponse(num_aborted=n)
 
     async def Generate(
+        self, request: pb.GenerateRequest, context
+    ) -> AsyncIterator[pb.GenerateResponse]:
+        # Draining: no new streams (the router retries elsewhere); those running finish.
+        await self.drain.refuse_if_draining(context)
+        with self.drain.track():
+            async for message in self._traced(request, context):
+                yield message
+
+    async def _traced(
         self, request: pb.GenerateRequest, context
     ) -> AsyncIterator[pb.GenerateResponse]:
         metadata = tracing.call_metadata(context)

@@ -44,8 +44,8 @@ def run(args: argparse.Namespace) -> int:
         metrics=TransferMetrics(rt.registry),
     )
     source.start_reaper()
-    prefill = PrefillServicer(engine, source, rt.metrics)
-    engine_svc = EngineServicer(engine, rt.info, lambda: len(source.leases))
+    prefill = PrefillServicer(engine, source, rt.metrics, drain=rt.drain)
+    engine_svc = EngineServicer(engine, rt.info, lambda: len(source.leases), drain=rt.drain)
     kv_svc = KVServicer(source)  # sync handlers: they run on the server's thread pool
     rt.serve(
         args,
@@ -56,5 +56,8 @@ def run(args: argparse.Namespace) -> int:
         },
         on_shutdown=source.close,
         background=[prefill.reap_orphans],
+        # Draining ends when no prompt runs and every lease was pulled (released) or expired:
+        # decode pods read the blocks of their hand-offs from here until then.
+        idle=prefill.idle,
     )
     return 0

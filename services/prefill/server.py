@@ -33,6 +33,7 @@ from splitserve.proto import splitserve_pb2_grpc as pb_grpc
 from splitserve.protocol.constants import PROTOCOL_VERSION
 from splitserve.protocol.request_checks import check_prefill_request
 from splitserve.protocol.wire import finish_to_proto, logprobs_to_proto, params_from_proto
+from splitserve.services.common.drain import Drain
 from splitserve.services.common.lora import lora_status, request_adapter
 from splitserve.services.common.metrics import EngineMetrics
 
@@ -46,14 +47,22 @@ class PrefillServicer(pb_grpc.PrefillServiceServicer):
         source: KVBlockSource,
         metrics: EngineMetrics,
         orphan_grace_s: float = 10.0,
+        drain: Drain | None = None,
     ) -> None:
         self.engine = engine
         self.source = source
         self.metrics = metrics
         self.orphan_grace_s = orphan_grace_s
+        self.drain = drain or Drain()
         self._inflight: set[str] = set()  # Prefill calls not yet answered (their holds are owned)
 
+    def idle(self) -> bool:
+        """No prompt running and no live lease: nothing a drain still has to wait for."""
+        return not self._inflight and not self.source.leased_requests()
+
     async def Prefill(self, request: pb.PrefillRequest, context) -> pb.PrefillResponse:
+        # Draining: no new prompts (the router retries elsewhere); KV reads go on (KVService).
+        await self.drain.refuse_if_draining(context)
         metadata = tracing.call_metadata(context)
         logs.bind_from_metadata(metadata)
         with tracing.server_span(

@@ -155,14 +155,19 @@ def build_app(
         req = await parse(request, CompletionRequest)
         check_model(req.model)
         session = request.headers.get(config.session_header)
-        prepared = await serving.prepare_completion(req, session)
+        # Preparing may hold the request while no pod is ready (cold start): a client that
+        # leaves meanwhile frees its place.
+        prepared = await _cancel_on_disconnect(
+            request, serving.prepare_completion(req, session), metrics
+        )
         return await run(request, prepared, req.stream)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
         req = await parse(request, ChatCompletionRequest)
         check_model(req.model)
-        prepared = await serving.prepare_chat(req, request.headers.get(config.session_header))
+        session = request.headers.get(config.session_header)
+        prepared = await _cancel_on_disconnect(request, serving.prepare_chat(req, session), metrics)
         return await run(request, prepared, req.stream)
 
     def known_facts() -> ModelFacts:
@@ -250,19 +255,23 @@ def build_app(
     def health_body() -> tuple[M.HealthResponse, int]:
         prefill, decode = dispatcher.pool.ready(PREFILL), dispatcher.pool.ready(DECODE)
         ok = bool(dispatcher.usable_tokenizers())
+        # Holding requests for a cold start is serving them: the router stays ready (in its
+        # Service) while its pools are scaled to zero, else nothing could wake them.
+        status = "ok" if ok else "idle" if serving.cold_start.enabled else "unavailable"
         body = M.HealthResponse(
-            status="ok" if ok else "unavailable",
+            status=status,
             prefill_pods=len(prefill),
             decode_pods=len(decode),
             instance_id=config.instance_id,
         )
-        return body, 200 if ok else 503
+        return body, 503 if status == "unavailable" else 200
 
     @app.get("/health")
     async def health() -> Response:
         """200 when some engine generation can serve a request end to end (a prefill-capable
-        pod with a decode pod it pairs with), 503 otherwise; ``instance_id`` names this process
-        (a launcher checks it is talking to the router it started)."""
+        pod with a decode pod it pairs with), or (status ``idle``) when none can but requests
+        are held until one starts (``--cold-start-timeout``); 503 otherwise. ``instance_id``
+        names this process (a launcher checks it is talking to the router it started)."""
         body, status = health_body()
         return _json(body, status)
 

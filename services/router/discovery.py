@@ -2,7 +2,8 @@
 
 Kubernetes: the operator gives each engine role a headless Service; its EndpointSlices list the
 pods' addresses and readiness. The router lists and watches the slices matching the role's label
-selector, keeps only ready, non-terminating endpoints, and reads each endpoint's Pod (via
+selector, keeps ready endpoints and terminating ones (as *draining*: the pool sends them nothing
+new and lets the streams already there finish), and reads each endpoint's Pod (via
 ``targetRef``) for its ``rollout-hash`` label so that prefill and decode pods are paired only
 when their KV caches mean the same thing. When both selectors are equal, the pods are colocated.
 """
@@ -85,11 +86,13 @@ def selector_matches(selector: str, labels: Mapping[str, str]) -> bool:
     return True
 
 
-def _ready(endpoint: Mapping[str, Any]) -> bool:
+def _state(endpoint: Mapping[str, Any]) -> str | None:
+    """``ready``, ``draining`` (terminating: being deleted, finishing its work) or None."""
     cond = endpoint.get("conditions") or {}
-    # `ready` unset means unknown, which consumers should treat as ready (API docs);
-    # terminating endpoints are never routed to.
-    return cond.get("ready", True) is not False and not cond.get("terminating", False)
+    if cond.get("terminating", False):
+        return "draining"
+    # `ready` unset means unknown, which consumers should treat as ready (API docs).
+    return "ready" if cond.get("ready", True) is not False else None
 
 
 def slice_endpoints(
@@ -98,11 +101,13 @@ def slice_endpoints(
     roles: frozenset[str],
     port_name: str = GRPC_PORT_NAME,
 ) -> list[Endpoint]:
-    """Ready endpoints of ``slices`` as ``Endpoint`` s with ``roles``.
+    """Ready and terminating endpoints of ``slices`` as ``Endpoint`` s with ``roles``
+    (terminating ones marked ``draining``).
 
     ``pods`` maps pod name -> Pod object (for the rollout-hash label). An endpoint whose
     pod is unknown is skipped: without its hash it can not be paired safely (it appears once
-    read).
+    read). Where a terminating endpoint and a live one share an address, the live one wins
+    (``_newer``).
     """
     out: dict[str, Endpoint] = {}
     for s in slices:
@@ -114,7 +119,8 @@ def slice_endpoints(
         if port is None:
             continue
         for ep in s.get("endpoints") or []:
-            if not _ready(ep) or not ep.get("addresses"):
+            state = _state(ep)
+            if state is None or not ep.get("addresses"):
                 continue
             ref = ep.get("targetRef") or {}
             pod = pods.get(ref.get("name", "")) if ref.get("kind", "Pod") == "Pod" else None
@@ -123,10 +129,29 @@ def slice_endpoints(
             labels = (pod.get("metadata") or {}).get("labels") or {}
             host = ep["addresses"][0]
             address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-            out[address] = Endpoint(
-                address, roles, labels.get(ROLLOUT_HASH_LABEL, ""), ref.get("name", "")
+            endpoint = Endpoint(
+                address,
+                roles,
+                labels.get(ROLLOUT_HASH_LABEL, ""),
+                ref.get("name", ""),
+                draining=state == "draining",
             )
+            out[address] = _newer(out.get(address), endpoint)
     return list(out.values())
+
+
+def _newer(old: Endpoint | None, new: Endpoint) -> Endpoint:
+    """Of two endpoints at one address, the one to keep.
+
+    Two pods can hold one address: a terminating pod whose process has exited releases its IP
+    at once, and the next pod may get it while the old Pod object (and so its endpoint, marked
+    terminating) lingers until its deletion completes. Nothing of the old pod runs there any
+    more, so the live endpoint is the pod at that address; preferring the terminating one would
+    hide a ready pod (seen on the local cluster: a rollout's new decode pod unused for ~50 s).
+    """
+    if old is not None and new.draining and not old.draining:
+        return old
+    return new
 
 
 def merge_roles(prefill: list[Endpoint], decode: list[Endpoint]) -> list[Endpoint]:
@@ -134,9 +159,14 @@ def merge_roles(prefill: list[Endpoint], decode: list[Endpoint]) -> list[Endpoin
     merged: dict[str, Endpoint] = {}
     for e in [*prefill, *decode]:
         old = merged.get(e.address)
-        merged[e.address] = (
-            e if old is None else Endpoint(e.address, old.roles | e.roles, e.rollout_hash, e.name)
-        )
+        if old is None:
+            merged[e.address] = e
+        elif old.name == e.name:  # one pod in both Services: colocated
+            merged[e.address] = Endpoint(
+                e.address, old.roles | e.roles, e.rollout_hash, e.name, old.draining or e.draining
+            )
+        else:  # two pods at one address: a terminated one's and the next pod's (`_newer`)
+            merged[e.address] = _newer(old, e)
     return list(merged.values())
 
 

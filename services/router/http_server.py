@@ -156,6 +156,12 @@ def config(app: Any, host: str, port: int, limits: Limits, **kw: Any) -> uvicorn
     )
 
 
-def serve(app: Any, host: str, port: int, limits: Limits) -> None:
-    """Run the router until it is told to stop."""
-    uvicorn.Server(config(app, host, port, limits)).run()
+def serve(app: Any, host: str, port: int, limits: Limits, drain_seconds: float = 30.0) -> None:
+    """Run the router until it is told to stop (SIGTERM / SIGINT).
+
+    Stopping drains: uvicorn closes the listening socket at once (the pod is already out of
+    its Service's endpoints, or leaving them), closes idle keep-alive connections, and lets
+    requests in flight, streams included, run for up to ``drain_seconds`` before it cuts them.
+    """
+    cfg = config(app, host, port, limits, timeout_graceful_shutdown=drain_seconds or None)
+    uvicorn.Server(cfg).run()

@@ -23,6 +23,7 @@ from splitserve.protocol.constants import API_KEYS_ENV
 from splitserve.services.router import http_server
 from splitserve.services.router.app import AppConfig, build_app
 from splitserve.services.router.auth import ApiKeys, parse_keys
+from splitserve.services.router.cold_start import ColdStartConfig, ColdStartQueue
 from splitserve.services.router.discovery import (
     KubeAccess,
     KubernetesDiscovery,
@@ -80,6 +81,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     r.add_argument("--retry-max-attempts", type=int, default=RetryConfig.max_attempts)
     r.add_argument("--retry-ratio", type=float, default=RetryConfig.ratio)
     r.add_argument("--prefill-timeout", type=float, default=120.0)
+    r.add_argument(
+        "--cold-start-timeout", type=float, default=0.0,
+        help="hold a request up to this long while no pod of the model is ready (scale from "
+        "zero), then 503; 0: 503 at once",
+    )  # fmt: skip
+    r.add_argument("--cold-start-max-waiting", type=int, default=ColdStartConfig.max_waiting,
+                   help="requests held at most; more get 503 at once")  # fmt: skip
+    r.add_argument(
+        "--transition-timeout", type=float, default=ColdStartConfig.transition_s,
+        help="hold a request up to this long while no pod pair is ready but pods are changing "
+        "over (some pod draining: a rollout, a scale-down); 0: 503 at once",
+    )  # fmt: skip
+    r.add_argument(
+        "--drain-seconds", type=float, default=30.0,
+        help="on SIGTERM, stop accepting connections and let requests in flight (streams) "
+        "finish for up to this long",
+    )  # fmt: skip
     a = p.add_argument_group("API")
     # Keys never go on a command line (every user of the machine sees it in ps): a file or
     # $SPLITSERVE_API_KEYS. The old flag is still parsed so that it can be refused by name.
@@ -116,6 +134,7 @@ class RouterSettings:
     stats_interval_s: float = 0.5
     prefill_timeout_s: float = 120.0
     instance_id: str = ""
+    cold_start: ColdStartConfig = ColdStartConfig()
 
 
 def read_api_keys(key_file: str | None, env: str | None) -> ApiKeys:
@@ -157,7 +176,13 @@ def build_router(
         prefill_timeout_s=settings.prefill_timeout_s,
         metrics=metrics,
     )
-    serving = OpenAIServing(catalog, dispatcher, metrics, max_model_len=settings.max_model_len)
+    serving = OpenAIServing(
+        catalog,
+        dispatcher,
+        metrics,
+        max_model_len=settings.max_model_len,
+        cold_start=ColdStartQueue(settings.cold_start, metrics),
+    )
     config = AppConfig(
         served_names=settings.served_names,
         instance_id=settings.instance_id,
@@ -247,11 +272,20 @@ def run(args: argparse.Namespace) -> int:
         stats_interval_s=args.stats_interval,
         prefill_timeout_s=args.prefill_timeout,
         instance_id=args.instance_id,
+        cold_start=ColdStartConfig(
+            args.cold_start_timeout, args.cold_start_max_waiting, args.transition_timeout
+        ),
     )
     app = build_router(settings, start)
     log.info(
         "router on http://%s:%d serving %s (policy %s)", args.host, args.port,
         names or "the engines' model", args.policy,
     )  # fmt: skip
-    http_server.serve(app, args.host, args.port, Limits(max_body_bytes=args.max_body_bytes))
+    http_server.serve(
+        app,
+        args.host,
+        args.port,
+        Limits(max_body_bytes=args.max_body_bytes),
+        drain_seconds=args.drain_seconds,
+    )
     return 0

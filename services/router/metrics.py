@@ -84,3 +84,16 @@ class RouterMetrics:
         self.ready_pods = Gauge(
             "splitserve_router_ready_pods", "Ready pods by role", ["role"], registry=r
         )
+        self.cold_start_waiting = Gauge(
+            "splitserve_router_cold_start_waiting",
+            "Requests held because no pod of the model is ready (scale from zero); the "
+            "operator scales up on it",
+            registry=r,
+        )
+        self.cold_start_requests = Counter(
+            "splitserve_router_cold_start_requests",
+            "Requests that had to wait for a pod to start, by outcome (served, timeout, "
+            "rejected: the queue was full, cancelled: the client left)",
+            ["outcome"],
+            registry=r,
+        )

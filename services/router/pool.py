@@ -4,14 +4,19 @@ Discovery (static list or Kubernetes) calls ``set_endpoints``; the pool then kee
 client, its model facts (``GetInfo``, asked once per pod incarnation, recorded in the
 ``ModelCatalog``), a stats poller (``GetStats``: queues, KV usage, health) and a KV-event
 subscriber that feeds the precise prefix index. A pod is routable while it is listed by discovery,
-its facts are known, its last stats poll succeeded and it says it is serving; a failed call marks
-it unhealthy until the next successful poll.
+not draining, its facts are known, its last stats poll succeeded and it says it is serving; a
+failed call marks it unhealthy until the next successful poll.
+
+A *draining* pod (its EndpointSlice endpoint is terminating, or it reports ``draining``) gets no
+new work but stays in the pool with its channel open, so the streams already on it run to their
+last token; it leaves when discovery stops listing it (the pod is gone).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -43,6 +48,13 @@ class Endpoint:
     roles: frozenset[str]  # {"prefill"}, {"decode"} or both (colocated)
     rollout_hash: str = ""  # the pod's rollout-hash label ("" when unknown: local mode)
     name: str = ""  # pod name, for logs
+    draining: bool = False  # terminating: keep its streams, send it nothing new
+
+    def same_pod(self, other: Endpoint) -> bool:
+        """The same pod incarnation, whatever its draining state."""
+        return dataclasses.replace(self, draining=False) == dataclasses.replace(
+            other, draining=False
+        )
 
     @property
     def pod_id(self) -> str:
@@ -131,13 +143,25 @@ class Pool:
         self.changed = asyncio.Event()
 
     def set_endpoints(self, endpoints: list[Endpoint]) -> None:
-        """Make the pod set equal ``endpoints``: start new pods' pollers, stop removed ones."""
+        """Make the pod set equal ``endpoints``: start new pods' pollers, stop removed ones.
+
+        A known pod that turns draining stays (its streams finish on it); a draining pod the
+        pool never knew is not added (nothing of ours runs there).
+        """
         wanted = {e.pod_id: e for e in endpoints}
         for pod_id in list(self.pods):
-            if pod_id not in wanted or wanted[pod_id] != self.pods[pod_id].endpoint:
+            state, new = self.pods[pod_id], wanted.get(pod_id)
+            if new is not None and new.same_pod(state.endpoint):
+                if new.draining and not state.endpoint.draining:
+                    log.info(
+                        "pod %s is draining: no new requests, %d in flight finish there",
+                        new.address, state.inflight,
+                    )  # fmt: skip
+                state.endpoint = new
+            else:
                 self._remove(pod_id)
         for pod_id, endpoint in wanted.items():
-            if pod_id not in self.pods:
+            if pod_id not in self.pods and not endpoint.draining:
                 self._add(endpoint)
         self.changed.set()
 
@@ -162,7 +186,21 @@ class Pool:
         await asyncio.sleep(0)
 
     def ready(self, role: str) -> list[PodState]:
-        return [p for p in self.pods.values() if p.healthy and role in p.endpoint.roles]
+        """Pods of ``role`` that may take new work (healthy, not draining)."""
+        return [
+            p
+            for p in self.pods.values()
+            if p.healthy and not p.endpoint.draining and role in p.endpoint.roles
+        ]
+
+    def changing_over(self) -> bool:
+        """Some pod is draining (terminating, or its engine says so): pods are being replaced or
+        removed on purpose (a rollout, a scale-down), so no ready pair is likely a moment's gap
+        while their successors are learned, not an outage."""
+        return any(
+            p.endpoint.draining or (p.stats is not None and p.stats.health_reason == "draining")
+            for p in self.pods.values()
+        )
 
     def mark_failed(self, pod_id: str) -> None:
         """A call failed for a pod-level reason: stop routing there until a poll succeeds."""

@@ -186,7 +186,7 @@ class DetokenizeResponse(_Out):
 
 
 class HealthResponse(_Out):
-    status: Literal["ok", "unavailable"]
+    status: Literal["ok", "idle", "unavailable"]
     prefill_pods: int
     decode_pods: int
     instance_id: str

@@ -30,6 +30,7 @@ from splitserve.services.router import response_models as M
 from splitserve.services.router import responses as R
 from splitserve.services.router import tool_calls
 from splitserve.services.router.adapters import RouterAdapters
+from splitserve.services.router.cold_start import ColdStartConfig, ColdStartQueue
 from splitserve.services.router.dispatch import Dispatcher, EngineRequest, backend_error_to_api
 from splitserve.services.router.errors import (
     APIError,
@@ -54,6 +55,8 @@ from splitserve.services.router.tools import (
 from splitserve.services.router.workers import CPUPool
 
 log = logging.getLogger(__name__)
+
+_NO_HOLD = ColdStartConfig()  # no pod: 503 at once
 
 
 @dataclass(frozen=True)
@@ -86,6 +89,7 @@ class OpenAIServing:
         *,
         max_model_len: int | None = None,
         cpu: CPUPool | None = None,
+        cold_start: ColdStartQueue | None = None,
         adapters: RouterAdapters | None = None,
     ) -> None:
         self.catalog = catalog
@@ -94,15 +98,27 @@ class OpenAIServing:
         self.metrics = metrics
         self.max_model_len_cap = max_model_len  # the operator's limit, below the engines' own
         self.cpu = cpu or CPUPool()
+        self.cold_start = cold_start or ColdStartQueue(_NO_HOLD, metrics)
 
     # ---- model facts ---------------------------------------------------------------------------
 
     def facts(self) -> ModelFacts:
         """The newest generation of engines that can serve now; 503 while none can."""
-        facts = self.catalog.newest(self.dispatcher.usable_tokenizers())
+        facts = self._usable_facts()
         if facts is None:
             raise NoBackendError("no ready backend pod: the engines are starting or down")
         return facts
+
+    def _usable_facts(self) -> ModelFacts | None:
+        return self.catalog.newest(self.dispatcher.usable_tokenizers())
+
+    async def ready_facts(self) -> ModelFacts:
+        """``facts()``, or, while no generation can serve and holding is on, the first one
+        that can within the cold-start timeout, or within the change-over hold while pods are
+        changing over (``cold_start.py``); 503 otherwise."""
+        return await self.cold_start.wait(
+            self._usable_facts, "the model's engines", self.dispatcher.pool.changing_over
+        )
 
     def max_model_len(self, facts: ModelFacts) -> int:
         cap = self.max_model_len_cap
@@ -208,7 +224,7 @@ class OpenAIServing:
             per_prompt = req.samples_per_prompt()
         except ValueError as err:
             raise bad_request(str(err), param="best_of") from err
-        facts = self.facts()
+        facts = await self.ready_facts()
         prompts, texts = await self.cpu.run(self._completion_prompts, facts, req)
         keep = req.n if per_prompt > req.n else None
         # Ranking needs the sampled tokens' logprobs; the response shows them only if asked.
@@ -263,7 +279,7 @@ class OpenAIServing:
             logprobs = req.requested_logprobs()
         except ValueError as err:
             raise bad_request(str(err), param="top_logprobs") from err
-        facts = self.facts()
+        facts = await self.ready_facts()
         ids = await self.cpu.run(
             self.chat_prompt, facts, req.messages, plan, req.add_generation_prompt
         )

@@ -107,7 +107,7 @@ def test_engine_command_lines_follow_the_contract(make_isvc) -> None:
         "--model", "/models/weights/smollm2", "--revision", "abc123", "--served-name", "smollm2",
         "--dtype", "bfloat16", "--block-size", "16", "--max-model-len", "4096",
         "--host", "0.0.0.0", "--port", "50051", "--metrics-port", "9090",
-        "--kv-transport", "nixl", "--log-format", "text",
+        "--kv-transport", "nixl", "--log-format", "text", "--drain-seconds", "60",
     ]  # fmt: skip
     prefill = container(objects["Deployment/chat-prefill"])["args"]
     decode = container(objects["Deployment/chat-decode"])["args"]
@@ -159,7 +159,7 @@ def test_router_command_line_and_api_keys(make_isvc) -> None:
         "serving.splitserve.io/inferenceservice=chat,serving.splitserve.io/role=prefill",
         "--decode-selector",
         "serving.splitserve.io/inferenceservice=chat,serving.splitserve.io/role=decode",
-        "--served-name", "smollm2", "--log-format", "text",
+        "--served-name", "smollm2", "--log-format", "text", "--drain-seconds", "60",
         "--api-key-file", "/etc/splitserve/api-keys/api-keys",
     ]  # fmt: skip
     volumes = {v["name"]: v for v in dep["spec"]["template"]["spec"]["volumes"]}

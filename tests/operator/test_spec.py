@@ -23,7 +23,21 @@ def test_crd_is_structural_enough_for_the_api_server() -> None:
     assert doc["metadata"]["name"] == crd.CRD_NAME
     assert doc["spec"]["names"]["shortNames"] == ["ssvc", "splitisvc"]
     (version,) = doc["spec"]["versions"]
-    assert version["subresources"] == {"status": {}}
+    # The scale subresource (kubectl scale, HPA, KEDA) drives the decode pool; HPA finds the
+    # pods it averages over by the selector in status.
+    assert version["subresources"] == {
+        "status": {},
+        "scale": {
+            "specReplicasPath": ".spec.decode.replicas",
+            "statusReplicasPath": ".status.decode.replicas",
+            "labelSelectorPath": ".status.decode.selector",
+        },
+    }
+    status = version["schema"]["openAPIV3Schema"]["properties"]["status"]["properties"]
+    assert status["decode"]["properties"]["selector"] == {
+        "type": "string",
+        "description": "The label selector of the role's pods (the scale subresource's).",
+    }
     columns = [c["name"] for c in version["additionalPrinterColumns"]]
     assert columns == ["Model", "Prefill", "Decode", "URL", "Ready", "Age"]
     # Anchors/aliases would be expanded differently by other YAML tools: the file has none.
@@ -115,7 +129,7 @@ BROKEN = [
     ({"engine": {"extraArgs": ["--enforce-eager", "--port=9"]}}, "spec.engine.extraArgs[1]"),
     ({"engine": {"typo": 1}}, "spec.engine.typo"),
     ({"prefill": {"replicas": -1}}, "spec.prefill.replicas"),
-    ({"decode": {"replicas": 0}}, "spec.decode.replicas"),
+    ({"decode": {"replicas": -1}}, "spec.decode.replicas"),
     ({"decode": {"resources": {"limits": {"memory": "lots"}}}},
      "spec.decode.resources.limits.memory"),
     ({"router": {"policy": "random"}}, "spec.router.policy"),
@@ -126,6 +140,29 @@ BROKEN = [
     ({"rollout": {"maxSurge": 0, "maxUnavailable": 0}}, "spec.rollout"),
     ({"rollout": {"maxSurge": "half"}}, "spec.rollout.maxSurge"),
     ({"rollout": {"maxUnavailable": "150%"}}, "spec.rollout.maxUnavailable"),
+    ({"drainSeconds": -1}, "spec.drainSeconds"),
+    ({"decode": {"autoscaling": {"minReplicas": 1}}}, "spec.decode.autoscaling.maxReplicas"),
+    ({"decode": {"autoscaling": {"minReplicas": 3, "maxReplicas": 2,
+                                 "targets": {"concurrency": 4}}}},
+     "spec.decode.autoscaling.minReplicas"),
+    ({"decode": {"autoscaling": {"maxReplicas": 2}}}, "spec.decode.autoscaling.targets"),
+    ({"decode": {"autoscaling": {"maxReplicas": 2, "targets": {"kvCacheUsage": 1.5}}}},
+     "spec.decode.autoscaling.targets.kvCacheUsage"),
+    ({"decode": {"autoscaling": {"maxReplicas": 2, "targets": {"itlSeconds": 0.1},
+                                 "scaleDown": {"stabilizationSeconds": -5}}}},
+     "spec.decode.autoscaling.scaleDown.stabilizationSeconds"),
+    ({"prefill": {"replicas": 0, "autoscaling": {"maxReplicas": 2,
+                                                 "targets": {"queueDepth": 2}}}},
+     "spec.prefill.autoscaling"),
+    ({"prefill": {"autoscaling": {"maxReplicas": 2, "external": True}}},
+     "spec.prefill.autoscaling.external"),
+    ({"autoscaling": {"policy": "Proportional"}}, "spec.autoscaling.policy"),
+    ({"autoscaling": {"policy": "FixedRatio"},
+      "prefill": {"autoscaling": {"maxReplicas": 2}}}, "spec.autoscaling.prefillPerDecode"),
+    ({"autoscaling": {"policy": "FixedRatio", "prefillPerDecode": 0.5}},
+     "spec.prefill.autoscaling"),
+    ({"autoscaling": {"minPrefillPerDecode": 2, "maxPrefillPerDecode": 1}},
+     "spec.autoscaling.minPrefillPerDecode"),
     # model sources: download settings only where something downloads
     ({"model": {"credentials": {"secretName": "t"}}}, "spec.model.credentials"),
     ({"model": {"uri": "hf://o/n", "endpoint": "ftp://mirror"}}, "spec.model.endpoint"),

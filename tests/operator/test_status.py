@@ -45,7 +45,9 @@ def test_all_ready_means_ready_and_serving_the_desired_hash(isvc) -> None:
     assert status["model"] == "pvc://weights/smollm2" and status["revision"] == "abc123"
     assert status["observedGeneration"] == 3
     assert status["decode"] == {
-        "replicas": 2, "readyReplicas": 2, "updatedReplicas": 2, "summary": "2/2"
+        "replicas": 2, "readyReplicas": 2, "updatedReplicas": 2, "summary": "2/2",
+        # the scale subresource's labelSelectorPath: what HPA averages over
+        "selector": "serving.splitserve.io/inferenceservice=chat,serving.splitserve.io/role=decode",
     }  # fmt: skip
     assert status["url"] == "http://chat.ml.svc.cluster.local"
     assert all(c["observedGeneration"] == 3 for c in status["conditions"])

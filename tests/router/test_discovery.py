@@ -69,7 +69,7 @@ def endpoint_slice(name: str, role: str, endpoints: list[tuple[str, str, dict]])
 READY = {"ready": True}
 
 
-def test_slice_endpoints_keeps_ready_pods_with_known_labels():
+def test_slice_endpoints_keeps_ready_and_terminating_pods_with_known_labels():
     s = endpoint_slice(
         "s1",
         "prefill",
@@ -83,9 +83,14 @@ def test_slice_endpoints_keeps_ready_pods_with_known_labels():
     )
     pods = {n: pod(n, "h1") for n in ("p1", "p2", "p3", "p4")}
     eps = slice_endpoints([s], pods, frozenset({PREFILL}))
-    assert sorted(e.address for e in eps) == ["10.0.0.1:50051", "10.0.0.4:50051"]
+    # Terminating (p3): kept, draining, so the streams already on it finish there.
+    assert sorted((e.address, e.draining) for e in eps) == [
+        ("10.0.0.1:50051", False),
+        ("10.0.0.3:50051", True),
+        ("10.0.0.4:50051", False),
+    ]
     assert {e.rollout_hash for e in eps} == {"h1"}
-    assert {e.name for e in eps} == {"p1", "p4"}
+    assert {e.name for e in eps} == {"p1", "p3", "p4"}
 
 
 def test_merge_roles_makes_colocated():
@@ -101,6 +106,32 @@ def test_merge_roles_makes_colocated():
     )
     (merged,) = merge_roles(a, b)
     assert merged.colocated
+
+
+def test_a_reused_address_is_the_live_pod_not_the_terminated_one():
+    # A pod that exited released its IP; the next pod got it while the old Pod object (and its
+    # terminating endpoint) lingered. The live pod is the one at that address, in either order.
+    gone, live = ("10.0.0.5", "old", {"ready": False, "terminating": True}), (
+        "10.0.0.5", "new", READY,
+    )  # fmt: skip
+    pods = {"old": pod("old", "h1"), "new": pod("new", "h2")}
+    for order in ([gone, live], [live, gone]):
+        (e,) = slice_endpoints([endpoint_slice("d", "decode", order)], pods, frozenset({DECODE}))
+        assert (e.name, e.draining, e.rollout_hash) == ("new", False, "h2")
+    # The old pod was decode, the new one prefill: two pods, not one colocated draining pod.
+    old_decode = slice_endpoints([endpoint_slice("d", "decode", [gone])], pods, frozenset({DECODE}))
+    new_prefill = slice_endpoints(
+        [endpoint_slice("p", "prefill", [live])], pods, frozenset({PREFILL})
+    )
+    for merged in (merge_roles(new_prefill, old_decode), merge_roles(old_decode, new_prefill)):
+        (e,) = merged
+        assert (e.name, e.roles, e.draining) == ("new", frozenset({PREFILL}), False)
+    # Two terminating pods at one address stay one draining endpoint.
+    (e,) = slice_endpoints(
+        [endpoint_slice("d", "decode", [gone, ("10.0.0.5", "new", {"terminating": True})])],
+        pods, frozenset({DECODE}),
+    )  # fmt: skip
+    assert e.draining
 
 
 RESOURCES = {
@@ -171,6 +202,19 @@ async def test_watch_follows_endpointslices_in_kmock():
                 await until(
                     lambda e: {x.address for x in e} == {"10.0.0.1:50051", "10.0.0.3:50051"},
                     "dc-1 removed",
+                )
+                # dc-2 is being deleted: still reported, as draining, until its pod is gone.
+                dec3 = copy.deepcopy(dec2)
+                dec3["endpoints"][1]["conditions"] = {
+                    "ready": False, "serving": True, "terminating": True
+                }  # fmt: skip
+                await put_slice(dec3)
+                await until(
+                    lambda e: (
+                        {(x.address, x.draining) for x in e}
+                        == {("10.0.0.1:50051", False), ("10.0.0.3:50051", True)}
+                    ),
+                    "dc-2 draining",
                 )
             finally:
                 task.cancel()

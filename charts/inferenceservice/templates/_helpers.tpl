@@ -95,3 +95,21 @@ a sample went to, which the target's own `pod` label would otherwise rename to e
 {{- $chart := include "inferenceservice.labels" .root | fromYaml -}}
 {{- toYaml (merge (deepCopy (.extra | default dict)) $chart) -}}
 {{- end -}}
+
+{{/*
+An external autoscaler writes spec.decode.replicas (the scale subresource): the operator must
+leave decode's size to it (decode.autoscaling.external), or both would set it.
+*/}}
+{{- define "inferenceservice.requireExternalDecode" -}}
+{{- $a := .Values.decode.autoscaling | default dict -}}
+{{- if not $a.external -}}
+{{- fail "externalAutoscaler needs decode.autoscaling.external: true (with its minReplicas and maxReplicas): the operator's autoscaler and an external one must not both size decode" -}}
+{{- end -}}
+{{- end -}}
+
+{{/* What HPA and KEDA scale: this InferenceService, through its scale subresource (decode). */}}
+{{- define "inferenceservice.scaleTargetRef" -}}
+apiVersion: serving.splitserve.io/v1alpha1
+kind: InferenceService
+name: {{ include "inferenceservice.name" . }}
+{{- end -}}
