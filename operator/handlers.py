@@ -157,12 +157,12 @@ def make_registry(
         await memo.api.close()
         await memo.metrics_reader.close()
 
-    @kopf.on.resume(*resource, id="reconcile", registry=registry)
-    @kopf.on.create(*resource, id="reconcile", registry=registry)
-    @kopf.on.update(*resource, id="reconcile", registry=registry)
-    async def on_change(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **_: Any) -> None:
+    async def _reconcile_pass(
+        trigger: str, body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo
+    ) -> ReconcileResult:
+        """One reconcile of ``body`` under the pass lock, observed as ``trigger``, delivered."""
         async with _lock(memo):
-            with metrics.observe("change") as report:
+            with metrics.observe(trigger) as report:
                 result = await reconcile(
                     memo.api, _current(body, memo), _now(), memo.adapter_probe,
                     scale=_scale(memo),
@@ -170,6 +170,13 @@ def make_registry(
                 report(*outcome(result))
             metrics.set_ready(_key(body), _ready(result))
             _deliver(result, body, patch, memo)
+        return result
+
+    @kopf.on.resume(*resource, id="reconcile", registry=registry)
+    @kopf.on.create(*resource, id="reconcile", registry=registry)
+    @kopf.on.update(*resource, id="reconcile", registry=registry)
+    async def on_change(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **_: Any) -> None:
+        result = await _reconcile_pass("change", body, patch, memo)
         if result.retry == "permanent":
             # Nothing to retry until the spec changes; the timer keeps status current.
             raise kopf.PermanentError(result.error)
@@ -178,15 +185,7 @@ def make_registry(
     async def on_timer(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **_: Any) -> None:
         if body.get("metadata", {}).get("deletionTimestamp"):
             return
-        async with _lock(memo):
-            with metrics.observe("timer") as report:
-                result = await reconcile(
-                    memo.api, _current(body, memo), _now(), memo.adapter_probe,
-                    scale=_scale(memo),
-                )  # fmt: skip
-                report(*outcome(result))
-            metrics.set_ready(_key(body), _ready(result))
-            _deliver(result, body, patch, memo)
+        await _reconcile_pass("timer", body, patch, memo)
 
     @kopf.timer(
         *resource, id="autoscale", interval=autoscale_interval, initial_delay=autoscale_interval,
