@@ -40,6 +40,12 @@ from splitserve.proto import splitserve_pb2_grpc as pb_grpc
 from splitserve.protocol.constants import GRPC_CHANNEL_OPTIONS, PROTOCOL_VERSION
 from splitserve.protocol.kv_compat import CompatInfo, kv_compat_hash
 
+# Each channel its own subchannels: by default gRPC shares them between channels to the same
+# address, so the fresh channel `handshake` makes for a restarted source would inherit the dead
+# one's subchannel, still in reconnect backoff, and fail at once with "connection refused"
+# (C-core subchannel sharing: grpc/grpc#21240).
+_CHANNEL_OPTIONS = [*GRPC_CHANNEL_OPTIONS, ("grpc.use_local_subchannel_pool", 1)]
+
 log = logging.getLogger(__name__)
 
 
@@ -281,7 +287,7 @@ class KVPuller:
         with self._lock:
             channel = self._channels.get(address)
             if channel is None:
-                channel = grpc.insecure_channel(address, options=GRPC_CHANNEL_OPTIONS)
+                channel = grpc.insecure_channel(address, options=_CHANNEL_OPTIONS)
                 self._channels[address] = channel
         return pb_grpc.KVServiceStub(channel)
 

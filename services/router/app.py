@@ -256,8 +256,13 @@ def build_app(
         prefill, decode = dispatcher.pool.ready(PREFILL), dispatcher.pool.ready(DECODE)
         ok = bool(dispatcher.usable_tokenizers())
         # Holding requests for a cold start is serving them: the router stays ready (in its
-        # Service) while its pools are scaled to zero, else nothing could wake them.
-        status = "ok" if ok else "idle" if serving.cold_start.enabled else "unavailable"
+        # Service) while its pools are scaled to zero, else nothing could wake them. So while
+        # pods change over (a rollout, a scale-down): out of its Service, the router's hold for
+        # the new pods would meet only refused connections.
+        holds = serving.cold_start.enabled or (
+            serving.cold_start.config.transition_s > 0 and dispatcher.pool.changing_over()
+        )
+        status = "ok" if ok else "idle" if holds else "unavailable"
         body = M.HealthResponse(
             status=status,
             prefill_pods=len(prefill),

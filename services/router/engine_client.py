@@ -8,6 +8,7 @@ succeed (the pod is down, overloaded or restarting), and unset when the request 
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import grpc
@@ -53,6 +54,14 @@ def to_backend_error(err: grpc.RpcError, address: str) -> BackendError:
     )
 
 
+def cancelled_by_close() -> bool:
+    """Whether a ``CancelledError`` out of a grpc.aio call came from its channel being closed
+    (the pool closed it: the pod left), not from our own task being cancelled (the client went
+    away, which must go on propagating). grpc.aio raises the same exception for both."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() == 0
+
+
 def closed_error(address: str) -> BackendError:
     """A call on a pod whose channel the pool closed (the pod left the endpoint set after the
     request was routed to it): another pod can take the request."""
@@ -62,8 +71,9 @@ def closed_error(address: str) -> BackendError:
 class EngineClient:
     """Async stubs of one pod, sharing one channel.
 
-    A call on a closed channel (``grpc.aio.UsageError``: the pool closed it because the pod left)
-    is a retryable ``BackendError`` like a pod that is down, never an unexpected exception.
+    A call on a closed channel (``grpc.aio.UsageError``: the pool closed it because the pod left),
+    or one in flight when it closed (``CancelledError``), is a retryable ``BackendError`` like a
+    pod that is down, never an unexpected exception.
     """
 
     def __init__(self, address: str) -> None:
@@ -82,6 +92,10 @@ class EngineClient:
             raise to_backend_error(err, self.address) from err
         except grpc.aio.UsageError as err:
             raise closed_error(self.address) from err
+        except asyncio.CancelledError as err:
+            if cancelled_by_close():
+                raise closed_error(self.address) from err
+            raise
 
     async def info(self, timeout: float = 10.0) -> pb.EngineInfo:
         """The pod's model facts (tokenizer, limits, KV compatibility)."""
@@ -91,6 +105,10 @@ class EngineClient:
             raise to_backend_error(err, self.address) from err
         except grpc.aio.UsageError as err:
             raise closed_error(self.address) from err
+        except asyncio.CancelledError as err:
+            if cancelled_by_close():
+                raise closed_error(self.address) from err
+            raise
 
     async def abort_prefill(self, request_ids: list[str], timeout: float = 2.0) -> int:
         """Stop prefills and release their KV leases (best effort, like ``abort``)."""
@@ -120,6 +138,10 @@ class EngineClient:
             raise to_backend_error(err, self.address) from err
         except grpc.aio.UsageError as err:
             raise closed_error(self.address) from err
+        except asyncio.CancelledError as err:
+            if cancelled_by_close():
+                raise closed_error(self.address) from err
+            raise
 
     async def abort(self, request_ids: list[str], timeout: float = 2.0) -> int:
         try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 
@@ -122,3 +123,39 @@ def test_calls_on_a_pod_that_left_the_pool_are_retryable_failures(fake_pods, grp
         assert await client.abort(["r"]) == 0 and await client.abort_prefill(["r"]) == 0
 
     grpc_loop.call(scenario())
+
+
+def test_calls_in_flight_when_the_pool_closes_the_channel_are_retryable(fake_pods, grpc_loop):
+    """A pod killed mid-request leaves the pool, which closes its channel under calls still in
+    flight; grpc.aio then raises CancelledError in the caller. That is the pod's failure (a
+    retryable BackendError), not the client going away (seen as a 500 in the prefill-kill
+    end-to-end scenario); a real cancellation of the caller still propagates."""
+    (pod,) = fake_pods(["colocated"], token_delay_s=0.5)
+
+    async def scenario() -> None:
+        client = EngineClient(pod.address)
+        call = client.generate(pb.GenerateRequest())
+        stream = client.iterate(call)
+        await stream.__anext__()  # the stream is flowing ...
+        closing = asyncio.get_running_loop().call_later(0.1, asyncio.ensure_future,
+                                                        client.close(grace=None))  # fmt: skip
+        with pytest.raises(BackendError) as err:
+            async for _ in stream:
+                pass
+        assert err.value.retryable and err.value.pod == pod.address
+        closing.cancel()
+
+        other = EngineClient(pod.address)
+        task = asyncio.ensure_future(_drain(other.iterate(other.generate(pb.GenerateRequest()))))
+        await asyncio.sleep(0.3)
+        task.cancel()  # the caller itself is cancelled: that must stay a cancellation
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await other.close(grace=None)
+
+    grpc_loop.call(scenario())
+
+
+async def _drain(stream) -> None:
+    async for _ in stream:
+        pass

@@ -130,7 +130,7 @@ def test_a_stream_on_a_draining_pod_is_aborted_there_when_its_client_leaves(rout
     with httpx.stream("POST", router.url + "/v1/completions", json=body, timeout=60) as r:
         next(line for line in r.iter_lines() if line.startswith("data: "))
         disco.set([disco.endpoints[0], Endpoint(dec.address, frozenset({DECODE}), draining=True)])
-        _wait(lambda: _health(router.url)[0] == 503)
+        _wait(lambda: _health(router.url)[1]["decode_pods"] == 0)  # the router saw the drain
     # The client left mid-stream: the router still reaches the draining pod to stop the work.
     _wait(lambda: dec.engine.aborted)
 
@@ -214,7 +214,12 @@ def test_a_rollout_gap_holds_requests_without_cold_start(router_over, transition
     router.wait_ready()
     _wait(lambda: _health(router.url)[1]["decode_pods"] == 1)
     disco.set([pre_ep, Endpoint(old.address, frozenset({DECODE}), draining=True)])
-    _wait(lambda: _health(router.url)[0] == 503)  # no ready pair now
+    _wait(lambda: _health(router.url)[1]["decode_pods"] == 0)  # no ready pair now
+    # Holding for the new pods, the router stays in its Service (ready); without the hold it
+    # says it cannot serve.
+    expected = (200, "idle") if transition_s else (503, "unavailable")
+    status, body = _health(router.url)
+    assert (status, body["status"]) == expected
     c = openai.OpenAI(base_url=router.url + "/v1", api_key="x", max_retries=0, timeout=30)
     if not transition_s:
         with pytest.raises(openai.APIStatusError) as err:
