@@ -5,18 +5,20 @@ brings each heap to its working set before the clock starts), for ``--minutes`` 
 ``--concurrency`` clients (default 8) send completions back to back:
 prompts of 10-600 words, 16-128 output tokens, 90% streamed, and ``--abort-ratio`` (default 20%)
 of them given up at a random moment (before the answer starts, mid-prefill, mid-decode). Every
-2 s it samples each engine's KV usage and queues (GetStats) and the RSS of every process of the
-stack (anonymous memory, ``RssAnon``: what a leak grows). At the end it checks that every
-engine went back to idle (nothing running, waiting, held or leased; no unaccounted block) and
-reports:
+2 s it samples each engine's KV usage and queues (GetStats) and the anonymous memory of every
+process of the stack (``RssAnon`` + ``VmSwap``: what a leak grows, resident or swapped out). At
+the end it checks that every engine went back to idle (nothing running, waiting, held or leased;
+no unaccounted block) and reports:
 
 - requests: completed, aborted on purpose, failed (an error status or a stream cut without
   ``[DONE]``; must be 0);
-- anonymous RSS of each process after warm-up and at the end, and two slopes over the second half
-  of the run after warm-up (MB/min): of the samples themselves, and of the *floor* (at each
-  sample, the least RSS over the 32 s before it, longer than the engines' 30-s heap-trim period:
-  the level the heap comes back to). A heap that rises between trims moves the first, not the
-  second; a leak moves both;
+- anonymous memory of each process after warm-up and at the end, and slopes over the second half
+  of the run after warm-up (MB/min): of the samples themselves; of the *floor* (at each sample,
+  the least value over the 32 s before it, longer than the engines' 30-s heap-trim period: the
+  level the heap comes back to); of the *high-water mark* (the most since warm-up); and the
+  *leak slope*, the lesser of the last two. A heap that rises between trims moves the raw slope
+  only; memory freed at once and partly taken again (the router lets go of 40 MB about a minute
+  in) moves the floor, not the high-water mark; a leak moves both;
 - KV usage over time; a plot (PNG) of RSS and KV usage per process when matplotlib is there.
 
     .venv/bin/python -P bench/soak.py [--minutes 10] [--out soak.json] [--plot soak.png]
@@ -106,14 +108,18 @@ def engine_stats(port: int) -> pb.EngineStats:
         return pb_grpc.EngineServiceStub(channel).GetStats(pb.StatsRequest(), timeout=5)
 
 
-def rss_mb(pid: int, field: str = "RssAnon") -> float:
-    """Resident memory of ``pid`` in MB. ``RssAnon`` (the default) is the process's own heap and
-    stacks: what a leak grows. ``VmRSS`` adds file-backed pages (mapped libraries), which the
-    kernel may page out on its own at any time (e.g. DAMON proactive reclaim)."""
+def rss_mb(pid: int, fields: tuple[str, ...] = ("RssAnon", "VmSwap")) -> float:
+    """Memory of ``pid`` in MB: the sum of ``fields`` of /proc/<pid>/status. The default is the
+    process's anonymous memory (heap and stacks: what a leak grows), resident or swapped out: the
+    kernel swaps cold anonymous pages out on its own (kswapd, DAMON proactive reclaim), and
+    ``RssAnon`` alone then falls by tens of MB and climbs back as the pages are touched again,
+    which reads as growth. ``VmRSS`` adds file-backed pages (mapped libraries)."""
+    kb = 0
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(f"{field}:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
+        name, _, value = line.partition(":")
+        if name in fields:
+            kb += int(value.split()[0])
+    return kb / 1024
 
 
 def children(pid: int) -> dict[str, int]:
@@ -155,6 +161,29 @@ def floor(samples: list[tuple[float, float]], window_s: float = FLOOR_WINDOW_S):
     """At each sample, the least value over the ``window_s`` before it: the level the heap comes
     back to after each trim. A heap that rises between trims leaves it flat; a leak raises it."""
     return [(t, min(v for u, v in samples if t - window_s <= u <= t)) for t, _ in samples]
+
+
+def high_water(samples: list[tuple[float, float]]):
+    """At each sample, the most value up to it: a leak keeps making new highs, a heap that
+    frees memory and takes part of it back does not."""
+    out, top = [], float("-inf")
+    for t, v in samples:
+        top = max(top, v)
+        out.append((t, top))
+    return out
+
+
+def growth(samples: list[tuple[float, float]], warm_s: float) -> dict[str, float]:
+    """The slopes (MB/min, second half after ``warm_s``) of one process's memory samples."""
+    post = [(t, v) for t, v in samples if t >= warm_s]
+    floor_slope = slope_mb_per_min([(t, v) for t, v in floor(samples) if t >= warm_s])
+    high_slope = slope_mb_per_min(high_water(post))
+    return {
+        "slope_second_half_mb_per_min": round(slope_mb_per_min(post), 2),
+        "floor_slope_second_half_mb_per_min": round(floor_slope, 2),
+        "high_water_slope_second_half_mb_per_min": round(high_slope, 2),
+        "leak_slope_mb_per_min": round(min(floor_slope, high_slope), 2),
+    }
 
 
 def main() -> int:
@@ -246,13 +275,9 @@ def run_load(args, url: str, ports: dict[str, int], procs: dict[str, int]) -> di
             name: {
                 "after_warmup": next((v for t, v in xs if t >= warm), xs[0][1] if xs else 0.0),
                 "end": xs[-1][1] if xs else 0.0,
-                "slope_second_half_mb_per_min": round(slope_mb_per_min(post), 2),
-                "floor_slope_second_half_mb_per_min": round(
-                    slope_mb_per_min([(t, v) for t, v in floor(xs) if t >= warm]), 2
-                ),
+                **growth(xs, warm),
             }
             for name, xs in rss.items()
-            for post in [[(t, v) for t, v in xs if t >= warm]]
         },
         "kv_usage_pct": {
             name: {"max": max(v for _, v in xs), "mean": statistics.fmean(v for _, v in xs)}
