@@ -11,28 +11,22 @@ operator learned it from the engine's own GetInfo.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import copy
 import os
 from pathlib import Path
 
-import kmock
-import kopf
 import pytest
 from test_kopf_loop import (
     ISVC,
     ISVC_PATH,
     NS,
-    RESOURCES,
-    VERBS,
     Cluster,
-    Emulator,
     condition,
     eventually,
+    running_operator,
 )
 
 from splitserve.operator import labels as L
-from splitserve.operator.handlers import make_registry
 from splitserve.processes import free_port, spawn, splitserve_argv
 from splitserve.processes import stop as stop_processes
 
@@ -54,35 +48,6 @@ def engine(tmp_path, tiny_llama_dir):
     proc = spawn(argv, env=dict(os.environ, OMP_NUM_THREADS="1"), output=log)
     yield port, watched, tmp_path / "engine.log"
     stop_processes([proc], 20)
-
-
-@contextlib.asynccontextmanager
-async def operator_with_pods():
-    resources = dict(RESOURCES, **{"v1/pods": ("Pod", True)})
-    async with Emulator() as emulator, kmock.Server(emulator) as server:
-        for resource, (kind, namespaced) in resources.items():
-            emulator.resources[resource] = kmock.ResourceInfo(
-                kind=kind, namespaced=namespaced, verbs=VERBS, subresources={"status"}
-            )
-        cluster = Cluster(emulator, str(server.url))
-        controller = asyncio.create_task(cluster.fake_deployment_controller())
-        url = cluster.url
-        registry = make_registry(lambda: kopf.ConnectionInfo(server=url, insecure=True),
-                                 interval=0.3)  # fmt: skip
-        stop = asyncio.Event()
-        operator = asyncio.create_task(
-            kopf.operator(registry=registry, clusterwide=True, standalone=True, stop_flag=stop)
-        )
-        try:
-            yield cluster
-        finally:
-            stop.set()
-            with contextlib.suppress(asyncio.CancelledError, asyncio.TimeoutError):
-                await asyncio.wait_for(operator, timeout=2)
-            if not operator.done():
-                operator.cancel()
-            controller.cancel()
-            await cluster.session.close()
 
 
 async def kubelet(cluster: Cluster, watched: Path) -> None:
@@ -120,7 +85,7 @@ async def test_spec_adapters_load_and_unload_in_a_running_engine(engine, tiny_ll
     isvc["spec"]["prefill"] = {"replicas": 0}  # colocated: decode pods only
     isvc["spec"]["decode"] = {"replicas": 1}
     isvc["spec"]["adapters"] = [adapter("qv")]
-    async with operator_with_pods() as cluster:
+    async with running_operator({"v1/pods": ("Pod", True)}) as cluster:
         feeder = asyncio.create_task(kubelet(cluster, watched))
         try:
             await cluster.call("POST", ISVC_PATH, isvc)

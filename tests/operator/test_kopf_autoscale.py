@@ -6,21 +6,16 @@ and it shrinks when the load is gone, the least-loaded pod marked to go first.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import copy
-from collections.abc import AsyncIterator
 from typing import Any
 
-import kmock
-import kopf
 import pytest
 from prometheus_client import CollectorRegistry, start_http_server
 from test_autoscale import Engine
-from test_kopf_loop import ISVC, ISVC_PATH, NS, VERBS, Cluster, eventually, running_emulator
+from test_kopf_loop import ISVC, ISVC_PATH, NS, eventually, running_operator
 
 from splitserve.operator import labels as L
 from splitserve.operator.autoscale.cost import DELETION_COST_ANNOTATION
-from splitserve.operator.handlers import make_registry
 from splitserve.processes import free_port
 from splitserve.services.common.metrics import EngineMetrics
 
@@ -34,32 +29,6 @@ AUTOSCALED["spec"]["decode"] = {
         "scaleDown": {"stabilizationSeconds": 0, "maxPodsPerStep": 4},
     },
 }  # fmt: skip
-
-
-@contextlib.asynccontextmanager
-async def autoscaling_operator() -> AsyncIterator[Cluster]:
-    async with running_emulator() as cluster:
-        cluster.emulator.resources["v1/pods"] = kmock.ResourceInfo(
-            kind="Pod", namespaced=True, verbs=VERBS, subresources={"status"}
-        )
-        url = cluster.url
-        registry = make_registry(
-            lambda: kopf.ConnectionInfo(server=url, insecure=True),
-            interval=0.3,
-            autoscale_interval=0.3,
-        )
-        stop = asyncio.Event()
-        operator = asyncio.create_task(
-            kopf.operator(registry=registry, clusterwide=True, standalone=True, stop_flag=stop)
-        )
-        try:
-            yield cluster
-        finally:
-            stop.set()
-            with contextlib.suppress(asyncio.CancelledError, asyncio.TimeoutError):
-                await asyncio.wait_for(operator, timeout=2)
-            if not operator.done():
-                operator.cancel()
 
 
 def pod(name: str, port: int) -> dict[str, Any]:
@@ -82,7 +51,7 @@ async def test_the_decode_pool_follows_its_load() -> None:
     engines: dict[str, Engine] = {}
     servers = []
     try:
-        async with autoscaling_operator() as cluster:
+        async with running_operator({"v1/pods": ("Pod", True)}, autoscale_interval=0.3) as cluster:
 
             async def add_pod(name: str, **load: Any) -> None:
                 engines[name] = Engine(**load)

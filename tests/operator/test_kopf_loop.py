@@ -168,10 +168,13 @@ def condition(isvc: dict[str, Any] | None, kind: str) -> str | None:
 
 
 @contextlib.asynccontextmanager
-async def running_emulator() -> AsyncIterator[Cluster]:
-    """The emulator on a free port, its discovery complete, with the fake controller running."""
+async def running_emulator(
+    extra: dict[str, tuple[str, bool]] | None = None,
+) -> AsyncIterator[Cluster]:
+    """The emulator on a free port, its discovery complete (``RESOURCES`` plus ``extra``, as
+    resource -> (kind, namespaced)), with the fake controller running."""
     async with Emulator() as emulator, kmock.Server(emulator) as server:
-        for resource, (kind, namespaced) in RESOURCES.items():
+        for resource, (kind, namespaced) in {**RESOURCES, **(extra or {})}.items():
             emulator.resources[resource] = kmock.ResourceInfo(
                 kind=kind, namespaced=namespaced, verbs=VERBS, subresources={"status"}
             )
@@ -185,12 +188,16 @@ async def running_emulator() -> AsyncIterator[Cluster]:
 
 
 @contextlib.asynccontextmanager
-async def running_operator() -> AsyncIterator[Cluster]:
-    """kopf.operator() in this event loop, logged in to the emulator, stopped by its flag."""
-    async with running_emulator() as cluster:
+async def running_operator(
+    extra: dict[str, tuple[str, bool]] | None = None, **registry_options: Any
+) -> AsyncIterator[Cluster]:
+    """kopf.operator() in this event loop, logged in to the emulator (see running_emulator), its
+    registry made with ``registry_options`` (default: a 0.3-s drift timer), stopped by its flag."""
+    async with running_emulator(extra) as cluster:
         url = cluster.url
         registry = make_registry(
-            lambda: kopf.ConnectionInfo(server=url, insecure=True), interval=0.3
+            lambda: kopf.ConnectionInfo(server=url, insecure=True),
+            **{"interval": 0.3, **registry_options},
         )
         stop = asyncio.Event()
         operator = asyncio.create_task(
