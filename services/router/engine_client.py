@@ -9,7 +9,8 @@ succeed (the pod is down, overloaded or restarting), and unset when the request 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import contextlib
+from collections.abc import AsyncIterator, Iterator
 
 import grpc
 
@@ -83,11 +84,13 @@ class EngineClient:
         self._decode = pb_grpc.DecodeServiceStub(self.channel)
         self._engine = pb_grpc.EngineServiceStub(self.channel)
 
-    async def prefill(self, request: pb.PrefillRequest, timeout: float) -> pb.PrefillResponse:
+    @contextlib.contextmanager
+    def _call(self) -> Iterator[None]:
+        """A call on this pod: its failures become ``BackendError`` (see ``to_backend_error``),
+        as does a closed channel, or a call in flight when the pool closed it (``closed_error``);
+        a cancellation of our own task goes on propagating."""
         try:
-            return await self._prefill.Prefill(
-                request, timeout=timeout, metadata=outgoing_metadata()
-            )
+            yield
         except grpc.RpcError as err:
             raise to_backend_error(err, self.address) from err
         except grpc.aio.UsageError as err:
@@ -97,18 +100,16 @@ class EngineClient:
                 raise closed_error(self.address) from err
             raise
 
+    async def prefill(self, request: pb.PrefillRequest, timeout: float) -> pb.PrefillResponse:
+        with self._call():
+            return await self._prefill.Prefill(
+                request, timeout=timeout, metadata=outgoing_metadata()
+            )
+
     async def info(self, timeout: float = 10.0) -> pb.EngineInfo:
         """The pod's model facts (tokenizer, limits, KV compatibility)."""
-        try:
+        with self._call():
             return await self._engine.GetInfo(pb.EngineInfoRequest(), timeout=timeout)
-        except grpc.RpcError as err:
-            raise to_backend_error(err, self.address) from err
-        except grpc.aio.UsageError as err:
-            raise closed_error(self.address) from err
-        except asyncio.CancelledError as err:
-            if cancelled_by_close():
-                raise closed_error(self.address) from err
-            raise
 
     async def abort_prefill(self, request_ids: list[str], timeout: float = 2.0) -> int:
         """Stop prefills and release their KV leases (best effort, like ``abort``)."""
@@ -125,23 +126,13 @@ class EngineClient:
     def generate(self, request: pb.GenerateRequest, span=None) -> grpc.aio.UnaryStreamCall:
         """The raw stream call: the caller iterates it and may ``cancel()`` it (client gone);
         ``span``: the trace span the pod's spans go under (default: the current one)."""
-        try:
+        with self._call():
             return self._decode.Generate(request, metadata=outgoing_metadata(span))
-        except grpc.aio.UsageError as err:
-            raise closed_error(self.address) from err
 
     async def iterate(self, call: grpc.aio.UnaryStreamCall) -> AsyncIterator[pb.GenerateResponse]:
-        try:
+        with self._call():
             async for message in call:
                 yield message
-        except grpc.RpcError as err:
-            raise to_backend_error(err, self.address) from err
-        except grpc.aio.UsageError as err:
-            raise closed_error(self.address) from err
-        except asyncio.CancelledError as err:
-            if cancelled_by_close():
-                raise closed_error(self.address) from err
-            raise
 
     async def abort(self, request_ids: list[str], timeout: float = 2.0) -> int:
         try:
@@ -159,29 +150,17 @@ class EngineClient:
     ) -> pb.LoRAAdapter:
         """Load an adapter on this pod (reading its files can take a while on a hub)."""
         request = pb.LoadLoRAAdapterRequest(lora_name=name, lora_path=path, lora_int_id=int_id)
-        try:
+        with self._call():
             return await self._engine.LoadLoRAAdapter(request, timeout=timeout)
-        except grpc.RpcError as err:
-            raise to_backend_error(err, self.address) from err
-        except grpc.aio.UsageError as err:
-            raise closed_error(self.address) from err
 
     async def unload_lora_adapter(self, name: str, timeout: float = 10.0) -> bool:
         request = pb.UnloadLoRAAdapterRequest(lora_name=name)
-        try:
+        with self._call():
             return (await self._engine.UnloadLoRAAdapter(request, timeout=timeout)).unloaded
-        except grpc.RpcError as err:
-            raise to_backend_error(err, self.address) from err
-        except grpc.aio.UsageError as err:
-            raise closed_error(self.address) from err
 
     async def stats(self, timeout: float = 2.0) -> pb.EngineStats:
-        try:
+        with self._call():
             return await self._engine.GetStats(pb.StatsRequest(), timeout=timeout)
-        except grpc.RpcError as err:
-            raise to_backend_error(err, self.address) from err
-        except grpc.aio.UsageError as err:
-            raise closed_error(self.address) from err
 
     def subscribe_kv_events(self, snapshot: bool = True) -> grpc.aio.UnaryStreamCall:
         return self._engine.SubscribeKVEvents(pb.SubscribeKVEventsRequest(snapshot=snapshot))
