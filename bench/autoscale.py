@@ -30,13 +30,14 @@ import os
 import statistics
 import subprocess
 import sys
-import threading
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import openai
+
+from splitserve.cluster.load import Clients, Streamed
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = "smollm2"
@@ -52,15 +53,6 @@ PROFILE = (
     ("burst", 6, 6, 30),
     ("idle", 0, 0, 90),
 )
-
-
-@dataclass
-class Request:
-    began: float
-    ttft: float | None = None
-    itl: float | None = None  # mean gap between tokens after the first
-    tokens: int | None = None
-    error: str | None = None
 
 
 @dataclass
@@ -127,73 +119,7 @@ def isvc_body(args: argparse.Namespace) -> dict:
     }  # fmt: skip
 
 
-def one_request(sdk: openai.OpenAI, prompt: str, max_tokens: int) -> Request:
-    r = Request(began=time.monotonic())
-    stamps: list[float] = []
-    try:
-        chunks = sdk.completions.create(
-            model=MODEL, prompt=prompt, max_tokens=max_tokens, temperature=0, stream=True,
-            stream_options={"include_usage": True}, extra_body={"ignore_eos": True},
-        )  # fmt: skip
-        for chunk in chunks:
-            if chunk.usage is not None:
-                r.tokens = chunk.usage.completion_tokens
-            if any(c.text for c in chunk.choices):
-                stamps.append(time.monotonic())
-    except Exception as exc:  # noqa: BLE001 - a failure is a result
-        r.error = f"{type(exc).__name__}: {exc}"
-        return r
-    if stamps:
-        r.ttft = stamps[0] - r.began
-        if len(stamps) > 1:
-            r.itl = (stamps[-1] - stamps[0]) / (len(stamps) - 1)
-    if r.tokens != max_tokens:
-        r.error = f"stream cut: {r.tokens} of {max_tokens} tokens"
-    return r
-
-
-class LoadGenerator:
-    """Client threads; ``target`` of them run at a time, each streaming back to back."""
-
-    def __init__(self, sdk: openai.OpenAI, max_tokens: int) -> None:
-        self.sdk, self.max_tokens = sdk, max_tokens
-        self.target = 0
-        self.inflight = 0
-        self.requests: list[Request] = []
-        self._lock = threading.Lock()
-        self._threads: list[threading.Thread] = []
-        self._done = threading.Event()
-
-    def set_clients(self, n: int) -> None:
-        self.target = n
-        while len(self._threads) < n:
-            k = len(self._threads)
-            t = threading.Thread(target=self._client, args=(k,), daemon=True)
-            self._threads.append(t)
-            t.start()
-
-    def _client(self, k: int) -> None:
-        i = 0
-        while not self._done.is_set():
-            if k >= self.target:
-                time.sleep(0.2)
-                continue
-            with self._lock:
-                self.inflight += 1
-            r = one_request(self.sdk, f"{PROMPTS[(k + i) % len(PROMPTS)]} {k}.{i}",
-                            self.max_tokens)  # fmt: skip
-            with self._lock:
-                self.inflight -= 1
-                self.requests.append(r)
-            i += 1
-
-    def stop(self) -> None:
-        self._done.set()
-        for t in self._threads:
-            t.join(timeout=600)
-
-
-def sample(custom, ns: str, t0: float, load: LoadGenerator) -> Sample:
+def sample(custom, ns: str, t0: float, load: Clients) -> Sample:
     status = (
         custom.get_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, "bench").get("status") or {}
     )
@@ -209,7 +135,7 @@ def sample(custom, ns: str, t0: float, load: LoadGenerator) -> Sample:
     )
 
 
-def run_profile(load: LoadGenerator, scale: float, on_tick) -> None:
+def run_profile(load: Clients, scale: float, on_tick) -> None:
     for _phase, start, end, seconds in PROFILE:
         seconds *= scale
         began = time.monotonic()
@@ -220,7 +146,7 @@ def run_profile(load: LoadGenerator, scale: float, on_tick) -> None:
             time.sleep(1.0)
 
 
-def plot(samples: list[Sample], requests: list[Request], t0: float, args, path: Path) -> None:
+def plot(samples: list[Sample], requests: list[Streamed], t0: float, args, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -239,10 +165,10 @@ def plot(samples: list[Sample], requests: list[Request], t0: float, args, path: 
                  label=f"{role}: ready pods")  # fmt: skip
     mid.set_ylabel("replicas")
     mid.legend(loc="upper right")
-    ok = [r for r in requests if r.error is None and r.ttft is not None]
+    ok = [r for r in requests if r.complete(args.max_tokens) and r.ttft is not None]
     low.scatter([r.began - t0 for r in ok], [r.ttft for r in ok], s=6, label="TTFT")
     low.axhline(args.slo_ttft, color="red", linestyle="--", label="TTFT objective")
-    failed = [r for r in requests if r.error is not None]
+    failed = [r for r in requests if not r.complete(args.max_tokens)]
     if failed:
         low.scatter([r.began - t0 for r in failed], [0] * len(failed), marker="x", color="red",
                     label="failed")  # fmt: skip
@@ -322,7 +248,7 @@ def run(args, core, custom, ns: str) -> int:
         if time.monotonic() > deadline:
             raise SystemExit("the InferenceService never served")
         time.sleep(2)
-    load = LoadGenerator(sdk, args.max_tokens)
+    load = Clients(sdk, MODEL, PROMPTS, args.max_tokens)
     samples: list[Sample] = []
     t0 = time.monotonic()
     last = [0.0]
@@ -343,18 +269,21 @@ def run(args, core, custom, ns: str) -> int:
         for e in core.list_namespaced_event(ns, field_selector="involvedObject.name=bench").items
         if e.reason.startswith("Scaled")
     ]  # fmt: skip
-    reqs = load.requests
-    failed = [r for r in reqs if r.error is not None]
+    reqs = load.results
+    failed = [r for r in reqs if not r.complete(args.max_tokens)]
     good = [
         r for r in reqs
-        if r.error is None and r.ttft is not None and r.ttft <= args.slo_ttft
+        if r.complete(args.max_tokens) and r.ttft is not None and r.ttft <= args.slo_ttft
         and (r.itl is None or r.itl <= args.slo_itl)
     ]  # fmt: skip
     ttfts = sorted(r.ttft for r in reqs if r.ttft is not None)
     summary = {
         "requests": len(reqs),
         "failed": len(failed),
-        "failures": [r.error for r in failed[:10]],
+        "failures": [
+            r.error or f"stream cut: {r.tokens} of {args.max_tokens} tokens, finish {r.finish}"
+            for r in failed[:10]
+        ],
         "slo": {
             "ttft_s": args.slo_ttft,
             "itl_s": args.slo_itl,

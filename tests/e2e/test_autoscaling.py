@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass
 
 import e2e_support as S
 import openai
@@ -25,6 +24,7 @@ import pytest
 from kubernetes import client
 
 from splitserve.cluster.controlplane.testing import wait_until
+from splitserve.cluster.load import Clients, Streamed, stream_counted
 
 pytestmark = [pytest.mark.slow, pytest.mark.cluster, pytest.mark.timeout(1800)]
 
@@ -32,76 +32,16 @@ MODEL = "smollm2"
 ROLLOUT_LABEL = "serving.splitserve.io/rollout-hash"
 
 
-@dataclass
-class Streamed:
-    prompt: str
-    began: float
-    ended: float
-    tokens: int | None  # completion tokens in the final usage
-    finish: str | None
-    error: str | None
-
-
-def stream_counted(sdk: openai.OpenAI, prompt: str, max_tokens: int) -> Streamed:
-    """One streamed completion with its usage; failures are results, never raised."""
-    began = time.monotonic()
-    tokens = finish = error = None
-    try:
-        chunks = sdk.completions.create(
-            model=MODEL, prompt=prompt, max_tokens=max_tokens, temperature=0, stream=True,
-            stream_options={"include_usage": True}, extra_body={"ignore_eos": True},
-        )  # fmt: skip
-        for chunk in chunks:
-            if chunk.usage is not None:
-                tokens = chunk.usage.completion_tokens
-            for choice in chunk.choices:
-                finish = choice.finish_reason or finish
-    except Exception as exc:  # noqa: BLE001 - every failure is counted
-        error = f"{type(exc).__name__}: {exc}"
-    return Streamed(prompt, began, time.monotonic(), tokens, finish, error)
-
-
 def assert_all_complete(results: list[Streamed], max_tokens: int) -> None:
     failed = [r for r in results if r.error is not None]
     assert not failed, f"{len(failed)} of {len(results)} requests failed: {failed[:3]}"
-    cut = [r for r in results if r.tokens != max_tokens or r.finish != "length"]
+    cut = [r for r in results if not r.complete(max_tokens)]
     assert not cut, f"{len(cut)} of {len(results)} streams lost tokens: {cut[:3]}"
 
 
-class Clients:
-    """``count`` threads streaming back to back until stopped."""
-
-    def __init__(self, sdk: openai.OpenAI, count: int, max_tokens: int) -> None:
-        self.sdk, self.max_tokens = sdk, max_tokens
-        self.results: list[Streamed] = []
-        self.inflight = 0
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._threads = [
-            threading.Thread(target=self._run, args=(k,), daemon=True) for k in range(count)
-        ]
-
-    def _run(self, k: int) -> None:
-        i = 0
-        while not self._stop.is_set():
-            prompt = f"{S.PROMPTS[(k + i) % len(S.PROMPTS)]} {k}-{i}"
-            with self._lock:
-                self.inflight += 1
-            result = stream_counted(self.sdk, prompt, self.max_tokens)
-            with self._lock:
-                self.inflight -= 1
-                self.results.append(result)
-            i += 1
-
-    def __enter__(self) -> Clients:
-        for t in self._threads:
-            t.start()
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self._stop.set()
-        for t in self._threads:
-            t.join(timeout=300)
+def clients(sdk: openai.OpenAI, count: int, max_tokens: int) -> Clients:
+    """``count`` client threads streaming back to back until the block ends."""
+    return Clients(sdk, MODEL, S.PROMPTS, max_tokens, count)
 
 
 def autoscaled_body(name: str, decode: dict, prefill: dict | None = None, **spec) -> dict:
@@ -141,7 +81,7 @@ def test_load_grows_decode_and_its_end_shrinks_it(namespaces, custom, core) -> N
     S.wait_serving(sdk, MODEL)
     max_tokens = 24
     began = time.monotonic()
-    with Clients(sdk, 4, max_tokens) as load:
+    with clients(sdk, 4, max_tokens) as load:
         wait_until("decode scaled up to 2", lambda: autoscaled(isvc, "decode") == 2, timeout=180)
         scaled_up = time.monotonic() - began
         up = [e for e in events(core, ns, "chat") if e.reason == "ScaledUp"]
@@ -198,7 +138,7 @@ def test_scale_down_and_rollout_with_16_streams_in_flight(
     threads = [
         threading.Thread(
             target=lambda k=k: results.append(
-                stream_counted(sdk, f"{S.PROMPTS[k % 4]} {k}", max_tokens)
+                stream_counted(sdk, MODEL, f"{S.PROMPTS[k % 4]} {k}", max_tokens)
             ),  # fmt: skip
             daemon=True,
         )
@@ -253,7 +193,7 @@ def test_scale_down_and_rollout_with_16_streams_in_flight(
     stop = threading.Event()
     watcher = threading.Thread(target=watch_old, args=(stop,), daemon=True)
     watcher.start()
-    with Clients(sdk, 16, max_tokens) as load:
+    with clients(sdk, 16, max_tokens) as load:
         wait_until("streams flowing", lambda: load.inflight >= 8, timeout=120)
         isvc.patch({"spec": {"model": {"revision": "r2"}}})
 
