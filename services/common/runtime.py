@@ -15,6 +15,7 @@ from prometheus_client import CollectorRegistry
 from splitserve.engine.async_engine import AsyncEngine
 from splitserve.engine.engine_core import EngineCore
 from splitserve.engine.model.loader import DEFAULT_MODEL_HUB_ID, DEFAULT_MODEL_NAME
+from splitserve.engine.openmp import in_own_thread, serial_in_this_thread
 from splitserve.kvtransfer.pool import allocate_kv_pool
 from splitserve.observability.logs import setup_logging
 from splitserve.observability.tracing import setup_tracing
@@ -118,7 +119,10 @@ def build_runtime(args: argparse.Namespace, role: str) -> EngineRuntime:
         num_blocks, num_layers, _, block_size, num_kv_heads, head_dim = shape
         return allocate_kv_pool(num_blocks, num_layers, block_size, num_kv_heads, head_dim, dtype)
 
-    core = EngineCore(config, allocate_kv=allocate)
+    # Built on a thread of its own, and this (the event loop's) thread kept serial: the engine
+    # thread's OpenMP team is then the process's only one (engine/openmp.py says why it matters).
+    core = in_own_thread(lambda: EngineCore(config, allocate_kv=allocate))
+    serial_in_this_thread()
     engine = AsyncEngine(core)
     facts = engine.facts
     model = str(args.model or Path(facts.model_dir).name)

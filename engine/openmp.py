@@ -1,0 +1,76 @@
+"""Keep one OpenMP team in a server process: the engine thread's.
+
+torch's CPU ops run their parallel regions on GNU OpenMP (libgomp). Every thread that ever runs
+one keeps a pool of worker threads for good, and libgomp counts them all: once a process holds
+more of them than it has CPUs, it cuts every worker's spin-wait between regions to ~100 spins,
+so each of the engine's ~200 parallel regions per decode step pays a futex wake-up of its worker.
+In a server, where the model is loaded on the main thread and steps run on the engine thread,
+that made a batch-1 decode step 1.6x slower on 2 CPUs (23.5 vs 14.8 ms a token for SmolLM2
+w8a8, ``bench/`` note in docs/benchmarks.md).
+
+``in_own_thread`` runs a function (the engine's construction: loading, quantizing, warming up)
+on a thread that then exits, taking its OpenMP workers with it. ``serial_in_this_thread`` makes
+torch ops of the calling thread (the server's event loop) run without a team of their own.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import logging
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+import torch
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+def in_own_thread(fn: Callable[[], T], name: str = "engine-build") -> T:
+    """``fn()`` on a new thread that exits when it returns; its result, or its exception."""
+    box: dict[str, object] = {}
+
+    def run() -> None:
+        try:
+            box["result"] = fn()
+        except BaseException as exc:  # noqa: BLE001 - re-raised on the caller's thread
+            box["error"] = exc
+
+    thread = threading.Thread(target=run, name=name)
+    thread.start()
+    thread.join()
+    if "error" in box:
+        raise box["error"]  # type: ignore[misc]
+    return box["result"]  # type: ignore[return-value]
+
+
+@functools.cache
+def _libgomp() -> ctypes.CDLL | None:
+    """The libgomp torch loaded (its own copy in pip wheels), or None (another runtime)."""
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return None
+    for line in maps.splitlines():
+        path = line.split()[-1] if line.split() else ""
+        if "libgomp" in Path(path).name:
+            try:
+                return ctypes.CDLL(path)
+            except OSError:
+                return None
+    return None
+
+
+def serial_in_this_thread() -> bool:
+    """torch ops on the calling thread run on it alone from now on (other threads keep their
+    thread counts); False where torch does not use libgomp (nothing changed)."""
+    gomp = _libgomp()
+    if gomp is None or not torch.backends.openmp.is_available():
+        return False
+    torch.get_num_threads()  # torch sets this thread's OpenMP thread count on its first use
+    gomp.omp_set_num_threads(1)
+    return True
