@@ -26,6 +26,7 @@ from typing import Any, TypeVar
 from splitserve.engine.block_pool import BlockStored, KVEvent
 from splitserve.engine.engine_core import EngineCore, EngineStats, KVAudit
 from splitserve.engine.heap import HeapTrimmer
+from splitserve.engine.openmp import serial_in_this_thread
 from splitserve.engine.outputs import (
     ImportReservation,
     RequestTiming,
@@ -111,6 +112,13 @@ class _Stream:
 
 _ERROR = object()
 SLOW_STEP_S = 5.0  # a step this long is logged: aborts and new requests wait for it
+
+
+def _serially(fn: Callable[..., T], *args: Any) -> T:
+    """``fn(*args)`` with this (worker) thread's torch ops kept serial: an OpenMP team of its
+    own would slow every engine step (engine/openmp.py)."""
+    serial_in_this_thread()
+    return fn(*args)
 
 
 class AsyncEngine:
@@ -206,7 +214,7 @@ class AsyncEngine:
         manager = self._core.lora
         if manager is None:
             raise ValueError("LoRA is not enabled on this engine (--enable-lora)")
-        adapter = await asyncio.to_thread(manager.read, lora)
+        adapter = await asyncio.to_thread(_serially, manager.read, lora)
         return await self._call(self._changing_loras, self._core.register_lora, adapter)
 
     async def remove_lora(self, name: str) -> bool:

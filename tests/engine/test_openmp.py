@@ -14,7 +14,7 @@ import pytest
 from splitserve.engine.openmp import in_own_thread
 
 SCRIPT = """
-import json, os, threading, torch
+import json, os, threading, time, torch
 from splitserve.engine.openmp import in_own_thread, serial_in_this_thread
 
 def threads():
@@ -26,9 +26,16 @@ def parallel_op():
     a.mul_(2.0)
     return threads()
 
+def settled(expected):
+    # The building thread's OpenMP workers exit on their own once it has: give them a moment.
+    deadline = time.monotonic() + 10
+    while threads() != expected and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return threads()
+
 before = threads()
 during = in_own_thread(parallel_op)
-after_build = threads()
+after_build = settled(before)
 serial = serial_in_this_thread()
 main_count = torch.get_num_threads()
 other = []
@@ -37,7 +44,7 @@ t.start(); t.join()
 parallel_op()
 print(json.dumps({"before": before, "during": during, "after_build": after_build,
                   "serial": serial, "main": main_count, "other": other[0],
-                  "after_main_op": threads()}))
+                  "after_main_op": settled(before)}))
 """
 
 
