@@ -6,7 +6,7 @@ more of them than it has CPUs, it cuts every worker's spin-wait between regions 
 so each of the engine's ~200 parallel regions per decode step pays a futex wake-up of its worker.
 In a server, where the model is loaded on the main thread and steps run on the engine thread,
 that made a batch-1 decode step 1.6x slower on 2 CPUs (23.5 vs 14.8 ms a token for SmolLM2
-w8a8, ``bench/`` note in docs/benchmarks.md).
+w8a8; docs/performance.md, "Threads").
 
 ``in_own_thread`` runs a function (the engine's construction: loading, quantizing, warming up)
 on a thread that then exits, taking its OpenMP workers with it. ``serial_in_this_thread`` makes
@@ -17,35 +17,20 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import logging
-import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TypeVar
 
 import torch
 
-log = logging.getLogger(__name__)
-
 T = TypeVar("T")
 
 
-def in_own_thread(fn: Callable[[], T], name: str = "engine-build") -> T:
-    """``fn()`` on a new thread that exits when it returns; its result, or its exception."""
-    box: dict[str, object] = {}
-
-    def run() -> None:
-        try:
-            box["result"] = fn()
-        except BaseException as exc:  # noqa: BLE001 - re-raised on the caller's thread
-            box["error"] = exc
-
-    thread = threading.Thread(target=run, name=name)
-    thread.start()
-    thread.join()
-    if "error" in box:
-        raise box["error"]  # type: ignore[misc]
-    return box["result"]  # type: ignore[return-value]
+def in_own_thread(fn: Callable[[], T]) -> T:
+    """``fn()`` on a new thread, joined before its result (or exception) is returned here."""
+    with ThreadPoolExecutor(1, thread_name_prefix="engine-build") as pool:
+        return pool.submit(fn).result()
 
 
 @functools.cache
@@ -56,10 +41,10 @@ def _libgomp() -> ctypes.CDLL | None:
     except OSError:
         return None
     for line in maps.splitlines():
-        path = line.split()[-1] if line.split() else ""
-        if "libgomp" in Path(path).name:
+        path = Path(line.split()[-1])
+        if path.name.startswith("libgomp"):
             try:
-                return ctypes.CDLL(path)
+                return ctypes.CDLL(str(path))
             except OSError:
                 return None
     return None
