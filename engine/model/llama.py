@@ -16,6 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from splitserve.engine.attention.base import AttentionStep
+from splitserve.engine.cpu_features import native_bf16
+from splitserve.kernels import cpu as cpu_kernels
 from splitserve.kernels.cpu import fused
 
 if TYPE_CHECKING:
@@ -113,6 +115,33 @@ class RMSNorm(nn.Module):
         return self(residual)
 
 
+# The most rows a linear layer sends through the dense C++ kernel (``kernels/cpu/dense_linear.cpp``)
+# rather than torch's matmul, by weight dtype; measured with bench/quant_linear.py --dense on the
+# 2-core Xeon, weights not in cache. float32: MKL's sgemm reads the weights at 4-6 GB/s at 2-16 rows
+# where the kernel reads 9-11 (one row: the same); from ~32 rows both are bound by arithmetic. bf16
+# on a CPU without native bf16: torch emulates bf16 matmuls (~1 GB/s at 32 rows); the kernel wins up
+# to ~64 rows, and larger counts run faster as a float32 matmul (``Linear.upcast``).
+DENSE_ROWS = {torch.float32: 16, torch.bfloat16: 64}
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` whose small row counts (decode steps) can run through the dense C++ kernel:
+    ``dense_rows`` is the most rows sent there (0: none); with ``upcast`` (a bf16 weight on a CPU
+    without native bf16) larger counts run as a float32 matmul, the result rounded back to bf16.
+    Both are set by ``LlamaForCausalLM.use_cpu_kernels``; the weight stays the ``nn.Linear`` one."""
+
+    dense_rows = 0
+    upcast = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 2 and x.shape[0] <= self.dense_rows:
+            return cpu_kernels.dense_linear(x, self.weight, self.bias)
+        if self.upcast:
+            bias = None if self.bias is None else self.bias.float()
+            return F.linear(x.float(), self.weight.float(), bias).to(x.dtype)
+        return F.linear(x, self.weight, self.bias)
+
+
 class Rotary(nn.Module):
     """cos/sin tables computed once for every position; a step gathers rows by position."""
 
@@ -173,10 +202,8 @@ class Attention(nn.Module):
         super().__init__()
         self.layer = layer
         self.hq, self.hkv, self.d = arch.num_heads, arch.num_kv_heads, arch.head_dim
-        self.qkv_proj = nn.Linear(
-            arch.hidden_size, (self.hq + 2 * self.hkv) * self.d, arch.qkv_bias
-        )
-        self.o_proj = nn.Linear(self.hq * self.d, arch.hidden_size, bias=False)
+        self.qkv_proj = Linear(arch.hidden_size, (self.hq + 2 * self.hkv) * self.d, arch.qkv_bias)
+        self.o_proj = Linear(self.hq * self.d, arch.hidden_size, bias=False)
         self.fused = False
 
     def forward(
@@ -210,8 +237,8 @@ class MLP(nn.Module):
     def __init__(self, arch: LlamaArch) -> None:
         super().__init__()
         self.inter = arch.intermediate_size
-        self.gate_up_proj = nn.Linear(arch.hidden_size, 2 * self.inter, bias=False)
-        self.down_proj = nn.Linear(self.inter, arch.hidden_size, bias=False)
+        self.gate_up_proj = Linear(arch.hidden_size, 2 * self.inter, bias=False)
+        self.down_proj = Linear(self.inter, arch.hidden_size, bias=False)
         self.fused = False
 
     def forward(self, x: torch.Tensor, lora: LayerLoRA | None = None) -> torch.Tensor:
@@ -268,7 +295,7 @@ class LlamaForCausalLM(nn.Module):
         self.embed_tokens = nn.Embedding(arch.vocab_size, arch.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(arch, i) for i in range(arch.num_layers))
         self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
-        self.lm_head = nn.Linear(arch.hidden_size, arch.vocab_size, bias=False)
+        self.lm_head = Linear(arch.hidden_size, arch.vocab_size, bias=False)
         self.tie_weights()
         inv_freq, scaling = rope_inv_freq(hf_config, arch.head_dim)
         self.rotary = Rotary(inv_freq, scaling, arch.max_position_embeddings)
@@ -279,10 +306,20 @@ class LlamaForCausalLM(nn.Module):
         """Run norms, rotary, SiLU*up (and, in the cpu attention backend, the K/V write) as the
         single C++ ops of ``kernels/cpu/fused.py`` instead of chains of torch ops. The engine
         turns this on for CPU models where the kernels load; the torch code stays the
-        reference and the fallback."""
+        reference and the fallback.
+
+        Linear layers with float32 or bf16 weights also run decode-sized row counts through the
+        dense kernel (``DENSE_ROWS``), except bf16 on CPUs with native bf16, where oneDNN's
+        matmuls are the faster; there bf16 larger counts run as float32 matmuls (``Linear``)."""
         for module in self.modules():
             if isinstance(module, (RMSNorm, Attention, MLP)):
                 module.fused = enabled
+            elif isinstance(module, Linear):
+                dtype = module.weight.dtype
+                emulated = dtype == torch.bfloat16 and not native_bf16()
+                use = enabled and (dtype == torch.float32 or emulated)
+                module.dense_rows = DENSE_ROWS[dtype] if use else 0
+                module.upcast = enabled and emulated
 
     def tie_weights(self) -> None:
         """Share the embedding with the LM head (again after ``to_empty``, which unties them)."""

@@ -3,9 +3,10 @@
 ``paged_decode_attention`` reads each sequence's K/V blocks in place from the pool, where the
 pure-torch path first copies them out with ``index_select``; ``paged_prefill_attention`` is a
 tiled flash attention for prompts (bf16, AVX512-BF16), ~4x the throughput of torch's CPU SDPA
-here. Both are compiled from ``paged_decode.cpp`` and ``paged_prefill.cpp`` by
-``torch.utils.cpp_extension`` (a C++ compiler and ninja are needed); the instruction set is chosen
-at run time, so one build serves every x86-64 CPU.
+here; ``dense_linear`` runs decode-sized matmuls over float32 or bf16 weights at the speed of
+reading them. They are compiled from the ``*.cpp`` files here by ``torch.utils.cpp_extension``
+(a C++ compiler and ninja are needed); the instruction set is chosen at run time, so one build
+serves every x86-64 CPU.
 
 Where ``load()`` finds them, in order:
 
@@ -46,7 +47,13 @@ log = logging.getLogger(__name__)
 _HERE = Path(__file__).parent
 _SOURCES = [
     _HERE / name
-    for name in ("paged_decode.cpp", "paged_prefill.cpp", "quant_linear.cpp", "fused_ops.cpp")
+    for name in (
+        "paged_decode.cpp",
+        "paged_prefill.cpp",
+        "quant_linear.cpp",
+        "fused_ops.cpp",
+        "dense_linear.cpp",
+    )
 ]
 _NAME = "splitserve_cpu"
 PREBUILT_DIR_ENV = "SPLITSERVE_CPU_KERNELS_DIR"
@@ -259,8 +266,28 @@ def paged_prefill_attention(
     )
 
 
+def dense_linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, impl: int = -1
+) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` for ``x`` [M, K] and a float32 or bf16 ``weight`` [N, K]
+    read in place, fp32 products and sums, the result in ``x``'s dtype (``dense_linear.cpp``).
+    Meant for small M (decode batches); ``impl``: 0 scalar, 1 AVX-512, -1 the best here."""
+    ops = load()
+    if ops is None:
+        raise RuntimeError("splitserve C++ CPU kernels are not available (see the log)")
+    return ops.dense_linear(x, weight, bias, impl)
+
+
+def dense_impls() -> list[int]:
+    """``dense_linear`` implementations this CPU runs: 0 scalar, 1 AVX-512."""
+    ops = load()
+    return list(ops.dense_impls()) if ops is not None else []
+
+
 __all__ = [
     "available",
+    "dense_impls",
+    "dense_linear",
     "available_impls",
     "build_directory",
     "load",
