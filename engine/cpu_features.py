@@ -1,8 +1,11 @@
 """What this CPU computes fast, read once at run time (the CPU model changes between machines).
 
-bfloat16 matmuls are fast only where the CPU has native bf16 dot products (AVX512-BF16, AMX-BF16);
-elsewhere (AVX2-only x86, for one) torch emulates them and a bf16 model runs ~3x slower than the
-same model in float32. ``dtype="auto"`` follows ``native_bf16()``.
+bfloat16 matmuls are fast in torch only where the CPU has native bf16 dot products (AVX512-BF16,
+AMX-BF16); elsewhere torch emulates them and a bf16 model ran ~3x slower than the same model in
+float32. ``dtype="auto"`` follows ``native_bf16()``. On AVX-512 CPUs without native bf16 the
+engine's own dense kernel now runs decode-sized bf16 matmuls (``model/llama.py``, ``Linear``), and
+``--dtype bfloat16`` there is faster than float32 at small batches (docs/benchmarks.md); auto
+still picks float32 there, the model's reference numerics.
 """
 
 from __future__ import annotations

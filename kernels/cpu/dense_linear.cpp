@@ -3,12 +3,14 @@
 //
 // Why: at 2-32 rows a decode step's matmuls are bound by reading the weights once, but MKL's
 // sgemm at 8 rows ran at 4-6 GB/s on the 2-core Xeon where one row streams at 11 GB/s
-// (bench/quant_linear.py, "dense"), and torch's bf16 matmul on a CPU without AVX512-BF16 is
+// (bench/quant_linear.py --dense), and torch's bf16 matmul on a CPU without AVX512-BF16 is
 // slower still. Here each weight row is loaded once per 4 input rows, widened to fp32 in registers
 // (bf16: a 16-bit shift) and FMA'd against x: fp32 products and sums, as oneDNN's bf16 GEMM and
 // MKL's sgemm compute them, in another order. The result is fp32, rounded to x's dtype once.
 //
-// Tiles: 4 weight rows x 4 input rows of 16-lane accumulators; threads split the weight rows.
+// Tiles: 4 weight rows x 4 input rows of 16-lane accumulators, the next tile's weight rows
+// prefetched, the 16 sums folded by one transposing add tree; threads split the weight rows. A
+// row's result is the same whatever else is in the batch.
 // Instruction set at run time (`impl`): 0 scalar, 1 AVX-512F (F/BW/DQ/VL).
 
 #include <ATen/Parallel.h>
@@ -89,8 +91,17 @@ SPLITSERVE_AVX512 void tile_avx512(const float* x, int64_t K, const W* w, int64_
       for (int j = 0; j < NT; ++j) a[j][i] = _mm512_fmadd_ps(xv, wv[j], a[j][i]);
     }
   }
+  // One transposing add tree for the tile's sums (unused slots zero). Each vector's lanes are
+  // summed in the same order wherever it sits, so a row's result does not depend on the tile
+  // (batch) it was computed in.
+  __m512 all[kTileN * kTileM];
+  for (int idx = 0; idx < kTileN * kTileM; ++idx) all[idx] = _mm512_setzero_ps();
   for (int j = 0; j < NT; ++j)
-    for (int i = 0; i < MT; ++i) acc[j * kTileM + i] = _mm512_reduce_add_ps(a[j][i]);
+    for (int i = 0; i < MT; ++i) all[j * kTileM + i] = a[j][i];
+  float sums[kTileN * kTileM];
+  _mm512_storeu_ps(sums, simd::sum16x16(all));
+  for (int j = 0; j < NT; ++j)
+    for (int i = 0; i < MT; ++i) acc[j * kTileM + i] = sums[j * kTileM + i];
 }
 
 template <typename W, int NT>

@@ -13,10 +13,12 @@
 //
 // The loops are plain C++ compiled in several clones (AVX-512, AVX2, baseline) that the loader
 // picks by CPU at run time (GCC's target_clones), so each vectorises for what the CPU has.
+// Prompt-sized norm and SiLU calls split their rows across ATen's threads (`for_rows`).
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <torch/library.h>
 
@@ -102,6 +104,20 @@ SPLITSERVE_CLONES void rotary_rows(T* x, int64_t t_stride, int64_t h_stride, con
   }
 }
 
+// Rows split across ATen's threads when a call has at least this many elements (prompt chunks);
+// decode-sized calls stay on the calling thread: a parallel region costs a scheduler time slice
+// whenever another process holds one of the cores. Each row is computed the same either way.
+constexpr int64_t kParallelElements = 1 << 16;
+
+template <typename F>
+void for_rows(int64_t rows, int64_t row_elements, const F& f) {
+  if (rows * row_elements < kParallelElements || at::get_num_threads() == 1) {
+    f(0, rows);
+    return;
+  }
+  at::parallel_for(0, rows, 1, f);
+}
+
 void check_cpu(const char* op, const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be on the CPU");
   TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16, op, ": ", name,
@@ -125,15 +141,25 @@ at::Tensor norm_impl(const char* op, const at::Tensor& x, const at::Tensor* resi
   float* rf = nullptr;
   c10::BFloat16* rb = nullptr;
   const int64_t rs = residual ? residual->stride(0) : 0;
+  const int64_t xs = x.stride(0);
+  const float e = static_cast<float>(eps);
   if (x.scalar_type() == at::kFloat) {
     if (residual) rf = residual->data_ptr<float>();
-    norm_rows<float>(x.data_ptr<float>(), x.stride(0), rf, rs, weight.data_ptr<float>(),
-                     out.data_ptr<float>(), rows, H, static_cast<float>(eps));
+    const float* xp = x.data_ptr<float>();
+    float* op_ = out.data_ptr<float>();
+    for_rows(rows, H, [&](int64_t r0, int64_t r1) {
+      norm_rows<float>(xp + r0 * xs, xs, rf ? rf + r0 * rs : nullptr, rs,
+                       weight.data_ptr<float>(), op_ + r0 * H, r1 - r0, H, e);
+    });
   } else {
     using BF = c10::BFloat16;
     if (residual) rb = residual->data_ptr<BF>();
-    norm_rows<BF>(x.data_ptr<BF>(), x.stride(0), rb, rs, weight.data_ptr<BF>(), out.data_ptr<BF>(),
-                  rows, H, static_cast<float>(eps));
+    const BF* xp = x.data_ptr<BF>();
+    BF* op_ = out.data_ptr<BF>();
+    for_rows(rows, H, [&](int64_t r0, int64_t r1) {
+      norm_rows<BF>(xp + r0 * xs, xs, rb ? rb + r0 * rs : nullptr, rs, weight.data_ptr<BF>(),
+                    op_ + r0 * H, r1 - r0, H, e);
+    });
   }
   return out;
 }
@@ -153,12 +179,20 @@ at::Tensor silu_mul(const at::Tensor& gate_up) {
               "silu_mul: gate_up must be [rows, 2 * I] with contiguous rows");
   const int64_t rows = gate_up.size(0), I = gate_up.size(1) / 2;
   auto out = at::empty({rows, I}, gate_up.options());
+  const int64_t gs = gate_up.stride(0);
   if (gate_up.scalar_type() == at::kFloat) {
-    silu_mul_rows<float>(gate_up.data_ptr<float>(), gate_up.stride(0), out.data_ptr<float>(),
-                         rows, I);
+    const float* gp = gate_up.data_ptr<float>();
+    float* op_ = out.data_ptr<float>();
+    for_rows(rows, I, [&](int64_t r0, int64_t r1) {
+      silu_mul_rows<float>(gp + r0 * gs, gs, op_ + r0 * I, r1 - r0, I);
+    });
   } else {
     using BF = c10::BFloat16;
-    silu_mul_rows<BF>(gate_up.data_ptr<BF>(), gate_up.stride(0), out.data_ptr<BF>(), rows, I);
+    const BF* gp = gate_up.data_ptr<BF>();
+    BF* op_ = out.data_ptr<BF>();
+    for_rows(rows, I, [&](int64_t r0, int64_t r1) {
+      silu_mul_rows<BF>(gp + r0 * gs, gs, op_ + r0 * I, r1 - r0, I);
+    });
   }
   return out;
 }

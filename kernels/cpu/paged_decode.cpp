@@ -9,8 +9,8 @@
 // second, cheap pass. Three code paths, chosen at run time:
 // - bf16 on a CPU with AVX512-BF16 and D in {32, 64, 128}: one pass over the blocks with an
 //   online softmax (see attend_avx512_bf16). This is the engine's decode path on such CPUs.
-// - float32/bf16 with AVX-512F and D % 16 == 0: per KV head, bf16 widened to fp32 by a shift,
-//   fp32 FMAs, a polynomial exp.
+// - float32/bf16 with AVX-512F and D % 16 == 0: block by block for all KV heads (see
+//   attend_avx512), bf16 widened to fp32 by a shift, fp32 FMAs, a polynomial exp.
 // - anything else: plain loops computing the same.
 // Scores and softmax are fp32 on every path (more exact than a bf16 matmul's rounded scores).
 
@@ -124,65 +124,66 @@ SPLITSERVE_AVX512 inline __m512 load16(const c10::BFloat16* x) {
 constexpr int64_t kMaxGroup = 16;
 constexpr int64_t kMaxChunks = 16;  // D <= 256
 
-// r[i] = sum of the 16 lanes of v[i], for i < 16.
-SPLITSERVE_AVX512 inline __m512 sum16x16(const __m512* v) {
-  __m512 a[8], b[4], c[2];
-  for (int i = 0; i < 8; ++i)
-    a[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]),
-                         _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
-  for (int i = 0; i < 4; ++i) {
-    const __m512d x = _mm512_castps_pd(a[2 * i]), y = _mm512_castps_pd(a[2 * i + 1]);
-    b[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)),
-                         _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
-  }
-  for (int i = 0; i < 2; ++i)
-    c[i] = _mm512_add_ps(_mm512_shuffle_f32x4(b[2 * i], b[2 * i + 1], 0x88),
-                         _mm512_shuffle_f32x4(b[2 * i], b[2 * i + 1], 0xDD));
-  return _mm512_add_ps(_mm512_shuffle_f32x4(c[0], c[1], 0x88),
-                       _mm512_shuffle_f32x4(c[0], c[1], 0xDD));
+// Prefetch a run's `len` token rows (`row_bytes` each, contiguous inside a block) into L1.
+SPLITSERVE_AVX512 inline void prefetch_run(const char* first, int64_t len, int64_t row_bytes) {
+  for (int64_t b = 0; b < len * row_bytes; b += 64) _mm_prefetch(first + b, _MM_HINT_T0);
 }
 
+// All KV heads of one item, block by block: each block's K (then V) slab of a layer is one
+// contiguous read of every head's rows, the next block's prefetched while this one is used.
+// (Walking one head at a time read 128-256 bytes a token at a stride of Hkv rows through
+// scattered blocks, which the hardware prefetchers do not follow: 2-4 GB/s where a stream reads
+// ~9.) Scores of every query head are kept ([Hq, n], fp32), then softmax pieces per head, then
+// P @ V with the accumulators in `acc` ([Hq, D]) between blocks.
 template <typename T>
 SPLITSERVE_AVX512 void attend_avx512(const Problem& p, const T* q, const T* k_cache,
                                      const T* v_cache, const Run* runs, int64_t num_runs,
-                                     const Item& it, int64_t kv_head, float* scores, float* acc,
-                                     float* stats) {
-  const int64_t G = p.G, D = p.D, C = D / 16, n = it.end - it.begin;
-  // The G queries of this KV head, widened and pre-scaled, stay in registers / L1.
+                                     const Item& it, float* scores, float* acc, float* stats) {
+  const int64_t Hkv = p.Hkv, G = p.G, D = p.D, C = D / 16, n = it.end - it.begin;
+  const int64_t ts = p.token_stride, slab = ts * static_cast<int64_t>(sizeof(T));
+  auto first_row = [&](const T* cache, int64_t r) {
+    return reinterpret_cast<const char*>(cache + runs[r].base);
+  };
+  prefetch_run(first_row(k_cache, 0), runs[0].len, slab);
+  // Pass 1: scores[head, t] = q_head . k_t, 16 keys at a time: each key's 16-lane partial sums
+  // are folded together by one transposing add tree (sum16x16) rather than each reduced
+  // horizontally on its own (~8x fewer shuffle/add ops at small batches).
   __m512 qv[kMaxGroup * kMaxChunks];
-  for (int64_t g = 0; g < G; ++g) {
-    const T* qg = q + it.seq * p.q_stride + (kv_head * G + g) * D;
-    for (int64_t c = 0; c < C; ++c)
-      qv[g * C + c] = _mm512_mul_ps(load16(qg + 16 * c), _mm512_set1_ps(p.scale));
-  }
-  // Pass 1: scores[g, t] = q_g . k_t, block by block, 16 keys at a time: each key's 16-lane
-  // partial sums are folded together by one transposing add tree (sum16x16) rather than each
-  // reduced horizontally on its own (~8x fewer shuffle/add ops at small batches).
   __m512 part[kMaxGroup][16];
   for (int64_t r = 0; r < num_runs; ++r) {
+    if (r + 1 < num_runs) prefetch_run(first_row(k_cache, r + 1), runs[r + 1].len, slab);
+    else prefetch_run(first_row(v_cache, 0), runs[0].len, slab);
     const int64_t t = runs[r].t;
-    for (int64_t j0 = 0; j0 < runs[r].len; j0 += 16) {
-      const int64_t m = std::min<int64_t>(16, runs[r].len - j0);
-      const T* kr = k_cache + runs[r].base + j0 * p.token_stride + kv_head * D;
-      for (int64_t j = 0; j < m; ++j, kr += p.token_stride) {
-        __m512 kc[kMaxChunks];
-        for (int64_t c = 0; c < C; ++c) kc[c] = load16(kr + 16 * c);
-        for (int64_t g = 0; g < G; ++g) {
-          __m512 s = _mm512_mul_ps(qv[g * C], kc[0]);
-          for (int64_t c = 1; c < C; ++c) s = _mm512_fmadd_ps(qv[g * C + c], kc[c], s);
-          part[g][j] = s;
-        }
-      }
-      const __mmask16 mask = static_cast<__mmask16>((1u << m) - 1);
+    for (int64_t h = 0; h < Hkv; ++h) {
+      // The G queries of this KV head, widened and pre-scaled (L1 reads, once a block).
       for (int64_t g = 0; g < G; ++g) {
-        for (int64_t j = m; j < 16; ++j) part[g][j] = _mm512_setzero_ps();
-        _mm512_mask_storeu_ps(scores + g * n + t + j0, mask, sum16x16(part[g]));
+        const T* qg = q + it.seq * p.q_stride + (h * G + g) * D;
+        for (int64_t c = 0; c < C; ++c)
+          qv[g * C + c] = _mm512_mul_ps(load16(qg + 16 * c), _mm512_set1_ps(p.scale));
+      }
+      for (int64_t j0 = 0; j0 < runs[r].len; j0 += 16) {
+        const int64_t m = std::min<int64_t>(16, runs[r].len - j0);
+        const T* kr = k_cache + runs[r].base + j0 * ts + h * D;
+        for (int64_t j = 0; j < m; ++j, kr += ts) {
+          __m512 kc[kMaxChunks];
+          for (int64_t c = 0; c < C; ++c) kc[c] = load16(kr + 16 * c);
+          for (int64_t g = 0; g < G; ++g) {
+            __m512 s = _mm512_mul_ps(qv[g * C], kc[0]);
+            for (int64_t c = 1; c < C; ++c) s = _mm512_fmadd_ps(qv[g * C + c], kc[c], s);
+            part[g][j] = s;
+          }
+        }
+        const __mmask16 mask = static_cast<__mmask16>((1u << m) - 1);
+        for (int64_t g = 0; g < G; ++g) {
+          for (int64_t j = m; j < 16; ++j) part[g][j] = _mm512_setzero_ps();
+          _mm512_mask_storeu_ps(scores + (h * G + g) * n + t + j0, mask, sum16x16(part[g]));
+        }
       }
     }
   }
   // Softmax pieces per query head: max, exp, sum (normalised later, after any merge).
-  for (int64_t g = 0; g < G; ++g) {
-    float* sg = scores + g * n;
+  for (int64_t head = 0; head < p.Hq; ++head) {
+    float* sg = scores + head * n;
     __m512 mv = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
     int64_t t = 0;
     for (; t + 16 <= n; t += 16) mv = _mm512_max_ps(mv, _mm512_loadu_ps(sg + t));
@@ -201,26 +202,31 @@ SPLITSERVE_AVX512 void attend_avx512(const Problem& p, const T* q, const T* k_ca
       _mm512_mask_storeu_ps(sg + t, mask, e);
       lv = _mm512_add_ps(lv, _mm512_maskz_mov_ps(mask, e));
     }
-    stats[2 * g] = m;
-    stats[2 * g + 1] = _mm512_reduce_add_ps(lv);
+    stats[2 * head] = m;
+    stats[2 * head + 1] = _mm512_reduce_add_ps(lv);
   }
-  // Pass 2: acc[g] = sum_t p[g, t] * v_t.
+  // Pass 2: acc[head] = sum_t p[head, t] * v_t, block by block, the accumulators of one KV
+  // head's G query heads in registers while its rows of the block are read.
+  std::fill(acc, acc + p.Hq * D, 0.f);
   __m512 av[kMaxGroup * kMaxChunks];
-  for (int64_t i = 0; i < G * C; ++i) av[i] = _mm512_setzero_ps();
   for (int64_t r = 0; r < num_runs; ++r) {
+    if (r + 1 < num_runs) prefetch_run(first_row(v_cache, r + 1), runs[r + 1].len, slab);
     const int64_t t = runs[r].t;
-    const T* vr = v_cache + runs[r].base + kv_head * D;
-    for (int64_t j = 0; j < runs[r].len; ++j, vr += p.token_stride) {
-      __m512 vc[kMaxChunks];
-      for (int64_t c = 0; c < C; ++c) vc[c] = load16(vr + 16 * c);
-      for (int64_t g = 0; g < G; ++g) {
-        const __m512 w = _mm512_set1_ps(scores[g * n + t + j]);
-        for (int64_t c = 0; c < C; ++c) av[g * C + c] = _mm512_fmadd_ps(w, vc[c], av[g * C + c]);
+    for (int64_t h = 0; h < Hkv; ++h) {
+      float* ah = acc + h * G * D;
+      for (int64_t i = 0; i < G * C; ++i) av[i] = _mm512_loadu_ps(ah + 16 * i);
+      const T* vr = v_cache + runs[r].base + h * D;
+      for (int64_t j = 0; j < runs[r].len; ++j, vr += ts) {
+        __m512 vc[kMaxChunks];
+        for (int64_t c = 0; c < C; ++c) vc[c] = load16(vr + 16 * c);
+        for (int64_t g = 0; g < G; ++g) {
+          const __m512 w = _mm512_set1_ps(scores[(h * G + g) * n + t + j]);
+          for (int64_t c = 0; c < C; ++c) av[g * C + c] = _mm512_fmadd_ps(w, vc[c], av[g * C + c]);
+        }
       }
+      for (int64_t i = 0; i < G * C; ++i) _mm512_storeu_ps(ah + 16 * i, av[i]);
     }
   }
-  for (int64_t g = 0; g < G; ++g)
-    for (int64_t c = 0; c < C; ++c) _mm512_storeu_ps(acc + g * D + 16 * c, av[g * C + c]);
 }
 
 // ---------------------------------------------------------------- AVX-512 BF16 path
@@ -229,8 +235,6 @@ SPLITSERVE_AVX512 void attend_avx512(const Problem& p, const T* q, const T* k_ca
 // token's 16-lane partial sum is folded with 15 others by a transposing add tree, so 16 scores
 // cost ~3 shuffle/add ops per token instead of a full horizontal reduction each. Values: two
 // tokens' rows interleaved into (v_t, v_t+1) pairs and weighted by (p_t, p_t+1), again dpbf16.
-
-
 
 
 
@@ -448,8 +452,8 @@ void run(const Problem& p, const T* q, const T* k_cache, const T* v_cache, const
 
   std::atomic<int64_t> next{0};
   at::parallel_for(0, std::min(threads, n_items), 1, [&](int64_t, int64_t) {
-    // per-KV-head score rows of the fp32 / scalar paths (the BF16 path needs none)
-    std::vector<float> scores(vec_bf16 ? 0 : p.G * max_n);
+    // score rows: every head's (AVX-512), one KV head's (scalar); the BF16 path needs none
+    std::vector<float> scores(vec_bf16 ? 0 : (vec ? Hq : p.G) * max_n);
 #ifdef SPLITSERVE_X86
     Workspace ws;
     ws.runs.resize(max_n);
@@ -479,11 +483,11 @@ void run(const Problem& p, const T* q, const T* k_cache, const T* v_cache, const
         float* st = stats.data() + (i * Hq + h * G) * 2;
         float* acc = accs.data() + (i * Hq + h * G) * D;
 #ifdef SPLITSERVE_X86
-        if (vec) {
-          if (h == 0) num_runs = build_runs(p, table, it, ws.runs.data());
-          attend_avx512<T>(p, q, k_cache, v_cache, ws.runs.data(), num_runs, it, h,
-                           scores.data(), acc, st);
-          continue;
+        if (vec) {  // every KV head in one call
+          num_runs = build_runs(p, table, it, ws.runs.data());
+          attend_avx512<T>(p, q, k_cache, v_cache, ws.runs.data(), num_runs, it, scores.data(),
+                           acc, st);
+          break;
         }
 #endif
         attend_scalar<T>(p, q, k_cache, v_cache, table, it, h, scores.data(), acc, st);

@@ -1,6 +1,6 @@
 // SIMD helpers shared by the CPU kernels: target attributes (the AVX-512 code is compiled for
 // those targets only and chosen at run time, so the library loads on any x86-64 CPU), CPU
-// feature checks, a vector exp and bf16 loads.
+// feature checks, a vector exp, a 16-way lane sum and bf16 loads.
 #pragma once
 
 #include <c10/util/BFloat16.h>
@@ -43,6 +43,25 @@ SPLITSERVE_AVX512 inline __m512 exp16(__m512 x) {
   y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.0f));
   y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.0f));
   return _mm512_scalef_ps(y, n);
+}
+
+// r[i] = sum of the 16 lanes of v[i], for i < 16: one transposing add tree (~30 shuffle/add ops
+// for 16 sums, where 16 horizontal reductions take ~8 each).
+SPLITSERVE_AVX512 inline __m512 sum16x16(const __m512* v) {
+  __m512 a[8], b[4], c[2];
+  for (int i = 0; i < 8; ++i)
+    a[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]),
+                         _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+  for (int i = 0; i < 4; ++i) {
+    const __m512d x = _mm512_castps_pd(a[2 * i]), y = _mm512_castps_pd(a[2 * i + 1]);
+    b[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)),
+                         _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
+  }
+  for (int i = 0; i < 2; ++i)
+    c[i] = _mm512_add_ps(_mm512_shuffle_f32x4(b[2 * i], b[2 * i + 1], 0x88),
+                         _mm512_shuffle_f32x4(b[2 * i], b[2 * i + 1], 0xDD));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(c[0], c[1], 0x88),
+                       _mm512_shuffle_f32x4(c[0], c[1], 0xDD));
 }
 
 SPLITSERVE_AVX512BF16 inline __m512bh load32bh(const c10::BFloat16* x) {
