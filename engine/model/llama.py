@@ -308,9 +308,10 @@ class LlamaForCausalLM(nn.Module):
         turns this on for CPU models where the kernels load; the torch code stays the
         reference and the fallback.
 
-        Linear layers with float32 or bf16 weights also run decode-sized row counts through the
-        dense kernel (``DENSE_ROWS``), except bf16 on CPUs with native bf16, where oneDNN's
-        matmuls are the faster; there bf16 larger counts run as float32 matmuls (``Linear``)."""
+        Linear layers with float32 weights, and bf16 ones on CPUs without native bf16, also run
+        decode-sized row counts through the dense kernel (``DENSE_ROWS``); those bf16 layers run
+        larger counts as float32 matmuls (``Linear.upcast``). On CPUs with native bf16, bf16
+        layers stay on oneDNN, the faster there."""
         for module in self.modules():
             if isinstance(module, (RMSNorm, Attention, MLP)):
                 module.fused = enabled
