@@ -286,13 +286,13 @@ def dense_impls() -> list[int]:
 
 __all__ = [
     "available",
-    "dense_impls",
-    "dense_linear",
     "available_impls",
     "build_directory",
     "load",
     "prebuild",
     "prebuilt_library",
+    "dense_impls",
+    "dense_linear",
     "paged_decode_attention",
     "paged_prefill_attention",
     "prefill_supported",

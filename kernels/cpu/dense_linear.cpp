@@ -13,7 +13,6 @@
 // row's result is the same whatever else is in the batch.
 // Instruction set at run time (`impl`): 0 scalar, 1 AVX-512F (F/BW/DQ/VL).
 
-#include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/util/BFloat16.h>
@@ -21,9 +20,9 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <cstring>
 #include <vector>
 
+#include "ops_common.h"
 #include "simd.h"
 
 namespace splitserve {
@@ -130,28 +129,11 @@ std::vector<int64_t> dense_impls() {
   return impls;
 }
 
-// x[M, K] (float or bf16, rows strided, columns contiguous) -> contiguous fp32 [M, K].
-at::Tensor to_float_rows(const at::Tensor& x) {
-  if (x.scalar_type() == at::kFloat && x.is_contiguous()) return x;
-  const int64_t M = x.size(0), K = x.size(1);
-  auto out = at::empty({M, K}, x.options().dtype(at::kFloat));
-  float* o = out.data_ptr<float>();
-  for (int64_t m = 0; m < M; ++m) {
-    if (x.scalar_type() == at::kFloat) {
-      std::memcpy(o + m * K, x.data_ptr<float>() + m * x.stride(0), K * sizeof(float));
-    } else {
-      const c10::BFloat16* src = x.data_ptr<c10::BFloat16>() + m * x.stride(0);
-      for (int64_t k = 0; k < K; ++k) o[m * K + k] = static_cast<float>(src[k]);
-    }
-  }
-  return out;
-}
-
 template <typename W>
 at::Tensor run(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
                bool vec) {
   const int64_t M = x.size(0), K = x.size(1), N = weight.size(0), ldw = weight.stride(0);
-  const at::Tensor xf = to_float_rows(x);
+  const at::Tensor xf = to_padded_float(x, K);
   auto out = at::empty({M, N}, x.options().dtype(at::kFloat));
   const float* xp = xf.data_ptr<float>();
   const W* wp = weight.data_ptr<W>();
@@ -190,12 +172,7 @@ at::Tensor run(const at::Tensor& x, const at::Tensor& weight, const c10::optiona
       }
     }
   };
-  const int64_t weight_bytes = N * K * static_cast<int64_t>(sizeof(W));
-  if (weight_bytes < kParallelBytes || at::get_num_threads() == 1) {
-    body(0, tiles);
-  } else {
-    at::parallel_for(0, tiles, 1, body);
-  }
+  maybe_parallel(tiles, N * K * static_cast<int64_t>(sizeof(W)), kParallelBytes, body);
   return x.scalar_type() == at::kFloat ? out : out.to(x.scalar_type());
 }
 

@@ -13,12 +13,10 @@
 //
 // The loops are plain C++ compiled in several clones (AVX-512, AVX2, baseline) that the loader
 // picks by CPU at run time (GCC's target_clones), so each vectorises for what the CPU has.
-// Prompt-sized norm and SiLU calls split their rows across ATen's threads (`for_rows`).
+// Prompt-sized norm and SiLU calls split their rows across ATen's threads (`maybe_parallel`).
 
-#include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <torch/library.h>
 
@@ -26,6 +24,8 @@
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
+
+#include "ops_common.h"
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define SPLITSERVE_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
@@ -104,24 +104,29 @@ SPLITSERVE_CLONES void rotary_rows(T* x, int64_t t_stride, int64_t h_stride, con
   }
 }
 
-// Rows split across ATen's threads when a call has at least this many elements (prompt chunks);
-// decode-sized calls stay on the calling thread: a parallel region costs a scheduler time slice
-// whenever another process holds one of the cores. Each row is computed the same either way.
+// Rows split across ATen's threads from this many elements a call (prompt chunks; see
+// maybe_parallel). Each row is computed the same either way.
 constexpr int64_t kParallelElements = 1 << 16;
-
-template <typename F>
-void for_rows(int64_t rows, int64_t row_elements, const F& f) {
-  if (rows * row_elements < kParallelElements || at::get_num_threads() == 1) {
-    f(0, rows);
-    return;
-  }
-  at::parallel_for(0, rows, 1, f);
-}
 
 void check_cpu(const char* op, const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be on the CPU");
   TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16, op, ": ", name,
               " must be float32 or bfloat16, got ", t.scalar_type());
+}
+
+// norm_rows over x's rows (split across threads for prompt-sized calls).
+template <typename T>
+void norm_call(const at::Tensor& x, const at::Tensor* residual, const at::Tensor& weight,
+               at::Tensor& out, double eps) {
+  const int64_t rows = x.size(0), H = x.size(1), xs = x.stride(0);
+  const int64_t rs = residual ? residual->stride(0) : 0;
+  const T* xp = x.data_ptr<T>();
+  T* res = residual ? residual->data_ptr<T>() : nullptr;
+  T* op = out.data_ptr<T>();
+  maybe_parallel(rows, rows * H, kParallelElements, [&](int64_t r0, int64_t r1) {
+    norm_rows<T>(xp + r0 * xs, xs, res ? res + r0 * rs : nullptr, rs, weight.data_ptr<T>(),
+                 op + r0 * H, r1 - r0, H, static_cast<float>(eps));
+  });
 }
 
 at::Tensor norm_impl(const char* op, const at::Tensor& x, const at::Tensor* residual,
@@ -138,28 +143,10 @@ at::Tensor norm_impl(const char* op, const at::Tensor& x, const at::Tensor* resi
                 op, ": residual must be [rows, H] like x");
   }
   auto out = at::empty({rows, H}, x.options());
-  float* rf = nullptr;
-  c10::BFloat16* rb = nullptr;
-  const int64_t rs = residual ? residual->stride(0) : 0;
-  const int64_t xs = x.stride(0);
-  const float e = static_cast<float>(eps);
   if (x.scalar_type() == at::kFloat) {
-    if (residual) rf = residual->data_ptr<float>();
-    const float* xp = x.data_ptr<float>();
-    float* op_ = out.data_ptr<float>();
-    for_rows(rows, H, [&](int64_t r0, int64_t r1) {
-      norm_rows<float>(xp + r0 * xs, xs, rf ? rf + r0 * rs : nullptr, rs,
-                       weight.data_ptr<float>(), op_ + r0 * H, r1 - r0, H, e);
-    });
+    norm_call<float>(x, residual, weight, out, eps);
   } else {
-    using BF = c10::BFloat16;
-    if (residual) rb = residual->data_ptr<BF>();
-    const BF* xp = x.data_ptr<BF>();
-    BF* op_ = out.data_ptr<BF>();
-    for_rows(rows, H, [&](int64_t r0, int64_t r1) {
-      norm_rows<BF>(xp + r0 * xs, xs, rb ? rb + r0 * rs : nullptr, rs, weight.data_ptr<BF>(),
-                    op_ + r0 * H, r1 - r0, H, e);
-    });
+    norm_call<c10::BFloat16>(x, residual, weight, out, eps);
   }
   return out;
 }
@@ -173,26 +160,27 @@ at::Tensor add_rms_norm(const at::Tensor& x, at::Tensor& residual, const at::Ten
   return norm_impl("add_rms_norm", x, &residual, weight, eps);
 }
 
+// silu_mul_rows over gate_up's rows (split across threads for prompt-sized calls).
+template <typename T>
+void silu_mul_call(const at::Tensor& gate_up, at::Tensor& out) {
+  const int64_t rows = gate_up.size(0), I = out.size(1), gs = gate_up.stride(0);
+  const T* gp = gate_up.data_ptr<T>();
+  T* op = out.data_ptr<T>();
+  maybe_parallel(rows, rows * I, kParallelElements, [&](int64_t r0, int64_t r1) {
+    silu_mul_rows<T>(gp + r0 * gs, gs, op + r0 * I, r1 - r0, I);
+  });
+}
+
 at::Tensor silu_mul(const at::Tensor& gate_up) {
   check_cpu("silu_mul", gate_up, "gate_up");
   TORCH_CHECK(gate_up.dim() == 2 && gate_up.stride(1) == 1 && gate_up.size(1) % 2 == 0,
               "silu_mul: gate_up must be [rows, 2 * I] with contiguous rows");
   const int64_t rows = gate_up.size(0), I = gate_up.size(1) / 2;
   auto out = at::empty({rows, I}, gate_up.options());
-  const int64_t gs = gate_up.stride(0);
   if (gate_up.scalar_type() == at::kFloat) {
-    const float* gp = gate_up.data_ptr<float>();
-    float* op_ = out.data_ptr<float>();
-    for_rows(rows, I, [&](int64_t r0, int64_t r1) {
-      silu_mul_rows<float>(gp + r0 * gs, gs, op_ + r0 * I, r1 - r0, I);
-    });
+    silu_mul_call<float>(gate_up, out);
   } else {
-    using BF = c10::BFloat16;
-    const BF* gp = gate_up.data_ptr<BF>();
-    BF* op_ = out.data_ptr<BF>();
-    for_rows(rows, I, [&](int64_t r0, int64_t r1) {
-      silu_mul_rows<BF>(gp + r0 * gs, gs, op_ + r0 * I, r1 - r0, I);
-    });
+    silu_mul_call<c10::BFloat16>(gate_up, out);
   }
   return out;
 }

@@ -420,7 +420,7 @@ void run(const Problem& p, const T* q, const T* k_cache, const T* v_cache, const
     vec_bf16 = impl == 2;
   }
 #else
-  const bool vec_bf16 = false;
+  const bool vec = false, vec_bf16 = false;
   TORCH_CHECK(impl <= 0, "paged_decode_attention: only the scalar implementation (0) is built");
 #endif
   // Items of each sequence, as a linked list: first[b], next_item[i].
@@ -478,20 +478,17 @@ void run(const Problem& p, const T* q, const T* k_cache, const T* v_cache, const
         }
       }
 #endif
-      [[maybe_unused]] int64_t num_runs = 0;
-      for (int64_t h = 0; h < p.Hkv && !done; ++h) {
-        float* st = stats.data() + (i * Hq + h * G) * 2;
-        float* acc = accs.data() + (i * Hq + h * G) * D;
 #ifdef SPLITSERVE_X86
-        if (vec) {  // every KV head in one call
-          num_runs = build_runs(p, table, it, ws.runs.data());
-          attend_avx512<T>(p, q, k_cache, v_cache, ws.runs.data(), num_runs, it, scores.data(),
-                           acc, st);
-          break;
-        }
-#endif
-        attend_scalar<T>(p, q, k_cache, v_cache, table, it, h, scores.data(), acc, st);
+      if (!done && vec) {  // every KV head in one call (score rows for all Hq heads)
+        const int64_t num_runs = build_runs(p, table, it, ws.runs.data());
+        attend_avx512<T>(p, q, k_cache, v_cache, ws.runs.data(), num_runs, it, scores.data(),
+                         accs.data() + i * Hq * D, stats.data() + i * Hq * 2);
+        done = true;
       }
+#endif
+      for (int64_t h = 0; h < p.Hkv && !done; ++h)
+        attend_scalar<T>(p, q, k_cache, v_cache, table, it, h, scores.data(),
+                         accs.data() + (i * Hq + h * G) * D, stats.data() + (i * Hq + h * G) * 2);
       if (first[it.seq] == i && next_item[i] < 0) merge(it.seq);  // unsplit: finish it here
     }
   });

@@ -33,6 +33,7 @@
 #include <cstring>
 #include <vector>
 
+#include "ops_common.h"
 #include "simd.h"
 
 #ifdef SPLITSERVE_X86
@@ -87,29 +88,7 @@ std::vector<int64_t> quant_impls() {
 // Runs f(begin, end) over [0, n) tiles: on this thread when the work is small.
 template <typename F>
 void for_tiles(int64_t n, int64_t weight_bytes, const F& f) {
-  if (weight_bytes < kParallelBytes || at::get_num_threads() == 1) {
-    f(0, n);
-    return;
-  }
-  at::parallel_for(0, n, 1, f);
-}
-
-// x[M, K] (float or bf16, rows strided) -> fp32 [M, Kp] zero-padded.
-at::Tensor to_padded_float(const at::Tensor& x, int64_t Kp) {
-  const int64_t M = x.size(0), K = x.size(1);
-  auto out = at::empty({M, Kp}, x.options().dtype(at::kFloat));
-  float* o = out.data_ptr<float>();
-  for (int64_t m = 0; m < M; ++m) {
-    float* row = o + m * Kp;
-    if (x.scalar_type() == at::kFloat) {
-      std::memcpy(row, x.data_ptr<float>() + m * x.stride(0), K * sizeof(float));
-    } else {
-      const c10::BFloat16* src = x.data_ptr<c10::BFloat16>() + m * x.stride(0);
-      for (int64_t k = 0; k < K; ++k) row[k] = static_cast<float>(src[k]);
-    }
-    std::fill(row + K, row + Kp, 0.0f);
-  }
-  return out;
+  maybe_parallel(n, weight_bytes, kParallelBytes, f);
 }
 
 // ------------------------------------------------------------------ activation quantization
